@@ -1,0 +1,215 @@
+"""Plugin discovery for SAELens: entry points of group ``sae_lens.plugins`` → SAELens's registries.
+
+SAELens has registries (``sae_lens.registry``) but no discovery. :func:`load_plugins` loads every
+installed ``sae_lens.plugins`` entry point, asks it for its architectures through the pluggy hook
+``sae_lens_architectures`` and registers them with ``register_sae_class`` /
+``register_sae_training_class``. It is idempotent and defensive: a plugin that fails to import,
+to answer the hook, or to register is logged with its traceback and skipped; the others still
+register and ``import sae_lens`` never breaks. Registering the same classes again is a no-op;
+registering a different class under a taken name is an :class:`ArchitectureClashError` naming both.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from sae_adaptive_plugin.hookspecs import (
+    ENTRY_POINT_GROUP,
+    PROJECT_NAME,
+    Architecture,
+    SAELensPluginSpec,
+)
+
+logger = logging.getLogger("sae_adaptive_plugin")
+
+
+class ArchitectureClashError(ValueError):
+    """An architecture name is already registered in SAELens to a different class."""
+
+
+@dataclass
+class PluginReport:
+    """What loading one entry point did."""
+
+    name: str
+    value: str
+    distribution: str | None
+    architectures: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+_lock = threading.RLock()
+_reports: dict[tuple[str, str], PluginReport] = {}
+_loading = False
+
+
+def _qualname(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}" if obj is not None else "None"
+
+
+def _distribution_of(ep: metadata.EntryPoint) -> str | None:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None
+    return f"{dist.metadata['Name']} {dist.version}"
+
+
+def _check_architecture(arch: Any, plugin: str) -> Architecture:
+    from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig
+
+    if not isinstance(arch, Architecture):
+        raise TypeError(f"plugin {plugin!r} returned {arch!r}, expected an Architecture")
+    if not isinstance(arch.name, str) or not arch.name:
+        raise TypeError(f"plugin {plugin!r} returned an architecture without a name")
+    pairs = (
+        (arch.sae_class, SAE, arch.sae_config_class, SAEConfig, "inference"),
+        (
+            arch.training_sae_class,
+            TrainingSAE,
+            arch.training_sae_config_class,
+            TrainingSAEConfig,
+            "training",
+        ),
+    )
+    for cls, base, cfg_cls, cfg_base, kind in pairs:
+        if (cls is None) != (cfg_cls is None):
+            raise TypeError(
+                f"plugin {plugin!r}, architecture {arch.name!r}: the {kind} SAE class and its "
+                "config class must both be given or both be None"
+            )
+        if cls is None:
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise TypeError(f"{_qualname(cls)} is not a subclass of {_qualname(base)}")
+        if not (isinstance(cfg_cls, type) and issubclass(cfg_cls, cfg_base)):
+            raise TypeError(f"{_qualname(cfg_cls)} is not a subclass of {_qualname(cfg_base)}")
+        if cfg_cls.architecture() != arch.name:
+            raise ValueError(
+                f"{_qualname(cfg_cls)}.architecture() is {cfg_cls.architecture()!r}, "
+                f"but plugin {plugin!r} registers it as {arch.name!r}"
+            )
+    if arch.sae_class is None and arch.training_sae_class is None:
+        raise TypeError(f"plugin {plugin!r}, architecture {arch.name!r}: no classes given")
+    return arch
+
+
+def register_architectures(architectures: list[Architecture], plugin: str) -> list[str]:
+    """Register architectures into SAELens, all or none; returns the names registered.
+
+    Raises :class:`ArchitectureClashError` if a name is taken by a different class.
+    """
+    from sae_lens import registry
+
+    todo: list[tuple[dict[str, Any], Any, str, tuple[Any, Any]]] = []
+    for arch in architectures:
+        arch = _check_architecture(arch, plugin)
+        halves = (
+            (
+                registry.SAE_CLASS_REGISTRY,
+                registry.register_sae_class,
+                "inference",
+                (arch.sae_class, arch.sae_config_class),
+            ),
+            (
+                registry.SAE_TRAINING_CLASS_REGISTRY,
+                registry.register_sae_training_class,
+                "training",
+                (arch.training_sae_class, arch.training_sae_config_class),
+            ),
+        )
+        for table, register, kind, pair in halves:
+            if pair[0] is None:
+                continue
+            existing = table.get(arch.name)
+            if existing is None:
+                todo.append((table, register, arch.name, pair))
+            elif tuple(existing) != pair:
+                raise ArchitectureClashError(
+                    f"SAELens {kind} architecture {arch.name!r} is already registered to "
+                    f"{_qualname(existing[0])} (config {_qualname(existing[1])}); plugin "
+                    f"{plugin!r} tries to register {_qualname(pair[0])} "
+                    f"(config {_qualname(pair[1])}). Uninstall one of them or rename one."
+                )
+    for table, register, name, pair in todo:
+        if name not in table:
+            register(name, *pair)
+    return sorted({arch.name for arch in architectures})
+
+
+def _load_entry_point(ep: metadata.EntryPoint, manager: pluggy.PluginManager) -> PluginReport:
+    report = PluginReport(name=ep.name, value=ep.value, distribution=_distribution_of(ep))
+    where = f"{ep.name!r} ({ep.value}" + (
+        f", from {report.distribution})" if report.distribution else ")"
+    )
+    try:
+        plugin = ep.load()
+        if manager.is_registered(plugin):
+            plugin_name = manager.get_name(plugin)
+        else:
+            plugin_name = manager.register(plugin, name=ep.name)
+        impls = [
+            impl
+            for impl in manager.hook.sae_lens_architectures.get_hookimpls()
+            if impl.plugin_name == plugin_name
+        ]
+        if not impls:
+            raise TypeError(f"it implements no hook of project {PROJECT_NAME!r}")
+        architectures: list[Architecture] = []
+        for impl in impls:
+            architectures.extend(impl.function() or [])
+        report.architectures = register_architectures(architectures, ep.name)
+    except Exception as exc:
+        report.error = f"{type(exc).__name__}: {exc}"
+        logger.warning("SAELens plugin %s was skipped: %s", where, report.error, exc_info=True)
+    return report
+
+
+def load_plugins(*, raise_errors: bool = False) -> list[PluginReport]:
+    """Register every installed SAELens plugin; safe to call any number of times.
+
+    Returns one :class:`PluginReport` per entry point seen so far. Entry points installed since
+    the last call are loaded; those already loaded are not loaded again. With
+    ``raise_errors=True`` the first failed plugin raises ``RuntimeError`` after all are tried.
+    """
+    global _loading
+    import sae_lens  # noqa: F401  (the autoload hook may run the loading itself here)
+
+    with _lock:
+        if not _loading:
+            _loading = True
+            try:
+                manager = _plugin_manager()
+                for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+                    key = (ep.name, ep.value)
+                    if key not in _reports:
+                        _reports[key] = _load_entry_point(ep, manager)
+            finally:
+                _loading = False
+        reports = list(_reports.values())
+    failed = [r for r in reports if not r.ok]
+    if raise_errors and failed:
+        raise RuntimeError(
+            "SAELens plugins failed: " + "; ".join(f"{r.name}: {r.error}" for r in failed)
+        )
+    return reports
+
+
+_manager: pluggy.PluginManager | None = None
+
+
+def _plugin_manager() -> pluggy.PluginManager:
+    global _manager
+    if _manager is None:
+        _manager = pluggy.PluginManager(PROJECT_NAME)
+        _manager.add_hookspecs(SAELensPluginSpec)
+    return _manager
