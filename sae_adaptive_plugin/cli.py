@@ -1,7 +1,8 @@
 """The ``sae-adaptive`` command line: what SAELens has no command for.
 
-Each sub-command lives in a ``_cmd_<name>`` function registered in :data:`COMMANDS`; heavy imports
-happen inside the command, so ``sae-adaptive --help`` stays fast.
+A sub-command is a function ``run(args) -> exit code`` decorated with :func:`command` in the module
+that owns the feature; :data:`COMMAND_MODULES` lists those modules. They must import nothing heavy
+at module level (torch, sae_lens go inside ``run``), so ``sae-adaptive --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sae_adaptive_plugin import __version__
+
+#: Modules whose ``@command`` functions become sub-commands (imported by :func:`build_parser`).
+COMMAND_MODULES: tuple[str, ...] = ()
 
 #: name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS: dict[
@@ -83,6 +87,10 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
     parser = argparse.ArgumentParser(
         prog="sae-adaptive",
         description="Adaptive-sparsity SAEs for SAELens: compare, train, fit probes, publish, bench.",
