@@ -1,0 +1,1 @@
+"""The three SAELens architectures of sae-adaptive-plugin, one module each (see ``plugin.py``)."""

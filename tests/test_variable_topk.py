@@ -1,0 +1,81 @@
+"""Per-row variable-k top-k and its decode paths against plain references, per dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_adaptive_plugin.ops.variable_topk import (
+    check_k,
+    decode_topk,
+    decode_topk_dense,
+    decode_topk_gather,
+    scatter_topk,
+    variable_topk,
+    variable_topk_reference,
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_variable_topk_matches_loop_reference(dtype: torch.dtype) -> None:
+    h = torch.randn(9, 40).to(dtype)
+    k = torch.tensor([0, 1, 2, 5, 40, 7, 3, 3, 10])
+    result = variable_topk(h, k)
+    assert result.values.shape == (9, 40)
+    assert torch.equal(scatter_topk(result, 40), variable_topk_reference(h, k))
+    assert torch.equal(result.mask.sum(-1), k)
+    assert (result.values[~result.mask] == 0).all()
+
+
+def test_variable_topk_counts_only_positive_values_as_active() -> None:
+    h = -torch.rand(3, 10)
+    h[0, :2] = 1.0
+    result = variable_topk(h, torch.tensor([4, 4, 1]))
+    assert (scatter_topk(result, 10) != 0).sum(-1).tolist() == [2, 0, 0]
+
+
+def test_variable_topk_batches_with_leading_dims_and_int_k() -> None:
+    h = torch.randn(2, 3, 20)
+    dense = scatter_topk(variable_topk(h, 4), 20)
+    assert ((dense != 0).sum(-1) <= 4).all()
+    assert torch.equal(
+        dense.reshape(6, 20), variable_topk_reference(h.reshape(6, 20), torch.full((6,), 4))
+    )
+
+
+def test_variable_topk_rejects_bad_k() -> None:
+    with pytest.raises(ValueError, match="k_max must lie in"):
+        variable_topk(torch.randn(2, 5), torch.tensor([1, 6]))
+    with pytest.raises(ValueError, match="k_per_row has shape"):
+        variable_topk(torch.randn(2, 5), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"k must lie in \[0, d_sae=5\]"):
+        check_k(torch.tensor([-1, 2]), 5)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 5e-2)]
+)
+def test_gather_decode_matches_dense_values_and_gradients(dtype: torch.dtype, atol: float) -> None:
+    hidden = torch.randn(11, 64, dtype=torch.float64).to(dtype).requires_grad_()
+    W_dec = torch.randn(64, 12, dtype=torch.float64).to(dtype).requires_grad_()
+    k = torch.randint(0, 9, (11,))
+    top = variable_topk(hidden, k, k_max=8)
+    upstream = torch.randn(11, 12, dtype=torch.float64).to(dtype)
+    grads = []
+    for decode in (decode_topk_dense, decode_topk_gather):
+        out = decode(top.values, top.indices, W_dec)
+        grads.append(
+            (out, *torch.autograd.grad((out * upstream).sum(), [hidden, W_dec], retain_graph=True))
+        )
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=atol, rtol=atol)
+
+
+def test_decode_topk_dispatch_and_bad_impl() -> None:
+    top = variable_topk(torch.randn(4, 80), 3)
+    W_dec = torch.randn(80, 6)
+    ref = decode_topk_dense(top.values, top.indices, W_dec)
+    for impl in ("auto", "dense", "gather"):
+        torch.testing.assert_close(decode_topk(top.values, top.indices, W_dec, impl), ref)
+    with pytest.raises(ValueError, match="impl must be"):
+        decode_topk(top.values, top.indices, W_dec, "sparse")  # type: ignore[arg-type]

@@ -1,0 +1,193 @@
+"""Offline stand-ins for a real SAELens training run: a tiny random HookedTransformer, a local token
+dataset, and helpers that train an SAE through SAELens's own ``LanguageModelSAETrainingRunner``,
+reload it in a fresh interpreter, and run SAELens's ``run_evals`` on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+
+D_MODEL = 32
+HOOK_NAME = "blocks.0.hook_resid_post"
+CONTEXT_SIZE = 16
+D_VOCAB = 100
+
+
+def tiny_model(seed: int = 0):
+    """A 1-layer HookedTransformer with random weights and no tokenizer (nothing downloaded)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=D_MODEL,
+        n_ctx=CONTEXT_SIZE,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=D_VOCAB,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=seed,
+        device="cpu",
+    )
+    return HookedTransformer(cfg)
+
+
+def tiny_token_dataset(n_rows: int = 256, seed: int = 0):
+    """A local ``datasets.Dataset`` of random, already-tokenized rows of ``CONTEXT_SIZE`` tokens."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, D_VOCAB, (n_rows, CONTEXT_SIZE), generator=g)
+    return Dataset.from_dict({"input_ids": tokens.tolist()})
+
+
+def runner_config(sae_cfg: Any, out_dir: Path, **overrides: Any):
+    """A ``LanguageModelSAERunnerConfig`` for the tiny model, no wandb, saving into ``out_dir``."""
+    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
+
+    kwargs: dict[str, Any] = dict(
+        sae=sae_cfg,
+        model_name="tiny-random",
+        hook_name=HOOK_NAME,
+        dataset_path="local-random-tokens",
+        is_dataset_tokenized=True,
+        streaming=False,
+        context_size=CONTEXT_SIZE,
+        prepend_bos=False,
+        training_tokens=64 * 40,
+        train_batch_size_tokens=64,
+        store_batch_size_prompts=8,
+        n_batches_in_buffer=4,
+        n_eval_batches=2,
+        eval_batch_size_prompts=4,
+        n_batches_for_norm_estimate=2,
+        lr=1e-3,
+        device="cpu",
+        seed=0,
+        dtype="float32",
+        logger=LoggingConfig(log_to_wandb=False),
+        checkpoint_path=str(out_dir / "checkpoints"),
+        output_path=str(out_dir / "final"),
+        verbose=False,
+    )
+    kwargs.update(overrides)
+    return LanguageModelSAERunnerConfig(**kwargs)
+
+
+def train_tiny_runner(sae_cfg: Any, out_dir: Path, model=None, dataset=None, **overrides: Any):
+    """Train ``sae_cfg`` with SAELens's ``LanguageModelSAETrainingRunner`` on the tiny model.
+
+    Returns ``(trained TrainingSAE, path of the saved inference SAE)``.
+    """
+    from sae_lens import LanguageModelSAETrainingRunner
+
+    torch.manual_seed(0)
+    cfg = runner_config(sae_cfg, Path(out_dir), **overrides)
+    runner = LanguageModelSAETrainingRunner(
+        cfg,
+        override_model=model if model is not None else tiny_model(),
+        override_dataset=dataset if dataset is not None else tiny_token_dataset(),
+    )
+    sae = runner.run()
+    return sae, Path(cfg.output_path)
+
+
+def tiny_activations(n: int = 64, seed: int = 1) -> torch.Tensor:
+    """Real activations of the tiny model at ``HOOK_NAME``, shape ``[n, D_MODEL]``."""
+    model = tiny_model()
+    tokens = torch.tensor(tiny_token_dataset(n_rows=n // CONTEXT_SIZE + 1, seed=seed)["input_ids"])
+    _, cache = model.run_with_cache(tokens, names_filter=HOOK_NAME)
+    return cache[HOOK_NAME].reshape(-1, D_MODEL)[:n].detach()
+
+
+_RELOAD_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from safetensors.torch import load_file, save_file
+    import sae_lens  # the plugin must register itself: nothing else is imported
+    from sae_lens import SAE
+    path, x_path, out_path = sys.argv[1:4]
+    sae = SAE.load_from_disk(path)
+    x = load_file(x_path)["x"]
+    with torch.no_grad():
+        feats = sae.encode(x)
+        out = sae(x)
+    save_file({"feature_acts": feats.contiguous(), "sae_out": out.contiguous()}, out_path)
+    print(json.dumps({"class": type(sae).__module__ + "." + type(sae).__qualname__}))
+    """
+)
+
+
+def reload_outputs_in_subprocess(
+    path: Path, x: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Load the saved SAE at ``path`` with ``SAE.load_from_disk`` in a new interpreter (only
+    ``sae_lens`` imported, so the plugin's autoload must register the architecture) and return its
+    ``encode(x)`` / ``forward(x)`` plus the loaded class's qualified name.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    x_path = path.parent / f"{path.name}_reload_x.safetensors"
+    out_path = path.parent / f"{path.name}_reload_out.safetensors"
+    save_file({"x": x.contiguous()}, str(x_path))
+    env = {k: v for k, v in os.environ.items() if k != "SAE_ADAPTIVE_PLUGIN_NO_AUTOLOAD"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _RELOAD_SCRIPT, str(path), str(x_path), str(out_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(path.parent),
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"reload failed:\n{proc.stdout}\n{proc.stderr}")
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    return load_file(str(out_path)), info["class"]
+
+
+def run_evals_on(sae: Any, n_eval_batches: int = 2) -> dict[str, Any]:
+    """SAELens ``run_evals`` on ``sae`` with the tiny model and dataset; returns its metrics dict."""
+    from sae_lens import ActivationsStore
+    from sae_lens.evals import EvalConfig, run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    model = tiny_model()
+    store = ActivationsStore.from_sae(
+        model,
+        sae,
+        context_size=CONTEXT_SIZE,
+        dataset=tiny_token_dataset(),
+        store_batch_size_prompts=4,
+        n_batches_in_buffer=2,
+        train_batch_size_tokens=64,
+    )
+    eval_cfg = EvalConfig(
+        batch_size_prompts=4,
+        n_eval_reconstruction_batches=n_eval_batches,
+        n_eval_sparsity_variance_batches=n_eval_batches,
+        compute_kl=True,
+        compute_ce_loss=True,
+        compute_l2_norms=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+    )
+    metrics, _ = run_evals(
+        sae=sae,
+        activation_store=store,
+        model=model,
+        activation_scaler=ActivationScaler(),
+        eval_config=eval_cfg,
+        exclude_special_tokens=False,
+    )
+    return metrics
