@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from sae_adaptive_plugin import __version__
 
 #: Modules whose ``@command`` functions become sub-commands (imported by :func:`build_parser`).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("sae_adaptive_plugin.hub",)
 
 #: name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS: dict[
