@@ -14,7 +14,10 @@ from collections.abc import Callable, Sequence
 from sae_adaptive_plugin import __version__
 
 #: Modules whose ``@command`` functions become sub-commands (imported by :func:`build_parser`).
-COMMAND_MODULES: tuple[str, ...] = ("sae_adaptive_plugin.hub",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "sae_adaptive_plugin.hub",
+    "sae_adaptive_plugin.training",
+)
 
 #: name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS: dict[

@@ -1,0 +1,197 @@
+"""Where a language model and a dataset come from: local folders/files, or the Hub through SAELens.
+
+Used by ``sae-adaptive train``, ``eval`` and ``fit-probe``. A name that is not a local path goes
+through SAELens's own loading code unchanged (``sae_lens.load_model.load_model`` for models, the
+``datasets`` loader inside ``ActivationsStore`` / ``datasets.load_dataset`` for data), so Hub names
+such as ``pythia-70m-deduped`` and ``NeelNanda/pile-10k`` behave exactly as in SAELens.
+
+Local model format (``save_local_model`` writes it, ``load_local_model`` reads it) — a folder::
+
+    <dir>/hooked_transformer.json   {"format": "sae-adaptive-hooked-transformer", "version": 1,
+                                     "config": {HookedTransformerConfig fields; dtype as a string}}
+    <dir>/model.safetensors         HookedTransformer.state_dict()
+    <dir>/tokenizer/                optional: a tokenizer saved with ``save_pretrained``
+
+It exists so that the commands can run offline on tiny random models in tests; any
+``HookedTransformer`` (including a processed Hub model) can be saved this way. Without a
+``tokenizer/`` folder the model has no tokenizer: datasets must then be pre-tokenized
+(``tokens``/``input_ids`` columns), and ``fit-probe`` falls back to byte-level ids
+(see :func:`texts_to_token_lists`).
+
+Local datasets: a folder written by ``datasets.Dataset.save_to_disk`` (or ``DatasetDict``; the
+requested split is taken), or a ``.parquet``, ``.jsonl``/``.json`` or ``.csv`` file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+MODEL_CONFIG_FILENAME = "hooked_transformer.json"
+MODEL_WEIGHTS_FILENAME = "model.safetensors"
+TOKENIZER_DIRNAME = "tokenizer"
+MODEL_FORMAT = "sae-adaptive-hooked-transformer"
+MODEL_FORMAT_VERSION = 1
+
+_FILE_BUILDERS = {
+    ".parquet": "parquet",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+}
+
+
+def save_local_model(model: Any, path: str | Path) -> Path:
+    """Write ``model`` (a ``HookedTransformer``) in the local model format; returns the folder."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = dict(model.cfg.to_dict())  # to_dict() returns the live __dict__: copy before editing
+    cfg["dtype"] = str(cfg["dtype"]).removeprefix("torch.")
+    cfg["device"] = None
+    payload = {"format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION, "config": cfg}
+    (path / MODEL_CONFIG_FILENAME).write_text(json.dumps(payload, indent=2, default=str))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path / MODEL_WEIGHTS_FILENAME))
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path / TOKENIZER_DIRNAME))
+    return path
+
+
+def is_local_model(name: str | Path) -> bool:
+    """Whether ``name`` is a folder in the local model format."""
+    return (Path(name) / MODEL_CONFIG_FILENAME).is_file()
+
+
+def load_local_model(path: str | Path, device: str = "cpu") -> Any:
+    """Load a ``HookedTransformer`` saved by :func:`save_local_model`."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    path = Path(path)
+    payload = json.loads((path / MODEL_CONFIG_FILENAME).read_text())
+    if payload.get("format") != MODEL_FORMAT:
+        raise ValueError(
+            f"{path / MODEL_CONFIG_FILENAME}: 'format' is {payload.get('format')!r}, "
+            f"expected {MODEL_FORMAT!r}"
+        )
+    init_fields = {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init}
+    cfg = {k: v for k, v in payload["config"].items() if k in init_fields}
+    dtype_name = cfg.get("dtype", "float32")
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{path / MODEL_CONFIG_FILENAME}: unknown dtype {dtype_name!r}")
+    cfg["dtype"] = dtype
+    cfg["device"] = device
+    tokenizer = None
+    if (path / TOKENIZER_DIRNAME).is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIRNAME))
+    model = HookedTransformer(HookedTransformerConfig(**cfg), tokenizer=tokenizer)
+    model.load_state_dict(load_file(str(path / MODEL_WEIGHTS_FILENAME), device=str(device)))
+    model.to(device)
+    model.eval()
+    return model
+
+
+def load_model(
+    name: str,
+    device: str = "cpu",
+    model_class_name: str = "HookedTransformer",
+    model_from_pretrained_kwargs: dict[str, Any] | None = None,
+    hook_names: list[str] | None = None,
+) -> Any:
+    """A local-format folder, or else SAELens's own ``load_model`` (Hub / TransformerLens names)."""
+    if is_local_model(name):
+        return load_local_model(name, device=device)
+    from sae_lens.load_model import load_model as sae_lens_load_model
+
+    kwargs = model_from_pretrained_kwargs
+    if kwargs is None and model_class_name == "HookedTransformer":
+        kwargs = {"center_writing_weights": False}  # SAELens's runner default
+    return sae_lens_load_model(
+        model_class_name,
+        name,
+        device=device,
+        model_from_pretrained_kwargs=kwargs,
+        hook_names=hook_names,
+    )
+
+
+def is_local_dataset(name: str | Path) -> bool:
+    """Whether ``name`` is a ``save_to_disk`` folder or a parquet/jsonl/json/csv file."""
+    p = Path(name)
+    if p.is_dir():
+        return any(
+            (p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")
+        )
+    return p.is_file() and p.suffix.lower() in _FILE_BUILDERS
+
+
+def load_local_dataset(path: str | Path, split: str = "train") -> Any:
+    """Load a local dataset (see the module docstring) as a ``datasets.Dataset``."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    p = Path(path)
+    if p.is_dir():
+        ds = load_from_disk(str(p))
+        if isinstance(ds, DatasetDict):
+            if split not in ds:
+                raise ValueError(f"dataset {p}: no split {split!r}; available splits: {sorted(ds)}")
+            ds = ds[split]
+        return ds
+    builder = _FILE_BUILDERS.get(p.suffix.lower())
+    if builder is None or not p.is_file():
+        raise ValueError(
+            f"dataset {p}: not a save_to_disk folder or a file ending in "
+            f"{', '.join(sorted(_FILE_BUILDERS))}"
+        )
+    return load_dataset(builder, data_files=str(p), split="train")
+
+
+def load_dataset_any(name: str, split: str = "train", streaming: bool = False) -> Any:
+    """A local dataset, or ``datasets.load_dataset(name, split=split)`` for a Hub name."""
+    if is_local_dataset(name):
+        return load_local_dataset(name, split=split)
+    from datasets import load_dataset
+
+    return load_dataset(name, split=split, streaming=streaming)
+
+
+def texts_to_token_lists(model: Any, texts: list[Any], prepend_bos: bool) -> list[list[int]]:
+    """Token ids for each text.
+
+    A text that is already a list of ints is used as is. A string goes through
+    ``model.to_tokens`` (the model's own tokenizer: the path for every real model). Only when the
+    model has **no tokenizer** (the tokenizer-less local test models) is a string encoded with the
+    byte-level fallback: its UTF-8 bytes, each taken modulo ``d_vocab`` (plus ``bos`` = 0 first when
+    ``prepend_bos``). That fallback is for offline tests, not for real analysis.
+    """
+    out: list[list[int]] = []
+    tokenizer = getattr(model, "tokenizer", None)
+    d_vocab = int(model.cfg.d_vocab)
+    for text in texts:
+        if isinstance(text, (list, tuple)) or hasattr(text, "tolist"):
+            ids = [int(t) for t in (text.tolist() if hasattr(text, "tolist") else text)]
+        elif not isinstance(text, str):
+            raise ValueError(f"text column: expected a string or a list of token ids, got {text!r}")
+        elif tokenizer is not None:
+            ids = model.to_tokens(text, prepend_bos=prepend_bos, truncate=False)[0].tolist()
+        else:
+            ids = ([0] if prepend_bos else []) + [b % d_vocab for b in text.encode("utf-8")]
+        if not ids:
+            raise ValueError(f"text {text!r} has no tokens")
+        bad = [t for t in ids if not 0 <= t < d_vocab]
+        if bad:
+            raise ValueError(
+                f"token ids {bad[:5]} are outside the model's vocabulary [0, {d_vocab})"
+            )
+        out.append(ids)
+    return out
