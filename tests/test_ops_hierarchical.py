@@ -1,0 +1,156 @@
+"""Tests of ops/hierarchical.py: the B×K×K all-prefix errors and loss against the naive B×K×d reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_adaptive_plugin.ops.hierarchical import (
+    gathered_gram,
+    hierarchical_loss,
+    hierarchical_loss_naive,
+    prefix_reconstruction_errors,
+    prefix_reconstruction_errors_naive,
+)
+
+torch.set_num_threads(1)
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def _inputs(B, K, F, d, dtype, seed, duplicates=True):
+    g = torch.Generator().manual_seed(seed)
+    residual0 = torch.randn(B, d, generator=g, dtype=dtype)
+    values = torch.rand(B, K, generator=g, dtype=dtype).sort(-1, descending=True).values
+    W_dec = torch.randn(F, d, generator=g, dtype=dtype) / d**0.5
+    if duplicates:  # the same latent may be hit by many rows, and twice within a row
+        indices = torch.randint(0, F, (B, K), generator=g)
+    else:
+        indices = torch.stack([torch.randperm(F, generator=g)[:K] for _ in range(B)])
+    return residual0, values, W_dec, indices
+
+
+def _grads(fn, residual0, values, W_dec, indices):
+    leaves = [t.clone().requires_grad_() for t in (residual0, values, W_dec)]
+    out = fn(*leaves, indices)
+    grads = torch.autograd.grad(out, leaves)
+    return out.detach(), grads
+
+
+SHAPES = [(1, 1, 3, 2), (7, 1, 10, 5), (9, 6, 20, 11), (33, 16, 40, 8), (5, 12, 12, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_loss_and_gradients_match_naive(dtype, shape):
+    B, K, F, d = shape
+    args = _inputs(B, K, F, d, dtype, seed=B * 100 + K)
+    ref, ref_grads = _grads(hierarchical_loss_naive, *args)
+    for fn in (
+        lambda r, v, w, i: hierarchical_loss(r, v, w, i, chunk_size=2),
+        lambda r, v, w, i: hierarchical_loss(r, v, w, i),
+        lambda r, v, w, i: prefix_reconstruction_errors(r, v, w, i, chunk_size=3).mean(),
+    ):
+        out, grads = _grads(fn, *args)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, ref, **TOL[dtype])
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_prefix_errors_match_naive_with_weighted_upstream(dtype, shape):
+    B, K, F, d = shape
+    args = _inputs(B, K, F, d, dtype, seed=7 + K)
+    weights = torch.rand(B, K, dtype=dtype, generator=torch.Generator().manual_seed(3))
+
+    def weighted(fn):
+        return lambda r, v, w, i: (fn(r, v, w, i) * weights).sum()
+
+    ref, ref_grads = _grads(weighted(prefix_reconstruction_errors_naive), *args)
+    out, grads = _grads(weighted(prefix_reconstruction_errors), *args)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+    errors = prefix_reconstruction_errors(*args)
+    assert errors.shape == (B, K)
+    torch.testing.assert_close(errors, prefix_reconstruction_errors_naive(*args), **TOL[dtype])
+
+
+def test_gathered_rows_form_matches_indexed_form():
+    r, v, W, idx = _inputs(6, 5, 9, 4, torch.float64, seed=1)
+    rows = W[idx]
+    torch.testing.assert_close(
+        prefix_reconstruction_errors(r, v, rows), prefix_reconstruction_errors(r, v, W, idx)
+    )
+    torch.testing.assert_close(hierarchical_loss(r, v, rows), hierarchical_loss_naive(r, v, W, idx))
+
+
+def test_chunk_size_does_not_change_results():
+    r, v, W, idx = _inputs(11, 4, 15, 6, torch.float64, seed=2)
+    base = prefix_reconstruction_errors(r, v, W, idx, chunk_size=11)
+    for chunk in (1, 2, 5, 100):
+        torch.testing.assert_close(
+            prefix_reconstruction_errors(r, v, W, idx, chunk_size=chunk), base, rtol=0, atol=1e-12
+        )
+
+
+def test_gathered_gram_gradcheck():
+    r, _, W, idx = _inputs(4, 3, 6, 5, torch.float64, seed=4)
+    r.requires_grad_()
+    W.requires_grad_()
+
+    def fn(r, W):
+        c, G = gathered_gram(r, W, idx, chunk_size=3)
+        return c, G
+
+    assert torch.autograd.gradcheck(fn, (r, W))
+
+
+def test_no_gradient_reaches_indices_and_last_prefix_is_full_reconstruction():
+    r, v, W, idx = _inputs(8, 6, 12, 4, torch.float32, seed=5, duplicates=False)
+    full = r - (v.unsqueeze(-1) * W[idx]).sum(1)
+    errors = prefix_reconstruction_errors(r, v, W, idx)
+    torch.testing.assert_close(errors[:, -1], full.pow(2).sum(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(errors[:, 0], (r - v[:, :1] * W[idx[:, 0]]).pow(2).sum(-1))
+    assert not idx.requires_grad
+
+
+def test_k_star_label_from_prefix_errors():
+    """The AdaptiveK label k* = min{j : err_j ≤ τ·var} read off prefix_reconstruction_errors."""
+    g = torch.Generator().manual_seed(6)
+    d, F, K = 6, 6, 6
+    W = torch.eye(F, d, dtype=torch.float64)
+    coeffs = torch.rand(10, F, generator=g, dtype=torch.float64) * (
+        torch.rand(10, F, generator=g) < 0.5
+    )
+    values, idx = coeffs.sort(-1, descending=True)
+    x = coeffs @ W
+    errors = prefix_reconstruction_errors(x, values[:, :K], W, idx[:, :K])
+    assert (errors[:, 1:] <= errors[:, :-1] + 1e-12).all()
+    k_star = 1 + (errors > 1e-9).sum(-1)  # τ·var → 0: exact reconstruction
+    n_active = (coeffs > 0).sum(-1).clamp(min=1)
+    assert torch.equal(k_star, n_active)
+
+
+def test_bad_inputs_raise_clear_errors():
+    r, v, W, idx = _inputs(4, 3, 6, 5, torch.float32, seed=8)
+    with pytest.raises(ValueError, match="residual0"):
+        prefix_reconstruction_errors(r[0], v, W, idx)
+    with pytest.raises(ValueError, match="values"):
+        prefix_reconstruction_errors(r, v[:2], W, idx)
+    with pytest.raises(ValueError, match="K >= 1"):
+        prefix_reconstruction_errors(r, v[:, :0], W, idx[:, :0])
+    with pytest.raises(ValueError, match="W_dec"):
+        prefix_reconstruction_errors(r, v, W[:, :2], idx)
+    with pytest.raises(ValueError, match="indices"):
+        prefix_reconstruction_errors(r, v, W, idx[:, :2])
+    with pytest.raises(ValueError, match="integer"):
+        prefix_reconstruction_errors(r, v, W, idx.float())
+    with pytest.raises(ValueError, match=r"gathered decoder rows"):
+        prefix_reconstruction_errors(r, v, W)
+    with pytest.raises(ValueError, match="chunk_size"):
+        prefix_reconstruction_errors(r, v, W, idx, chunk_size=0)
+    with pytest.raises(ValueError, match="dtype"):
+        prefix_reconstruction_errors(r, v, W.double(), idx)
