@@ -17,6 +17,7 @@ from sae_adaptive_plugin import __version__
 COMMAND_MODULES: tuple[str, ...] = (
     "sae_adaptive_plugin.hub",
     "sae_adaptive_plugin.training",
+    "sae_adaptive_plugin.evaluation",
 )
 
 #: name -> (help, add_arguments(parser), run(args) -> exit code)

@@ -1,0 +1,312 @@
+"""``sae-adaptive eval``: SAELens ``run_evals`` plus the per-token k distribution, for saved SAEs.
+
+For each SAE folder (anything ``SAE.load_from_disk`` reads, i.e. what ``sae-adaptive train`` or
+SAELens's runner saved) this runs SAELens's own ``run_evals`` — explained variance, MSE, cosine
+similarity, CE-loss score, KL score, L0, L1, L2 ratio — on the model and dataset named in the SAE's
+metadata (overridable), and then, on the same kind of batches, the distribution of the per-token
+L0 (the number of non-zero latents of each token: the k each token actually used): mean, std,
+min, quantiles, max, plus the latents that never fired on the evaluated tokens. Results print as
+a Markdown table and are written as JSON.
+
+Special tokens are excluded (as SAELens's evals do) when the model has a tokenizer; tokenizer-less
+local test models use every token. The activation scaler is the identity: SAELens folds any
+training-time normalisation into the saved weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from sae_adaptive_plugin.cli import command
+
+#: quantiles of per-token L0 reported in ``k_distribution``.
+K_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def per_token_l0(
+    sae: Any,
+    model: Any,
+    store: Any,
+    n_batches: int,
+    batch_size_prompts: int,
+    ignore_tokens: list[int] | None = None,
+) -> tuple[Any, Any]:
+    """Per-token L0 of ``sae`` over ``n_batches`` batches from ``store``.
+
+    Returns ``(l0 [n_tokens] long tensor, fired [d_sae] bool tensor)``.
+    """
+    import torch
+    from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+
+    hook_name = sae.cfg.metadata.hook_name
+    head = sae.cfg.metadata.hook_head_index
+    l0s = []
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
+    with torch.no_grad():
+        for _ in range(n_batches):
+            tokens = store.get_batch_tokens(batch_size_prompts)
+            _, cache = model.run_with_cache(
+                tokens,
+                prepend_bos=False,
+                names_filter=[hook_name],
+                stop_at_layer=extract_stop_at_layer_from_tlens_hook_name(hook_name),
+            )
+            act = cache[hook_name]
+            if head is not None:
+                act = act[:, :, head]
+            elif any(s in hook_name for s in ("hook_q", "hook_k", "hook_v", "hook_z")):
+                act = act.flatten(-2, -1)
+            feats = sae.encode(act.to(sae.device))
+            if feats.is_sparse:
+                feats = feats.to_dense()
+            feats = feats.reshape(-1, feats.shape[-1])
+            keep = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
+            if ignore_tokens:
+                flat = tokens.reshape(-1).to(feats.device)
+                keep = ~torch.isin(flat, torch.tensor(ignore_tokens, device=feats.device))
+            feats = feats[keep]
+            l0s.append((feats != 0).sum(-1).cpu())
+            fired |= (feats != 0).any(0)
+    return torch.cat(l0s), fired.cpu()
+
+
+def k_distribution(l0: Any, fired: Any) -> dict[str, float]:
+    """Summary of a per-token L0 vector (``mean``, ``std``, ``min``, ``p05`` … ``p95``, ``max``)."""
+    import torch
+
+    x = l0.to(torch.float64)
+    out = {
+        "n_tokens": int(x.numel()),
+        "mean": float(x.mean()),
+        "std": float(x.std(unbiased=False)),
+        "min": float(x.min()),
+    }
+    qs = torch.quantile(x, torch.tensor(K_QUANTILES, dtype=torch.float64))
+    for q, v in zip(K_QUANTILES, qs.tolist()):
+        out[f"p{round(q * 100):02d}"] = float(v)
+    out["max"] = float(x.max())
+    out["never_fired"] = int((~fired).sum())
+    out["never_fired_fraction"] = float((~fired).float().mean())
+    return out
+
+
+def evaluate_sae(
+    sae: Any,
+    model: Any,
+    dataset: Any,
+    n_batches: int = 10,
+    batch_size_prompts: int = 8,
+    context_size: int | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """``run_evals`` metrics (SAELens's nested dict) plus ``k_distribution`` for one SAE."""
+    from sae_lens import ActivationsStore
+    from sae_lens.evals import EvalConfig, run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+    from sae_lens.util import get_special_token_ids
+
+    if sae.cfg.metadata.hook_name is None:
+        raise ValueError("the SAE's metadata has no hook_name: it was not saved by a runner")
+    store = ActivationsStore.from_sae(
+        model,
+        sae,
+        dataset=dataset,
+        context_size=context_size,
+        streaming=isinstance(dataset, str),
+        store_batch_size_prompts=batch_size_prompts,
+        n_batches_in_buffer=2,
+        train_batch_size_tokens=batch_size_prompts * (context_size or 128),
+        device=device,
+    )
+    tokenizer = getattr(model, "tokenizer", None)
+    ignore = list(get_special_token_ids(tokenizer)) if tokenizer is not None else None
+    eval_cfg = EvalConfig(
+        batch_size_prompts=batch_size_prompts,
+        n_eval_reconstruction_batches=n_batches,
+        n_eval_sparsity_variance_batches=n_batches,
+        compute_kl=True,
+        compute_ce_loss=True,
+        compute_l2_norms=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+    )
+    metrics, _ = run_evals(
+        sae=sae,
+        activation_store=store,
+        model=model,
+        activation_scaler=ActivationScaler(),
+        eval_config=eval_cfg,
+        exclude_special_tokens=ignore if ignore else False,
+    )
+    store.reset_input_dataset()
+    l0, fired = per_token_l0(sae, model, store, n_batches, batch_size_prompts, ignore)
+    metrics["k_distribution"] = k_distribution(l0, fired)
+    metrics["sae"] = {
+        "architecture": sae.cfg.architecture(),
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae,
+        "hook_name": sae.cfg.metadata.hook_name,
+        "model_name": sae.cfg.metadata.model_name,
+    }
+    return metrics
+
+
+#: (column title, path in the metrics dict, format)
+TABLE_COLUMNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("architecture", ("sae", "architecture"), "{}"),
+    ("d_sae", ("sae", "d_sae"), "{}"),
+    ("L0", ("sparsity", "l0"), "{:.2f}"),
+    ("k std", ("k_distribution", "std"), "{:.2f}"),
+    ("k p05", ("k_distribution", "p05"), "{:.0f}"),
+    ("k p50", ("k_distribution", "p50"), "{:.0f}"),
+    ("k p95", ("k_distribution", "p95"), "{:.0f}"),
+    ("expl. var.", ("reconstruction_quality", "explained_variance"), "{:.4f}"),
+    ("MSE", ("reconstruction_quality", "mse"), "{:.4g}"),
+    ("CE score", ("model_performance_preservation", "ce_loss_score"), "{:.4f}"),
+    ("KL score", ("model_behavior_preservation", "kl_div_score"), "{:.4f}"),
+    ("never fired", ("k_distribution", "never_fired"), "{}"),
+)
+
+
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    """One row per SAE (keyed by its name/path) with :data:`TABLE_COLUMNS`."""
+    header = ["SAE", *(c[0] for c in TABLE_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, metrics in results.items():
+        row = [name]
+        for _, path, fmt in TABLE_COLUMNS:
+            v: Any = metrics
+            for p in path:
+                v = v.get(p) if isinstance(v, dict) else None
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                row.append("–")
+            else:
+                row.append(fmt.format(v))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def evaluate_paths(
+    paths: list[str],
+    model_name: str | None = None,
+    dataset_path: str | None = None,
+    n_batches: int = 10,
+    batch_size_prompts: int = 8,
+    context_size: int | None = None,
+    device: str = "cpu",
+    model: Any = None,
+    dataset: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate each saved SAE; the model/dataset default to those in each SAE's metadata."""
+    from sae_lens import SAE
+
+    from sae_adaptive_plugin import local_lm
+
+    models: dict[str, Any] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"SAE folder {path} does not exist")
+        sae = SAE.load_from_disk(path, device=device)
+        meta = sae.cfg.metadata
+        m = model
+        if m is None:
+            name = model_name or meta.model_name
+            if not name:
+                raise ValueError(f"{path}: no model_name in the SAE's metadata; pass --model")
+            if name not in models:
+                models[name] = local_lm.load_model(
+                    name,
+                    device=device,
+                    model_class_name=meta.model_class_name or "HookedTransformer",
+                    model_from_pretrained_kwargs=meta.model_from_pretrained_kwargs,
+                    hook_names=[meta.hook_name] if meta.hook_name else None,
+                )
+            m = models[name]
+        ds = dataset
+        if ds is None:
+            ds_name = dataset_path or meta.dataset_path
+            if not ds_name:
+                raise ValueError(f"{path}: no dataset_path in the SAE's metadata; pass --dataset")
+            ds = (
+                local_lm.load_local_dataset(ds_name)
+                if local_lm.is_local_dataset(ds_name)
+                else ds_name
+            )
+        results[str(path)] = evaluate_sae(
+            sae,
+            m,
+            ds,
+            n_batches=n_batches,
+            batch_size_prompts=batch_size_prompts,
+            context_size=context_size or meta.context_size,
+            device=device,
+        )
+    return results
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saes", nargs="+", metavar="SAE_DIR", help="saved SAE folder(s)")
+    parser.add_argument("--model", help="model name or local model folder (default: SAE metadata)")
+    parser.add_argument(
+        "--dataset", help="dataset name or local dataset (default: SAE metadata's dataset_path)"
+    )
+    parser.add_argument("--n-batches", type=int, default=10, help="eval batches (default 10)")
+    parser.add_argument(
+        "--batch-size-prompts", type=int, default=8, help="prompts per batch (default 8)"
+    )
+    parser.add_argument("--context-size", type=int, help="default: SAE metadata's context_size")
+    parser.add_argument("--device", default="cpu", help="default cpu")
+    parser.add_argument("--json", dest="json_out", help="write all metrics to this JSON file")
+
+
+@command(
+    "eval",
+    "SAELens run_evals (explained variance, CE/KL scores, L0) + per-token k distribution",
+    arguments=_eval_arguments,
+)
+def _cmd_eval(args: argparse.Namespace) -> int:
+    for name, value in (
+        ("--n-batches", args.n_batches),
+        ("--batch-size-prompts", args.batch_size_prompts),
+    ):
+        if value < 1:
+            print(f"error: {name} must be ≥ 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        results = evaluate_paths(
+            args.saes,
+            model_name=args.model,
+            dataset_path=args.dataset,
+            n_batches=args.n_batches,
+            batch_size_prompts=args.batch_size_prompts,
+            context_size=args.context_size,
+            device=args.device,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown_table(results))
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_jsonable(results), indent=2))
+        print(f"wrote {out}")
+    return 0
