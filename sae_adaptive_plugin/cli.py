@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sae_adaptive_plugin.hub",
     "sae_adaptive_plugin.training",
     "sae_adaptive_plugin.evaluation",
+    "sae_adaptive_plugin.probe_cli",
 )
 
 #: name -> (help, add_arguments(parser), run(args) -> exit code)

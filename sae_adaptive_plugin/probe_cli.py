@@ -1,0 +1,281 @@
+"""``sae-adaptive fit-probe``: fit AdaptiveK's complexity probe from labelled texts or surprisal.
+
+Runs a language model over a text dataset (a Hub dataset name, or a local parquet / jsonl / csv
+file or ``save_to_disk`` folder with a text column and, for ``--labels column``, a score column),
+collects the activations at ``--hook`` — the **last** token of each text (the paper's setting) or
+**all** tokens — and fits :class:`sae_adaptive_plugin.probe.ComplexityProbe` with streamed ridge
+regression and k-fold cross-validated ``λ``. Folds are assigned per text, so a text's tokens never
+sit on both sides of a split. The probe is saved (one ``.safetensors`` file) for an AdaptiveK
+config's ``probe_path``, and its held-out R², Pearson and Spearman are printed.
+
+Label sources:
+
+- ``--labels column`` (default): the ``--score-column`` value of each text (e.g. a 0–10 complexity
+  score from a judge); with ``--positions all`` every token of the text gets the text's score.
+- ``--labels surprisal``: no labels needed. With ``--positions last`` a text's label is its mean
+  token surprisal ``−log p(x_t | x_<t)`` in nats over positions ``1 … T−1``; with
+  ``--positions all`` position ``t``'s label is that token's own surprisal (position 0 has none
+  and is skipped).
+
+With ``--positions all`` the first position is skipped when a BOS token was prepended (its
+activation is an outlier that carries no information about the text). Texts are truncated to
+``--context-size`` tokens (default: the model's ``n_ctx``). Tokenisation is ``model.to_tokens``
+for every model with a tokenizer; the tokenizer-less local test models take token-id lists or the
+byte-level fallback of :func:`sae_adaptive_plugin.local_lm.texts_to_token_lists`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from sae_adaptive_plugin.cli import command
+
+LABEL_SOURCES = ("column", "surprisal")
+POSITIONS = ("last", "all")
+
+
+def _hook_activations(cache: Any, hook: str) -> Any:
+    act = cache[hook]
+    if act.ndim == 4:  # [batch, pos, head, d_head] hooks: flatten heads as SAELens does
+        act = act.flatten(-2, -1)
+    return act
+
+
+def collect_activations(
+    model: Any,
+    hook: str,
+    token_lists: list[list[int]],
+    scores: list[float] | None,
+    positions: str = "last",
+    batch_size: int = 8,
+    skip_first: bool = False,
+    n_folds: int = 5,
+    seed: int = 0,
+):
+    """Yield ``(X [N, d], y [N], fold [N])`` batches of hook activations and their labels.
+
+    ``scores`` gives one label per text (``--labels column``); ``None`` means surprisal labels.
+    """
+    import torch
+    from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    if hook not in model.hook_dict:
+        raise ValueError(
+            f"hook {hook!r} is not a hook point of the model (e.g. blocks.0.hook_resid_post)"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    text_folds = torch.randint(0, n_folds, (len(token_lists),), generator=gen)
+    device = next(model.parameters()).device
+    surprisal = scores is None
+    stop = None if surprisal else extract_stop_at_layer_from_tlens_hook_name(hook)
+    for start in range(0, len(token_lists), batch_size):
+        chunk = token_lists[start : start + batch_size]
+        lengths = torch.tensor([len(t) for t in chunk])
+        T = int(lengths.max())
+        # right padding: with causal attention the padded tail cannot change earlier positions
+        tokens = torch.zeros(len(chunk), T, dtype=torch.long)
+        for i, t in enumerate(chunk):
+            tokens[i, : len(t)] = torch.tensor(t)
+        tokens = tokens.to(device)
+        with torch.no_grad():
+            out, cache = model.run_with_cache(
+                tokens, names_filter=[hook], stop_at_layer=stop, prepend_bos=False
+            )
+        act = _hook_activations(cache, hook).float()
+        pos = torch.arange(T)
+        valid = pos[None, :] < lengths[:, None]  # [B, T]
+        if surprisal:
+            logp = torch.log_softmax(out.float(), dim=-1)
+            tok_s = torch.zeros(len(chunk), T, device=logp.device)
+            tok_s[:, 1:] = -logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+            tok_s = tok_s.cpu()
+        folds_b = text_folds[start : start + len(chunk)]
+        if positions == "last":
+            idx = lengths - 1
+            X = act[torch.arange(len(chunk)), idx.to(act.device)].cpu()
+            if surprisal:
+                s_valid = valid & (pos[None, :] >= 1)
+                n = s_valid.sum(1)
+                if (n == 0).any():
+                    raise ValueError("surprisal labels need texts of at least 2 tokens")
+                y = (tok_s * s_valid).sum(1) / n
+            else:
+                y = torch.tensor(scores[start : start + len(chunk)], dtype=torch.float32)
+            yield X, y.float(), folds_b
+        else:
+            keep = valid.clone()
+            if skip_first or surprisal:
+                keep[:, 0] = False
+            X = act.cpu()[keep]
+            if surprisal:
+                y = tok_s[keep]
+            else:
+                per_text = torch.tensor(scores[start : start + len(chunk)], dtype=torch.float32)
+                y = per_text[:, None].expand(-1, T)[keep]
+            f = folds_b[:, None].expand(-1, T)[keep]
+            if X.shape[0]:
+                yield X, y.float(), f
+
+
+def fit_probe_from_texts(
+    model: Any,
+    hook: str,
+    texts: list[Any],
+    scores: list[float] | None = None,
+    positions: str = "last",
+    context_size: int | None = None,
+    batch_size: int = 8,
+    prepend_bos: bool | None = None,
+    n_folds: int = 5,
+    lambdas: list[float] | None = None,
+    seed: int = 0,
+) -> Any:
+    """Fit a :class:`ComplexityProbe` on ``model``'s ``hook`` activations over ``texts``.
+
+    ``scores`` are the per-text labels; ``None`` selects surprisal labels.
+    """
+    from sae_adaptive_plugin import local_lm
+    from sae_adaptive_plugin.probe import ComplexityProbe, RidgeAccumulator
+
+    if scores is not None and len(scores) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(scores)} scores")
+    if scores is not None:
+        bad = [s for s in scores if s is None or not math.isfinite(float(s))]
+        if bad:
+            raise ValueError(f"score column has {len(bad)} missing or non-finite values")
+        scores = [float(s) for s in scores]
+    if prepend_bos is None:
+        prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
+    ctx = int(context_size or model.cfg.n_ctx)
+    if ctx < 1 or ctx > model.cfg.n_ctx:
+        raise ValueError(
+            f"context_size must be in [1, {model.cfg.n_ctx}] (the model's n_ctx), got {ctx}"
+        )
+    token_lists = [t[:ctx] for t in local_lm.texts_to_token_lists(model, texts, prepend_bos)]
+    acc: RidgeAccumulator | None = None
+    for X, y, fold in collect_activations(
+        model,
+        hook,
+        token_lists,
+        scores,
+        positions=positions,
+        batch_size=batch_size,
+        skip_first=prepend_bos,
+        n_folds=n_folds,
+        seed=seed,
+    ):
+        if acc is None:
+            acc = RidgeAccumulator(X.shape[1], n_folds=n_folds, seed=seed)
+        acc.update(X, y, fold=fold)
+    if acc is None:
+        raise ValueError("no activations collected: the dataset is empty")
+    return ComplexityProbe.from_accumulator(acc, lambdas)
+
+
+def _fit_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model name or local model folder")
+    parser.add_argument("--hook", required=True, help="hook name, e.g. blocks.3.hook_resid_post")
+    parser.add_argument(
+        "--dataset", required=True, help="Hub dataset name, or local parquet/jsonl/csv/folder"
+    )
+    parser.add_argument("--split", default="train", help="dataset split (default train)")
+    parser.add_argument("--text-column", default="text", help="default 'text'")
+    parser.add_argument(
+        "--score-column", default="score", help="label column for --labels column (default 'score')"
+    )
+    parser.add_argument("--labels", choices=LABEL_SOURCES, default="column")
+    parser.add_argument("--positions", choices=POSITIONS, default="last")
+    parser.add_argument("--context-size", type=int, help="truncate texts (default: model n_ctx)")
+    parser.add_argument("--max-texts", type=int, help="use at most this many texts")
+    parser.add_argument("--batch-size", type=int, default=8, help="texts per forward (default 8)")
+    bos = parser.add_mutually_exclusive_group()
+    bos.add_argument("--prepend-bos", dest="prepend_bos", action="store_true", default=None)
+    bos.add_argument("--no-prepend-bos", dest="prepend_bos", action="store_false")
+    parser.add_argument("--n-folds", type=int, default=5, help="CV folds (default 5)")
+    parser.add_argument(
+        "--lambdas", type=float, nargs="+", help="ridge grid (default 1e-2 … 1e3, half decades)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", required=True, help="probe file to write (.safetensors)")
+    parser.add_argument("--json", dest="json_out", help="also write the report as JSON here")
+
+
+@command(
+    "fit-probe",
+    "fit an AdaptiveK complexity probe on a model's activations over labelled texts or surprisal",
+    arguments=_fit_probe_arguments,
+)
+def _cmd_fit_probe(args: argparse.Namespace) -> int:
+    from sae_adaptive_plugin import local_lm
+
+    for name, value, low in (
+        ("--batch-size", args.batch_size, 1),
+        ("--n-folds", args.n_folds, 2),
+        ("--max-texts", args.max_texts, 1),
+    ):
+        if value is not None and value < low:
+            print(f"error: {name} must be ≥ {low}, got {value}", file=sys.stderr)
+            return 2
+    try:
+        ds = local_lm.load_dataset_any(args.dataset, split=args.split)
+        if args.max_texts is not None:
+            ds = ds.select(range(min(args.max_texts, len(ds))))
+        columns = list(ds.column_names)
+        if args.text_column not in columns:
+            raise ValueError(
+                f"--text-column {args.text_column!r} is not in the dataset; columns: {columns}"
+            )
+        scores = None
+        if args.labels == "column":
+            if args.score_column not in columns:
+                raise ValueError(
+                    f"--score-column {args.score_column!r} is not in the dataset; columns: "
+                    f"{columns} (or use --labels surprisal)"
+                )
+            scores = list(ds[args.score_column])
+        texts = list(ds[args.text_column])
+        model = local_lm.load_model(args.model, device=args.device, hook_names=[args.hook])
+        probe = fit_probe_from_texts(
+            model,
+            args.hook,
+            texts,
+            scores,
+            positions=args.positions,
+            context_size=args.context_size,
+            batch_size=args.batch_size,
+            prepend_bos=args.prepend_bos,
+            n_folds=args.n_folds,
+            lambdas=args.lambdas,
+            seed=args.seed,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = probe.save(args.out)
+    r = probe.report
+    print(f"probe: {out}  (d_in {probe.d_in}, labels {args.labels}, positions {args.positions})")
+    print(f"rows: {r.n_samples}  folds: {r.n_folds}  lambda: {r.lam:g}")
+    print(f"held-out R²: {r.r2:.4f}  Pearson: {r.pearson:.4f}  Spearman: {r.spearman:.4f}")
+    print(f"label range: [{probe.label_min:g}, {probe.label_max:g}]")
+    if args.json_out:
+        report = {
+            "probe_path": str(out),
+            "model": args.model,
+            "hook": args.hook,
+            "dataset": args.dataset,
+            "labels": args.labels,
+            "positions": args.positions,
+            "label_min": probe.label_min,
+            "label_max": probe.label_max,
+            **r.to_dict(),
+        }
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    return 0
