@@ -1,0 +1,187 @@
+"""load_plugins(): entry points → SAELens registries, with failures isolated and clashes named."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+from dataclasses import dataclass
+from importlib import metadata
+
+import pytest
+from sae_lens import registry
+from sae_lens.saes.topk_sae import (
+    TopKSAE,
+    TopKSAEConfig,
+    TopKTrainingSAE,
+    TopKTrainingSAEConfig,
+)
+
+from sae_adaptive_plugin import loader, plugin
+from sae_adaptive_plugin.hookspecs import Architecture, hookimpl
+
+
+@dataclass
+class _DemoConfig(TopKSAEConfig):
+    @classmethod
+    def architecture(cls) -> str:
+        return "demo_arch"
+
+
+class _DemoSAE(TopKSAE):
+    pass
+
+
+@dataclass
+class _DemoTrainingConfig(TopKTrainingSAEConfig):
+    @classmethod
+    def architecture(cls) -> str:
+        return "demo_arch"
+
+
+class _DemoTrainingSAE(TopKTrainingSAE):
+    pass
+
+
+@dataclass
+class _OtherDemoConfig(TopKSAEConfig):
+    @classmethod
+    def architecture(cls) -> str:
+        return "demo_arch"
+
+
+class _OtherDemoSAE(TopKSAE):
+    pass
+
+
+def _module_plugin(name: str, architectures: list[Architecture]) -> types.ModuleType:
+    module = types.ModuleType(name)
+
+    @hookimpl
+    def sae_lens_architectures() -> list[Architecture]:
+        return architectures
+
+    module.sae_lens_architectures = sae_lens_architectures  # type: ignore[attr-defined]
+    return module
+
+
+@pytest.fixture
+def isolated(monkeypatch: pytest.MonkeyPatch):
+    """Fresh loader state and copies of SAELens's registries; returns a function installing
+    fake entry points ``{name: module}`` (a module of None means: import fails)."""
+    monkeypatch.setattr(loader, "_reports", {})
+    monkeypatch.setattr(loader, "_manager", None)
+    monkeypatch.setattr(registry, "SAE_CLASS_REGISTRY", dict(registry.SAE_CLASS_REGISTRY))
+    monkeypatch.setattr(
+        registry, "SAE_TRAINING_CLASS_REGISTRY", dict(registry.SAE_TRAINING_CLASS_REGISTRY)
+    )
+    for table in (registry.SAE_CLASS_REGISTRY, registry.SAE_TRAINING_CLASS_REGISTRY):
+        table.pop("demo_arch", None)
+
+    def install(plugins: dict[str, types.ModuleType | None]) -> None:
+        eps = []
+        for name, module in plugins.items():
+            module_name = f"_fake_sae_plugin_{name}"
+            if module is not None:
+                monkeypatch.setitem(sys.modules, module_name, module)
+            eps.append(metadata.EntryPoint(name, module_name, loader.ENTRY_POINT_GROUP))
+
+        def entry_points(group: str):
+            assert group == loader.ENTRY_POINT_GROUP
+            return eps
+
+        monkeypatch.setattr(loader.metadata, "entry_points", entry_points)
+
+    return install
+
+
+def test_registers_architectures_in_both_registries(isolated) -> None:
+    arch = Architecture("demo_arch", _DemoSAE, _DemoConfig, _DemoTrainingSAE, _DemoTrainingConfig)
+    isolated({"demo": _module_plugin("demo", [arch])})
+    reports = loader.load_plugins()
+    assert [(r.name, r.architectures, r.error) for r in reports] == [("demo", ["demo_arch"], None)]
+    assert registry.SAE_CLASS_REGISTRY["demo_arch"] == (_DemoSAE, _DemoConfig)
+    assert registry.SAE_TRAINING_CLASS_REGISTRY["demo_arch"] == (
+        _DemoTrainingSAE,
+        _DemoTrainingConfig,
+    )
+
+
+def test_load_plugins_is_idempotent_and_same_classes_are_a_no_op(isolated) -> None:
+    arch = Architecture("demo_arch", _DemoSAE, _DemoConfig)
+    isolated({"demo": _module_plugin("demo", [arch]), "again": _module_plugin("again", [arch])})
+    first = loader.load_plugins()
+    second = loader.load_plugins()
+    assert [r.ok for r in first] == [True, True]
+    assert [r.architectures for r in second] == [["demo_arch"], ["demo_arch"]]
+
+
+def test_broken_plugin_is_logged_and_skipped(isolated, caplog: pytest.LogCaptureFixture) -> None:
+    def explode() -> list[Architecture]:
+        raise RuntimeError("boom in hook")
+
+    bad_hook = types.ModuleType("bad_hook")
+    bad_hook.sae_lens_architectures = hookimpl(explode)  # type: ignore[attr-defined]
+    isolated(
+        {
+            "missing": None,
+            "bad_hook": bad_hook,
+            "good": _module_plugin("good", [Architecture("demo_arch", _DemoSAE, _DemoConfig)]),
+        }
+    )
+    with caplog.at_level(logging.WARNING, logger="sae_adaptive_plugin"):
+        reports = {r.name: r for r in loader.load_plugins()}
+    assert reports["good"].ok and "demo_arch" in registry.SAE_CLASS_REGISTRY
+    assert "ModuleNotFoundError" in (reports["missing"].error or "")
+    assert "boom in hook" in (reports["bad_hook"].error or "")
+    logged = caplog.text
+    assert "'missing'" in logged and "'bad_hook'" in logged and "Traceback" in logged
+    with pytest.raises(RuntimeError, match="missing"):
+        loader.load_plugins(raise_errors=True)
+
+
+def test_name_clash_with_a_different_class_names_both(isolated) -> None:
+    isolated(
+        {
+            "first": _module_plugin("first", [Architecture("demo_arch", _DemoSAE, _DemoConfig)]),
+            "second": _module_plugin(
+                "second", [Architecture("demo_arch", _OtherDemoSAE, _OtherDemoConfig)]
+            ),
+        }
+    )
+    reports = {r.name: r for r in loader.load_plugins()}
+    assert reports["first"].ok
+    error = reports["second"].error or ""
+    assert "ArchitectureClashError" in error
+    assert "_DemoSAE" in error and "_OtherDemoSAE" in error and "'second'" in error
+    assert registry.SAE_CLASS_REGISTRY["demo_arch"][0] is _DemoSAE
+    with pytest.raises(loader.ArchitectureClashError, match="already registered to"):
+        loader.register_architectures(
+            [Architecture("demo_arch", _OtherDemoSAE, _OtherDemoConfig)], "direct"
+        )
+
+
+@pytest.mark.parametrize(
+    ("arch", "message"),
+    [
+        (Architecture("demo_arch", None, None), "no classes given"),
+        (Architecture("demo_arch", _DemoSAE, None), "both be given"),
+        (Architecture("demo_arch", dict, _DemoConfig), "is not a subclass"),
+        (Architecture("other_name", _DemoSAE, _DemoConfig), "registers it as 'other_name'"),
+        ("not an Architecture", "expected an Architecture"),
+    ],
+)
+def test_invalid_architectures_are_rejected_clearly(isolated, arch, message: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=message):
+        loader.register_architectures([arch], "test")  # type: ignore[list-item]
+
+
+def test_this_package_registers_through_its_entry_point() -> None:
+    reports = {r.value: r for r in loader.load_plugins()}
+    ours = reports["sae_adaptive_plugin.plugin"]
+    assert ours.ok, ours.error
+    expected = sorted(arch.name for arch in plugin.sae_lens_architectures())
+    assert ours.architectures == expected
+    for name in expected:
+        assert name in registry.SAE_CLASS_REGISTRY
+        assert name in registry.SAE_TRAINING_CLASS_REGISTRY
