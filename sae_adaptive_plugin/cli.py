@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sae_adaptive_plugin.training",
     "sae_adaptive_plugin.evaluation",
     "sae_adaptive_plugin.probe_cli",
+    "sae_adaptive_plugin.bench",
 )
 
 #: name -> (help, add_arguments(parser), run(args) -> exit code)

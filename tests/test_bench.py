@@ -1,0 +1,149 @@
+"""Tests of ``sae-adaptive bench``: tiny shapes, the JSON schema and finite positive measurements.
+
+No timing is asserted: only that every measured number exists, is finite and positive, that the
+ratios are computed against the TopK row, and that registered architectures are benchmarked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sae_adaptive_plugin import bench
+from sae_adaptive_plugin.cli import main
+from sae_adaptive_plugin.plugin import ARCHITECTURE_MODULES
+
+TINY = {"d_in": 16, "d_sae": 64, "k": 4, "batch": 32, "steps": 2, "warmup": 1, "threads": 1}
+
+ROW_KEYS = {
+    "name",
+    "architecture",
+    "phase",
+    "status",
+    "reason",
+    "settings",
+    "mean_k",
+    "inference_mean_k",
+    "step_ms",
+    "step_ms_all",
+    "step_ratio",
+    "peak_step_mib",
+    "memory_ratio",
+    "state_mib",
+    "infer_tokens_per_s",
+    "infer_ratio",
+}
+MEASURED = ("step_ms", "peak_step_mib", "state_mib", "infer_tokens_per_s", "mean_k")
+RATIOS = ("step_ratio", "memory_ratio", "infer_ratio")
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, float | int) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    torch.set_num_threads(1)
+    try:
+        out = bench.run_bench(bench.BenchConfig(**TINY), progress=False)
+    finally:
+        torch.set_num_threads(2)
+    return out
+
+
+def test_schema_and_machine(result: dict) -> None:
+    assert result["schema"] == bench.SCHEMA
+    assert result["config"]["d_sae"] == TINY["d_sae"]
+    assert result["config"]["rows"] == list(bench.ROW_NAMES)
+    assert result["machine"]["torch"] == torch.__version__
+    assert result["machine"]["torch_threads"] == 1
+    assert "profile_memory" in result["memory_method"]
+    assert _positive(result["encoder_bound_tokens_per_s"])
+    assert [r["name"] for r in result["rows"]] == list(bench.ROW_NAMES)
+    for row in result["rows"]:
+        assert set(row) == ROW_KEYS
+    json.dumps(result)  # JSON-ready
+
+
+def test_registered_architectures_are_measured(result: dict) -> None:
+    registered = {"topk", *ARCHITECTURE_MODULES}
+    for row in result["rows"]:
+        assert row["status"] != "error", row
+        if row["architecture"] in registered:
+            assert row["status"] == "ok", row
+        else:
+            assert row["status"] == "skipped"
+            assert row["architecture"] in row["reason"]
+
+
+def test_measurements_finite_positive(result: dict) -> None:
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    assert ok and ok[0]["name"] == "topk"
+    for row in ok:
+        for key in MEASURED:
+            assert _positive(row[key]), (row["name"], key, row[key])
+        for key in RATIOS:
+            assert _positive(row[key]), (row["name"], key, row[key])
+        assert len(row["step_ms_all"]) == TINY["steps"]
+        assert all(_positive(t) for t in row["step_ms_all"])
+    topk = ok[0]
+    assert topk["step_ratio"] == pytest.approx(1.0)
+    assert topk["memory_ratio"] == pytest.approx(1.0)
+    assert topk["mean_k"] == TINY["k"]
+    for row in ok[1:]:
+        assert row["step_ratio"] == pytest.approx(row["step_ms"] / topk["step_ms"])
+        assert row["memory_ratio"] == pytest.approx(row["peak_step_mib"] / topk["peak_step_mib"])
+        # every adaptive row is set up so that its mean k is near the TopK k
+        assert 0.5 * TINY["k"] <= row["mean_k"] <= 2 * TINY["k"], row
+
+
+def test_table_lists_every_row(result: dict) -> None:
+    table = bench.format_table(result)
+    lines = table.splitlines()
+    assert lines[0].startswith("| architecture |")
+    body = [line for line in lines[2:] if line.startswith("| ")]
+    assert len(body) == len(result["rows"])
+    assert "Encoder-matmul bound" in table
+
+
+def test_cpu_peak_counts_a_known_allocation() -> None:
+    n = 1 << 18  # 1 MiB of float32
+
+    def work() -> torch.Tensor:
+        a = torch.ones(n)
+        b = a * 2  # two live 1 MiB tensors at the peak
+        del a
+        return b.sum()
+
+    peak = bench._cpu_peak_bytes(work)
+    assert 2 * 4 * n <= peak < 4 * 4 * n
+
+
+def test_cli_writes_json(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    code = main(
+        ["bench", *args, "--rows", "topk", "adaptivek", "--no-progress", "--json", str(out)]
+    )
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["rows"]] == ["topk", "adaptivek"]
+    assert "| topk |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("k", 40, "k must"),
+        ("batch", 0, "batch"),
+        ("dtype", "int8", "dtype"),
+        ("rows", ("x",), "rows"),
+    ],
+)
+def test_bad_config_names_the_field(field: str, value: object, needle: str) -> None:
+    cfg = bench.BenchConfig(**{**TINY, field: value})
+    with pytest.raises(ValueError, match=needle):
+        cfg.validate()
