@@ -1,0 +1,211 @@
+"""LapSum soft top-k: a differentiable mask with a prescribed sum per row, in pure PyTorch.
+
+For scores ``s ∈ R^F`` (one row), a target ``k̂ ∈ [0, F]`` and a scale ``α > 0``, the mask is
+
+    m_j = F_L((s_j − τ)/α),   F_L(u) = ½eᵘ (u ≤ 0),  1 − ½e⁻ᵘ (u > 0)   (the Laplace CDF),
+
+with the threshold ``τ`` chosen so that ``Σ_j m_j = k̂``. As ``α → 0`` the mask becomes the hard
+top-k indicator; for large ``α`` it spreads over every entry.
+
+Forward (:class:`LapSumTopK`): ``τ`` is found **exactly**, without iterations. The row is sorted
+descending (``v_1 ≥ … ≥ v_F``); the count ``S(τ) = Σ_j F_L((v_j − τ)/α)`` is evaluated at every
+breakpoint ``τ = v_i`` from two log-cumulative sums, which tells the interval
+``[v_{p+1}, v_p]`` that holds the solution; inside it ``S`` is
+``p − ½·a·y + ½·B/y`` with ``y = e^{(τ − v_p)/α}``, ``a = Σ_{j≤p} e^{−(v_j − v_p)/α}``,
+``B = Σ_{j>p} e^{(v_j − v_p)/α}``, so ``y`` is the positive root of ``a y² − 2(p − k̂) y − B = 0``
+(taken in its cancellation-free form). All of it runs in float32 (float64 for float64 scores;
+bf16/fp16 scores are promoted to float32 and the mask is returned in their dtype). The solve has
+the accuracy the dtype allows: the mask is evaluated at ``(s − τ)/α``, so entries near the
+threshold carry an error of about ``|s|·ε/α`` whatever the solver (ε: the dtype's epsilon).
+
+Backward is closed form (implicit differentiation of ``Σ m = k̂``). With ``u_j = (s_j − τ)/α``,
+``q_j = ½e^{−|u_j|}/α`` and the upstream gradient ``g = ∂L/∂m``:
+
+    ∂L/∂k̂ = Σ_j g_j q_j / Σ_j q_j,        ∂L/∂s_i = q_i (g_i − ∂L/∂k̂).
+
+The weights ``q_j / Σ q`` are computed as ``softmax(−|u|)``, which never divides by an underflowed
+sum. ``α`` gets no gradient. ``k̂`` is clamped to ``[0, F]``; ``τ`` is kept within ``[v_F − 40α,
+v_1 + 40α]``, where the mask is saturated to the dtype's precision, so ``k̂ = 0`` and ``k̂ = F``
+give finite thresholds and gradients.
+
+:func:`lapsum_threshold_bisect` and :func:`lapsum_topk_reference` (bisection, then autograd
+through one implicit-function step) are the plain references the tests compare against.
+
+Timing of the threshold solve, sort-based vs. 40-step bisection (median of 5 after warm-up,
+float32, α = 0.01, ReLU'd Gaussian scores), measured with ``python examples/bench_lapsum.py``
+on the shared 2-core CPU of the development machine (other jobs were running, so absolute
+times are noisy; no GPU was available to this measurement):
+
+- 256 × 4096: sort 613 ms, bisection 8073 ms; 64 × 16384: sort 1051 ms, bisection 7271 ms.
+- Largest row-sum error: sort 4.0e−5 / 6.9e−5, bisection 6.9e−5 / 4.6e−5 (the float32 floor).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: ``τ`` stays within ``[min(s) − SATURATION·α, max(s) + SATURATION·α]``; ½e^{−40} ≈ 2e−18 is
+#: below the float64 epsilon, so the mask there is exactly 0 or 1 in every supported dtype.
+SATURATION = 40.0
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def laplace_cdf(u: torch.Tensor) -> torch.Tensor:
+    """``F_L(u)``: ``½eᵘ`` for ``u ≤ 0``, ``1 − ½e⁻ᵘ`` for ``u > 0`` (no overflow for any ``u``)."""
+    e = torch.exp(-u.abs())
+    return torch.where(u <= 0, 0.5 * e, 1.0 - 0.5 * e)
+
+
+def _check_inputs(scores: torch.Tensor, k_hat: torch.Tensor, alpha: float | torch.Tensor) -> None:
+    if scores.ndim < 1 or scores.shape[-1] < 1:
+        raise ValueError(f"scores must have shape [..., F] with F >= 1, got {tuple(scores.shape)}")
+    if k_hat.shape != scores.shape[:-1]:
+        raise ValueError(
+            f"k_hat must have shape scores.shape[:-1] = {tuple(scores.shape[:-1])}, "
+            f"got {tuple(k_hat.shape)}"
+        )
+    if isinstance(alpha, torch.Tensor):
+        if alpha.numel() != 1:
+            raise ValueError(f"alpha must be a scalar, got shape {tuple(alpha.shape)}")
+    elif not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+
+
+def lapsum_threshold(scores: torch.Tensor, k_hat: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Exact threshold ``τ`` ``[...]`` with ``Σ_j F_L((s_j − τ)/α) = k̂`` per row (no gradient).
+
+    ``scores`` ``[..., F]`` and ``k_hat`` ``[...]`` must already be in the compute dtype
+    (float32 or float64); see the module docstring for the method.
+    """
+    n_f = scores.shape[-1]
+    v = scores.sort(dim=-1, descending=True).values  # v_1 ≥ … ≥ v_F
+    x = v / alpha
+    k = k_hat.clamp(0, n_f).unsqueeze(-1)
+    neg_inf = torch.full_like(x[..., :1], -math.inf)
+    # lp[i] = log Σ_{j<i} e^{−x_j},  lq[i] = log Σ_{j>i} e^{x_j}   (0-based, exclusive)
+    lp = torch.cat([neg_inf, torch.logcumsumexp(-x, dim=-1)[..., :-1]], dim=-1)
+    lq = torch.cat([torch.logcumsumexp(x.flip(-1), dim=-1).flip(-1)[..., 1:], neg_inf], dim=-1)
+    idx = torch.arange(n_f, device=x.device, dtype=x.dtype)
+    # S at τ = v_i: i entries above (u > 0), entry i at u = 0 (½), the rest below
+    s_at = idx + 0.5 - 0.5 * torch.exp(lp + x) + 0.5 * torch.exp(lq - x)
+    s_at = torch.cummax(s_at, dim=-1).values  # S is non-decreasing in i; remove rounding wiggles
+    p = (s_at <= k).sum(dim=-1, keepdim=True)  # solution in [v_{p+1}, v_p] (1-based), p ∈ [0, F]
+
+    # interval p ∈ [1, F-1] (0-based ends ia = p-1 above, ib = p below). With y = e^{(τ − v_p)/α}:
+    # a y² − 2 d y − b = 0, d = p − k̂, a = Σ_{j≤p} e^{x_p − x_j} ≥ 1, b = Σ_{j>p} e^{x_j − x_p}.
+    # For d ≥ 0 the root (d + r)/a is anchored at v_p; for d < 0 the equivalent b/(r − d) is
+    # anchored at v_{p+1} (b' = b·e^{x_p − x_{p+1}} ≥ 1), so neither under- nor overflows.
+    ia = (p - 1).clamp(0, n_f - 1)
+    ib = p.clamp(0, n_f - 1)
+    x_a, x_b = x.gather(-1, ia), x.gather(-1, ib)
+    log_a = torch.logcumsumexp(-x, dim=-1).gather(-1, ia) + x_a
+    log_b_low = torch.logcumsumexp(x.flip(-1), dim=-1).flip(-1).gather(-1, ib) - x_b
+    log_ab = log_a + log_b_low + (x_b - x_a)
+    d = p.to(x.dtype) - k
+    r = torch.sqrt(d * d + torch.exp(log_ab))
+    # d = 0: log(d + r) = ½ log(ab), kept finite when ab underflows (τ mid-gap)
+    log_d_r = torch.where(d > 0, torch.log(d + r), 0.5 * log_ab)
+    tau_mid = torch.where(
+        d >= 0,
+        v.gather(-1, ia) + alpha * (log_d_r - log_a),
+        v.gather(-1, ib) + alpha * (log_b_low - torch.log(r - d)),
+    )
+    tau_mid = torch.minimum(torch.maximum(tau_mid, v.gather(-1, ib)), v.gather(-1, ia))
+
+    # p = 0: every entry below τ, S = ½ Σ e^{x_j − τ/α}
+    tau_top = alpha * (torch.logsumexp(x, dim=-1, keepdim=True) - torch.log(2 * k))
+    tau_top = torch.maximum(tau_top, v[..., :1])
+    # p = F: every entry above τ, S = F − ½ Σ e^{τ/α − x_j}
+    tau_bot = alpha * (torch.log(2 * (n_f - k)) - torch.logsumexp(-x, dim=-1, keepdim=True))
+    tau_bot = torch.minimum(tau_bot, v[..., -1:])
+
+    tau = torch.where(p == 0, tau_top, torch.where(p == n_f, tau_bot, tau_mid))
+    lo = v[..., -1:] - SATURATION * alpha
+    hi = v[..., :1] + SATURATION * alpha
+    return torch.minimum(torch.maximum(tau, lo), hi).squeeze(-1)
+
+
+@torch.no_grad()
+def lapsum_threshold_bisect(
+    scores: torch.Tensor, k_hat: torch.Tensor, alpha: float, n_iter: int = 40
+) -> torch.Tensor:
+    """Reference threshold by bisection on ``[min(s) − 40α, max(s) + 40α]`` (``n_iter`` halvings)."""
+    k = k_hat.clamp(0, scores.shape[-1])
+    lo = scores.amin(dim=-1) - SATURATION * alpha
+    hi = scores.amax(dim=-1) + SATURATION * alpha
+    for _ in range(n_iter):
+        mid = 0.5 * (lo + hi)
+        total = laplace_cdf((scores - mid.unsqueeze(-1)) / alpha).sum(dim=-1)
+        above = total > k  # too many kept: raise τ
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+class LapSumTopK(torch.autograd.Function):
+    """``m = LapSumTopK.apply(scores [..., F], k_hat [...], alpha)``: see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, k_hat: torch.Tensor, alpha: float) -> torch.Tensor:  # type: ignore[override]
+        dtype = _compute_dtype(scores.dtype)
+        alpha_f = float(alpha)
+        s = scores.detach().to(dtype)
+        tau = lapsum_threshold(s, k_hat.detach().to(dtype), alpha_f)
+        u = (s - tau.unsqueeze(-1)) / alpha_f
+        ctx.save_for_backward(u)
+        ctx.alpha = alpha_f
+        ctx.k_dtype = k_hat.dtype
+        return laplace_cdf(u).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_m: torch.Tensor):  # type: ignore[override]
+        (u,) = ctx.saved_tensors
+        g = grad_m.to(u.dtype)
+        neg_abs = -u.abs()
+        w = torch.softmax(neg_abs, dim=-1)  # q_j / Σ q
+        grad_k = (g * w).sum(dim=-1)
+        grad_s = None
+        if ctx.needs_input_grad[0]:
+            q = 0.5 * torch.exp(neg_abs) / ctx.alpha
+            grad_s = (q * (g - grad_k.unsqueeze(-1))).to(grad_m.dtype)
+        grad_k_out = grad_k.to(ctx.k_dtype) if ctx.needs_input_grad[1] else None
+        return grad_s, grad_k_out, None
+
+
+def lapsum_topk(
+    scores: torch.Tensor, k_hat: torch.Tensor | float, alpha: float | torch.Tensor
+) -> torch.Tensor:
+    """Soft top-k mask ``[..., F]`` with ``Σ m = k̂`` per row; differentiable in scores and ``k̂``.
+
+    ``k_hat`` is a tensor of shape ``scores.shape[:-1]`` (or a number for every row); ``alpha`` a
+    positive number or 0-dim tensor (no gradient).
+    """
+    if not isinstance(k_hat, torch.Tensor):
+        k_hat = torch.full(scores.shape[:-1], float(k_hat), device=scores.device)
+    _check_inputs(scores, k_hat, alpha)
+    alpha_f = float(alpha)
+    if not (alpha_f > 0 and math.isfinite(alpha_f)):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha_f}")
+    return LapSumTopK.apply(scores, k_hat, alpha_f)
+
+
+def lapsum_topk_reference(
+    scores: torch.Tensor, k_hat: torch.Tensor, alpha: float, n_iter: int = 100
+) -> torch.Tensor:
+    """Plain reference: bisection for ``τ``, then autograd through one implicit-function step.
+
+    ``τ_d = τ* + (Σ_j F_L((s_j − τ*)/α) − k̂) / Σ_j q_j`` (``τ*`` and the denominator detached)
+    equals ``τ*`` in value and has the implicit derivatives ``∂τ/∂s_j = q_j/Σq``,
+    ``∂τ/∂k̂ = −1/Σq``; the mask ``F_L((s − τ_d)/α)`` is then differentiated by autograd.
+    """
+    tau = lapsum_threshold_bisect(scores.detach(), k_hat.detach(), alpha, n_iter=n_iter)
+    u = (scores - tau.unsqueeze(-1)) / alpha
+    q = (0.5 * torch.exp(-u.abs()) / alpha).detach()
+    total = laplace_cdf(u).sum(dim=-1)
+    tau_d = tau + (total - k_hat.clamp(0, scores.shape[-1])) / q.sum(dim=-1)
+    return laplace_cdf((scores - tau_d.unsqueeze(-1)) / alpha)
