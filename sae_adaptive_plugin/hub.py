@@ -26,6 +26,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,20 +229,22 @@ def convert_to_inference(path: str | Path, out_dir: str | Path) -> Path:
     ``TrainingSAE.load_from_disk`` + ``save_inference_model``), folding an activation scaler saved
     by the trainer as the trainer itself does at the end of training. Copies the sparsity and runner
     config. ``path`` is only read."""
+    from sae_lens import registry
     from sae_lens.saes.sae import TrainingSAE
     from sae_lens.training.activation_scaler import ActivationScaler
 
     path, out_dir = Path(path), Path(out_dir)
-    cfg = _read_cfg(path)
-    check_training = cfg.get("architecture")
-    from sae_lens import registry
-
-    if check_training not in registry.SAE_TRAINING_CLASS_REGISTRY:
+    architecture = _read_cfg(path).get("architecture")
+    if architecture not in registry.SAE_TRAINING_CLASS_REGISTRY:
+        provider = architecture_provider(str(architecture))
         raise UnknownArchitectureError(
-            f"{path / CFG_FILENAME} is a training checkpoint of architecture {check_training!r}, "
-            "which has no SAELens training class here; install the package that provides it"
+            f"{path / CFG_FILENAME} is a training checkpoint of architecture {architecture!r}, "
+            "which has no SAELens training class in this interpreter; install "
+            + (f"the package {provider!r}" if provider else "the plugin package that provides it")
         )
-    sae = TrainingSAE.load_from_disk(path, device="cpu")
+    with warnings.catch_warnings():  # SAELens's advice on loading the LM, irrelevant here
+        warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs")
+        sae = TrainingSAE.load_from_disk(path, device="cpu")
     scaler_path = path / ACTIVATION_SCALER_FILENAME
     if scaler_path.exists():
         scaler = ActivationScaler()
@@ -300,9 +303,9 @@ def training_summary(
         if key not in settings and (key == "k" or key.startswith("k_") or "_k" in key):
             settings[key] = value
     summary["settings"] = settings
-    summary["l0"], summary["l0_source"] = meta.get("l0"), "training (final sparsity window)"
+    summary["l0"], summary["l0_source"] = meta.get("l0"), "from training, final sparsity window"
     summary["dead_features"] = meta.get("num_dead_features")
-    summary["dead_source"] = "training (not fired within the dead-feature window)"
+    summary["dead_source"] = "from training: not fired within the dead-feature window"
     if sparsity_path is not None and Path(sparsity_path).is_file():
         from safetensors.torch import load_file
 
@@ -314,7 +317,7 @@ def training_summary(
                 summary["l0_source"] = "sum of feature firing frequencies in sparsity.safetensors"
             if summary["dead_features"] is None:
                 summary["dead_features"] = int((log_sparsity <= -9.999).sum())
-                summary["dead_source"] = "features that never fired in sparsity.safetensors"
+                summary["dead_source"] = "zero firing frequency in sparsity.safetensors"
     return summary
 
 
@@ -348,6 +351,8 @@ def _section(repo_id: str, sae_id: str, summary: dict[str, Any], provider: str |
             rows.append((label, f"`{summary[key]}`"))
     if summary.get("sae_lens_version"):
         rows.append(("SAELens", summary["sae_lens_version"]))
+    if summary.get("converted_from"):
+        rows.append(("published from", summary["converted_from"]))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     install = f"pip install {provider}" if provider else "pip install sae-lens"
     note = (
@@ -520,6 +525,8 @@ def push_to_hub(
             cfg_out["metadata"] = {**(cfg.get("metadata") or {}), PROVIDER_METADATA_KEY: provider}
             cfg_bytes = json.dumps(cfg_out).encode()
         summary = training_summary(cfg, files.get(SPARSITY_FILENAME))
+        if converted:
+            summary["converted_from"] = "a training checkpoint, converted to the inference SAE"
         steps.update()
 
         api = HfApi(token=token)

@@ -499,3 +499,44 @@ def test_unreachable_hub_is_reported_with_the_retry_command(hub, tmp_path):
     with pytest.raises(HubPushError, match=r"Retry with: sae-adaptive push .* --sae-id far"):
         push_to_hub(folder, REPO, "far", show_progress=False, log=None)
     assert snapshot(folder) == before
+
+
+def test_real_training_run_checkpoint_and_final_output_publish(hub, tmp_path):
+    """A SAELens training run on a tiny random LM: its mid-run checkpoint (trainer_state.pt,
+    activation scaler) converts to the inference SAE, and its final folder's metadata fills the card."""
+    from sae_lens import SAE
+    from sae_lens.saes.sae import TrainingSAE
+    from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+    from tiny_lm import D_MODEL, tiny_activations, train_tiny_runner
+
+    cfg = TopKTrainingSAEConfig(
+        d_in=D_MODEL, d_sae=64, k=4, normalize_activations="expected_average_only_in"
+    )
+    _, final = train_tiny_runner(cfg, tmp_path / "run", n_checkpoints=1, training_tokens=64 * 12)
+    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("*/*")
+    assert (ckpt / "trainer_state.pt").exists()
+    scale = json.loads((ckpt / "activation_scaler.json").read_text())["scaling_factor"]
+    assert scale is not None and scale != 1.0
+    before = snapshot(ckpt)
+
+    assert push_to_hub(ckpt, REPO, "ckpt", show_progress=False, log=None).converted_from_training
+    assert snapshot(ckpt) == before
+    loaded = SAE.from_pretrained(REPO, "ckpt")
+    training = TrainingSAE.load_from_disk(ckpt)
+    x = tiny_activations(16)
+    with torch.no_grad():
+        expected = training.decode(training.encode(x * scale)) / scale
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-5)
+
+    result = push_to_hub(final, REPO, "final", show_progress=False, log=None)
+    assert not result.converted_from_training
+    assert "final/runner_cfg.json" in result.files
+    meta = json.loads((final / "cfg.json").read_text())["metadata"]
+    card = hub.file_at(REPO, "README.md").decode()
+    assert "converted to the inference SAE" in card.split("begin ckpt")[1].split("end ckpt")[0]
+    section = card.split("begin final")[1]
+    assert "converted" not in section
+    assert f"| L0 | {meta['l0']:.4g} (from training" in section
+    assert f"| dead features | {meta['num_dead_features']}, " in section
+    assert f"`{meta['model_name']}`" in section and f"`{meta['hook_name']}`" in section
+    assert_same_sae(SAE.from_pretrained(REPO, "final"), SAE.load_from_disk(final))
