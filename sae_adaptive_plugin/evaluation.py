@@ -4,8 +4,9 @@ For each SAE folder (anything ``SAE.load_from_disk`` reads, i.e. what ``sae-adap
 SAELens's runner saved) this runs SAELens's own ``run_evals`` — explained variance, MSE, cosine
 similarity, CE-loss score, KL score, L0, L1, L2 ratio — on the model and dataset named in the SAE's
 metadata (overridable), and then, on the same kind of batches, the distribution of the per-token
-L0 (the number of non-zero latents of each token: the k each token actually used): mean, std,
-min, quantiles, max, plus the latents that never fired on the evaluated tokens. Results print as
+L0 (the number of non-zero latents of each token: the k each token actually used) on exactly the
+tokens of ``run_evals``'s sparsity pass: mean (equal to SAELens's L0), std, min, quantiles, max,
+plus the latents that never fired on those tokens. Results print as
 a Markdown table and are written as JSON.
 
 Special tokens are excluded (as SAELens's evals do) when the model has a tokenizer; tokenizer-less
@@ -31,12 +32,10 @@ K_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 def per_token_l0(
     sae: Any,
     model: Any,
-    store: Any,
-    n_batches: int,
-    batch_size_prompts: int,
+    token_batches: list[Any],
     ignore_tokens: list[int] | None = None,
 ) -> tuple[Any, Any]:
-    """Per-token L0 of ``sae`` over ``n_batches`` batches from ``store``.
+    """Per-token L0 of ``sae`` on the model's activations for each ``[batch, ctx]`` token batch.
 
     Returns ``(l0 [n_tokens] long tensor, fired [d_sae] bool tensor)``.
     """
@@ -48,8 +47,7 @@ def per_token_l0(
     l0s = []
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
     with torch.no_grad():
-        for _ in range(n_batches):
-            tokens = store.get_batch_tokens(batch_size_prompts)
+        for tokens in token_batches:
             _, cache = model.run_with_cache(
                 tokens,
                 prepend_bos=False,
@@ -135,16 +133,29 @@ def evaluate_sae(
         compute_sparsity_metrics=True,
         compute_variance_metrics=True,
     )
-    metrics, _ = run_evals(
-        sae=sae,
-        activation_store=store,
-        model=model,
-        activation_scaler=ActivationScaler(),
-        eval_config=eval_cfg,
-        exclude_special_tokens=ignore if ignore else False,
-    )
-    store.reset_input_dataset()
-    l0, fired = per_token_l0(sae, model, store, n_batches, batch_size_prompts, ignore)
+    # Record the token batches run_evals draws: its sparsity pass (the last n_batches drawn) is
+    # where its L0 comes from, and the k distribution is measured on exactly those tokens.
+    drawn: list[Any] = []
+    draw = store.get_batch_tokens
+
+    def recording_draw(*args: Any, **kwargs: Any) -> Any:
+        tokens = draw(*args, **kwargs)
+        drawn.append(tokens)
+        return tokens
+
+    store.get_batch_tokens = recording_draw
+    try:
+        metrics, _ = run_evals(
+            sae=sae,
+            activation_store=store,
+            model=model,
+            activation_scaler=ActivationScaler(),
+            eval_config=eval_cfg,
+            exclude_special_tokens=ignore if ignore else False,
+        )
+    finally:
+        store.get_batch_tokens = draw
+    l0, fired = per_token_l0(sae, model, drawn[-n_batches:], ignore)
     metrics["k_distribution"] = k_distribution(l0, fired)
     metrics["sae"] = {
         "architecture": sae.cfg.architecture(),
