@@ -483,6 +483,12 @@ def test_cli_push_private_repo_on_a_branch(hub, tmp_path, capsys):
     assert repo.private
     assert "x/cfg.json" in repo.commits[repo.branches["dev"]].files
     assert "x/cfg.json" not in repo.commits[repo.branches["main"]].files
+    # SAE.from_pretrained reads main; a branch loads through snapshot_download (as the README says)
+    from huggingface_hub import snapshot_download
+    from sae_lens import SAE
+
+    local = snapshot_download("tester/private-saes", revision="dev", allow_patterns=["x/*"])
+    assert_same_sae(SAE.load_from_disk(Path(local) / "x"), SAE.load_from_disk(folder))
 
     assert cli.main(["push", str(folder), "--repo-id", "no-slash", "--sae-id", "x"]) == 2
     assert "--repo-id must look like USER/REPO" in capsys.readouterr().err
