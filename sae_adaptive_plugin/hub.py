@@ -401,14 +401,17 @@ def model_card(
     import yaml
 
     meta, body = _split_front_matter(existing or "")
-    tags = [str(t) for t in (meta.get("tags") or [])]
+    tags = meta.get("tags") or []
+    tags = [str(tags)] if isinstance(tags, str) else [str(t) for t in tags]
     for tag in ("saelens", "sparse-autoencoder", PACKAGE_NAME, summary["architecture"]):
         if tag and tag not in tags:
             tags.append(tag)
     meta["library_name"] = "saelens"
     meta["tags"] = tags
-    if _CARD_MARK not in body:
-        intro = (
+    if _CARD_MARK not in body and body.strip():
+        body = body.rstrip("\n") + f"\n\n{_CARD_MARK}\n"  # a person's README: append below it
+    elif _CARD_MARK not in body:
+        body = (
             f"{_CARD_MARK}\n# Sparse autoencoders for SAELens\n\n"
             f"Sparse autoencoders (SAEs) in [SAELens](https://github.com/decoderesearch/SAELens)'s "
             f"format, published with [{PACKAGE_NAME}](https://pypi.org/project/{PACKAGE_NAME}/). "
@@ -418,7 +421,6 @@ def model_card(
             f"`softsae`, `hierarchical_topk`) need `pip install {PACKAGE_NAME}` — SAELens then "
             "finds them without any import.\n"
         )
-        body = intro + ("\n" + body if body.strip() else "")
     section = _section(repo_id, sae_id, summary, provider)
     pattern = re.compile(
         rf"<!-- sae-adaptive-plugin:begin {re.escape(sae_id)} -->.*?"

@@ -327,7 +327,8 @@ def test_model_card_parses_and_carries_metadata(hub, tmp_path):
     merged = hub.file_at(REPO, "README.md").decode()
     merged_front = yaml.safe_load(merged.split("---\n")[1])
     assert merged_front["license"] == "mit"
-    assert "Hand-written intro." in merged
+    assert merged.split("---\n", 2)[2].lstrip().startswith("# My SAEs\n")
+    assert merged.index("Hand-written intro.") < merged.index("sae-adaptive-plugin:begin bare2 ")
     assert "sae-adaptive-plugin:begin bare2 " in merged
 
 
