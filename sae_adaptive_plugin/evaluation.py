@@ -321,3 +321,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         out.write_text(json.dumps(_jsonable(results), indent=2))
         print(f"wrote {out}")
     return 0
+
+
+def per_token_k_on_text(
+    sae: Any, model: Any, text: str | list[int], prepend_bos: bool | None = None
+) -> tuple[list[str], list[int]]:
+    """The k (per-token L0) ``sae`` uses at each token of one text: ``(token strings, k list)``.
+
+    Tokenised with ``model.to_tokens`` when the model has a tokenizer (token strings from
+    ``to_str_tokens``); a tokenizer-less local model uses the byte-level fallback of
+    :func:`sae_adaptive_plugin.local_lm.texts_to_token_lists` and token ids as labels.
+    """
+    import torch
+
+    from sae_adaptive_plugin import local_lm
+
+    if prepend_bos is None:
+        prepend_bos = bool(sae.cfg.metadata.prepend_bos)
+    ids = local_lm.texts_to_token_lists(model, [text], prepend_bos)[0][: model.cfg.n_ctx]
+    tokens = torch.tensor([ids], device=next(model.parameters()).device)
+    l0, _ = per_token_l0(sae, model, [tokens])
+    if getattr(model, "tokenizer", None) is not None:
+        labels = [str(s) for s in model.to_str_tokens(tokens[0])]
+    else:
+        labels = [str(i) for i in ids]
+    return labels, [int(v) for v in l0.tolist()]

@@ -238,6 +238,9 @@ def test_fit_probe_then_adaptivek_then_eval(tmp_path, local, capsys):
         torch.testing.assert_close(saved["probe_weight"], probe.weight)
         saes.append(ak)
 
+    from sae_adaptive_plugin.evaluation import per_token_k_on_text
+
+    model = tiny_model()
     json_path = tmp_path / "eval.json"
     args = ["eval", *map(str, saes), "--n-batches", "2", "--batch-size-prompts", "4"]
     assert main([*args, "--json", str(json_path)]) == 0
@@ -262,6 +265,10 @@ def test_fit_probe_then_adaptivek_then_eval(tmp_path, local, capsys):
         sae = SAE.load_from_disk(str(path))
         k_cap = sae.cfg.k if m["sae"]["architecture"] == "topk" else sae.cfg.k_max
         assert kd["max"] <= k_cap
+        # per-token k over one text (what the example script plots)
+        labels, ks = per_token_k_on_text(sae, model, "a cat sat")
+        assert labels == [str(b % 100) for b in b"a cat sat"] and len(ks) == len(labels)
+        assert all(0 <= k <= k_cap for k in ks)
 
 
 def test_fit_probe_surprisal_all_tokens(tmp_path, local):
