@@ -1,0 +1,48 @@
+"""AdaptiveK's two scalar maps (METHODS.md §3), as pure tensor ops.
+
+- :func:`complexity_to_k`: probe complexity ``ĉ`` → per-row ``k`` through the sigmoid map
+  ``s = (ĉ − c_lo)/(c_hi − c_lo)``, ``k = round(clamp(k_min + σ(γ(s − ½))(k_max − k_min),
+  k_min, k_max))`` (``s = ½`` when ``c_hi = c_lo``). Vectorised, no device sync.
+- :func:`kstar_from_prefix_errors`: the label ``k* = min{j : ‖x − x̂_j‖² ≤ τ·‖x − mean‖²}`` of each
+  row from its prefix reconstruction errors ``[B, K]`` (``K`` when no prefix reaches ``τ``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def complexity_to_k(
+    c: torch.Tensor,
+    c_lo: torch.Tensor | float,
+    c_hi: torch.Tensor | float,
+    k_min: int,
+    k_max: int,
+    steepness: float,
+) -> torch.Tensor:
+    """Per-row ``k`` (long, shape of ``c``) from complexities ``c`` and the label range."""
+    c = c.to(torch.float32)
+    c_lo = torch.as_tensor(c_lo, dtype=torch.float32, device=c.device)
+    c_hi = torch.as_tensor(c_hi, dtype=torch.float32, device=c.device)
+    span = c_hi - c_lo
+    s = torch.where(span > 0, (c - c_lo) / span.clamp(min=1e-12), torch.full_like(c, 0.5))
+    k = k_min + torch.sigmoid(steepness * (s - 0.5)) * (k_max - k_min)
+    return k.clamp(k_min, k_max).round().long()
+
+
+def kstar_from_prefix_errors(
+    errors: torch.Tensor, total_variance: torch.Tensor, target_fvu: float
+) -> torch.Tensor:
+    """``k*`` per row (long ``[B]``, in ``[1, K]``) from ``errors [B, K]`` and ``‖x − mean‖² [B]``.
+
+    ``k*`` is the first prefix whose squared error is at most ``target_fvu · total_variance``;
+    rows that never get there are labelled ``K``.
+    """
+    if errors.ndim != 2 or errors.shape[1] < 1:
+        raise ValueError(f"errors must be [B, K] with K >= 1, got shape {tuple(errors.shape)}")
+    if not 0.0 < float(target_fvu) < 1.0:
+        raise ValueError(f"target_fvu must lie in (0, 1), got {target_fvu}")
+    K = errors.shape[1]
+    reached = errors <= target_fvu * total_variance.reshape(-1, 1).to(errors.dtype)
+    first = reached.to(torch.int8).argmax(dim=-1) + 1
+    return torch.where(reached.any(dim=-1), first, torch.full_like(first, K)).long()
