@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -461,11 +462,12 @@ def _check_ids(repo_id: str, sae_id: str, revision: str | None) -> None:
 
 
 def _retry_hint(path: Path, repo_id: str, sae_id: str, revision: str, private: bool) -> str:
-    cmd = f"sae-adaptive push {path} --repo-id {repo_id} --sae-id {sae_id}"
+    q = shlex.quote
+    cmd = f"sae-adaptive push {q(str(path))} --repo-id {q(repo_id)} --sae-id {q(sae_id)}"
     if private:
         cmd += " --private"
     if revision != "main":
-        cmd += f" --revision {revision}"
+        cmd += f" --revision {q(revision)}"
     return cmd
 
 
@@ -492,7 +494,7 @@ def push_to_hub(
         token: Hub token (defaults to huggingface_hub's usual lookup).
 
     Returns a :class:`PushResult`; raises :class:`HubPushError` when the Hub refused or the
-    connection failed (nothing is committed then, and the local folder is untouched).
+    connection failed (the SAE is then not committed, and the local folder is untouched).
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
     from huggingface_hub.errors import (
@@ -585,8 +587,8 @@ def push_to_hub(
             steps.close()
             raise HubPushError(
                 f"upload of {path} to {repo_id} (revision {branch!r}, folder {sae_id!r}) failed: "
-                f"{type(e).__name__}: {e}\nNothing was committed and the local files in {path} "
-                f"are untouched. Retry with: {retry}"
+                f"{type(e).__name__}: {e}\nThe SAE was not committed (the repo or branch may have been "
+                f"created) and the local files in {path} are untouched. Retry with: {retry}"
             ) from e
         except Exception as e:  # network errors of httpx/requests, whatever the client uses
             steps.close()
@@ -594,8 +596,8 @@ def push_to_hub(
                 raise
             raise HubPushError(
                 f"upload of {path} to {repo_id} (revision {branch!r}, folder {sae_id!r}) failed: "
-                f"{type(e).__name__}: {e}\nNothing was committed and the local files in {path} "
-                f"are untouched. Retry with: {retry}"
+                f"{type(e).__name__}: {e}\nThe SAE was not committed (the repo or branch may have been "
+                f"created) and the local files in {path} are untouched. Retry with: {retry}"
             ) from e
         steps.close()
     return PushResult(
