@@ -305,8 +305,8 @@ def _explained_variance(errors: torch.Tensor, x: torch.Tensor) -> float:
 def test_synthetic_ev_rises_with_budget_and_matches_topk_at_half_budget(tmp_path):
     """After training on SAELens synthetic data (128 true features in 32 dims, mean true L0 12),
     a HierarchicalTopK SAE with K = 16 has explained variance rising strictly with k', and at
-    k' = K/2 it is within 0.02 of (or above) a SAELens TopK SAE trained at k = K/2 with the same
-    data stream, initialisation seed and step budget.
+    k' = K/2 it is within 0.02 of a SAELens TopK SAE trained at k = K/2 with the same data
+    stream, initialisation seed and step budget (600 steps of 512).
     """
     num_features, hidden_dim, K = 128, 32, 16
     steps, batch_size, lr = 600, 512, 3e-3
@@ -352,7 +352,7 @@ def test_synthetic_ev_rises_with_budget_and_matches_topk_at_half_budget(tmp_path
         f"TopK(k={K // 2}) EV: {topk_ev:.4f}; HierarchicalTopK at k'={K // 2}: {evs[K // 2 - 1]:.4f}"
     )
     assert all(b > a for a, b in itertools.pairwise(evs)), evs
-    assert evs[K // 2 - 1] >= topk_ev - 0.02, (evs[K // 2 - 1], topk_ev)
+    assert abs(evs[K // 2 - 1] - topk_ev) <= 0.02, (evs[K // 2 - 1], topk_ev)
     assert evs[-1] > topk_ev  # more budget still helps beyond K/2
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(evs), rtol=0, atol=1e-4)
 
