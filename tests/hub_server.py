@@ -1,12 +1,15 @@
 """A tiny Hugging Face Hub–compatible HTTP server for offline publishing tests.
 
 Serves the part of the Hub API that ``huggingface_hub`` (2.x, also 0.3x/1.x) uses to create a repo,
-commit files as base64 "regular" blobs, create a branch, describe a repo or list its tree, and
-download files through ``/{repo}/resolve/{revision}/{path}`` with the headers the client checks
-(``ETag``, ``X-Repo-Commit``, ``Content-Length``, ``X-Error-Code`` on 404s). Blobs live in a
-temporary directory, repo state in memory. Start it with :meth:`HubServer.start`, point the client
+commit files (small ones as base64 "regular" blobs, files matching ``lfs_suffixes`` through the git
+LFS batch API: batch → PUT → verify, then an ``lfsFile`` commit entry; the client must have Xet
+disabled, ``HF_HUB_DISABLE_XET=1``), create a branch, describe a repo or list its tree, and download
+files through ``/{repo}/resolve/{revision}/{path}`` with the headers the client checks (``ETag`` —
+git oid, or sha256 for LFS files —, ``X-Repo-Commit``, ``Content-Length``, ``X-Error-Code`` on
+404s). Blobs live in a temporary directory, repo state in memory. Start it with :meth:`HubServer.start`, point the client
 at ``server.endpoint`` (``HF_ENDPOINT``), inspect ``server.requests``; make an endpoint fail with
-``server.fail["commit"] = 500`` (keys: ``create``, ``preupload``, ``commit``, ``resolve``, ``info``).
+``server.fail["commit"] = 500`` (keys: ``create``, ``preupload``, ``lfs``, ``commit``, ``resolve``,
+``info``).
 No authentication: tokens are ignored.
 """
 
@@ -34,7 +37,7 @@ class Commit:
     oid: str
     parent: str | None
     message: str
-    files: dict[str, str]  # path -> blob oid
+    files: dict[str, str]  # path -> blob key (git oid, or sha256 for LFS files)
 
 
 @dataclass
@@ -53,8 +56,9 @@ class Repo:
 class HubServer:
     """A local Hub stand-in on 127.0.0.1 with a random port, served from a background thread."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, lfs_suffixes: tuple[str, ...] = (".safetensors",)):
         self.root = Path(root)
+        self.lfs_suffixes = lfs_suffixes
         self.blob_dir = self.root / "blobs"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.repos: dict[str, Repo] = {}
@@ -115,6 +119,10 @@ class HubServer:
                 if key == "file":
                     data = base64.b64decode(value["content"])
                     files[value["path"]] = self.write_blob(data)
+                elif key == "lfsFile":
+                    if not (self.blob_dir / value["oid"]).exists():
+                        raise ValueError(f"LFS object {value['oid']} was never uploaded")
+                    files[value["path"]] = value["oid"]
                 elif key == "deletedFile":
                     if value["path"] not in files:
                         raise KeyError(value["path"])
@@ -166,6 +174,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": message}, extra)
 
     def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                chunk = self.rfile.read(size + 2)[:size]
+                if size == 0:
+                    return data
+                data += chunk
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
@@ -196,12 +212,23 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._dispatch()
 
+    def do_PUT(self):
+        self._dispatch()
+
     def _dispatch(self):
         self.hub.requests.append((self.command, self.path))
         seg, query = self._route()
         try:
             if seg[:1] == ["api"]:
                 self._api(seg[1:], query)
+            elif (
+                len(seg) == 6
+                and seg[1].endswith(".git")
+                and seg[2:] == ["info", "lfs", "objects", "batch"]
+            ):
+                self._lfs_batch(f"{seg[0]}/{seg[1][: -len('.git')]}")
+            elif len(seg) == 2 and seg[0] in ("lfs-upload", "lfs-verify"):
+                self._lfs_object(seg[0], seg[1])
             elif len(seg) >= 5 and seg[2] == "resolve":
                 self._resolve(f"{seg[0]}/{seg[1]}", seg[3], "/".join(seg[4:]))
             else:
@@ -298,7 +325,13 @@ class _Handler(BaseHTTPRequestHandler):
                 folders.add(prefix + parts[0])
                 continue
             size = (self.hub.blob_dir / oid).stat().st_size
-            entries.append({"type": "file", "oid": oid, "size": size, "path": p})
+            entry = {"type": "file", "oid": oid, "size": size, "path": p}
+            if (
+                len(oid) == 64
+            ):  # an LFS file: the git oid would be the pointer's; any 40-hex will do
+                entry["oid"] = hashlib.sha1(oid.encode()).hexdigest()
+                entry["lfs"] = {"oid": oid, "size": size, "pointerSize": 134}
+            entries.append(entry)
         if path and not entries and not folders:
             return self._error(404, f"{path} does not exist", "EntryNotFound")
         entries += [{"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in folders]
@@ -313,7 +346,7 @@ class _Handler(BaseHTTPRequestHandler):
         files = [
             {
                 "path": f["path"],
-                "uploadMode": "regular",
+                "uploadMode": "lfs" if f["path"].endswith(self.hub.lfs_suffixes) else "regular",
                 "shouldIgnore": False,
                 "oid": existing.get(f["path"]),
             }
@@ -348,6 +381,32 @@ class _Handler(BaseHTTPRequestHandler):
                 "pullRequestUrl": None,
             },
         )
+
+    def _lfs_batch(self, repo_id: str):
+        payload = json.loads(self._body() or b"{}")
+        if self._failing("lfs") or self._repo(repo_id) is None:
+            return
+        objects = []
+        for obj in payload.get("objects", []):
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if not (self.hub.blob_dir / obj["oid"]).exists():
+                entry["actions"] = {
+                    "upload": {"href": f"{self.hub.endpoint}/lfs-upload/{obj['oid']}"},
+                    "verify": {"href": f"{self.hub.endpoint}/lfs-verify/{obj['oid']}"},
+                }
+            objects.append(entry)
+        self._json(200, {"transfer": "basic", "objects": objects})
+
+    def _lfs_object(self, action: str, oid: str):
+        body = self._body()
+        if action == "lfs-upload":
+            if self.command != "PUT" or hashlib.sha256(body).hexdigest() != oid:
+                return self._error(400, f"content does not match LFS oid {oid}")
+            (self.hub.blob_dir / oid).write_bytes(body)
+            return self._send(200)
+        if not (self.hub.blob_dir / oid).exists():
+            return self._error(404, f"LFS object {oid} not found")
+        self._json(200, {"success": True})
 
     def _branch(self, repo_id: str, branch: str):
         payload = json.loads(self._body() or b"{}")

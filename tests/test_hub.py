@@ -62,6 +62,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         "HF_HUB_CACHE": str(cache),
         "HF_HUB_OFFLINE": "0",
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",  # weights go through the git LFS API the test server speaks
         "HF_TOKEN": "",
     }
     for key, value in env.items():
@@ -72,6 +73,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         "HF_HOME": str(home),
         "HF_HUB_CACHE": str(cache),
         "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_XET": True,
         "HF_TOKEN_PATH": str(home / "token"),
         "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
     }
@@ -203,6 +205,13 @@ def test_push_then_from_pretrained_round_trips_bit_exactly(hub, tmp_path, archit
 
     for name in ("sae_weights.safetensors", "sparsity.safetensors", "runner_cfg.json"):
         assert hub.file_at(REPO, f"{sae_id}/{name}") == (folder / name).read_bytes(), name
+    # the weights went through the git LFS upload protocol, as on the real Hub
+    weights_key = hub.repos[REPO].branches["main"]
+    weights_key = hub.repos[REPO].commits[weights_key].files[f"{sae_id}/sae_weights.safetensors"]
+    assert (
+        weights_key == hashlib.sha256((folder / "sae_weights.safetensors").read_bytes()).hexdigest()
+    )
+    assert any(path.endswith(".git/info/lfs/objects/batch") for _, path in hub.requests)
     loaded, cfg_dict, sparsity = SAE.from_pretrained_with_cfg_and_sparsity(REPO, sae_id)
     assert cfg_dict["architecture"] == architecture
     assert_same_sae(loaded, local)
