@@ -16,6 +16,11 @@ Label sources:
   token surprisal ``−log p(x_t | x_<t)`` in nats over positions ``1 … T−1``; with
   ``--positions all`` position ``t``'s label is that token's own surprisal (position 0 has none
   and is skipped).
+- ``--labels kstar --sae SAE_DIR``: no labels needed either. Each activation's label is ``k*``, the
+  fewest latents of a TopK-family SAE trained at that hook (``topk``, ``hierarchical_topk``,
+  ``adaptivek``) whose prefix reconstruction leaves at most ``--target-fvu`` of the activation's
+  variance ``‖x − mean‖²`` (:func:`sae_adaptive_plugin.labels.kstar_labels`); ``mean`` is the mean
+  activation over all collected rows, so those rows are held in memory (rows × d_in floats).
 
 With ``--positions all`` the first position is skipped when a BOS token was prepended (its
 activation is an outlier that carries no information about the text). Texts are truncated to
@@ -35,7 +40,7 @@ from typing import Any
 
 from sae_adaptive_plugin.cli import command
 
-LABEL_SOURCES = ("column", "surprisal")
+LABEL_SOURCES = ("column", "surprisal", "kstar")
 POSITIONS = ("last", "all")
 
 
@@ -136,10 +141,13 @@ def fit_probe_from_texts(
     n_folds: int = 5,
     lambdas: list[float] | None = None,
     seed: int = 0,
+    kstar_sae: Any = None,
+    target_fvu: float = 0.1,
 ) -> Any:
     """Fit a :class:`ComplexityProbe` on ``model``'s ``hook`` activations over ``texts``.
 
-    ``scores`` are the per-text labels; ``None`` selects surprisal labels.
+    ``scores`` are the per-text labels; ``None`` selects surprisal labels, or ``k*`` labels under
+    ``kstar_sae`` when that is given.
     """
     from sae_adaptive_plugin import local_lm
     from sae_adaptive_plugin.probe import ComplexityProbe, RidgeAccumulator
@@ -159,24 +167,62 @@ def fit_probe_from_texts(
             f"context_size must be in [1, {model.cfg.n_ctx}] (the model's n_ctx), got {ctx}"
         )
     token_lists = [t[:ctx] for t in local_lm.texts_to_token_lists(model, texts, prepend_bos)]
+
+    def stream(labels: list[float] | None):
+        return collect_activations(
+            model,
+            hook,
+            token_lists,
+            labels,
+            positions=positions,
+            batch_size=batch_size,
+            skip_first=prepend_bos,
+            n_folds=n_folds,
+            seed=seed,
+        )
+
+    batches = stream(scores)
+    if kstar_sae is not None:
+        batches = _kstar_batches(kstar_sae, hook, stream([0.0] * len(token_lists)), target_fvu)
     acc: RidgeAccumulator | None = None
-    for X, y, fold in collect_activations(
-        model,
-        hook,
-        token_lists,
-        scores,
-        positions=positions,
-        batch_size=batch_size,
-        skip_first=prepend_bos,
-        n_folds=n_folds,
-        seed=seed,
-    ):
+    for X, y, fold in batches:
         if acc is None:
             acc = RidgeAccumulator(X.shape[1], n_folds=n_folds, seed=seed)
         acc.update(X, y, fold=fold)
     if acc is None:
         raise ValueError("no activations collected: the dataset is empty")
     return ComplexityProbe.from_accumulator(acc, lambdas)
+
+
+def _kstar_batches(sae: Any, hook: str, make_batches: Any, target_fvu: float):
+    """Relabel activation batches with ``k*`` under ``sae`` (rows held in memory for the mean)."""
+    import torch
+
+    from sae_adaptive_plugin.labels import kstar_labels
+
+    if sae.cfg.metadata.hook_name not in (None, hook):
+        raise ValueError(
+            f"--sae was trained at hook {sae.cfg.metadata.hook_name!r}, not --hook {hook!r}"
+        )
+    if not 0.0 < target_fvu < 1.0:
+        raise ValueError(f"--target-fvu must lie in (0, 1), got {target_fvu}")
+    cached = list(make_batches)  # activations only (no logits): rows x d_in floats
+    if not cached:
+        return
+    d = cached[0][0].shape[1]
+    if d != sae.cfg.d_in:
+        raise ValueError(
+            f"the hook's activations have width {d} but the SAE's d_in is {sae.cfg.d_in}"
+        )
+    total = torch.zeros(d, dtype=torch.float64)
+    n = 0
+    for X, _, _ in cached:
+        total += X.double().sum(0)
+        n += X.shape[0]
+    mean = (total / max(n, 1)).float()
+    for X, _, fold in cached:
+        y = kstar_labels(sae, X.to(sae.device), target_fvu, mean.to(sae.device)).float().cpu()
+        yield X, y, fold
 
 
 def _fit_probe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -191,6 +237,13 @@ def _fit_probe_arguments(parser: argparse.ArgumentParser) -> None:
         "--score-column", default="score", help="label column for --labels column (default 'score')"
     )
     parser.add_argument("--labels", choices=LABEL_SOURCES, default="column")
+    parser.add_argument(
+        "--sae",
+        help="for --labels kstar: a saved TopK-family SAE (topk/hierarchical_topk/adaptivek)",
+    )
+    parser.add_argument(
+        "--target-fvu", type=float, default=0.1, help="for --labels kstar (default 0.1)"
+    )
     parser.add_argument("--positions", choices=POSITIONS, default="last")
     parser.add_argument("--context-size", type=int, help="truncate texts (default: model n_ctx)")
     parser.add_argument("--max-texts", type=int, help="use at most this many texts")
@@ -242,6 +295,13 @@ def _cmd_fit_probe(args: argparse.Namespace) -> int:
                 )
             scores = list(ds[args.score_column])
         texts = list(ds[args.text_column])
+        kstar_sae = None
+        if args.labels == "kstar":
+            if not args.sae:
+                raise ValueError("--labels kstar needs --sae SAE_DIR (a TopK-family SAE at --hook)")
+            from sae_lens import SAE
+
+            kstar_sae = SAE.load_from_disk(args.sae, device=args.device)
         model = local_lm.load_model(args.model, device=args.device, hook_names=[args.hook])
         probe = fit_probe_from_texts(
             model,
@@ -255,6 +315,8 @@ def _cmd_fit_probe(args: argparse.Namespace) -> int:
             n_folds=args.n_folds,
             lambdas=args.lambdas,
             seed=args.seed,
+            kstar_sae=kstar_sae,
+            target_fvu=args.target_fvu,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -232,6 +232,28 @@ def test_fit_probe_then_adaptivek_then_eval(tmp_path, local, capsys):
     assert report["n_samples"] == len(scores) and "r2" in report
 
     saes = [_train(tmp_path, local, "topk")]
+
+    # k* labels under that TopK SAE: no labelled data needed; each label is in [1, k]
+    kstar_path = tmp_path / "kstar.safetensors"
+    kstar_args = ["--labels", "kstar", "--sae", str(saes[0]), "--out", str(kstar_path)]
+    rc = main(
+        [
+            "fit-probe",
+            "--model",
+            str(local / "model"),
+            "--hook",
+            HOOK_NAME,
+            *kstar_args[:4],
+            "--dataset",
+            str(local / "labelled.jsonl"),
+            *kstar_args[4:],
+        ]
+    )
+    assert rc == 0
+    kstar_probe = ComplexityProbe.load(kstar_path)
+    assert kstar_probe.report.n_samples == len(scores)
+    assert 1 <= kstar_probe.label_min <= kstar_probe.label_max <= SAE_BLOCKS["topk"]["k"]
+    assert float(kstar_probe.label_min).is_integer() and float(kstar_probe.label_max).is_integer()
     if "adaptivek" in REGISTERED:
         ak = _train(tmp_path, local, "adaptivek", probe_path=str(probe_path))
         saved = load_file(str(ak / "sae_weights.safetensors"))
@@ -378,3 +400,20 @@ def test_example_configs_validate():
         assert cfg.sae.d_in == 512 and cfg.hook_name == "blocks.3.hook_resid_post"
         archs.add(cfg.sae.architecture())
     assert {*OURS, "topk"} <= archs
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--labels", "kstar"], "--labels kstar needs --sae"),
+        (["--score-column", "difficulty"], "--score-column 'difficulty' is not in the dataset"),
+        (["--text-column", "body"], "--text-column 'body' is not in the dataset"),
+        (["--n-folds", "1"], "--n-folds must be ≥ 2"),
+    ],
+)
+def test_fit_probe_errors(extra, message, tmp_path, local, capsys):
+    base = ["fit-probe", "--model", str(local / "model"), "--hook", HOOK_NAME]
+    data = ["--dataset", str(local / "labelled.jsonl"), "--out", str(tmp_path / "p.safetensors")]
+    assert main([*base, *data, *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "p.safetensors").exists()
