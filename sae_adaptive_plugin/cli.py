@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sae_adaptive_plugin.evaluation",
     "sae_adaptive_plugin.probe_cli",
     "sae_adaptive_plugin.bench",
+    "sae_adaptive_plugin.compare",
 )
 
 #: name -> (help, add_arguments(parser), run(args) -> exit code)

@@ -1,0 +1,273 @@
+"""``sae-adaptive compare``: adaptive vs fixed-sparsity SAEs on variable-complexity ground truth.
+
+Trains SAELens's ``topk``, ``batchtopk``, ``matryoshka_batchtopk`` and this package's
+``softsae``, ``adaptivek``, ``hierarchical_topk`` (whichever are registered) on one synthetic
+stream (:mod:`sae_adaptive_plugin.synthetic`), then writes to ``--out``:
+
+- ``results.json``: the settings, the true-L0 statistics, skipped architectures and one entry per
+  SAE (HierarchicalTopK: one per evaluated budget ``k'``);
+- ``l0_vs_true_l0.png``: each SAE's per-sample L0 against the sample's true L0;
+- ``ev_vs_l0.png``: explained variance against mean L0 (HierarchicalTopK as a curve over ``k'``);
+- ``saes/<architecture>/``: every trained SAE in SAELens's inference format;
+
+and prints the results as a Markdown table. Nothing heavy is imported at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from sae_adaptive_plugin.cli import command
+
+RESULTS_FILENAME = "results.json"
+L0_PLOT_FILENAME = "l0_vs_true_l0.png"
+EV_PLOT_FILENAME = "ev_vs_l0.png"
+
+#: Table columns: (header, key, format)
+TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("SAE", "name", "{}"),
+    ("explained var.", "explained_variance", "{:.3f}"),
+    ("MSE", "mse", "{:.3f}"),
+    ("cos sim", "cosine_similarity", "{:.3f}"),
+    ("L0 mean", "l0_mean", "{:.1f}"),
+    ("L0 std", "l0_std", "{:.1f}"),
+    ("dead", "dead_latents", "{:d}"),
+    ("MCC", "mcc", "{:.3f}"),
+    ("Spearman(L0, true L0)", "l0_spearman_vs_true", "{:.3f}"),
+    ("train s", "train_seconds", "{:.1f}"),
+)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The result rows as a GitHub Markdown table."""
+    header = "| " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " |"
+    align = "|" + "|".join(":---" if k == "name" else "---:" for _, k, _ in TABLE_COLUMNS) + "|"
+    lines = [header, align]
+    for row in rows:
+        cells = [fmt.format(row[key]) for _, key, fmt in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _short(name: str) -> str:
+    return name.replace("hierarchical_topk", "HTopK").replace("matryoshka_batchtopk", "matryoshka")
+
+
+def plot_l0_vs_true(result: Any, path: Path) -> None:
+    """One hexbin panel per SAE: its per-sample L0 against the sample's true L0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.rows if r["architecture"] != "hierarchical_topk"]
+    hier = [r for r in result.rows if r["architecture"] == "hierarchical_topk"]
+    if hier:  # the HierarchicalTopK budget closest to the fixed-k baselines
+        rows.append(min(hier, key=lambda r: abs(r["k_eval"] - result.fixed_k)))
+    n = max(1, len(rows))
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(4.0 * ncols + 1.2, 3.6 * nrows + 0.6),
+        squeeze=False,
+        layout="constrained",
+    )
+    true_l0 = result.true_l0.numpy()
+    top = max([float(true_l0.max())] + [float(result.sae_l0[r["name"]].max()) for r in rows])
+    image = None
+    for ax, row in zip(axes.flat, rows):
+        sae_l0 = result.sae_l0[row["name"]].numpy()
+        image = ax.hexbin(
+            true_l0,
+            sae_l0,
+            gridsize=30,
+            extent=(0, top + 1, 0, top + 1),
+            mincnt=1,
+            bins="log",
+            cmap="viridis",
+        )
+        ax.plot([0, top + 1], [0, top + 1], "r--", lw=1, label="SAE L0 = true L0")
+        ax.set_title(
+            f"{_short(row['name'])}\nSpearman {row['l0_spearman_vs_true']:.2f}", fontsize=10
+        )
+        ax.set_xlabel("true L0 (active true features)")
+        ax.set_ylabel("SAE L0 (active latents)")
+        ax.set_aspect("equal")
+        ax.legend(loc="upper left", fontsize=8)
+    for ax in list(axes.flat)[len(rows) :]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="samples per bin (log)")
+    fig.suptitle(f"Per-sample SAE L0 vs true L0 ({len(true_l0)} held-out samples)", fontsize=12)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_ev_vs_l0(result: Any, path: Path) -> None:
+    """Explained variance against mean L0; HierarchicalTopK as a curve over its budgets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10.5, 5.0), layout="constrained")
+    markers = {
+        "topk": "s",
+        "batchtopk": "D",
+        "matryoshka_batchtopk": "v",
+        "softsae": "o",
+        "adaptivek": "^",
+    }
+    hier = sorted(
+        (r for r in result.rows if r["architecture"] == "hierarchical_topk"),
+        key=lambda r: r["l0_mean"],
+    )
+    if hier:
+        ax.plot(
+            [r["l0_mean"] for r in hier],
+            [r["explained_variance"] for r in hier],
+            "-o",
+            color="tab:gray",
+            ms=4,
+            label="hierarchical_topk (one SAE, k' = "
+            + ", ".join(str(r["k_eval"]) for r in hier)
+            + ")",
+        )
+    for row in result.rows:
+        if row["architecture"] == "hierarchical_topk":
+            continue
+        ax.errorbar(
+            row["l0_mean"],
+            row["explained_variance"],
+            xerr=row["l0_std"],
+            fmt=markers.get(row["architecture"], "x"),
+            ms=8,
+            capsize=3,
+            label=f"{row['name']} (L0 {row['l0_mean']:.1f} ± {row['l0_std']:.1f})",
+        )
+    ax.axvline(result.info["true_l0_mean"], color="k", ls=":", lw=1, label="mean true L0")
+    ax.set_xlabel("mean L0 per sample (error bar: ± std over samples)")
+    ax.set_ylabel("explained variance (held-out)")
+    ax.set_title("Reconstruction vs sparsity on variable-complexity ground truth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", default="runs/compare", help="output folder (default runs/compare)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="training steps per SAE")
+    parser.add_argument(
+        "--features", type=int, default=None, help="true features; also the SAE width"
+    )
+    parser.add_argument("--hidden-dim", type=int, default=None, help="activation dimension")
+    parser.add_argument("--batch-size", type=int, default=None, help="samples per training step")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data and initialisation")
+    parser.add_argument(
+        "--architectures",
+        default=None,
+        help="comma-separated subset of: softsae, adaptivek, topk, batchtopk, "
+        "matryoshka_batchtopk, hierarchical_topk (default: all)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny problem and budget (seconds per SAE; for tests)"
+    )
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """The :class:`CompareConfig` for the command's flags (``--quick`` = a tiny problem)."""
+    from sae_adaptive_plugin.synthetic import CompareConfig, VariableComplexityConfig
+
+    if args.quick:
+        source = VariableComplexityConfig(
+            num_features=64, hidden_dim=32, min_l0=1.0, max_l0=12.0, orthogonalize_steps=20
+        )
+        cfg = CompareConfig(source=source, steps=60, batch_size=128, eval_samples=1024)
+    else:
+        cfg = CompareConfig()
+    if args.features is not None:
+        cfg.source.num_features = args.features
+    if args.hidden_dim is not None:
+        cfg.source.hidden_dim = args.hidden_dim
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.batch_size is not None:
+        cfg.batch_size = args.batch_size
+    cfg.seed = args.seed
+    cfg.source.seed = args.seed
+    if args.architectures:
+        cfg.architectures = tuple(a.strip() for a in args.architectures.split(",") if a.strip())
+    return cfg
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    import dataclasses
+
+    d = dataclasses.asdict(cfg)
+    d["architectures"] = list(cfg.architectures)
+    d["hierarchical_k_fractions"] = list(cfg.hierarchical_k_fractions)
+    return d
+
+
+@command(
+    "compare",
+    "train adaptive and fixed-sparsity SAEs on one variable-complexity synthetic stream; "
+    "write results.json, PNGs and a Markdown table",
+    arguments=_arguments,
+)
+def run(args: argparse.Namespace) -> int:
+    if args.threads < 1:
+        print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    import torch
+
+    from sae_adaptive_plugin.synthetic import iter_finite_problems, run_compare
+
+    torch.set_num_threads(args.threads)
+    try:
+        cfg = build_config(args)
+        cfg.validate()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run_compare(cfg, out)
+    for name, reason in result.skipped.items():
+        print(f"skipped {name}: {reason}")
+    problems = list(iter_finite_problems(result.rows))
+    payload = {
+        "config": _config_dict(cfg),
+        "true_l0": result.info,
+        "fixed_k": result.fixed_k,
+        "skipped": result.skipped,
+        "results": result.rows,
+    }
+    (out / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
+    if result.rows:
+        plot_l0_vs_true(result, out / L0_PLOT_FILENAME)
+        plot_ev_vs_l0(result, out / EV_PLOT_FILENAME)
+    print()
+    print(
+        f"true L0: mean {result.info['true_l0_mean']:.1f} ± {result.info['true_l0_std']:.1f} "
+        f"(range {result.info['true_l0_min']}–{result.info['true_l0_max']}); "
+        f"fixed-k baselines at k = {result.fixed_k}; {cfg.steps} steps × {cfg.batch_size} samples"
+    )
+    print()
+    print(markdown_table(result.rows))
+    print()
+    print(f"wrote {out / RESULTS_FILENAME}, {out / L0_PLOT_FILENAME}, {out / EV_PLOT_FILENAME}")
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    return 1 if problems or not result.rows else 0
