@@ -1,6 +1,6 @@
-"""Pythia-70M end to end: fit a complexity probe, train AdaptiveK / SoftSAE / HierarchicalTopK and a
-TopK baseline from the example YAMLs, evaluate them with SAELens's metrics, and plot the k each SAE
-uses at every token of a text.
+"""Pythia-70M end to end: fit a complexity probe, train AdaptiveK / SoftSAE / HierarchicalTopK and
+the TopK / BatchTopK baselines from the example YAMLs, evaluate them with SAELens's metrics, and plot
+the k each SAE uses at every token of a text.
 
     python examples/pythia70m_workflow.py --device cuda            # the full runs (a GPU job)
     python examples/pythia70m_workflow.py --device cuda --quick    # 2M tokens each: a smoke run
@@ -12,7 +12,7 @@ Steps (each is one ``sae-adaptive`` command, run in-process here):
    ``--probe-labels column`` and a dataset/file with ``text`` and ``score`` columns.
 2. ``train`` each ``examples/pythia70m_*.yaml``; AdaptiveK gets ``sae.probe_path`` = that probe
    (the paper's order: probe first, then the SAE with the probe frozen).
-3. ``eval`` all four: explained variance, CE-loss score, KL score, L0 and the per-token k
+3. ``eval`` all five: explained variance, CE-loss score, KL score, L0 and the per-token k
    distribution → ``OUT/eval.json`` and a Markdown table.
 4. Plot per-token k over ``--text`` for every SAE → ``OUT/per_token_k.png``.
 
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ARCHITECTURES = ("topk", "hierarchical_topk", "softsae", "adaptivek")
+ARCHITECTURES = ("topk", "batchtopk", "hierarchical_topk", "softsae", "adaptivek")
 DEFAULT_TEXT = (
     "The cat sat on the mat. Notwithstanding the heterogeneity of the epistemological "
     "frameworks under consideration, the committee's conclusions remain provisional."
