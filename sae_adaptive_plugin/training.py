@@ -27,7 +27,8 @@ as a string) and an int field accepts an integral float such as ``5e6``.
 
 ``model_name`` may be a folder in this package's local model format and ``dataset_path`` a local
 dataset (see :mod:`sae_adaptive_plugin.local_lm`); they are loaded here and handed to the runner as
-``override_model`` / ``override_dataset``. Any other name goes through SAELens's loading unchanged.
+``override_model`` / ``override_dataset`` (a local dataset is memory-mapped, so ``streaming`` does
+not apply to it). Any other name goes through SAELens's loading unchanged.
 
 Resume: ``--resume CHECKPOINT`` (or the ``resume_from_checkpoint`` key) resumes the SAELens trainer
 state, SAE weights and activation-store position from a checkpoint folder written by SAELens
