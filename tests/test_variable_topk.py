@@ -79,3 +79,46 @@ def test_decode_topk_dispatch_and_bad_impl() -> None:
         torch.testing.assert_close(decode_topk(top.values, top.indices, W_dec, impl), ref)
     with pytest.raises(ValueError, match="impl must be"):
         decode_topk(top.values, top.indices, W_dec, "sparse")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 5e-2)]
+)
+def test_gather_decode_leading_dims_and_untouched_rows(dtype: torch.dtype, atol: float) -> None:
+    values = torch.rand(2, 7, 6, dtype=torch.float64).to(dtype).requires_grad_()
+    indices = torch.stack([torch.randperm(50)[:6] for _ in range(14)]).reshape(2, 7, 6)
+    W_dec = torch.randn(50, 10, dtype=torch.float64).to(dtype).requires_grad_()
+    upstream = torch.randn(2, 7, 10, dtype=torch.float64).to(dtype)
+    results = []
+    for decode in (decode_topk_dense, decode_topk_gather):
+        out = decode(values, indices, W_dec)
+        results.append((out, *torch.autograd.grad((out * upstream).sum(), [values, W_dec])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=atol, rtol=atol)
+    # decoder rows nobody selected get exactly zero gradient
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[indices.reshape(-1)] = False
+    assert untouched.any()
+    assert (results[1][2][untouched] == 0).all()
+
+
+def test_gather_decode_gradcheck_float64() -> None:
+    values = torch.rand(5, 3, dtype=torch.float64, requires_grad=True)
+    indices = torch.stack([torch.randperm(9)[:3] for _ in range(5)])
+    W_dec = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda v, w: decode_topk_gather(v, indices, w), (values, W_dec), eps=1e-6, atol=1e-8
+    )
+
+
+def test_gather_decode_one_input_needing_grad() -> None:
+    top = variable_topk(torch.randn(6, 30), torch.tensor([0, 1, 2, 3, 4, 5]), k_max=5)
+    W_dec = torch.randn(30, 7, requires_grad=True)
+    values = top.values.clone().requires_grad_()
+    (g_w,) = torch.autograd.grad(decode_topk_gather(top.values, top.indices, W_dec).sum(), W_dec)
+    (g_v,) = torch.autograd.grad(
+        decode_topk_gather(values, top.indices, W_dec.detach()).sum(), values
+    )
+    (ref_w,) = torch.autograd.grad(decode_topk_dense(top.values, top.indices, W_dec).sum(), W_dec)
+    torch.testing.assert_close(g_w, ref_w)
+    torch.testing.assert_close(g_v, W_dec.detach()[top.indices].sum(-1))
