@@ -146,6 +146,12 @@ def test_train_each_architecture_from_yaml(arch, tmp_path, local):
         recon = sae.decode(feats)
     assert recon.shape == x.shape and torch.isfinite(recon).all()
     assert ((feats != 0).sum(-1) >= 1).all()
+    # each of our SAEs reports the k it uses per row; the active latents never exceed it
+    k = sae.k_per_sample(x)
+    assert k.shape == (8,)
+    assert ((feats != 0).sum(-1) <= k).all()
+    if arch == "adaptivek":  # the warm-up (6 of 16 steps) fitted the probe inside SAELens's runner
+        assert float(load_file(str(out / "sae_weights.safetensors"))["probe_fitted"]) == 1.0
 
 
 def test_resume_from_checkpoint(tmp_path, local):
