@@ -1,0 +1,388 @@
+"""Tests of the ``adaptivek`` architecture: SAELens runner round trip, probe inside the weights,
+warm-up switch and resume, probe-aware folds, bad input, and synthetic ground truth."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sae_lens  # noqa: F401  (first: the plugin registers before our modules import)
+import torch
+from safetensors.torch import load_file
+from tiny_lm import (
+    D_MODEL,
+    reload_outputs_in_subprocess,
+    run_evals_on,
+    tiny_activations,
+    train_tiny_runner,
+)
+
+from sae_adaptive_plugin.ops.adaptive_k import complexity_to_k
+from sae_adaptive_plugin.probe import ComplexityProbe, spearman_corr
+from sae_adaptive_plugin.saes.adaptivek import (
+    ACC_PREFIX,
+    AdaptiveKSAE,
+    AdaptiveKSAEConfig,
+    AdaptiveKTrainingSAE,
+    AdaptiveKTrainingSAEConfig,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small SAEs and float64 probe statistics run faster on one thread of the shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _random_probe(d_in: int, seed: int = 0) -> ComplexityProbe:
+    g = torch.Generator().manual_seed(seed)
+    return ComplexityProbe(torch.randn(d_in, generator=g), 0.3, -2.0, 2.0)
+
+
+def _training_sae(d_in=16, d_sae=48, k_min=2, k_max=12, dtype="float32", **kw):
+    cfg = AdaptiveKTrainingSAEConfig(
+        d_in=d_in, d_sae=d_sae, k_min=k_min, k_max=k_max, dtype=dtype, **kw
+    )
+    sae = AdaptiveKTrainingSAE(cfg)
+    with torch.no_grad():  # non-trivial biases and decoder norms
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.2)
+        sae.W_dec.mul_(torch.rand(d_sae, 1, dtype=sae.W_dec.dtype) + 0.5)
+    return sae
+
+
+# ---------------------------------------------------------------------------------------------
+# SAELens runner: train with warm-up → save → reload in a new process → run_evals
+# ---------------------------------------------------------------------------------------------
+
+
+def test_runner_trains_with_warmup_saves_reloads_and_evals(tmp_path):
+    from sae_lens import SAE
+    from sae_lens.saes.sae import TrainingSAEConfig
+
+    # a plain SAELens config naming only the architecture and its fields
+    sae_cfg = TrainingSAEConfig.from_dict(
+        {
+            "architecture": "adaptivek",
+            "d_in": D_MODEL,
+            "d_sae": 64,
+            "k_min": 2,
+            "k_max": 16,
+            "probe_warmup_steps": 20,
+            "target_fvu": 0.5,
+        }
+    )
+    assert isinstance(sae_cfg, AdaptiveKTrainingSAEConfig)
+    sae, path = train_tiny_runner(sae_cfg, tmp_path, lr=1e-2)
+    assert isinstance(sae, AdaptiveKTrainingSAE) and sae.is_adaptive
+
+    weights = load_file(str(path / "sae_weights.safetensors"))
+    assert int(weights["probe_fitted"]) == 1
+    assert torch.equal(weights["probe_weight"], sae.probe_weight)
+    assert not any(k.startswith(ACC_PREFIX) for k in weights)
+    saved_cfg = json.loads((path / "cfg.json").read_text())
+    assert saved_cfg["architecture"] == "adaptivek"
+    assert saved_cfg["metadata"]["adaptivek_probe_report"]["n_samples"] > 0
+
+    x = tiny_activations(64)
+    outputs, class_name = reload_outputs_in_subprocess(path, x)
+    assert class_name.endswith("adaptivek.AdaptiveKSAE")
+    loaded = SAE.load_from_disk(path)
+    with torch.no_grad():
+        feats, out = loaded.encode(x), loaded(x)
+        train_out = sae(x)
+    assert torch.equal(outputs["feature_acts"], feats)
+    assert torch.equal(outputs["sae_out"], out)
+    assert torch.allclose(out, train_out, atol=1e-5)  # inference save folds the decoder norms
+    k = loaded.k_per_sample(x)
+    assert torch.equal(k, sae.k_per_sample(x))
+    assert len(torch.unique(k)) > 1  # the probe really varies k
+    l0 = (feats != 0).sum(-1)
+    assert torch.all(l0 <= k) and (l0 == k).float().mean() > 0.9
+
+    metrics = run_evals_on(loaded)
+    assert 0 < metrics["sparsity"]["l0"] <= 16
+    assert torch.isfinite(torch.tensor(metrics["reconstruction_quality"]["explained_variance"]))
+    assert "ce_loss_score" in metrics["model_performance_preservation"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm-up, switch, resume, metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def _step(sae, x, step):
+    from sae_lens.saes.sae import TrainStepInput
+
+    return sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=None,
+            n_training_steps=step,
+            is_logging_step=False,
+        )
+    )
+
+
+def test_warmup_switch_is_recorded_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    batches = [torch.randn(64, 16).abs() * torch.rand(64, 1) * 3 for _ in range(12)]
+    sae = _training_sae(probe_warmup_steps=8, target_fvu=0.3)
+    for step in range(5):  # warm-up, statistics gathered from step 4
+        out = _step(sae, batches[step], step)
+        assert float(out.metrics["mean_k"]) == 12 and float(out.metrics["std_k"]) == 0
+        assert "hierarchical_mse_loss" in out.losses
+    sae.save_model(tmp_path / "mid")  # checkpoint in the middle of the gathering phase
+    mid = load_file(str(tmp_path / "mid" / "sae_weights.safetensors"))
+    assert any(k.startswith(ACC_PREFIX) for k in mid) and int(mid["probe_fitted"]) == 0
+
+    resumed = AdaptiveKTrainingSAE(sae.cfg)
+    resumed.load_weights_from_checkpoint(tmp_path / "mid")
+    for step in range(5, 9):  # step 8 fits the probe and switches
+        a, b = _step(sae, batches[step], step), _step(resumed, batches[step], step)
+    assert sae.is_adaptive and resumed.is_adaptive
+    assert torch.equal(sae.probe_weight, resumed.probe_weight)
+    assert "probe_spearman" in a.metrics and "mse_loss" in a.losses
+    assert torch.equal(a.metrics["mean_k"], b.metrics["mean_k"])
+
+    sae.save_model(tmp_path / "after")
+    after = AdaptiveKTrainingSAE(sae.cfg)
+    after.load_weights_from_checkpoint(tmp_path / "after")
+    assert after.is_adaptive  # a resumed run keeps adaptive k: no second warm-up
+    x = batches[9]
+    assert torch.equal(after.k_per_sample(x), sae.k_per_sample(x))
+    out = _step(after, x, 9)
+    assert float(out.metrics["mean_k"]) == pytest.approx(float(sae.k_per_sample(x).float().mean()))
+    assert "mse_loss" in out.losses and "hierarchical_mse_loss" not in out.losses
+
+
+def test_probe_path_sets_k_from_the_start(tmp_path):
+    probe = _random_probe(16)
+    path = probe.save(tmp_path / "probe.safetensors")
+    sae = _training_sae(probe_path=str(path))
+    assert sae.is_adaptive
+    x = torch.randn(32, 16)
+    expected = complexity_to_k(probe.predict(x), -2.0, 2.0, 2, 12, 6.0)
+    assert torch.equal(sae.k_per_sample(x), expected)
+    out = _step(sae, x, 0)
+    assert float(out.metrics["mean_k"]) == pytest.approx(expected.float().mean().item())
+    out.loss.backward()
+    assert sae.probe_weight.grad is None and not sae.probe_weight.requires_grad
+    l0 = (out.feature_acts != 0).sum(-1)
+    assert torch.all(l0 <= expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folds keep outputs and k identical
+# ---------------------------------------------------------------------------------------------
+
+
+def test_norm_scaling_fold_folds_the_probe():
+    # (with rescale_acts_by_decoder_norm SAELens's fold also rescales the codes by 1/s)
+    sae = _training_sae(dtype="float64", rescale_acts_by_decoder_norm=False)
+    sae.set_probe(_random_probe(16, seed=1))
+    x = torch.randn(64, 16, dtype=torch.float64)
+    s = 2.5
+    with torch.no_grad():
+        k0, f0, o0 = sae.k_per_sample(s * x), sae.encode(s * x), sae(s * x)
+        sae.fold_activation_norm_scaling_factor(s)
+        k1, f1, o1 = sae.k_per_sample(x), sae.encode(x), sae(x)
+    assert len(torch.unique(k0)) > 1 and torch.equal(k0, k1)
+    assert torch.allclose(f0, f1, atol=1e-6)
+    assert torch.allclose(o0 / s, o1, atol=1e-6)
+
+
+def test_whitening_fold_folds_the_probe():
+    sae = _training_sae(dtype="float64")
+    sae.set_probe(_random_probe(16, seed=2))
+    g = torch.Generator().manual_seed(3)
+    mean = torch.randn(16, generator=g, dtype=torch.float64)
+    A = torch.randn(16, 16, generator=g, dtype=torch.float64) / 4 + torch.eye(16)
+    M, Minv = A, torch.linalg.inv(A)
+    x = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    z = (x - mean) @ M
+    with torch.no_grad():
+        k0, f0, o0 = sae.k_per_sample(z), sae.encode(z), sae(z)
+        sae.fold_activation_whitening(mean, M, Minv)
+        k1, f1, o1 = sae.k_per_sample(x), sae.encode(x), sae(x)
+    assert len(torch.unique(k0)) > 1 and torch.equal(k0, k1)
+    assert torch.allclose(f0, f1, atol=1e-6)
+    assert torch.allclose(o0 @ Minv + mean, o1, atol=1e-6)
+
+
+def test_inference_save_folds_decoder_norms_and_keeps_probe(tmp_path):
+    from sae_lens import SAE
+
+    sae = _training_sae()
+    sae.set_probe(_random_probe(16, seed=4))
+    x = torch.randn(64, 16)
+    sae.save_inference_model(tmp_path / "inf")
+    loaded = SAE.load_from_disk(tmp_path / "inf")
+    assert isinstance(loaded, AdaptiveKSAE) and loaded.is_adaptive
+    with torch.no_grad():
+        assert torch.equal(loaded.k_per_sample(x), sae.k_per_sample(x))
+        assert torch.allclose(loaded.encode(x), sae.encode(x), atol=1e-5)
+        assert torch.allclose(loaded(x), sae(x), atol=1e-5)
+    assert torch.allclose(loaded.W_dec.norm(dim=-1), torch.ones(48), atol=1e-5)
+    probe = loaded.get_probe()
+    assert probe is not None and torch.equal(probe.weight, sae.probe_weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k_min": 10, "k_max": 5}, r"k_min=10 must lie in \[1, 5\]"),
+        ({"k_min": 2, "k_max": 100}, r"k_max=100 must lie in \[1, 48\]"),
+        ({"k_min": 0}, r"k_min=0 must lie in \[1, 12\]"),
+        ({"steepness": 0.0}, "steepness=0.0 must be > 0"),
+        ({"target_fvu": 1.0}, r"target_fvu must lie in \(0, 1\)"),
+        ({"probe_warmup_steps": 0}, r"probe_warmup_steps=0 must lie in \[1,"),
+        ({"warmup_loss": "l1"}, "warmup_loss must be one of"),
+        (
+            {"probe_path": "p.safetensors", "normalize_activations": "covariance_whitening"},
+            "probe_path with normalize_activations='covariance_whitening'",
+        ),
+    ],
+)
+def test_config_errors(kwargs, match):
+    base = {"d_in": 16, "d_sae": 48, "k_min": 2, "k_max": 12}
+    with pytest.raises(ValueError, match=match):
+        AdaptiveKTrainingSAEConfig(**{**base, **kwargs})
+
+
+def test_inference_config_errors():
+    with pytest.raises(ValueError, match=r"k_max=64 must lie in \[1, 32\]"):
+        AdaptiveKSAEConfig(d_in=8, d_sae=32, k_min=1, k_max=64)
+    with pytest.raises(ValueError, match=r"k_min=9 must lie in \[1, 8\]"):
+        AdaptiveKSAEConfig(d_in=8, d_sae=32, k_min=9, k_max=8)
+
+
+def test_probe_file_errors(tmp_path):
+    path = _random_probe(8).save(tmp_path / "probe8.safetensors")
+    with pytest.raises(ValueError, match="probe d_in=8 does not match d_in=16"):
+        _training_sae(probe_path=str(path))
+    with pytest.raises(FileNotFoundError, match="complexity probe file not found"):
+        _training_sae(probe_path=str(tmp_path / "missing.safetensors"))
+
+
+def test_nan_activations_in_warmup_raise():
+    sae = _training_sae(probe_warmup_steps=2)
+    x = torch.randn(32, 16)
+    x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="must be finite"):
+        _step(sae, x, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth on synthetic activations with strongly varying true L0
+# ---------------------------------------------------------------------------------------------
+
+
+class _GatedSource:
+    """Small variable-complexity source from SAELens's synthetic parts: orthogonal true features,
+    Bernoulli firings, and a per-sample density gate (expected L0 log-uniform in [lo, hi])."""
+
+    def __init__(self, n_features: int, dim: int, lo: float, hi: float, seed: int = 0) -> None:
+        import math
+
+        from sae_lens.synthetic import (
+            ActivationGenerator,
+            FeatureDictionary,
+            orthogonal_initializer,
+        )
+
+        self.dictionary = FeatureDictionary(
+            n_features, dim, initializer=orthogonal_initializer(num_steps=100), seed=seed
+        )
+
+        def gate(acts: torch.Tensor) -> torch.Tensor:
+            u = torch.rand(acts.shape[0], 1)
+            lam = torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+            keep = (acts != 0) & (torch.rand_like(acts) < lam / hi)
+            empty = ~keep.any(-1)
+            keep[empty, (torch.rand_like(acts[empty]) * (acts[empty] != 0)).argmax(-1)] = True
+            return acts * keep
+
+        self.generator = ActivationGenerator(
+            n_features,
+            firing_probabilities=torch.full((n_features,), hi / n_features),
+            std_firing_magnitudes=0.25,
+            mean_firing_magnitudes=1.0,
+            modify_activations=gate,
+        )
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(activations [n, dim], true L0 [n])``, reproducible by ``seed``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            feats = self.generator.sample(n)
+        return self.dictionary(feats), (feats != 0).sum(-1)
+
+    def train(self, sae, steps: int = 1500, batch_size: int = 256, lr: float = 3e-3) -> None:
+        """SAELens's ``SAETrainer`` on a fresh stream of this source."""
+        from sae_lens.config import LoggingConfig, SAETrainerConfig
+        from sae_lens.synthetic import SyntheticActivationIterator
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        cfg = SAETrainerConfig(
+            total_training_samples=steps * batch_size,
+            train_batch_size_samples=batch_size,
+            lr=lr,
+            lr_end=lr,
+            lr_scheduler_name="constant",
+            lr_warm_up_steps=50,
+            device="cpu",
+            dead_feature_window=300,
+            feature_sampling_window=steps,
+            logger=LoggingConfig(log_to_wandb=False),
+            n_batches_for_norm_estimate=10,
+        )
+        stream = SyntheticActivationIterator(self.dictionary, self.generator, batch_size)
+        SAETrainer(cfg=cfg, sae=sae, data_provider=stream).fit()
+
+
+@torch.no_grad()
+def _explained_variance_and_l0(sae, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    feats = sae.encode(x)
+    x_hat = sae.decode(feats)
+    ev = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    return float(ev), (feats != 0).sum(-1)
+
+
+def test_synthetic_ground_truth_probe_l0_tracking_and_ev_vs_topk(tmp_path):
+    """Probe vs k* and SAE L0 vs true L0 Spearman >= 0.85; EV at matched mean L0 >= TopK's."""
+    from sae_lens import SAE, TopKTrainingSAE, TopKTrainingSAEConfig
+
+    torch.manual_seed(0)
+    source = _GatedSource(n_features=32, dim=32, lo=2, hi=16)
+    x, true_l0 = source.sample(4096, seed=7)
+    assert true_l0.min() <= 2 and true_l0.max() >= 14  # strongly varying complexity
+
+    ak = AdaptiveKTrainingSAE(
+        AdaptiveKTrainingSAEConfig(d_in=32, d_sae=32, k_min=1, k_max=16, probe_warmup_steps=1000)
+    )
+    source.train(ak)
+    report = ak.cfg.metadata.adaptivek_probe_report
+    assert report["spearman"] >= 0.85  # held-out (5-fold CV) Spearman of the probe vs k*
+    ak.save_inference_model(tmp_path / "adaptivek")
+    ak_ev, ak_l0 = _explained_variance_and_l0(SAE.load_from_disk(tmp_path / "adaptivek"), x)
+    assert spearman_corr(ak_l0, true_l0) >= 0.85
+
+    mean_l0 = float(ak_l0.float().mean())
+    torch.manual_seed(0)
+    topk = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=32, d_sae=32, k=max(1, round(mean_l0))))
+    source.train(topk)
+    topk.save_inference_model(tmp_path / "topk")
+    topk_ev, topk_l0 = _explained_variance_and_l0(SAE.load_from_disk(tmp_path / "topk"), x)
+    assert abs(float(topk_l0.float().mean()) - mean_l0) <= 0.5  # matched mean L0
+    assert ak_ev >= topk_ev
