@@ -173,7 +173,13 @@ def _required(cls: type) -> set[str]:
     }
 
 
-def _check_block(block: Any, allowed: dict[str, Any], where: str, what: str) -> dict[str, Any]:
+def _check_block(
+    block: Any,
+    allowed: dict[str, Any],
+    where: str,
+    what: str,
+    belongs_elsewhere: dict[str, str] | None = None,
+) -> dict[str, Any]:
     if not isinstance(block, dict):
         raise ConfigError(
             f"config key '{where or 'top level'}': expected a mapping, got {type(block).__name__}"
@@ -186,6 +192,8 @@ def _check_block(block: Any, allowed: dict[str, Any], where: str, what: str) -> 
 
             close = difflib.get_close_matches(str(key), list(allowed), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            if belongs_elsewhere and key in belongs_elsewhere:
+                hint = f" (it belongs in the {belongs_elsewhere[key]} block)"
             raise ConfigError(
                 f"unknown config key '{prefix}{key}'{hint} in {what}; allowed keys: "
                 + ", ".join(sorted(allowed))
@@ -216,7 +224,16 @@ def build_runner_config(raw: dict[str, Any]) -> Any:
         k: v for k, v in _fields(LanguageModelSAERunnerConfig).items() if k not in _NOT_SETTABLE
     }
     top_allowed = {**runner_fields, "sae": dict, "logger": dict}
-    top = _check_block(raw, top_allowed, "", "the runner config (LanguageModelSAERunnerConfig)")
+    elsewhere = {
+        name: "sae:"
+        for _, cfg_cls in SAE_TRAINING_CLASS_REGISTRY.values()
+        for name in _fields(cfg_cls)
+    }
+    elsewhere["architecture"] = "sae:"
+    elsewhere.update({name: "logger:" for name in _fields(LoggingConfig)})
+    top = _check_block(
+        raw, top_allowed, "", "the runner config (LanguageModelSAERunnerConfig)", elsewhere
+    )
 
     if "sae" not in top:
         raise ConfigError(

@@ -369,6 +369,8 @@ def test_hub_names_go_through_sae_lens_loading(tmp_path, local, monkeypatch):
     ("override", "message"),
     [
         ("n_epochs=3", ["unknown config key 'n_epochs'", "allowed keys:", "training_tokens"]),
+        ("k=4", ["unknown config key 'k'", "belongs in the sae: block"]),
+        ("log_to_wandb=true", ["unknown config key 'log_to_wandb'", "in the logger: block"]),
         ("sae.kk=3", ["unknown config key 'sae.kk'", "did you mean 'sae.k'", "d_sae"]),
         ("logger.wandb=1", ["unknown config key 'logger.wandb'", "log_to_wandb"]),
         ("lr=fast", ["config key 'lr'", "expected float", "'fast'"]),
