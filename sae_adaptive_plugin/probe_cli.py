@@ -225,6 +225,47 @@ def _kstar_batches(sae: Any, hook: str, make_batches: Any, target_fvu: float):
         yield X, y, fold
 
 
+def read_texts(
+    dataset: str,
+    split: str,
+    text_column: str,
+    score_column: str | None,
+    max_texts: int | None = None,
+) -> tuple[list[Any], list[Any] | None]:
+    """Texts (and scores, when ``score_column`` is given) of a local or Hub dataset.
+
+    A Hub dataset is streamed when ``max_texts`` is set, so only those rows are downloaded.
+    """
+    import itertools
+
+    from sae_adaptive_plugin import local_lm
+
+    hint = "" if score_column is None else " (or use --labels surprisal / kstar)"
+    if local_lm.is_local_dataset(dataset) or max_texts is None:
+        ds = local_lm.load_dataset_any(dataset, split=split)
+        if max_texts is not None:
+            ds = ds.select(range(min(max_texts, len(ds))))
+        rows_columns = list(ds.column_names)
+        get = ds.__getitem__
+    else:
+        stream = local_lm.load_dataset_any(dataset, split=split, streaming=True)
+        rows = list(itertools.islice(iter(stream), max_texts))
+        rows_columns = list(rows[0]) if rows else []
+
+        def get(column: str) -> list[Any]:
+            return [row[column] for row in rows]
+
+    for flag, column in (("--text-column", text_column), ("--score-column", score_column)):
+        if column is not None and column not in rows_columns:
+            raise ValueError(
+                f"{flag} {column!r} is not in the dataset; columns: {rows_columns}"
+                + (hint if flag == "--score-column" else "")
+            )
+    texts = list(get(text_column))
+    scores = list(get(score_column)) if score_column is not None else None
+    return texts, scores
+
+
 def _fit_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model name or local model folder")
     parser.add_argument("--hook", required=True, help="hook name, e.g. blocks.3.hook_resid_post")
@@ -246,7 +287,9 @@ def _fit_probe_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--positions", choices=POSITIONS, default="last")
     parser.add_argument("--context-size", type=int, help="truncate texts (default: model n_ctx)")
-    parser.add_argument("--max-texts", type=int, help="use at most this many texts")
+    parser.add_argument(
+        "--max-texts", type=int, help="use the first N texts (a Hub dataset is then streamed)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="texts per forward (default 8)")
     bos = parser.add_mutually_exclusive_group()
     bos.add_argument("--prepend-bos", dest="prepend_bos", action="store_true", default=None)
@@ -278,23 +321,13 @@ def _cmd_fit_probe(args: argparse.Namespace) -> int:
             print(f"error: {name} must be ≥ {low}, got {value}", file=sys.stderr)
             return 2
     try:
-        ds = local_lm.load_dataset_any(args.dataset, split=args.split)
-        if args.max_texts is not None:
-            ds = ds.select(range(min(args.max_texts, len(ds))))
-        columns = list(ds.column_names)
-        if args.text_column not in columns:
-            raise ValueError(
-                f"--text-column {args.text_column!r} is not in the dataset; columns: {columns}"
-            )
-        scores = None
-        if args.labels == "column":
-            if args.score_column not in columns:
-                raise ValueError(
-                    f"--score-column {args.score_column!r} is not in the dataset; columns: "
-                    f"{columns} (or use --labels surprisal)"
-                )
-            scores = list(ds[args.score_column])
-        texts = list(ds[args.text_column])
+        texts, scores = read_texts(
+            args.dataset,
+            args.split,
+            args.text_column,
+            args.score_column if args.labels == "column" else None,
+            args.max_texts,
+        )
         kstar_sae = None
         if args.labels == "kstar":
             if not args.sae:

@@ -364,6 +364,21 @@ def test_hub_names_go_through_sae_lens_loading(tmp_path, local, monkeypatch):
     assert main(["eval", str(out), "--n-batches", "1", "--batch-size-prompts", "2"]) == 0
     assert calls[-1][1] == "EleutherAI/pythia-70m-deduped"
 
+    # fit-probe: the same loader, and a data-files folder streamed by datasets.load_dataset
+    texts_dir = tmp_path / "hub_like_texts"
+    texts_dir.mkdir()
+    (texts_dir / "train.jsonl").write_text((local / "labelled.jsonl").read_text())
+    probe_path = tmp_path / "hub_probe.safetensors"
+    args = ["--hook", HOOK_NAME, "--dataset", str(texts_dir), "--max-texts", "20"]
+    rc = main(
+        ["fit-probe", "--model", "EleutherAI/pythia-70m-deduped", *args, "--out", str(probe_path)]
+    )
+    assert rc == 0
+    assert calls[-1][1] == "EleutherAI/pythia-70m-deduped"
+    from sae_adaptive_plugin.probe import ComplexityProbe
+
+    assert ComplexityProbe.load(probe_path).report.n_samples == 20
+
 
 @pytest.mark.parametrize(
     ("override", "message"),
