@@ -8,8 +8,9 @@ measured in ONE process, on one random Gaussian batch, with the thread count fix
 - ``hierarchical_topk``: largest budget ``K = k``.
 - ``softsae`` twice: in its soft phase (LapSum mask, a step after the ``K_t`` anneal and before
   ``hard_topk_start_step``) and in its hard phase (step ``hard_topk_start_step``: hard top-k with
-  per-row ``⌊k̂⌋``, ``k_max = 2k``); the k-estimator's output bias is set so that its mean ``k̂`` on
-  the batch is ``k``.
+  per-row ``⌊k̂⌋``, ``k_max = 2k``), with the estimator at its default hidden width (``d_sae``, the
+  reference); its output bias ``c₀`` is set so that the mean k on the batch is ``k`` (``k̂`` in
+  the soft phase, ``⌊k̂⌋`` in the hard phase).
 - ``adaptivek``: ``k_min = max(1, k/4)``, ``k_max = 2k − k_min``, with a probe (a random direction)
   whose label range is the batch's mean ± 2 std of its output, so the per-row k spreads over the
   range with mean ≈ ``k``.
@@ -217,6 +218,7 @@ def _softsae_phase_steps(sae_cfg: Any) -> tuple[int, int]:
 
 
 def _build_softsae(cfg: BenchConfig, x: Any) -> list[_Row]:
+    import torch
     from sae_lens.registry import get_sae_training_class
 
     sae_cls, cfg_cls = get_sae_training_class("softsae")
@@ -232,13 +234,18 @@ def _build_softsae(cfg: BenchConfig, x: Any) -> list[_Row]:
         )
         sae = sae_cls(sae_cfg)
         soft_step, hard_step = _softsae_phase_steps(sae_cfg)
-        _center_softsae_estimator(sae, x, cfg.k)
+        # k̂ is continuous; the hard phase keeps ⌊k̂⌋, so centre k̂ on k + ½
+        _center_softsae_estimator(sae, x, cfg.k + (0.5 if phase == "hard" else 0.0))
         settings = {
             "k": cfg.k,
             "k_max": sae_cfg.k_max,
             "k_estimator_hidden": getattr(sae_cfg, "k_estimator_hidden", None),
             "n_training_steps": soft_step if phase == "soft" else hard_step,
         }
+        mean_k = None
+        if phase == "soft":  # the soft mask sums to k̂ per row: report the mean of k̂ itself
+            with torch.no_grad():
+                mean_k = float(sae.estimate_k_from_sae_in(sae.process_sae_in(x)).float().mean())
         rows.append(
             _Row(
                 f"softsae_{phase}",
@@ -247,34 +254,27 @@ def _build_softsae(cfg: BenchConfig, x: Any) -> list[_Row]:
                 settings=settings,
                 train_sae=sae,
                 step_index=settings["n_training_steps"],
+                mean_k=mean_k,
             )
         )
     return rows
 
 
-def _center_softsae_estimator(sae: Any, x: Any, k: int) -> None:
-    """Shift the k-estimator's output bias so that its mean ``k̂`` on ``x`` is about ``k``.
+def _center_softsae_estimator(sae: Any, x: Any, k: float) -> None:
+    """Set the k-estimator's output bias ``c₀`` so that its mean ``k̂`` on ``x`` is about ``k``.
 
-    Bisection on the bias (``k̂`` is monotone in it); a no-op when the SAE has no
-    ``k_per_sample``-like estimate or no scalar output bias parameter.
+    Bisection on ``c₀`` (``k̂`` is increasing in it).
     """
     import torch
 
-    estimate = getattr(sae, "k_hat", None) or getattr(sae, "estimate_k", None)
-    bias = None
-    for name in ("k_estimator_out_bias", "k_estimator_c0", "c0"):
-        p = getattr(sae, name, None)
-        if isinstance(p, torch.Tensor) and p.numel() == 1:
-            bias = p
-            break
-    if estimate is None or bias is None:
-        return
+    bias = sae.k_est_b_out
     with torch.no_grad():
+        sae_in = sae.process_sae_in(x)
         lo, hi = -30.0, 30.0
-        for _ in range(40):
+        for _ in range(30):
             mid = (lo + hi) / 2
             bias.fill_(mid)
-            if float(estimate(x).float().mean()) < k:
+            if float(sae.estimate_k_from_sae_in(sae_in).float().mean()) < k:
                 lo = mid
             else:
                 hi = mid
