@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -149,49 +148,44 @@ def fit_probe_from_texts(
     ``scores`` are the per-text labels; ``None`` selects surprisal labels, or ``k*`` labels under
     ``kstar_sae`` when that is given.
     """
-    from sae_adaptive_plugin import local_lm
-    from sae_adaptive_plugin.probe import ComplexityProbe, RidgeAccumulator
+    from sae_adaptive_plugin import labels
 
-    if scores is not None and len(scores) != len(texts):
-        raise ValueError(f"{len(texts)} texts but {len(scores)} scores")
     if scores is not None:
-        bad = [s for s in scores if s is None or not math.isfinite(float(s))]
-        if bad:
-            raise ValueError(f"score column has {len(bad)} missing or non-finite values")
-        scores = [float(s) for s in scores]
-    if prepend_bos is None:
-        prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
-    ctx = int(context_size or model.cfg.n_ctx)
-    if ctx < 1 or ctx > model.cfg.n_ctx:
-        raise ValueError(
-            f"context_size must be in [1, {model.cfg.n_ctx}] (the model's n_ctx), got {ctx}"
-        )
-    token_lists = [t[:ctx] for t in local_lm.texts_to_token_lists(model, texts, prepend_bos)]
-
-    def stream(labels: list[float] | None):
-        return collect_activations(
-            model,
-            hook,
-            token_lists,
-            labels,
-            positions=positions,
-            batch_size=batch_size,
-            skip_first=prepend_bos,
-            n_folds=n_folds,
-            seed=seed,
-        )
-
-    batches = stream(scores)
+        missing = [i for i, v in enumerate(scores) if v is None]
+        if missing:
+            raise ValueError(
+                f"score column has {len(missing)} missing values (rows {missing[:10]})"
+            )
+    common: dict[str, Any] = dict(
+        model=model,
+        hook=hook,
+        texts=texts,
+        positions=positions,
+        context_size=context_size,
+        batch_size=batch_size,
+        prepend_bos=prepend_bos,
+        n_folds=n_folds,
+        seed=seed,
+    )
+    source: Any
     if kstar_sae is not None:
-        batches = _kstar_batches(kstar_sae, hook, stream([0.0] * len(token_lists)), target_fvu)
-    acc: RidgeAccumulator | None = None
-    for X, y, fold in batches:
-        if acc is None:
-            acc = RidgeAccumulator(X.shape[1], n_folds=n_folds, seed=seed)
-        acc.update(X, y, fold=fold)
-    if acc is None:
-        raise ValueError("no activations collected: the dataset is empty")
-    return ComplexityProbe.from_accumulator(acc, lambdas)
+        activations = labels.TextScoreLabels(scores=[0.0] * len(texts), **common)
+        source = _Relabelled(_kstar_batches(kstar_sae, hook, activations.batches(), target_fvu))
+    elif scores is None:
+        source = labels.SurprisalLabels(**common)
+    else:
+        source = labels.TextScoreLabels(scores=scores, **common)
+    return labels.fit_probe(source, lambdas=lambdas, n_folds=n_folds, seed=seed)
+
+
+class _Relabelled:
+    """A label source over an iterator of already-labelled batches."""
+
+    def __init__(self, batches: Any) -> None:
+        self._batches = batches
+
+    def batches(self) -> Any:
+        return self._batches
 
 
 def _kstar_batches(sae: Any, hook: str, make_batches: Any, target_fvu: float):
