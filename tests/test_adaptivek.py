@@ -232,6 +232,55 @@ def test_inference_save_folds_decoder_norms_and_keeps_probe(tmp_path):
     assert probe is not None and torch.equal(probe.weight, sae.probe_weight)
 
 
+def test_trainer_norm_scaling_is_folded_into_the_probe():
+    """End to end: SAELens's trainer scales inputs, the warm-up fits the probe on scaled inputs,
+    and the fold at the end of ``fit`` maps it back to raw activations."""
+    import copy
+
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    sae = _training_sae(
+        probe_warmup_steps=10, target_fvu=0.3, normalize_activations="expected_average_only_in"
+    )
+    captured: dict[str, object] = {}
+    original = sae.fold_activation_norm_scaling_factor
+
+    def fold_and_capture(scaling_factor: float) -> None:
+        captured["before"] = copy.deepcopy(sae)
+        captured["factor"] = scaling_factor
+        original(scaling_factor)
+
+    sae.fold_activation_norm_scaling_factor = fold_and_capture  # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(0)
+
+    def batches():
+        while True:
+            yield torch.randn(64, 16, generator=g).abs() * torch.rand(64, 1, generator=g) * 30
+
+    cfg = SAETrainerConfig(
+        total_training_samples=64 * 16,
+        train_batch_size_samples=64,
+        lr=3e-3,
+        lr_end=3e-3,
+        lr_scheduler_name="constant",
+        lr_warm_up_steps=0,
+        device="cpu",
+        dead_feature_window=1000,
+        feature_sampling_window=1000,
+        logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=2,
+    )
+    SAETrainer(cfg=cfg, sae=sae, data_provider=batches()).fit()
+    assert sae.is_adaptive and "before" in captured
+    before, s = captured["before"], float(captured["factor"])
+    assert s != 1.0 and sae.cfg.normalize_activations == "none"
+    x = next(batches())
+    with torch.no_grad():
+        assert torch.equal(before.k_per_sample(s * x), sae.k_per_sample(x))
+        assert torch.allclose(before(s * x) / s, sae(x), atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------

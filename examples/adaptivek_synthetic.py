@@ -1,0 +1,184 @@
+"""AdaptiveK on synthetic ground truth: the issue-5 acceptance numbers, at a larger budget than the tests.
+
+Trains, on one variable-complexity synthetic stream (:mod:`sae_adaptive_plugin.synthetic`: SAELens
+``FeatureDictionary`` + ``ActivationGenerator`` + a per-sample density gate, true L0 log-uniform
+between ``--min-l0`` and ``--max-l0``):
+
+1. an ``adaptivek`` SAE from a plain config (warm-up at ``k_max`` with the all-prefix loss, ``k*``
+   labels, probe fit, then adaptive k);
+2. SAELens ``topk`` and ``batchtopk`` SAEs at ``k = round(mean L0 of the AdaptiveK SAE)``
+   (matched mean L0), with the same steps, batch size and learning rate;
+
+then evaluates the saved-and-reloaded inference SAEs on held-out samples and prints a JSON line
+per SAE plus a summary:
+
+- ``probe_cv_spearman``: the probe's 5-fold held-out Spearman against ``k*`` (warm-up data);
+- ``probe_heldout_spearman_vs_true_l0``: the stored probe's Spearman against the true L0 on the
+  held-out set;
+- ``l0_spearman_vs_true``: Spearman of each sample's SAE L0 and its true L0;
+- ``explained_variance``, ``l0_mean``, ``l0_std``, ``mcc`` (SAELens's evaluation helpers).
+
+Usage (CPU, a few minutes)::
+
+    python examples/adaptivek_synthetic.py --steps 3000 --warmup 1800            # default source
+    python examples/adaptivek_synthetic.py --num-features 32 --hidden-dim 32 \\
+        --max-l0 16 --steps 1500 --warmup 1000                                   # the test's source
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import sae_lens  # noqa: F401  (first: the plugin registers its architectures)
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-features", type=int, default=256)
+    parser.add_argument("--hidden-dim", type=int, default=64)
+    parser.add_argument("--min-l0", type=float, default=2.0)
+    parser.add_argument("--max-l0", type=float, default=50.0)
+    parser.add_argument("--d-sae", type=int, default=None, help="default: --num-features")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--warmup", type=int, default=1800, help="probe_warmup_steps")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--target-fvu", type=float, default=0.1)
+    parser.add_argument("--eval-samples", type=int, default=8192)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("runs/adaptivek_synthetic"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from sae_lens import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
+
+    from sae_adaptive_plugin.probe import spearman_corr
+    from sae_adaptive_plugin.saes.adaptivek import (
+        AdaptiveKTrainingSAE,
+        AdaptiveKTrainingSAEConfig,
+    )
+    from sae_adaptive_plugin.synthetic import (
+        CompareConfig,
+        VariableComplexityConfig,
+        VariableComplexitySource,
+        evaluate_sae,
+        to_inference_sae,
+        train_sae,
+    )
+
+    src_cfg = VariableComplexityConfig(
+        num_features=args.num_features,
+        hidden_dim=args.hidden_dim,
+        min_l0=args.min_l0,
+        max_l0=args.max_l0,
+        seed=args.seed,
+    )
+    source = VariableComplexitySource(src_cfg)
+    feats, x, true_l0 = source.sample(args.eval_samples, seed=args.seed + 1)
+    true_l0 = true_l0.float()
+    d_sae = args.d_sae or args.num_features
+    k_max = max(2, min(d_sae, round(args.max_l0)))
+    run = CompareConfig(
+        source=src_cfg,
+        d_sae=d_sae,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    print(
+        json.dumps(
+            {
+                "source": vars(src_cfg),
+                "true_l0_mean": float(true_l0.mean()),
+                "true_l0_std": float(true_l0.std()),
+                "true_l0_range": [int(true_l0.min()), int(true_l0.max())],
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+            }
+        )
+    )
+
+    rows = []
+
+    def record(name: str, training_sae, seconds: float, extra: dict) -> dict:
+        inference = to_inference_sae(training_sae, args.out / name)
+        metrics, l0 = evaluate_sae(inference, x, feats, source.true_features)
+        row = {
+            "name": name,
+            **metrics,
+            "l0_spearman_vs_true": spearman_corr(l0, true_l0),
+            "train_seconds": seconds,
+            **extra,
+        }
+        rows.append(row)
+        print(json.dumps(row))
+        return row
+
+    torch.manual_seed(args.seed)
+    ak = AdaptiveKTrainingSAE(
+        AdaptiveKTrainingSAEConfig(
+            d_in=args.hidden_dim,
+            d_sae=d_sae,
+            k_min=1,
+            k_max=k_max,
+            probe_warmup_steps=args.warmup,
+            target_fvu=args.target_fvu,
+        )
+    )
+    start = time.perf_counter()
+    train_sae(ak, source, run)
+    seconds = time.perf_counter() - start
+    report = ak.cfg.metadata.adaptivek_probe_report
+    probe = ak.get_probe()
+    assert probe is not None
+    with torch.no_grad():
+        heldout = spearman_corr(probe.predict(x), true_l0)
+    ak_row = record(
+        "adaptivek",
+        ak,
+        seconds,
+        {
+            "k_min": 1,
+            "k_max": k_max,
+            "probe_cv_spearman": report["spearman"],
+            "probe_cv_r2": report["r2"],
+            "probe_lambda": report["lam"],
+            "probe_heldout_spearman_vs_true_l0": heldout,
+        },
+    )
+    k = max(1, round(ak_row["l0_mean"]))
+    for name, sae_cls, cfg_cls in (
+        ("topk", TopKTrainingSAE, TopKTrainingSAEConfig),
+        ("batchtopk", BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
+    ):
+        torch.manual_seed(args.seed)
+        sae = sae_cls(cfg_cls(d_in=args.hidden_dim, d_sae=d_sae, k=k))
+        start = time.perf_counter()
+        train_sae(sae, source, run)
+        record(name, sae, time.perf_counter() - start, {"k": k})
+
+    summary = {
+        r["name"]: {
+            key: round(float(r[key]), 4)
+            for key in ("explained_variance", "l0_mean", "l0_std", "l0_spearman_vs_true", "mcc")
+        }
+        for r in rows
+    }
+    summary["adaptivek"]["probe_cv_spearman"] = round(float(report["spearman"]), 4)
+    summary["adaptivek"]["probe_heldout_spearman_vs_true_l0"] = round(heldout, 4)
+    print(json.dumps({"summary": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
