@@ -11,6 +11,7 @@ from sae_adaptive_plugin.ops.variable_topk import (
     decode_topk_dense,
     decode_topk_gather,
     scatter_topk,
+    topk_encode,
     variable_topk,
     variable_topk_reference,
 )
@@ -122,3 +123,75 @@ def test_gather_decode_one_input_needing_grad() -> None:
     (ref_w,) = torch.autograd.grad(decode_topk_dense(top.values, top.indices, W_dec).sum(), W_dec)
     torch.testing.assert_close(g_w, ref_w)
     torch.testing.assert_close(g_v, W_dec.detach()[top.indices].sum(-1))
+
+
+def _encode_case(dtype: torch.dtype, with_scale: bool):
+    g = torch.Generator().manual_seed(1)
+    sae_in = torch.randn(2, 5, 8, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    W_enc = torch.randn(8, 40, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    b_enc = (0.1 * torch.randn(40, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    scale = None
+    if with_scale:
+        scale = (torch.rand(40, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+        scale.requires_grad_()
+    k = torch.tensor([[0, 1, 3, 6, 6], [2, 5, 4, 1, 6]])
+    return sae_in, W_enc, b_enc, scale, k
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+@pytest.mark.parametrize("use_hidden_pre", [False, True])
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 5e-2)]
+)
+def test_topk_encode_sparse_matches_dense(
+    dtype: torch.dtype, atol: float, with_scale: bool, use_hidden_pre: bool
+) -> None:
+    sae_in, W_enc, b_enc, scale, k = _encode_case(dtype, with_scale)
+    inputs = [t for t in (sae_in, W_enc, b_enc, scale) if t is not None]
+    up_v = torch.randn(2, 5, 6, dtype=torch.float64).to(dtype)
+    up_h = torch.randn(2, 5, 40, dtype=torch.float64).to(dtype)
+    results = []
+    for impl in ("dense", "sparse"):
+        hidden_pre, top = topk_encode(sae_in, W_enc, b_enc, k, k_max=6, scale=scale, impl=impl)
+        loss = (top.values * up_v).sum()
+        if use_hidden_pre:  # hidden_pre used with gradient (as AuxK does): dense backward
+            loss = loss + (hidden_pre * up_h).sum()
+        results.append((hidden_pre, top.values, *torch.autograd.grad(loss, inputs)))
+        assert torch.equal(top.mask.sum(-1), k)
+        assert (top.values[~top.mask] == 0).all()
+        ref = variable_topk(hidden_pre.detach(), k, 6)
+        assert torch.equal(top.indices, ref.indices)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=atol, rtol=atol)
+
+
+def test_topk_encode_sparse_gradcheck_float64() -> None:
+    sae_in, W_enc, b_enc, scale, k = _encode_case(torch.float64, True)
+    for use_hidden_pre in (False, True):
+
+        def f(x, w, b, s, use=use_hidden_pre):
+            hidden_pre, top = topk_encode(x, w, b, k, k_max=6, scale=s, impl="sparse")
+            out = top.values.pow(2).sum()
+            return out + hidden_pre.sin().sum() if use else out
+
+        assert torch.autograd.gradcheck(f, (sae_in, W_enc, b_enc, scale), eps=1e-6, atol=1e-7)
+
+
+def test_topk_encode_zero_scale_and_bad_input() -> None:
+    sae_in, W_enc, b_enc, scale, k = _encode_case(torch.float64, True)
+    scale = scale.detach().clone()
+    scale[3] = 0.0
+    scale.requires_grad_()
+    grads = []
+    for impl in ("dense", "sparse"):
+        hidden_pre, top = topk_encode(sae_in, W_enc, b_enc, k, 6, scale=scale, impl=impl)
+        loss = top.values.sum() + hidden_pre.pow(2).sum()
+        grads.append(torch.autograd.grad(loss, [scale, W_enc]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="impl must be"):
+        topk_encode(sae_in, W_enc, b_enc, k, 6, impl="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="scale must have shape"):
+        topk_encode(sae_in, W_enc, b_enc, k, 6, scale=torch.ones(3))
+    with pytest.raises(ValueError, match="k_max must lie in"):
+        topk_encode(sae_in, W_enc, b_enc, 3, 41)

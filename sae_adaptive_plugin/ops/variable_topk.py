@@ -9,6 +9,9 @@ reconstruction ``Σ_i values_i · W_dec[indices_i]`` (no bias).
 :func:`decode_topk` has two implementations with the same values and gradients: a dense reference
 (scatter to ``[B, d_sae]`` then one matmul, what SAELens's TopK does) and a gather path
 (``embedding_bag`` over the k selected decoder rows) that touches only ``B·k`` rows.
+
+:func:`topk_encode` fuses the encoder and the selection, with a backward that touches only the
+selected latents (``impl="sparse"``) next to the plain autograd reference (``impl="dense"``).
 """
 
 from __future__ import annotations
@@ -131,3 +134,140 @@ def decode_topk(
     if impl == "dense":
         return decode_topk_dense(values, indices, W_dec)
     raise ValueError(f"impl must be 'auto', 'dense' or 'gather', got {impl!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder + selection with a backward that touches only the selected latents
+# ---------------------------------------------------------------------------------------------
+
+
+class _TopKEncode(torch.autograd.Function):
+    """``hidden_pre = (sae_in @ W_enc + b_enc) · scale`` and its per-row top-``k`` (see
+    :func:`topk_encode`). Outputs: ``hidden_pre``, ``values``, ``indices``, ``mask``."""
+
+    @staticmethod
+    def forward(ctx, sae_in, W_enc, b_enc, scale, k_per_row, k_max):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        h = torch.addmm(b_enc, sae_in, W_enc)
+        hidden_pre = h * scale if scale is not None else h
+        top = hidden_pre.topk(k_max, dim=-1, sorted=True)
+        ranks = torch.arange(k_max, device=hidden_pre.device)
+        mask = ranks < k_per_row.unsqueeze(-1).to(ranks.dtype)
+        positive = mask & (top.values > 0)
+        values = torch.where(positive, top.values, torch.zeros((), dtype=top.values.dtype))
+        h_sel = h.gather(-1, top.indices) if scale is not None else None
+        del h
+        ctx.save_for_backward(sae_in, W_enc, b_enc, scale, top.indices, positive, h_sel, hidden_pre)
+        ctx.mark_non_differentiable(top.indices, mask)
+        return hidden_pre, values, top.indices, mask
+
+    @staticmethod
+    def backward(ctx, grad_hidden_pre, grad_values, _grad_indices, _grad_mask):  # type: ignore[override]
+        sae_in, W_enc, b_enc, scale, indices, positive, h_sel, hidden_pre = ctx.saved_tensors
+        need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
+        d_sae = W_enc.shape[1]
+        if grad_values is None and grad_hidden_pre is None:
+            return None, None, None, None, None, None
+        if grad_hidden_pre is not None:
+            # something used hidden_pre densely (e.g. the AuxK loss): plain dense backward
+            g = grad_hidden_pre.clone()
+            if grad_values is not None:
+                g.scatter_add_(-1, indices, torch.where(positive, grad_values, 0))
+            grad_s = None
+            if scale is not None:
+                if need_s:
+                    nonzero = scale != 0
+                    if bool(nonzero.all()):
+                        h = hidden_pre / scale
+                    else:  # a zero scale hides h: recompute it
+                        h = torch.addmm(b_enc, sae_in, W_enc)
+                    grad_s = (g * h).sum(0)
+                g = g * scale
+            grad_x = g @ W_enc.t() if need_x else None
+            grad_w = sae_in.t() @ g if need_w else None
+            grad_b = g.sum(0) if need_b else None
+            return grad_x, grad_w, grad_b, grad_s, None, None
+        # sparse backward: only the N·k selected (row, latent) pairs carry gradient
+        g_sel = torch.where(positive, grad_values, 0)  # ∂L/∂hidden_pre at the selected slots
+        flat_idx = indices.reshape(-1)
+        grad_s = None
+        if scale is not None:
+            if need_s:
+                grad_s = scale.new_zeros(d_sae).index_add_(0, flat_idx, (g_sel * h_sel).reshape(-1))
+            g_sel = g_sel * scale[indices]
+        grad_b = (
+            W_enc.new_zeros(d_sae).index_add_(0, flat_idx, g_sel.reshape(-1).to(W_enc.dtype))
+            if need_b
+            else None
+        )
+        grad_x = grad_w = None
+        if need_x or need_w:
+            # ∂L/∂sae_in[n] = Σ_i g[n, i] · W_enc[:, idx[n, i]]: an embedding_bag over W_encᵀ;
+            # ∂L/∂W_encᵀ[j] = Σ_{(n,i): idx=j} g[n, i] · sae_in[n]: that bag's weight gradient
+            W_t = W_enc.detach().t().contiguous().requires_grad_(need_w)
+            with torch.enable_grad():
+                grad_x = F.embedding_bag(
+                    indices, W_t, per_sample_weights=g_sel.to(W_t.dtype), mode="sum"
+                )
+                if need_w:
+                    (grad_w_t,) = torch.autograd.grad(grad_x, W_t, grad_outputs=sae_in)
+                    grad_w = grad_w_t.t().contiguous()
+            grad_x = grad_x.detach() if need_x else None
+        return grad_x, grad_w, grad_b, grad_s, None, None
+
+
+EncodeImpl = Literal["auto", "dense", "sparse"]
+
+
+def topk_encode(
+    sae_in: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k_per_row: torch.Tensor | int,
+    k_max: int | None = None,
+    scale: torch.Tensor | None = None,
+    impl: EncodeImpl = "auto",
+) -> tuple[torch.Tensor, TopKResult]:
+    """Encoder and per-row top-k in one op: ``(hidden_pre, variable_topk(hidden_pre, k, k_max))``.
+
+    ``hidden_pre = (sae_in @ W_enc + b_enc) · scale`` (``scale``: optional ``[d_sae]``, e.g. the
+    decoder-row norms of SAELens's ``rescale_acts_by_decoder_norm``), shape ``[..., d_sae]``.
+    Values and gradients (to ``sae_in``, ``W_enc``, ``b_enc``, ``scale``) equal the plain
+    autograd composition (``impl="dense"``, the reference). ``impl="sparse"`` computes the
+    backward from the ``N·k_max`` selected slots only when nothing else uses ``hidden_pre``
+    with gradient: ``∂L/∂W_enc`` and ``∂L/∂sae_in`` become an ``embedding_bag`` over ``W_encᵀ``
+    and its weight gradient (``N·k·d_in`` work) instead of two ``N × d_in × d_sae`` matmuls;
+    ``∂L/∂b_enc`` and ``∂L/∂scale`` are index-adds. When ``hidden_pre`` itself receives a
+    gradient (e.g. SAELens's AuxK loss on dead latents), the backward is the dense one.
+    ``"auto"`` = ``"sparse"``, except under autocast (``"dense"``). Double backward is not
+    supported by the sparse path.
+    """
+    if impl == "auto":
+        impl = "dense" if torch.is_autocast_enabled(sae_in.device.type) else "sparse"
+    d_sae = W_enc.shape[-1]
+    lead = sae_in.shape[:-1]
+    if isinstance(k_per_row, int):
+        k_per_row = torch.full(lead, k_per_row, device=sae_in.device)
+    if k_per_row.shape != lead:
+        raise ValueError(f"k_per_row has shape {tuple(k_per_row.shape)}, expected {tuple(lead)}")
+    if k_max is None:
+        k_max = int(k_per_row.max()) if k_per_row.numel() else 0
+    if not 0 <= k_max <= d_sae:
+        raise ValueError(f"k_max must lie in [0, d_sae={d_sae}], got {k_max}")
+    if scale is not None and scale.shape != (d_sae,):
+        raise ValueError(f"scale must have shape ({d_sae},), got {tuple(scale.shape)}")
+    if impl == "dense":
+        # addmm, as the sparse path does, so both give bit-identical hidden_pre (and selections)
+        hidden_pre = torch.addmm(b_enc, sae_in.reshape(-1, sae_in.shape[-1]), W_enc)
+        hidden_pre = hidden_pre.reshape(*lead, d_sae)
+        if scale is not None:
+            hidden_pre = hidden_pre * scale
+        return hidden_pre, variable_topk(hidden_pre, k_per_row, k_max)
+    if impl != "sparse":
+        raise ValueError(f"impl must be 'auto', 'dense' or 'sparse', got {impl!r}")
+    hidden_pre, values, indices, mask = _TopKEncode.apply(
+        sae_in.reshape(-1, sae_in.shape[-1]), W_enc, b_enc, scale, k_per_row.reshape(-1), k_max
+    )
+    return hidden_pre.reshape(*lead, d_sae), TopKResult(
+        values.reshape(*lead, k_max), indices.reshape(*lead, k_max), mask.reshape(*lead, k_max)
+    )
