@@ -48,6 +48,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--target-fvu", type=float, default=0.1)
+    parser.add_argument("--warmup-loss", choices=("hierarchical", "mse"), default="hierarchical")
+    parser.add_argument(
+        "--only-adaptivek", action="store_true", help="skip the TopK/BatchTopK baselines"
+    )
     parser.add_argument("--eval-samples", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -134,6 +138,7 @@ def main() -> None:
             k_max=k_max,
             probe_warmup_steps=args.warmup,
             target_fvu=args.target_fvu,
+            warmup_loss=args.warmup_loss,
         )
     )
     start = time.perf_counter()
@@ -155,13 +160,15 @@ def main() -> None:
             "probe_cv_r2": report["r2"],
             "probe_lambda": report["lam"],
             "probe_heldout_spearman_vs_true_l0": heldout,
+            "warmup_loss": args.warmup_loss,
         },
     )
     k = max(1, round(ak_row["l0_mean"]))
-    for name, sae_cls, cfg_cls in (
+    baselines = (
         ("topk", TopKTrainingSAE, TopKTrainingSAEConfig),
         ("batchtopk", BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
-    ):
+    )
+    for name, sae_cls, cfg_cls in () if args.only_adaptivek else baselines:
         torch.manual_seed(args.seed)
         sae = sae_cls(cfg_cls(d_in=args.hidden_dim, d_sae=d_sae, k=k))
         start = time.perf_counter()

@@ -20,9 +20,14 @@ Two ways to get the probe, both from a plain SAELens config (``architecture="ada
   (``expected_average_only_in``, ``covariance_whitening``) is refused with this option.
 - none: the SAE trains at ``k_max`` for ``probe_warmup_steps`` steps, by default with the
   HierarchicalTopK all-prefix loss (``warmup_loss="hierarchical"``; ``"mse"`` = plain TopK). **(ours)**
-  A plain TopK at ``k_max`` learns to spread every row over all ``k_max`` latents (on synthetic data
-  it grows ``b_dec`` and re-adds it with many latents even for 1-feature rows), so its prefixes say
-  little about a row's complexity; the all-prefix loss makes every prefix a good reconstruction.
+  A plain TopK at ``k_max`` makes every row use all ``k_max`` latents (on synthetic data it grows
+  ``b_dec`` and re-adds it with many latents even for 1-feature rows), so its prefix lengths are a
+  noisier label; the all-prefix loss makes every prefix a reconstruction in its own right. Measured
+  with ``examples/adaptivek_synthetic.py`` (32 orthogonal features, true L0 2–16, 1500 steps,
+  warm-up 1000): probe held-out Spearman vs ``k*`` 0.97 (all-prefix) vs 0.71 (plain TopK); the
+  trained SAE's L0 tracks the true L0 in both cases (Spearman 0.91 vs 0.96). Command:
+  ``python examples/adaptivek_synthetic.py --num-features 32 --hidden-dim 32 --max-l0 16
+  --steps 1500 --warmup 1000 [--warmup-loss mse --only-adaptivek]``.
   During the second half of the warm-up it labels each training row with ``k*`` — the fewest of its
   own sorted latents whose prefix reconstruction reaches ``target_fvu`` of the row's variance
   ``‖x − batch mean‖²`` (:func:`~sae_adaptive_plugin.ops.hierarchical.prefix_reconstruction_errors`,
