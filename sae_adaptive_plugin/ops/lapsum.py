@@ -88,8 +88,10 @@ def lapsum_threshold(scores: torch.Tensor, k_hat: torch.Tensor, alpha: float) ->
     k = k_hat.clamp(0, n_f).unsqueeze(-1)
     neg_inf = torch.full_like(x[..., :1], -math.inf)
     # lp[i] = log Σ_{j<i} e^{−x_j},  lq[i] = log Σ_{j>i} e^{x_j}   (0-based, exclusive)
-    lp = torch.cat([neg_inf, torch.logcumsumexp(-x, dim=-1)[..., :-1]], dim=-1)
-    lq = torch.cat([torch.logcumsumexp(x.flip(-1), dim=-1).flip(-1)[..., 1:], neg_inf], dim=-1)
+    lp_incl = torch.logcumsumexp(-x, dim=-1)  # log Σ_{j≤i} e^{−x_j}
+    lq_incl = torch.logcumsumexp(x.flip(-1), dim=-1).flip(-1)  # log Σ_{j≥i} e^{x_j}
+    lp = torch.cat([neg_inf, lp_incl[..., :-1]], dim=-1)
+    lq = torch.cat([lq_incl[..., 1:], neg_inf], dim=-1)
     idx = torch.arange(n_f, device=x.device, dtype=x.dtype)
     # S at τ = v_i: i entries above (u > 0), entry i at u = 0 (½), the rest below
     s_at = idx + 0.5 - 0.5 * torch.exp(lp + x) + 0.5 * torch.exp(lq - x)
@@ -103,8 +105,8 @@ def lapsum_threshold(scores: torch.Tensor, k_hat: torch.Tensor, alpha: float) ->
     ia = (p - 1).clamp(0, n_f - 1)
     ib = p.clamp(0, n_f - 1)
     x_a, x_b = x.gather(-1, ia), x.gather(-1, ib)
-    log_a = torch.logcumsumexp(-x, dim=-1).gather(-1, ia) + x_a
-    log_b_low = torch.logcumsumexp(x.flip(-1), dim=-1).flip(-1).gather(-1, ib) - x_b
+    log_a = lp_incl.gather(-1, ia) + x_a
+    log_b_low = lq_incl.gather(-1, ib) - x_b
     log_ab = log_a + log_b_low + (x_b - x_a)
     d = p.to(x.dtype) - k
     r = torch.sqrt(d * d + torch.exp(log_ab))

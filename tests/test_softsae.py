@@ -1,0 +1,310 @@
+"""Tests of the ``softsae`` architecture: SAELens runner training, reload, evals, phases,
+schedule/resume determinism, folds, config errors, and the ground-truth acceptance check."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from sae_lens import (
+    SAE,
+)
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.registry import get_sae_class, get_sae_training_class
+from sae_lens.saes.sae import TrainStepInput
+from sae_lens.training.sae_trainer import SAETrainer
+
+from sae_adaptive_plugin.saes.softsae import (
+    SoftSAE,
+    SoftSAEConfig,
+    SoftSAETrainingConfig,
+    SoftSAETrainingSAE,
+)
+from tests.tiny_lm import (
+    D_MODEL,
+    reload_outputs_in_subprocess,
+    run_evals_on,
+    tiny_activations,
+    train_tiny_runner,
+)
+
+
+def _cfg(**overrides) -> SoftSAETrainingConfig:
+    kwargs = dict(
+        d_in=16,
+        d_sae=48,
+        k=4,
+        k_estimator_hidden=12,
+        alpha_anneal_steps=6,
+        k_anneal_steps=2,
+        hard_topk_start_step=8,
+    )
+    kwargs.update(overrides)
+    return SoftSAETrainingConfig(**kwargs)
+
+
+def _step(sae, x: torch.Tensor, step: int, dead: torch.Tensor | None = None):
+    return sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=dead,
+            n_training_steps=step,
+            is_logging_step=False,
+        )
+    )
+
+
+def test_registered_in_sae_lens() -> None:
+    assert get_sae_training_class("softsae") == (SoftSAETrainingSAE, SoftSAETrainingConfig)
+    assert get_sae_class("softsae") == (SoftSAE, SoftSAEConfig)
+
+
+def test_runner_train_save_reload_and_evals(tmp_path: Path) -> None:
+    cfg = SoftSAETrainingConfig(
+        d_in=D_MODEL,
+        d_sae=64,
+        k=4,
+        k_estimator_hidden=16,
+        alpha_anneal_steps=10,
+        k_anneal_steps=2,
+        hard_topk_start_step=30,
+        normalize_activations="expected_average_only_in",  # exercises the scaling fold
+    )
+    sae, path = train_tiny_runner(cfg, tmp_path)
+    assert isinstance(sae, SoftSAETrainingSAE)
+    x = tiny_activations(64)
+    loaded = SAE.load_from_disk(path)
+    assert isinstance(loaded, SoftSAE)
+    with torch.no_grad():
+        feats, out = loaded.encode(x), loaded(x)
+        torch.testing.assert_close(out, sae(x), rtol=1e-5, atol=1e-5)
+    outputs, cls_name = reload_outputs_in_subprocess(path, x)
+    assert cls_name == "sae_adaptive_plugin.saes.softsae.SoftSAE"
+    assert torch.equal(outputs["feature_acts"], feats)
+    assert torch.equal(outputs["sae_out"], out)
+    # each row keeps at most its own ⌊k̂(x)⌋ latents, and k varies within [1, k_max]
+    k = loaded.k_per_sample(x)
+    assert ((feats != 0).sum(-1) <= k).all()
+    assert int(k.min()) >= 1 and int(k.max()) <= loaded.cfg.k_max
+    metrics = run_evals_on(loaded)
+    for group, key in (
+        ("reconstruction_quality", "explained_variance"),
+        ("sparsity", "l0"),
+        ("model_performance_preservation", "ce_loss_score"),
+    ):
+        assert torch.isfinite(torch.tensor(float(metrics[group][key]))), (group, key)
+    assert 1 <= metrics["sparsity"]["l0"] <= loaded.cfg.k_max
+
+
+def test_soft_phase_trains_estimator_and_reports_metrics() -> None:
+    sae = SoftSAETrainingSAE(_cfg())
+    x = torch.randn(32, 16)
+    out = _step(sae, x, step=0)
+    assert set(out.metrics) >= {"mean_k", "std_k", "soft_l0", "alpha", "k_target"}
+    assert "k_penalty" in out.losses and "auxiliary_reconstruction_loss" in out.losses
+    out.loss.backward()
+    for name in ("k_est_W_enc", "k_est_b_enc", "k_est_w_out", "k_est_b_out"):
+        grad = getattr(sae, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    # soft mask rows sum to k̂, so the soft code is spread beyond ⌊k̂⌋ latents at α = 0.99
+    assert float(out.metrics["soft_l0"]) > float(out.metrics["mean_k"])
+
+
+def test_k_penalty_follows_annealed_target() -> None:
+    cfg = _cfg(k_anneal_steps=10, d_in=16, hard_topk_start_step=None)
+    assert cfg.k_target_at(0) == 16 and cfg.k_target_at(5) == 10 and cfg.k_target_at(99) == 4
+    sae = SoftSAETrainingSAE(cfg)
+    x = torch.randn(32, 16)
+    for step in (0, 5, 10):
+        out = _step(sae, x, step)
+        mean_k = sae.estimate_k_from_sae_in(sae.process_sae_in(x)).mean()
+        expected = torch.nn.functional.softplus(mean_k - cfg.k_target_at(step), beta=5.0)
+        torch.testing.assert_close(out.losses["k_penalty"], expected)
+
+
+def test_hard_phase_exact_zeros_and_frozen_estimator() -> None:
+    sae = SoftSAETrainingSAE(_cfg(hard_topk_start_step=3))
+    x = torch.randn(64, 16)
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for step in (3, 4, 5):
+        out = _step(sae, x, step, dead=torch.ones(48, dtype=torch.bool))
+        assert "k_penalty" not in out.losses and "soft_l0" not in out.metrics
+        k = sae.k_per_sample(x)
+        nonzero = out.feature_acts != 0
+        assert (nonzero.sum(-1) <= k).all()
+        # the kept latents are exactly the ⌊k̂⌋ largest pre-activations of each row
+        ref = torch.zeros_like(out.hidden_pre)
+        for b in range(x.shape[0]):
+            v, i = out.hidden_pre[b].topk(int(k[b]))
+            ref[b, i] = v.relu()
+        assert torch.equal(out.feature_acts.detach(), ref.detach())
+        assert float(out.metrics["mean_k"]) == pytest.approx(k.float().mean().item())
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for name, p in sae.named_parameters():
+        if name.startswith("k_est_"):
+            assert torch.equal(p, before[name]), name
+    assert not torch.equal(sae.W_enc, before["W_enc"])
+
+
+def test_training_forward_matches_inference_in_hard_phase(tmp_path: Path) -> None:
+    sae = SoftSAETrainingSAE(_cfg(hard_topk_start_step=0))
+    x = torch.randn(20, 16)
+    out = _step(sae, x, step=0)
+    sae.save_inference_model(tmp_path)
+    inf = SAE.load_from_disk(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(inf.encode(x), out.feature_acts.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(inf(x), out.sae_out.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sae(x), out.sae_out.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_schedules_are_functions_of_the_step() -> None:
+    cfg = _cfg(alpha_start=0.9, alpha_end=0.1, alpha_anneal_steps=8, hard_topk_start_step=20)
+    assert cfg.alpha_at(0) == pytest.approx(0.9)
+    assert cfg.alpha_at(4) == pytest.approx(0.5)
+    assert cfg.alpha_at(8) == cfg.alpha_at(1000) == pytest.approx(0.1)
+    assert not cfg.is_hard_phase(19) and cfg.is_hard_phase(20)
+    assert not _cfg(hard_topk_start_step=None).is_hard_phase(10**9)
+    assert _cfg(alpha_anneal_steps=0, alpha_end=0.2).alpha_at(0) == pytest.approx(0.2)
+
+
+def _trainer(sae, batches: list[torch.Tensor], steps: int, ckpt: Path | None) -> SAETrainer:
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * batches[0].shape[0],
+        train_batch_size_samples=batches[0].shape[0],
+        lr=3e-3,
+        lr_end=3e-3,
+        device="cpu",
+        dead_feature_window=2,  # AuxK active early
+        feature_sampling_window=100,
+        checkpoint_path=str(ckpt) if ckpt else None,
+        save_final_checkpoint=ckpt is not None,
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    return SAETrainer(cfg=cfg, sae=sae, data_provider=iter(batches))
+
+
+def test_resume_from_checkpoint_continues_schedule_exactly(tmp_path: Path) -> None:
+    """Train 8 steps straight vs. 4 steps → SAELens checkpoint → fresh trainer + SAE → 4 steps.
+    The α schedule, the k target and the hard phase (from step 6) all cross the resume point."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 16, generator=g) for _ in range(8)]
+    cfg = _cfg(alpha_anneal_steps=5, k_anneal_steps=3, hard_topk_start_step=6)
+
+    torch.manual_seed(0)
+    straight = SoftSAETrainingSAE(dataclasses.replace(cfg))
+    _trainer(straight, batches, 8, None).fit()
+
+    torch.manual_seed(0)
+    first = SoftSAETrainingSAE(dataclasses.replace(cfg))
+    _trainer(first, batches[:4], 4, tmp_path).fit()
+    (ckpt,) = list(tmp_path.iterdir())
+
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    resumed = SoftSAETrainingSAE(dataclasses.replace(cfg))
+    trainer = _trainer(resumed, batches[4:], 8, None)
+    trainer.load_trainer_state(ckpt)
+    resumed.load_weights_from_checkpoint(ckpt)
+    assert trainer.n_training_steps == 4
+    trainer.fit()
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def _trained_sae(**overrides) -> SoftSAETrainingSAE:
+    torch.manual_seed(0)
+    sae = SoftSAETrainingSAE(_cfg(**overrides))
+    with torch.no_grad():  # non-trivial biases so every fold term matters
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.3)
+        sae.k_est_b_enc.normal_(0, 0.3)
+        sae.W_dec.mul_(torch.rand(48, 1) + 0.5)
+    return sae
+
+
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_fold_activation_norm_scaling_factor(apply_b_dec_to_input: bool) -> None:
+    sae = _trained_sae(apply_b_dec_to_input=apply_b_dec_to_input)
+    x = torch.randn(40, 16) * 7
+    factor = 0.37
+    with torch.no_grad():
+        k_before = sae.k_per_sample(x * factor)
+        feats_before = sae.encode(x * factor)
+        out_before = sae(x * factor) / factor
+        sae.fold_activation_norm_scaling_factor(factor)
+        assert torch.equal(sae.k_per_sample(x), k_before)
+        # with rescale_acts_by_decoder_norm (on here) the codes scale by 1/factor, as SAELens's
+        # TopK: the folded decoder rows are 1/factor as long; the selection is unchanged
+        torch.testing.assert_close(sae.encode(x), feats_before / factor, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sae(x), out_before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_fold_activation_whitening(rescale: bool, apply_b_dec_to_input: bool) -> None:
+    sae = _trained_sae(
+        rescale_acts_by_decoder_norm=rescale, apply_b_dec_to_input=apply_b_dec_to_input
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    mean = torch.randn(16, generator=g, dtype=torch.float64)
+    a = torch.randn(16, 16, generator=g, dtype=torch.float64) / 4 + torch.eye(16)
+    inv = torch.linalg.inv(a)
+    x = torch.randn(40, 16, generator=g, dtype=torch.float64) * 2 + mean
+    with torch.no_grad():
+        white = (x - mean) @ a
+        k_before = sae.k_per_sample(white)
+        feats_before = sae.encode(white)
+        out_before = sae(white) @ inv + mean
+        sae.fold_activation_whitening(mean, a, inv)
+        assert torch.equal(sae.k_per_sample(x), k_before)
+        torch.testing.assert_close(sae.encode(x), feats_before)
+        torch.testing.assert_close(sae(x), out_before)
+
+
+def test_fold_w_dec_norm_and_saving_keep_outputs(tmp_path: Path) -> None:
+    sae = _trained_sae()  # rescale_acts_by_decoder_norm=True (SAELens TopK default)
+    x = torch.randn(30, 16)
+    with torch.no_grad():
+        feats, out = sae.encode(x), sae(x)
+        sae.save_inference_model(tmp_path)  # folds decoder norms into the saved weights
+        inf = SAE.load_from_disk(tmp_path)
+        torch.testing.assert_close(inf.encode(x), feats, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(inf(x), out, rtol=1e-5, atol=1e-6)
+        inf.fold_W_dec_norm()
+        torch.testing.assert_close(inf(x), out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(inf.W_dec.norm(dim=-1), torch.ones(48))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"k": 10, "k_max": 8}, "k must be an integer in \\[1, 8\\]"),
+        ({"k_max": 49}, "k_max must be an integer in \\[1, 48\\]"),
+        ({"alpha_start": 0.0}, "alpha_start must be a finite number > 0"),
+        ({"alpha_end": -1e-3}, "alpha_end must be a finite number > 0"),
+        ({"alpha_anneal_steps": -1}, "alpha_anneal_steps must be an integer in \\[0, inf\\)"),
+        ({"k_anneal_steps": -5}, "k_anneal_steps must be an integer in \\[0, inf\\)"),
+        ({"hard_topk_start_step": -1}, "hard_topk_start_step must be an integer in \\[0, inf\\)"),
+        ({"k_estimator_hidden": 0}, "k_estimator_hidden must be an integer in \\[1, inf\\)"),
+        ({"k": 0}, "k must be an integer in \\[1, inf\\)"),
+    ],
+)
+def test_bad_config_is_rejected(overrides: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        _cfg(**overrides)
+
+
+def test_config_defaults_and_inference_config() -> None:
+    cfg = SoftSAETrainingConfig(d_in=16, d_sae=48, k=5)
+    assert cfg.k_max == 10 and cfg.k_estimator_hidden == 48
+    assert SoftSAETrainingConfig(d_in=16, d_sae=48, k=30).k_max == 48
+    with pytest.raises(ValueError, match="k_max"):
+        SoftSAEConfig(d_in=16, d_sae=48, k=4, k_max=64, k_estimator_hidden=8)
+    inf_cfg = SoftSAEConfig.from_dict(cfg.get_inference_sae_cfg_dict())
+    assert (inf_cfg.k, inf_cfg.k_max, inf_cfg.k_estimator_hidden) == (5, 10, 48)
