@@ -12,7 +12,7 @@ import importlib
 from sae_adaptive_plugin.hookspecs import Architecture, hookimpl
 
 #: Architecture modules of this package, in :mod:`sae_adaptive_plugin.saes`.
-ARCHITECTURE_MODULES: tuple[str, ...] = ("hierarchical_topk", "adaptivek")
+ARCHITECTURE_MODULES: tuple[str, ...] = ("hierarchical_topk", "adaptivek", "softsae")
 
 
 @hookimpl
