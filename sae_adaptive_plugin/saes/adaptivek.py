@@ -88,17 +88,20 @@ _TRAINER_SIDE_NORMALIZATION = ("expected_average_only_in", "covariance_whitening
 _WARMUP_LOSSES = ("hierarchical", "mse")
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
+def _check_int(name: str, value: Any, lo: int, hi: int, hi_name: str = "") -> int:
+    bound = f"{hi_name}={hi}" if hi_name else str(hi)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+        raise ValueError(f"{name} must be an int in [{lo}, {bound}], got {value!r}")
     if not lo <= value <= hi:
-        raise ValueError(f"{name}={value} must lie in [{lo}, {hi}]")
+        raise ValueError(f"{name}={value} must lie in [{lo}, {bound}]")
     return value
 
 
 def _validate_k_fields(cfg: Any) -> None:
-    _check_int("k_max", cfg.k_max, 1, cfg.d_sae)  # k_max <= d_sae
-    _check_int("k_min", cfg.k_min, 1, cfg.k_max)  # 1 <= k_min <= k_max
+    _check_int("k_max", cfg.k_max, 1, cfg.d_sae, "d_sae")  # k_max <= d_sae
+    if isinstance(cfg.k_min, int) and cfg.k_min > cfg.k_max:
+        raise ValueError(f"k_min={cfg.k_min} must be <= k_max={cfg.k_max} (k_min in [1, k_max])")
+    _check_int("k_min", cfg.k_min, 1, cfg.k_max, "k_max")
     if not (isinstance(cfg.steepness, (int, float)) and math.isfinite(cfg.steepness)):
         raise ValueError(f"steepness must be a finite number > 0, got {cfg.steepness!r}")
     if cfg.steepness <= 0:
