@@ -259,6 +259,15 @@ class RidgeAccumulator:
             keys, x32, y64, f = keys[keep], x32[keep], y64[keep], f[keep]
         self.res_key, self.res_x, self.res_y, self.res_fold = keys, x32, y64, f
 
+    def to(self, device: torch.device | str) -> RidgeAccumulator:
+        """Move the statistics to ``device`` (the reservoir stays on the CPU); returns ``self``."""
+        self.device = torch.device(device)
+        for name in ("count", "sum_x", "sum_y", "sum_xx", "sum_xy", "sum_yy", "shift_x"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(self.device))
+        return self
+
     # -- state for checkpoints (safetensors-compatible tensors only) --------------------------
 
     def state_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -399,11 +399,14 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
     def _warmup_collect_start(self) -> int:
         return self.cfg.probe_warmup_steps // 2
 
-    def _new_accumulator(self) -> RidgeAccumulator:
+    def _acc_device(self) -> torch.device:
         dev = self.probe_weight.device
-        if dev.type == "mps":  # no float64 there
-            dev = torch.device("cpu")
-        return RidgeAccumulator(self.cfg.d_in, n_folds=self.cfg.probe_n_folds, device=dev)
+        return torch.device("cpu") if dev.type == "mps" else dev  # no float64 on mps
+
+    def _new_accumulator(self) -> RidgeAccumulator:
+        return RidgeAccumulator(
+            self.cfg.d_in, n_folds=self.cfg.probe_n_folds, device=self._acc_device()
+        )
 
     def prefix_errors_from_selection(self, top: TopKResult, sae_in: torch.Tensor) -> torch.Tensor:
         """``‖x − x̂_j‖²`` of every prefix ``j = 1..k_max`` of this batch's sorted top-``k_max``
@@ -472,6 +475,8 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
         if warming_up and step >= self._warmup_collect_start():
             if self._acc is None:
                 self._acc = self._new_accumulator()
+            elif self._acc.device is not None and self._acc.device != self._acc_device():
+                self._acc.to(self._acc_device())  # e.g. restored on the CPU, training on a GPU
             with torch.no_grad():
                 if errors is None:
                     errors = self.prefix_errors_from_selection(top, sae_in_c.detach())
