@@ -9,7 +9,8 @@ Public API (small on purpose; ``sae-adaptive fit-probe`` and ``saes/adaptivek.py
   Spearman. Memory is ``O(n_folds · d_in²)`` whatever the number of rows, so millions of
   activations stream through. Rows go to folds uniformly at random (seeded) unless ``fold=`` is
   given (an int for the whole batch, or a per-row tensor — use it to keep a context's tokens in
-  one fold).
+  one fold). ``acc.to(device)`` moves the statistics; ``acc.state_tensors(prefix)`` /
+  ``acc.load_state_tensors(tensors, prefix)`` save and restore them (safetensors-compatible).
 - :meth:`ComplexityProbe.fit` ``(X, y, lambdas=None, n_folds=5, seed=0)`` — in-memory fit.
 - :meth:`ComplexityProbe.fit_stream` ``(batches, lambdas=None, n_folds=5, seed=0)`` — fit from an
   iterable of ``(X, y)`` batches; :meth:`ComplexityProbe.from_accumulator` ``(acc, lambdas=None)``
