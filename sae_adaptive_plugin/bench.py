@@ -263,22 +263,25 @@ def _build_softsae(cfg: BenchConfig, x: Any) -> list[_Row]:
 def _center_softsae_estimator(sae: Any, x: Any, k: float) -> None:
     """Set the k-estimator's output bias ``c₀`` so that its mean ``k̂`` on ``x`` is about ``k``.
 
-    Bisection on ``c₀`` (``k̂`` is increasing in it).
+    ``k̂ = clamp(k_max · σ(ℓ + c₀), 1, k_max)`` with ``ℓ = v · ReLU(U·sae_in + c)`` computed once;
+    ``c₀`` by bisection (``k̂`` is increasing in it).
     """
     import torch
 
-    bias = sae.k_est_b_out
     with torch.no_grad():
         sae_in = sae.process_sae_in(x)
-        lo, hi = -30.0, 30.0
-        for _ in range(30):
+        hidden = torch.relu(sae_in @ sae.k_est_W_enc + sae.k_est_b_enc)
+        logit = (hidden @ sae.k_est_w_out).float()
+        k_max = float(sae.cfg.k_max)
+        lo, hi = -50.0, 50.0
+        for _ in range(60):
             mid = (lo + hi) / 2
-            bias.fill_(mid)
-            if float(sae.estimate_k_from_sae_in(sae_in).float().mean()) < k:
+            k_hat = (k_max * torch.sigmoid(logit + mid)).clamp(1.0, k_max)
+            if float(k_hat.mean()) < k:
                 lo = mid
             else:
                 hi = mid
-        bias.fill_((lo + hi) / 2)
+        sae.k_est_b_out.fill_((lo + hi) / 2)
 
 
 #: row name -> (architecture that must be registered, builder of the rows it belongs to)
