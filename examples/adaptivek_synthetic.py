@@ -23,6 +23,27 @@ Usage (CPU, a few minutes)::
     python examples/adaptivek_synthetic.py --steps 3000 --warmup 1800            # default source
     python examples/adaptivek_synthetic.py --num-features 32 --hidden-dim 32 \\
         --max-l0 16 --steps 1500 --warmup 1000                                   # the test's source
+
+Measured (CPU, 1 thread, seed 0; EV = explained variance on 8192/4096 held-out samples; TopK and
+BatchTopK at k = round(AdaptiveK's mean L0); "probe vs k*" = 5-fold held-out Spearman):
+
+=============================================  =======  ===========  ==============  ============
+run                                             SAE      EV           L0 mean ± std   Spearman L0
+=============================================  =======  ===========  ==============  ============
+32 feats/32 dims, L0 2–16, 1500 steps, wu 1000  adaptk   0.946        6.6 ± 3.7       0.912
+  (probe vs k* 0.965, probe vs true L0 0.903)   topk     0.865        7.0 ± 0.1       —
+                                                bttopk   0.9999       6.7 ± 4.4       0.9999
+256 feats/64 dims, L0 2–50, 3000 steps, wu 1800 adaptk   0.910        26.5 ± 3.1      0.893
+  (probe vs k* 0.494, probe vs true L0 0.900)   topk     0.882        26.0 ± 0        —
+                                                bttopk   0.929        25.7 ± 15.2     0.964
+256 feats/64 dims, L0 2–50, 6000 steps, wu 4000 adaptk   0.905        15.2 ± 4.9      0.978
+  (probe vs k* 0.619, probe vs true L0 0.988)   topk     0.877        15.0 ± 0        —
+                                                bttopk   0.904        14.7 ± 12.6     0.973
+=============================================  =======  ===========  ==============  ============
+
+Commands: the two above, and ``--steps 6000 --warmup 4000`` for the last run. On the superposed
+default source (MCC of every SAE ≈ 0.45–0.52 at these budgets) the warm-up SAE's ``k*`` labels are
+noisy, so the probe's Spearman against ``k*`` stays below 0.85 while it still tracks the true L0.
 """
 
 from __future__ import annotations
