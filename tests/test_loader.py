@@ -185,3 +185,24 @@ def test_this_package_registers_through_its_entry_point() -> None:
     for name in expected:
         assert name in registry.SAE_CLASS_REGISTRY
         assert name in registry.SAE_TRAINING_CLASS_REGISTRY
+
+
+@pytest.mark.parametrize("name", sorted(plugin.ARCHITECTURE_MODULES))
+def test_importing_an_architecture_module_first_still_registers(name: str) -> None:
+    """The first ``import sae_lens`` may come from inside one of our architecture modules."""
+    import subprocess
+
+    script = (
+        "import importlib, sys\n"
+        f"module = importlib.import_module('sae_adaptive_plugin.saes.{name}')\n"
+        "from sae_lens import registry\n"
+        "from sae_adaptive_plugin.loader import load_plugins\n"
+        "reports = [r for r in load_plugins() if r.value == 'sae_adaptive_plugin.plugin']\n"
+        "assert reports and reports[0].ok, reports\n"
+        f"assert registry.SAE_CLASS_REGISTRY[{name!r}][0] is module.ARCHITECTURE.sae_class\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
