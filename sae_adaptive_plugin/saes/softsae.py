@@ -7,7 +7,10 @@ The estimator reads the same input as the encoder (``process_sae_in``: ``x − b
 ``apply_b_dec_to_input`` is False).
 
 Training (:class:`SoftSAETrainingSAE`, a SAELens ``TopKTrainingSAE``), all schedule state a pure
-function of SAELens's ``TrainStepInput.n_training_steps`` (a resumed run continues exactly):
+function of SAELens's ``TrainStepInput.n_training_steps`` (nothing else is stored, so a run
+resumed from a SAELens checkpoint continues the schedule from the checkpoint's step count —
+exactly, for the final checkpoint; SAELens 6.54 writes its *mid-run* checkpoints before
+advancing that counter, so a resume from one of those replays the schedule one step behind):
 
 - soft phase (``step < hard_topk_start_step``): code ``f = z ⊙ m`` with ``z = ReLU(pre-acts)``
   and the LapSum soft top-k mask ``m`` (``ops/lapsum.py``, ``Σ m = k̂(x)`` per row) at scale
@@ -19,13 +22,20 @@ function of SAELens's ``TrainStepInput.n_training_steps`` (a resumed run continu
   the estimator frozen (computed without gradient, so Adam leaves it untouched), activations
   exactly zero outside the chosen latents.
 
+In the soft phase the code ``f`` is decoded, but the ``feature_acts`` handed back to SAELens's
+trainer (which counts firings from them: dead latents for AuxK, the logged L0) keep only the
+latents the soft top-k selects (``m > ½``); with every latent carrying some weight, SAELens would
+otherwise see no dead latent and AuxK would never act.
+
 Metrics (logged by SAELens as ``metrics/...``): ``mean_k`` and ``std_k`` (of ``k̂`` in the soft
 phase, of ``⌊k̂⌋`` in the hard phase), ``soft_l0`` (non-zero soft weights per row, soft phase),
 ``alpha`` and ``k_target``.
 
 Inference (:class:`SoftSAE`, a SAELens ``TopKSAE``): hard top-k with per-row ``k = ⌊k̂(x)⌋``;
-``k_per_sample(x)`` returns those k. SAELens's folds (activation norm scaling, whitening, decoder
-norm) also fold the estimator's input map, so outputs do not change.
+``k_per_sample(x)`` returns those k. SAELens's activation norm-scaling and whitening folds also fold
+the estimator's input map (``U``, and ``c`` when ``apply_b_dec_to_input`` is False), so the chosen
+k and the outputs do not change; the decoder-norm fold (and the one SAELens applies when saving
+with ``rescale_acts_by_decoder_norm``) does not touch the estimator, which never reads ``W_dec``.
 """
 
 from __future__ import annotations
@@ -315,14 +325,18 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
             alpha = self.cfg.alpha_at(step)
             k_hat = self.estimate_k_from_sae_in(sae_in)
             z = hidden_pre.relu()
-            feature_acts = self.hook_sae_acts_post(z * lapsum_topk(z, k_hat, alpha))
-            sae_out = self.decode(feature_acts)
+            mask = lapsum_topk(z, k_hat, alpha)
+            code = self.hook_sae_acts_post(z * mask)
+            sae_out = self.decode(code)
+            # SAELens counts firings (dead latents → AuxK, logged L0) from feature_acts: report
+            # the latents the soft top-k selects (m > ½), not every latent with a tiny weight
+            feature_acts = torch.where(mask > 0.5, code, torch.zeros((), dtype=code.dtype))
             k_used = k_hat.detach().float()
             k_target = self.cfg.k_target_at(step)
             penalty = K_PENALTY_COEFFICIENT * F.softplus(
                 k_hat.float().mean() - k_target, beta=K_PENALTY_BETA
             )
-            metrics["soft_l0"] = (feature_acts.detach() != 0).sum(dim=-1).float().mean()
+            metrics["soft_l0"] = (code.detach() != 0).sum(dim=-1).float().mean()
             metrics["alpha"] = alpha
             metrics["k_target"] = k_target
         metrics["mean_k"] = k_used.mean()
