@@ -16,6 +16,7 @@ from sae_lens.registry import get_sae_class, get_sae_training_class
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
 
+from sae_adaptive_plugin.ops.lapsum import lapsum_topk
 from sae_adaptive_plugin.saes.softsae import (
     SoftSAE,
     SoftSAEConfig,
@@ -111,6 +112,13 @@ def test_soft_phase_trains_estimator_and_reports_metrics() -> None:
         assert grad is not None and grad.abs().sum() > 0, name
     # soft mask rows sum to k̂, so the soft code is spread beyond ⌊k̂⌋ latents at α = 0.99
     assert float(out.metrics["soft_l0"]) > float(out.metrics["mean_k"])
+    # the decoded code is z ⊙ m; SAELens's firing statistics see only the soft-selected latents
+    with torch.no_grad():
+        sae_in = sae.process_sae_in(x)
+        z = out.hidden_pre.relu()
+        m = lapsum_topk(z, sae.estimate_k_from_sae_in(sae_in), sae.cfg.alpha_at(0))
+        torch.testing.assert_close(out.sae_out, sae.decode(z * m))
+        torch.testing.assert_close(out.feature_acts, torch.where(m > 0.5, z * m, 0.0))
 
 
 def test_k_penalty_follows_annealed_target() -> None:
