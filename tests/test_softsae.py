@@ -383,3 +383,16 @@ def test_ground_truth_l0_tracking_beats_topk_at_matched_l0(tmp_path: Path) -> No
     )
     assert rho >= 0.85, f"Spearman(SAE L0, true L0) = {rho:.3f}"
     assert soft["explained_variance"] >= topk["explained_variance"], (soft, topk)
+
+
+@pytest.mark.parametrize("step", [0, 9])  # soft phase, hard phase
+def test_autocast_bfloat16_training_step_is_finite(step: int) -> None:
+    """SAELens's ``autocast=True`` trains under bf16 autocast: both phases stay finite."""
+    sae = SoftSAETrainingSAE(_cfg())
+    x = torch.randn(32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _step(sae, x, step, dead=torch.ones(48, dtype=torch.bool))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    grads = [p.grad for p in sae.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
