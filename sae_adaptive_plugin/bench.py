@@ -27,7 +27,10 @@ What is measured:
   SAELens's trainer does per step minus its logging and firing statistics. Rows alternate: every
   round times one step of each row, in an order rotated each round, so drifts in machine load hit
   every row alike; ``warmup`` steps per row come first and are not timed. CUDA is synchronised
-  around every timed region.
+  around every timed region. ``step_ratio`` is the ratio of medians; ``step_ratio_paired`` the
+  median over rounds of the row's time over TopK's time in the same round; ``step_cpu_ms`` /
+  ``step_cpu_ratio`` use the CPU time of the process (``time.process_time``) instead of wall time,
+  which on a CPU shared with other jobs is far less sensitive to their load than wall time.
 - ``peak_step_mib``: the most memory allocated at any moment of one step above what was allocated
   when it began (parameters and Adam state are excluded and reported as ``state_mib``; gradients,
   activations and temporaries count). CUDA: ``torch.cuda.max_memory_allocated`` after
@@ -140,6 +143,7 @@ class _Row:
     mean_k: float | None = None
     infer_mean_k: float | None = None
     step_s: list[float] = field(default_factory=list)
+    step_cpu_s: list[float] = field(default_factory=list)
     infer_s: list[float] = field(default_factory=list)
     peak_step_bytes: int | None = None
     state_bytes: int | None = None
@@ -391,13 +395,18 @@ def _train_step(row: _Row, x: Any, dead_mask: Any) -> Any:
 
 
 def _timed(fn: Callable[[], Any], device: str) -> float:
+    return _timed_wall_cpu(fn, device)[0]
+
+
+def _timed_wall_cpu(fn: Callable[[], Any], device: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of ``fn()``."""
     _sync(device)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     result = fn()
     _sync(device)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     del result
-    return elapsed
+    return elapsed, cpu
 
 
 def _infer(row: _Row, x: Any) -> Any:
@@ -521,12 +530,13 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         order = active[r % len(active) :] + active[: r % len(active)] if active else []
         for row in order:
             bar.set_postfix_str(f"step {r + 1}/{cfg.steps} {row.name}")
-            guarded(
-                row,
-                lambda row=row: row.step_s.append(
-                    _timed(lambda: _train_step(row, x, dead_mask), cfg.device)
-                ),
-            )
+
+            def measure_step(row: _Row = row) -> None:
+                wall, cpu = _timed_wall_cpu(lambda: _train_step(row, x, dead_mask), cfg.device)
+                row.step_s.append(wall)
+                row.step_cpu_s.append(cpu)
+
+            guarded(row, measure_step)
 
     if cfg.inference:
         for i in range(cfg.warmup + cfg.steps):
@@ -609,11 +619,16 @@ def _result(cfg: BenchConfig, rows: list[_Row], encoder_s: float | None) -> dict
         return a / b if a is not None and b else None
 
     ref_step = median_ms(ref.step_s) if ref else None
+    ref_cpu = median_ms(ref.step_cpu_s) if ref else None
     ref_mem = ref.peak_step_bytes / MIB if ref and ref.peak_step_bytes is not None else None
     ref_tps = cfg.batch / statistics.median(ref.infer_s) if ref and ref.infer_s else None
     out_rows = []
     for row in rows:
         step_ms = median_ms(row.step_s)
+        cpu_ms = median_ms(row.step_cpu_s)
+        paired = None
+        if ref and row.step_s and len(row.step_s) == len(ref.step_s):
+            paired = statistics.median(a / b for a, b in zip(row.step_s, ref.step_s))
         mem = row.peak_step_bytes / MIB if row.peak_step_bytes is not None else None
         tps = cfg.batch / statistics.median(row.infer_s) if row.infer_s else None
         out_rows.append(
@@ -629,6 +644,9 @@ def _result(cfg: BenchConfig, rows: list[_Row], encoder_s: float | None) -> dict
                 "step_ms": step_ms,
                 "step_ms_all": [1000.0 * s for s in row.step_s],
                 "step_ratio": ratio(step_ms, ref_step),
+                "step_ratio_paired": paired,
+                "step_cpu_ms": cpu_ms,
+                "step_cpu_ratio": ratio(cpu_ms, ref_cpu),
                 "peak_step_mib": mem,
                 "memory_ratio": ratio(mem, ref_mem),
                 "state_mib": row.state_bytes / MIB if row.state_bytes is not None else None,
@@ -659,21 +677,22 @@ def _fmt(value: float | None, spec: str) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """A Markdown table of a :func:`run_bench` result."""
     lines = [
-        "| architecture | phase | mean k | step (ms) | step / TopK | peak step mem (MiB) "
-        "| mem / TopK | inference (tokens/s) | inference / TopK |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| architecture | phase | mean k | step (ms) | step / TopK | step / TopK (CPU time) "
+        "| peak step mem (MiB) | mem / TopK | inference (tokens/s) | inference / TopK |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         phase = row["phase"] or ""
         if row["status"] != "ok":
             lines.append(
                 f"| {row['architecture']} | {phase} | {row['status']}: {row['reason']} "
-                "| | | | | | |"
+                "| | | | | | | |"
             )
             continue
         lines.append(
             f"| {row['architecture']} | {phase} | {_fmt(row['mean_k'], '.1f')} "
             f"| {_fmt(row['step_ms'], '.0f')} | {_fmt(row['step_ratio'], '.2f')} "
+            f"| {_fmt(row['step_cpu_ratio'], '.2f')} "
             f"| {_fmt(row['peak_step_mib'], '.0f')} | {_fmt(row['memory_ratio'], '.2f')} "
             f"| {_fmt(row['infer_tokens_per_s'], '.0f')} | {_fmt(row['infer_ratio'], '.2f')} |"
         )

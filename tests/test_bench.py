@@ -30,14 +30,17 @@ ROW_KEYS = {
     "step_ms",
     "step_ms_all",
     "step_ratio",
+    "step_ratio_paired",
+    "step_cpu_ms",
+    "step_cpu_ratio",
     "peak_step_mib",
     "memory_ratio",
     "state_mib",
     "infer_tokens_per_s",
     "infer_ratio",
 }
-MEASURED = ("step_ms", "peak_step_mib", "state_mib", "infer_tokens_per_s", "mean_k")
-RATIOS = ("step_ratio", "memory_ratio", "infer_ratio")
+MEASURED = ("step_ms", "step_cpu_ms", "peak_step_mib", "state_mib", "infer_tokens_per_s", "mean_k")
+RATIOS = ("step_ratio", "step_ratio_paired", "memory_ratio", "infer_ratio")
 
 
 def _positive(value: object) -> bool:
