@@ -13,7 +13,8 @@ breakpoint ``τ = v_i`` from two log-cumulative sums, which tells the interval
 ``[v_{p+1}, v_p]`` that holds the solution; inside it ``S`` is
 ``p − ½·a·y + ½·B/y`` with ``y = e^{(τ − v_p)/α}``, ``a = Σ_{j≤p} e^{−(v_j − v_p)/α}``,
 ``B = Σ_{j>p} e^{(v_j − v_p)/α}``, so ``y`` is the positive root of ``a y² − 2(p − k̂) y − B = 0``
-(taken in its cancellation-free form). All of it runs in float32 (float64 for float64 scores;
+(taken in its cancellation-free form, anchored at ``v_p`` or at ``v_{p+1}`` so that it neither
+under- nor overflows however wide the interval is against ``α``). All of it runs in float32 (float64 for float64 scores;
 bf16/fp16 scores are promoted to float32 and the mask is returned in their dtype). The solve has
 the accuracy the dtype allows: the mask is evaluated at ``(s − τ)/α``, so entries near the
 threshold carry an error of about ``|s|·ε/α`` whatever the solver (ε: the dtype's epsilon).
@@ -26,18 +27,24 @@ Backward is closed form (implicit differentiation of ``Σ m = k̂``). With ``u_j
 The weights ``q_j / Σ q`` are computed as ``softmax(−|u|)``, which never divides by an underflowed
 sum. ``α`` gets no gradient. ``k̂`` is clamped to ``[0, F]``; ``τ`` is kept within ``[v_F − 40α,
 v_1 + 40α]``, where the mask is saturated to the dtype's precision, so ``k̂ = 0`` and ``k̂ = F``
-give finite thresholds and gradients.
+give finite thresholds and gradients. Memory: the forward holds a few ``[..., F]`` temporaries
+(the sorted row, two log-cumulative sums) and saves ``u`` (``[..., F]``, compute dtype) for the
+backward.
 
 :func:`lapsum_threshold_bisect` and :func:`lapsum_topk_reference` (bisection, then autograd
 through one implicit-function step) are the plain references the tests compare against.
 
 Timing of the threshold solve, sort-based vs. 40-step bisection (median of 5 after warm-up,
-float32, α = 0.01, ReLU'd Gaussian scores), measured with ``python examples/bench_lapsum.py``
-on the shared 2-core CPU of the development machine (other jobs were running, so absolute
-times are noisy; no GPU was available to this measurement):
+float32, α = 0.01, ReLU'd Gaussian scores), measured with
+``python examples/bench_lapsum.py --threads 1`` (and ``--threads 2``) on the shared 2-core CPU of
+the development machine (load average ≈ 3 from other jobs, so absolute times are noisy; no GPU
+was available to this measurement):
 
-- 256 × 4096: sort 613 ms, bisection 8073 ms; 64 × 16384: sort 1051 ms, bisection 7271 ms.
-- Largest row-sum error: sort 4.0e−5 / 6.9e−5, bisection 6.9e−5 / 4.6e−5 (the float32 floor).
+- 1 thread: 256 × 4096: sort 155 ms, bisection 822 ms; 64 × 16384: sort 174 ms, bisection 1094 ms.
+- 2 threads: 256 × 4096: sort 129 ms, bisection 3520 ms; 64 × 16384: sort 336 ms, bisection
+  3848 ms.
+- Largest row-sum error |Σm − k̂|: sort 4.0e−5 / 6.9e−5, bisection 6.9e−5 / 4.6e−5 (the float32
+  floor for these scores).
 """
 
 from __future__ import annotations
