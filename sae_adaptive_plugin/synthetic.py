@@ -55,6 +55,9 @@ class VariableComplexityConfig:
         magnitude_std: standard deviation of the firing magnitude (ReLU'd at 0).
         orthogonalize_steps: steps of SAELens's dictionary orthogonalisation (0 = random unit
             vectors).
+        shared_component: cosine of every true feature with one common direction ``u`` (0 = none).
+            Language-model activations are anisotropic in this way; it makes a sample's
+            complexity (its number of active features) linearly readable along ``u``.
         seed: seed of the dictionary and of the firing probabilities.
     """
 
@@ -66,6 +69,7 @@ class VariableComplexityConfig:
     magnitude_mean: float = 1.0
     magnitude_std: float = 0.25
     orthogonalize_steps: int = 100
+    shared_component: float = 0.3
     seed: int = 0
 
     def validate(self) -> None:
@@ -89,6 +93,8 @@ class VariableComplexityConfig:
             raise ValueError(f"magnitude_std must be >= 0, got {self.magnitude_std}")
         if self.orthogonalize_steps < 0:
             raise ValueError(f"orthogonalize_steps must be >= 0, got {self.orthogonalize_steps}")
+        if not 0 <= self.shared_component < 1:
+            raise ValueError(f"shared_component must be in [0, 1), got {self.shared_component}")
 
 
 def _scaled_firing_probabilities(num_features: int, exponent: float, total: float) -> torch.Tensor:
@@ -103,6 +109,18 @@ def _scaled_firing_probabilities(num_features: int, exponent: float, total: floa
         else:
             hi = mid
     return (hi * base).clamp(max=1.0).to(torch.float32)
+
+
+@torch.no_grad()
+def _add_shared_component(feature_dict: FeatureDictionary, cosine: float, seed: int) -> None:
+    """Rotate every feature so that its cosine with one seeded unit direction is ``cosine``."""
+    vectors = feature_dict.feature_vectors.data
+    generator = torch.Generator(device=vectors.device).manual_seed(seed + 7919)
+    u = torch.randn(vectors.shape[1], generator=generator, device=vectors.device)
+    u = u / u.norm()
+    perp = vectors - (vectors @ u)[:, None] * u[None, :]
+    perp = perp / perp.norm(dim=1, keepdim=True).clamp(min=1e-8)
+    feature_dict.feature_vectors.data = math.sqrt(1 - cosine**2) * perp + cosine * u[None, :]
 
 
 class DensityGate:
@@ -153,6 +171,8 @@ class VariableComplexitySource:
         self.feature_dict = FeatureDictionary(
             cfg.num_features, cfg.hidden_dim, initializer=initializer, device=device, seed=cfg.seed
         )
+        if cfg.shared_component > 0:
+            _add_shared_component(self.feature_dict, cfg.shared_component, cfg.seed)
         self.feature_dict.eval()
         self.firing_probabilities = _scaled_firing_probabilities(
             cfg.num_features, cfg.zipf_exponent, cfg.max_l0
@@ -321,6 +341,8 @@ class CompareConfig:
         seed: seed of the training stream (the held-out set uses ``seed + 1``) and of the SAE
             initialisations.
         device: torch device.
+        overrides: per-architecture config fields applied over the compare's own settings
+            (e.g. ``{"adaptivek": {"target_fvu": 0.3}}``).
     """
 
     source: VariableComplexityConfig = field(default_factory=VariableComplexityConfig)
@@ -335,6 +357,7 @@ class CompareConfig:
     hierarchical_k_fractions: tuple[float, ...] = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
     seed: int = 0
     device: str = "cpu"
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and its allowed range."""
@@ -407,7 +430,8 @@ def architecture_settings(
 
     Fixed-k baselines get ``k = fixed_k``; the adaptive SAEs aim at ``target_l0`` on average
     with room up to the densest samples (``max_l0``); HierarchicalTopK is trained with
-    ``K = max_l0``; schedules are scaled to the step budget.
+    ``K = max_l0``; schedules are scaled to the step budget. AdaptiveK has no target-mean field:
+    its mean L0 follows from ``target_fvu`` (0.2 lands near the default source's mean true L0).
     """
     steps = cfg.steps
     k_hi = max(2, min(cfg.width, math.ceil(cfg.source.max_l0)))
@@ -434,7 +458,8 @@ def architecture_settings(
             "k": max(1, round(target_l0)),
             "k_min": 1,
             "k_max": k_hi,
-            "probe_warmup_steps": max(1, steps // 5),
+            "probe_warmup_steps": max(2, steps // 4),
+            "target_fvu": 0.2,
         }
     raise ValueError(f"architecture: no compare settings for {architecture!r}")
 
@@ -449,6 +474,12 @@ def build_training_sae(
     settings = architecture_settings(architecture, cfg, target_l0, fixed_k)
     allowed = _config_fields(cfg_class)
     kwargs = {k: v for k, v in settings.items() if k in allowed}
+    for key, value in cfg.overrides.get(architecture, {}).items():
+        if key not in allowed:
+            raise ValueError(
+                f"overrides[{architecture!r}]: {key!r} is not a field of {cfg_class.__name__}"
+            )
+        kwargs[key] = value
     sae_cfg = cfg_class(d_in=cfg.source.hidden_dim, d_sae=cfg.width, device=cfg.device, **kwargs)
     return sae_class(sae_cfg)
 
@@ -509,7 +540,8 @@ def run_compare(
         for a in cfg.architectures
         if a not in registered
     }
-    to_run = [a for a in cfg.architectures if a in registered]
+    # training order is fixed (adaptive SAEs first, so the fixed-k baselines can match them)
+    to_run = [a for a in ALL_ARCHITECTURES if a in cfg.architectures and a in registered]
 
     torch.manual_seed(cfg.seed)
     source = VariableComplexitySource(cfg.source, device=cfg.device)
