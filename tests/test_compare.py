@@ -1,0 +1,139 @@
+"""Tests of the variable-complexity synthetic source and of ``sae-adaptive compare --quick``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sae_adaptive_plugin import cli
+from sae_adaptive_plugin.synthetic import (
+    ALL_ARCHITECTURES,
+    RESULT_KEYS,
+    CompareConfig,
+    VariableComplexityConfig,
+    VariableComplexitySource,
+    iter_finite_problems,
+    registered_training_architectures,
+    spearman,
+)
+
+torch.set_num_threads(1)
+
+SMALL = {"num_features": 64, "hidden_dim": 16, "orthogonalize_steps": 0}
+
+
+def test_true_l0_varies_strongly_per_sample():
+    source = VariableComplexitySource(VariableComplexityConfig(min_l0=2, max_l0=40, **SMALL))
+    _, hidden, true_l0 = source.sample(4000, seed=3)
+    l0 = true_l0.float()
+    assert hidden.shape == (4000, 16)
+    assert int(true_l0.min()) >= 1  # every sample has at least one true feature
+    # the sparsest tenth is around min_l0, the densest tenth around max_l0
+    assert torch.quantile(l0, 0.1) <= 4
+    assert torch.quantile(l0, 0.9) >= 25
+    assert l0.std() > 0.5 * l0.mean()
+    # log-uniform λ in [2, 40]: E[L0] = (40 - 2) / ln(20) ≈ 12.7
+    assert 10.5 < l0.mean() < 15.0
+
+
+def test_true_l0_counts_the_features_that_make_the_activation():
+    source = VariableComplexitySource(VariableComplexityConfig(**SMALL))
+    feature_acts, hidden, true_l0 = source.sample(256, seed=0)
+    assert torch.equal(true_l0, (feature_acts != 0).sum(-1))
+    assert torch.allclose(hidden, feature_acts @ source.true_features, atol=1e-5)
+
+
+def test_sampling_is_reproducible_by_seed_and_isolated_from_global_rng():
+    source = VariableComplexitySource(VariableComplexityConfig(**SMALL))
+    a = source.sample(128, seed=7)
+    torch.rand(1000)  # consuming global randomness must not change a seeded sample
+    b = source.sample(128, seed=7)
+    c = source.sample(128, seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[1], c[1])
+
+    stream_1, stream_2 = source.stream(32, seed=5), source.stream(32, seed=5)
+    first = [next(stream_1) for _ in range(3)]
+    torch.randn(50)
+    second = [next(stream_2) for _ in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    assert not torch.equal(first[0], first[1])
+
+
+def test_dictionary_is_reproducible_by_seed():
+    make = lambda seed: VariableComplexitySource(VariableComplexityConfig(seed=seed, **SMALL))  # noqa: E731
+    assert torch.equal(make(1).true_features, make(1).true_features)
+    assert not torch.equal(make(1).true_features, make(2).true_features)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("num_features", 1), ("hidden_dim", 0), ("min_l0", 0.0), ("max_l0", 1000.0), ("max_l0", 0.5)],
+)
+def test_bad_source_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        VariableComplexityConfig(**{**SMALL, field: value}).validate()
+
+
+def test_bad_compare_config_names_the_field():
+    with pytest.raises(ValueError, match="architectures"):
+        CompareConfig(architectures=("topk", "nope")).validate()
+    with pytest.raises(ValueError, match="steps"):
+        CompareConfig(steps=0).validate()
+
+
+def test_spearman_is_zero_for_a_constant_l0_and_one_for_a_monotone_one():
+    true_l0 = torch.arange(100.0)
+    assert spearman(torch.full((100,), 5.0), true_l0) == 0.0
+    assert spearman(true_l0.sqrt(), true_l0) == pytest.approx(1.0)
+
+
+def test_compare_quick_writes_finite_results_table_and_plots(tmp_path, capsys):
+    out = tmp_path / "compare"
+    code = cli.main(["compare", "--quick", "--out", str(out), "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0
+
+    payload = json.loads((out / "results.json").read_text())
+    rows = payload["results"]
+    registered = registered_training_architectures()
+    expected = {a for a in ALL_ARCHITECTURES if a in registered}
+    assert {r["architecture"] for r in rows} == expected
+    assert set(payload["skipped"]) == set(ALL_ARCHITECTURES) - expected
+    for row in rows:
+        assert set(RESULT_KEYS) <= set(row)
+        for key in RESULT_KEYS:
+            if key not in ("name", "architecture", "k_eval"):
+                assert math.isfinite(row[key]), (row["name"], key, row[key])
+        assert -1.0 <= row["l0_spearman_vs_true"] <= 1.0
+        assert 0.0 <= row["mcc"] <= 1.0
+        assert row["l0_mean"] > 0
+        assert row["train_seconds"] > 0
+    assert list(iter_finite_problems(rows)) == []
+    if "hierarchical_topk" in expected:  # evaluated at several budgets k'
+        hier = [r for r in rows if r["architecture"] == "hierarchical_topk"]
+        assert len(hier) >= 3
+        assert all(r["l0_mean"] <= r["k_eval"] + 1e-6 for r in hier)
+        assert [r["k_eval"] for r in hier] == sorted(r["k_eval"] for r in hier)
+        assert hier[-1]["l0_mean"] > hier[0]["l0_mean"]
+    for fixed in ("topk", "batchtopk", "matryoshka_batchtopk"):
+        assert [r["k_eval"] for r in rows if r["architecture"] == fixed] == [payload["fixed_k"]]
+
+    for name in ("l0_vs_true_l0.png", "ev_vs_l0.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(data) > 10_000
+    # the Markdown table has a header, an alignment row and one row per result
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rows)
+    assert "Spearman" in table[0]
+    assert (out / "saes" / "topk" / "cfg.json").exists()
+
+
+def test_compare_rejects_bad_flags_with_the_field_name(tmp_path, capsys):
+    code = cli.main(["compare", "--quick", "--out", str(tmp_path), "--steps", "0"])
+    assert code == 2
+    assert "steps" in capsys.readouterr().err
