@@ -340,7 +340,7 @@ def test_ground_truth_l0_tracking_beats_topk_at_matched_l0(tmp_path: Path) -> No
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        steps, d_in, d_sae = 600, 32, 128
+        steps, d_in, d_sae = 1200, 32, 128
         src_cfg = VariableComplexityConfig(
             num_features=d_sae, hidden_dim=d_in, min_l0=2, max_l0=50, orthogonalize_steps=50
         )
