@@ -396,3 +396,15 @@ def test_autocast_bfloat16_training_step_is_finite(step: int) -> None:
     assert torch.isfinite(out.loss)
     grads = [p.grad for p in sae.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_metrics_reach_sae_lens_training_log() -> None:
+    """SAELens turns ``TrainStepOutput.metrics`` into ``metrics/...`` entries of its wandb log."""
+    sae = SoftSAETrainingSAE(_cfg())
+    batch = torch.randn(32, 16)
+    trainer = _trainer(sae, [batch], 1, None)
+    out = trainer.step(batch)
+    log = trainer.build_train_step_log_dict(out, n_training_samples=32)
+    for key in ("metrics/mean_k", "metrics/std_k", "metrics/soft_l0", "metrics/alpha"):
+        assert isinstance(log[key], float) and log[key] == log[key], key
+    assert 1.0 <= log["metrics/mean_k"] <= sae.cfg.k_max
