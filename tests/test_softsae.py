@@ -4,6 +4,7 @@ schedule/resume determinism, folds, config errors, and the ground-truth acceptan
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -316,6 +317,9 @@ def test_config_defaults_and_inference_config() -> None:
         SoftSAEConfig(d_in=16, d_sae=48, k=4, k_max=64, k_estimator_hidden=8)
     inf_cfg = SoftSAEConfig.from_dict(cfg.get_inference_sae_cfg_dict())
     assert (inf_cfg.k, inf_cfg.k_max, inf_cfg.k_estimator_hidden) == (5, 10, 48)
+    # checkpoints store the training config as JSON: it must come back the same
+    again = SoftSAETrainingConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
 
 
 def test_ground_truth_l0_tracking_beats_topk_at_matched_l0(tmp_path: Path) -> None:
