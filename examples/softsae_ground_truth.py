@@ -60,8 +60,17 @@ def run(steps: int, seed: int, alpha_end: float = 0.02, log=print) -> dict[str, 
         train_sae,
     )
 
-    src_cfg = VariableComplexityConfig(
-        num_features=128, hidden_dim=32, min_l0=2, max_l0=50, orthogonalize_steps=50, seed=seed
+    src_cfg = VariableComplexityConfig(  # every field pinned: the numbers depend on them
+        num_features=128,
+        hidden_dim=32,
+        min_l0=2,
+        max_l0=50,
+        zipf_exponent=0.5,
+        magnitude_mean=1.0,
+        magnitude_std=0.25,
+        orthogonalize_steps=50,
+        shared_component=0.3,
+        seed=seed,
     )
     cfg = CompareConfig(source=src_cfg, steps=steps, batch_size=256, lr=3e-3, seed=seed)
     torch.manual_seed(seed)

@@ -345,8 +345,17 @@ def test_ground_truth_l0_tracking_beats_topk_at_matched_l0(tmp_path: Path) -> No
     torch.set_num_threads(1)
     try:
         steps, d_in, d_sae = 1200, 32, 128
-        src_cfg = VariableComplexityConfig(
-            num_features=d_sae, hidden_dim=d_in, min_l0=2, max_l0=50, orthogonalize_steps=50
+        src_cfg = VariableComplexityConfig(  # every field pinned: the numbers depend on them
+            num_features=d_sae,
+            hidden_dim=d_in,
+            min_l0=2,
+            max_l0=50,
+            zipf_exponent=0.5,
+            magnitude_mean=1.0,
+            magnitude_std=0.25,
+            orthogonalize_steps=50,
+            shared_component=0.3,
+            seed=0,
         )
         cfg = CompareConfig(source=src_cfg, steps=steps, batch_size=256, lr=3e-3)
         torch.manual_seed(0)

@@ -28,7 +28,8 @@ latents the soft top-k selects (``m > ½``); with every latent carrying some wei
 otherwise see no dead latent and AuxK would never act.
 
 Measured on variable-complexity synthetic ground truth (``sae_adaptive_plugin.synthetic``: 128
-true features in 32 dims, per-sample true L0 ≈ 1–64, mean ≈ 15; SAE width 128; batch 256; Adam
+true features in 32 dims with a shared component of cosine 0.3, per-sample true L0 ≈ 1–64,
+mean ≈ 15; SAE width 128; batch 256; Adam
 3e-3; TopK and BatchTopK from SAELens at ``k`` = SoftSAE's measured mean L0), mean over seeds
 0, 1, 2, with ``python examples/softsae_ground_truth.py --steps 2000`` (and ``--steps 600``):
 
