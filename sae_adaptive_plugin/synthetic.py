@@ -347,7 +347,7 @@ class CompareConfig:
 
     source: VariableComplexityConfig = field(default_factory=VariableComplexityConfig)
     d_sae: int | None = None
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 512
     lr: float = 2e-3
     lr_warm_up_steps: int = 50

@@ -137,3 +137,21 @@ def test_compare_rejects_bad_flags_with_the_field_name(tmp_path, capsys):
     code = cli.main(["compare", "--quick", "--out", str(tmp_path), "--steps", "0"])
     assert code == 2
     assert "steps" in capsys.readouterr().err
+
+
+def test_unregistered_architecture_is_skipped_with_a_reason(tmp_path, monkeypatch):
+    from sae_adaptive_plugin import synthetic
+
+    monkeypatch.setattr(synthetic, "registered_training_architectures", lambda: {"topk"})
+    cfg = CompareConfig(
+        source=VariableComplexityConfig(
+            num_features=32, hidden_dim=16, max_l0=8, **{"orthogonalize_steps": 0}
+        ),
+        steps=5,
+        batch_size=32,
+        eval_samples=64,
+        architectures=("softsae", "topk"),
+    )
+    result = synthetic.run_compare(cfg, tmp_path, log=lambda _: None)
+    assert [r["architecture"] for r in result.rows] == ["topk"]
+    assert "not registered" in result.skipped["softsae"]
