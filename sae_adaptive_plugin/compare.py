@@ -172,6 +172,18 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--hidden-dim", type=int, default=None, help="activation dimension")
     parser.add_argument("--batch-size", type=int, default=None, help="samples per training step")
+    parser.add_argument(
+        "--min-l0", type=float, default=None, help="expected true L0 of the sparsest samples"
+    )
+    parser.add_argument(
+        "--max-l0", type=float, default=None, help="expected true L0 of the densest samples"
+    )
+    parser.add_argument(
+        "--shared-component",
+        type=float,
+        default=None,
+        help="cosine of every true feature with one common direction, in [0, 1) (default 0.3)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of data and initialisation")
     parser.add_argument(
         "--architectures",
@@ -200,6 +212,12 @@ def build_config(args: argparse.Namespace) -> Any:
         cfg.source.num_features = args.features
     if args.hidden_dim is not None:
         cfg.source.hidden_dim = args.hidden_dim
+    if args.min_l0 is not None:
+        cfg.source.min_l0 = args.min_l0
+    if args.max_l0 is not None:
+        cfg.source.max_l0 = args.max_l0
+    if args.shared_component is not None:
+        cfg.source.shared_component = args.shared_component
     if args.steps is not None:
         cfg.steps = args.steps
     if args.batch_size is not None:
