@@ -192,6 +192,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "matryoshka_batchtopk, hierarchical_topk (default: all)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     parser.add_argument(
         "--quick", action="store_true", help="tiny problem and budget (seconds per SAE; for tests)"
     )
@@ -224,6 +225,7 @@ def build_config(args: argparse.Namespace) -> Any:
         cfg.batch_size = args.batch_size
     cfg.seed = args.seed
     cfg.source.seed = args.seed
+    cfg.device = args.device
     if args.architectures:
         cfg.architectures = tuple(a.strip() for a in args.architectures.split(",") if a.strip())
     return cfg

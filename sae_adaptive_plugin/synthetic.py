@@ -194,8 +194,7 @@ class VariableComplexitySource:
     @torch.no_grad()
     def sample(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``n`` samples drawn with ``seed``: (true feature acts, hidden acts, true L0 per row)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with IsolatedRNG(seed, self.device):
             feature_acts = self.activation_generator.sample(n)
         hidden = self.feature_dict(feature_acts)
         true_l0 = (feature_acts != 0).sum(dim=-1)
@@ -215,17 +214,49 @@ class SeededActivationIterator(SyntheticActivationIterator):
 
     def __init__(self, source: VariableComplexitySource, batch_size: int, seed: int) -> None:
         super().__init__(source.feature_dict, source.activation_generator, batch_size)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self._rng_state = torch.get_rng_state()
+        self._rng = IsolatedRNG(seed, source.device)
 
     @torch.no_grad()
     def next_batch(self) -> torch.Tensor:
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self._rng_state)
-            batch = super().next_batch()
-            self._rng_state = torch.get_rng_state()
-        return batch
+        with self._rng:
+            return super().next_batch()
+
+
+class IsolatedRNG:
+    """A private RNG stream: inside ``with``, torch's global RNG (CPU, and the CUDA device when
+    ``device`` is CUDA) continues this object's own state; outside, the global state is untouched.
+    """
+
+    def __init__(self, seed: int, device: str | torch.device = "cpu") -> None:
+        dev = torch.device(device)
+        self._cuda: int | None = None
+        if dev.type == "cuda":
+            self._cuda = 0 if dev.index is None else dev.index
+        with torch.random.fork_rng(devices=self._devices()):
+            torch.manual_seed(seed)
+            self._cpu_state = torch.get_rng_state()
+            self._cuda_state = (
+                torch.cuda.get_rng_state(self._cuda) if self._cuda is not None else None
+            )
+        self._fork: Any = None
+
+    def _devices(self) -> list[int]:
+        return [] if self._cuda is None else [self._cuda]
+
+    def __enter__(self) -> IsolatedRNG:
+        self._fork = torch.random.fork_rng(devices=self._devices())
+        self._fork.__enter__()
+        torch.set_rng_state(self._cpu_state)
+        if self._cuda is not None:
+            torch.cuda.set_rng_state(self._cuda_state, self._cuda)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cpu_state = torch.get_rng_state()
+        if self._cuda is not None:
+            self._cuda_state = torch.cuda.get_rng_state(self._cuda)
+        self._fork.__exit__(*exc)
+        self._fork = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +408,12 @@ class CompareConfig:
         width = self.d_sae or self.source.num_features
         if self.target_l0 is not None and not 1 <= self.target_l0 <= width:
             raise ValueError(f"target_l0 must be in [1, d_sae={width}], got {self.target_l0}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as err:
+            raise ValueError(f"device: {self.device!r} is not a torch device ({err})") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {self.device!r} requested but CUDA is not available")
         unknown = [a for a in self.architectures if a not in ALL_ARCHITECTURES]
         if unknown:
             raise ValueError(
@@ -589,13 +626,13 @@ def run_compare(
                 metrics, l0 = evaluate_sae(inference, hidden, feature_acts, source.true_features)
                 name = f"{architecture}@k={k_eval}"
                 rows.append(_row(name, architecture, k_eval, metrics, l0, true_l0_f, seconds))
-                sae_l0[name] = l0
+                sae_l0[name] = l0.cpu()
             inference.cfg.k = big_k
         else:
             metrics, l0 = evaluate_sae(inference, hidden, feature_acts, source.true_features)
             k_eval = fixed_k if architecture in FIXED_K_ARCHITECTURES else None
             rows.append(_row(architecture, architecture, k_eval, metrics, l0, true_l0_f, seconds))
-            sae_l0[architecture] = l0
+            sae_l0[architecture] = l0.cpu()
             if architecture in ADAPTIVE_ARCHITECTURES:
                 adaptive_l0s.append(metrics["l0_mean"])
         last = rows[-1]
@@ -604,7 +641,7 @@ def run_compare(
             f" ± {last['l0_std']:.1f}, Spearman vs true L0 {last['l0_spearman_vs_true']:.3f},"
             f" {seconds:.1f}s"
         )
-    return CompareResult(rows, skipped, true_l0_f, sae_l0, fixed_k, target_l0, info)
+    return CompareResult(rows, skipped, true_l0_f.cpu(), sae_l0, fixed_k, target_l0, info)
 
 
 def _row(

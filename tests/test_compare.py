@@ -83,6 +83,8 @@ def test_bad_compare_config_names_the_field():
         CompareConfig(architectures=("topk", "nope")).validate()
     with pytest.raises(ValueError, match="steps"):
         CompareConfig(steps=0).validate()
+    with pytest.raises(ValueError, match="device"):
+        CompareConfig(device="not-a-device").validate()
 
 
 def test_spearman_is_zero_for_a_constant_l0_and_one_for_a_monotone_one():
