@@ -435,3 +435,76 @@ def test_synthetic_ground_truth_probe_l0_tracking_and_ev_vs_topk(tmp_path):
     topk_ev, topk_l0 = _explained_variance_and_l0(SAE.load_from_disk(tmp_path / "topk"), x)
     assert abs(float(topk_l0.float().mean()) - mean_l0) <= 0.5  # matched mean L0
     assert ak_ev >= topk_ev
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused encoder (topk_encode) vs the plain matmul + variable_topk path
+# ---------------------------------------------------------------------------------------------
+
+
+def _loss_and_grads(sae, x, step, dead=None):
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae.zero_grad(set_to_none=True)
+    out = sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=dead,
+            n_training_steps=step,
+            is_logging_step=False,
+        )
+    )
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("phase", ["warmup", "adaptive", "adaptive_auxk", "no_rescale"])
+def test_fused_encode_matches_plain_path_float64(phase):
+    torch.manual_seed(1)
+    kw = {"rescale_acts_by_decoder_norm": phase != "no_rescale"}
+    sae = _training_sae(dtype="float64", probe_warmup_steps=4, **kw)
+    if phase != "warmup":
+        sae.set_probe(_random_probe(16))
+    x = torch.randn(40, 16, dtype=torch.float64)
+    dead = torch.rand(48) < 0.5 if phase == "adaptive_auxk" else None
+    outs = {}
+    for fused in (True, False):
+        sae.fused_encode = fused
+        outs[fused] = _loss_and_grads(sae, x, 0, dead)
+    (o1, g1), (o0, g0) = outs[True], outs[False]
+    # the two paths really differ in how the code is built
+    assert type(o1.hidden_pre.grad_fn) is not type(o0.hidden_pre.grad_fn)
+    assert set(o1.losses) == set(o0.losses)
+    if phase == "adaptive_auxk":
+        assert "auxiliary_reconstruction_loss" in o1.losses
+    for name in o1.losses:
+        torch.testing.assert_close(o1.losses[name], o0.losses[name], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(o1.feature_acts, o0.feature_acts, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(o1.hidden_pre, o0.hidden_pre, rtol=1e-10, atol=1e-12)
+    assert set(g1) == set(g0) and {"W_enc", "b_enc", "W_dec", "b_dec"} <= set(g1)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_hook_on_acts_pre_falls_back_to_selecting_after_the_hook():
+    torch.manual_seed(2)
+    sae = _training_sae(rescale_acts_by_decoder_norm=False)
+    x = torch.randn(24, 16)
+
+    def boost_latent_0(_module, _inputs, out):
+        out = out.clone()
+        out[..., 0] = 1e3
+        return out
+
+    assert sae.fused_encode
+    handle = sae.hook_sae_acts_pre.register_forward_hook(boost_latent_0)
+    try:
+        acts = sae.encode(x)
+        out = _step(sae, x, 0)
+    finally:
+        handle.remove()
+    assert torch.all(acts[:, 0] == 1e3) and torch.all(out.feature_acts[:, 0] == 1e3)
+    assert torch.all(out.hidden_pre[:, 0] == 1e3)
+    assert not torch.all(sae.encode(x)[:, 0] == 1e3)  # hook removed: fused path again

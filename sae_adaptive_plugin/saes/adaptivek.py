@@ -3,8 +3,9 @@
 Architecture name ``adaptivek``. Each row ``x`` gets ``k(x)`` from the probe ``ĉ = wᵀx + b``
 (clamped to its label range ``[c_lo, c_hi]``) through the sigmoid map of
 :func:`~sae_adaptive_plugin.ops.adaptive_k.complexity_to_k` (``k_min``, ``k_max``, ``steepness``),
-then keeps its top ``k(x)`` latents (:func:`~sae_adaptive_plugin.ops.variable_topk.variable_topk`,
-no per-row loop). The probe reads the SAE's input as ``forward``/``encode`` receive it (after the
+then keeps its top ``k(x)`` latents (:func:`~sae_adaptive_plugin.ops.variable_topk.topk_encode`:
+encoder and selection in one op whose backward touches only the selected latents, no per-row loop;
+with a forward hook on ``hook_sae_acts_pre`` the plain matmul + ``variable_topk`` path runs). The probe reads the SAE's input as ``forward``/``encode`` receive it (after the
 ``hook_sae_input`` hook, before run-time normalisation and ``b_dec``).
 
 The probe lives in the SAE's state as persistent buffers — ``probe_weight [d_in]``,
@@ -74,6 +75,7 @@ from sae_adaptive_plugin.ops.variable_topk import (
     TopKResult,
     decode_topk,
     scatter_topk,
+    topk_encode,
     variable_topk,
 )
 from sae_adaptive_plugin.probe import ComplexityProbe, RidgeAccumulator
@@ -117,6 +119,10 @@ class _AdaptiveKMixin:
     """Probe buffers, per-row k, compact top-k encode/decode and probe-aware folds."""
 
     cfg: Any
+    #: Encode through :func:`~sae_adaptive_plugin.ops.variable_topk.topk_encode` (sparse
+    #: backward) unless ``hook_sae_acts_pre`` has forward hooks; False = the plain
+    #: matmul + :func:`~sae_adaptive_plugin.ops.variable_topk.variable_topk` path.
+    fused_encode: bool = True
     probe_weight: torch.Tensor
     probe_bias: torch.Tensor
     probe_label_range: torch.Tensor
@@ -197,9 +203,24 @@ class _AdaptiveKMixin:
         k = self._k_from_input(x_in)
         sae_in = self.run_time_activation_norm_fn_in(x_in)  # type: ignore[attr-defined]
         sae_in = sae_in - self.b_dec * self.cfg.apply_b_dec_to_input  # type: ignore[attr-defined]
-        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)  # type: ignore[attr-defined]
-        if self.cfg.rescale_acts_by_decoder_norm:
-            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)  # type: ignore[attr-defined]
+        W_dec = self.W_dec  # type: ignore[attr-defined]
+        scale = W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        hook = self.hook_sae_acts_pre  # type: ignore[attr-defined]
+        if self.fused_encode and not hook._forward_hooks:
+            # one op: encoder, selection, and a backward over the selected latents only
+            hidden_pre, top = topk_encode(
+                sae_in,
+                self.W_enc,  # type: ignore[attr-defined]
+                self.b_enc,  # type: ignore[attr-defined]
+                k,
+                self.cfg.k_max,
+                scale=scale,
+            )
+            return top, hook(hidden_pre), k, x_in, sae_in
+        # a forward hook on hook_sae_acts_pre may change what is selected: select after it
+        hidden_pre = hook(sae_in @ self.W_enc + self.b_enc)  # type: ignore[attr-defined]
+        if scale is not None:
+            hidden_pre = hidden_pre * scale
         top = variable_topk(hidden_pre, k, k_max=self.cfg.k_max)
         return top, hidden_pre, k, x_in, sae_in
 
