@@ -405,3 +405,65 @@ def test_naive_reference_is_what_decode_computes():
         values, indices = hidden_pre.topk(sae.cfg.k, sorted=True)
         naive = prefix_reconstruction_errors_naive(x - sae.b_dec, values.relu(), sae.W_dec, indices)
         torch.testing.assert_close(naive, _decode_prefix_errors(sae, x))
+
+
+# ------------------------------------------- fused encoder + compact decode vs the dense path
+
+
+def _loss_and_grads(sae, x, dead=None):
+    sae.zero_grad(set_to_none=True)
+    out = sae.training_forward_pass(_step(sae, x, dead))
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("auxk", [False, True])
+def test_fused_step_matches_dense_path_float64(rescale, auxk):
+    sae = _training_sae(rescale=rescale, dtype="float64")
+    x = torch.randn(30, 8, dtype=torch.float64)
+    dead = (torch.arange(24) % 2 == 0) if auxk else None
+    outs = {}
+    for fused in (True, False):
+        sae.fused_encode = fused
+        outs[fused] = _loss_and_grads(sae, x, dead)
+    (o1, g1), (o0, g0) = outs[True], outs[False]
+    assert type(o1.hidden_pre.grad_fn) is not type(o0.hidden_pre.grad_fn)
+    assert set(o1.losses) == set(o0.losses)
+    assert bool(o1.losses["auxiliary_reconstruction_loss"] > 0) == auxk
+    for name in o1.losses:
+        torch.testing.assert_close(o1.losses[name], o0.losses[name], rtol=1e-10, atol=1e-12)
+    for field in ("sae_out", "feature_acts", "hidden_pre"):
+        torch.testing.assert_close(getattr(o1, field), getattr(o0, field), rtol=1e-10, atol=1e-12)
+    assert set(g1) == set(g0) and {"W_enc", "b_enc", "W_dec", "b_dec"} <= set(g1)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_hooks_on_acts_fall_back_to_the_dense_path():
+    sae = _training_sae(rescale=False)
+    x = torch.randn(12, 8)
+
+    def boost_latent_0(_module, _inputs, out):
+        out = out.clone()
+        out[..., 0] = 50.0
+        return out
+
+    handle = sae.hook_sae_acts_pre.register_forward_hook(boost_latent_0)
+    try:
+        out = sae.training_forward_pass(_step(sae, x))
+    finally:
+        handle.remove()
+    assert torch.all(out.feature_acts[:, 0] == 50.0)  # selected after the hook
+
+    def zero_acts(_module, _inputs, out):
+        return torch.zeros_like(out)
+
+    handle = sae.hook_sae_acts_post.register_forward_hook(zero_acts)
+    try:
+        out = sae.training_forward_pass(_step(sae, x))
+    finally:
+        handle.remove()
+    # sae_out decoded from the hooked (zero) code: only the decoder bias is left
+    torch.testing.assert_close(out.sae_out, sae.b_dec.detach().expand_as(out.sae_out))

@@ -3,10 +3,14 @@
 Architecture name ``hierarchical_topk``. Training (:class:`HierarchicalTopKTrainingSAE`, a SAELens
 ``TopKTrainingSAE``) selects the sorted top-``K`` latents (``K = cfg.k``) and minimises the mean over
 all prefixes ``j = 1..K`` of ``‖x − x̂_j‖²`` (:func:`~sae_adaptive_plugin.ops.hierarchical.
-prefix_reconstruction_errors`, exact ``B×K×K`` form), plus SAELens's TopK AuxK loss. The prefix
-coefficients are exactly what ``decode`` uses: with ``rescale_acts_by_decoder_norm`` (SAELens's
-training default) the selection is made on ``hidden_pre·‖W_dec‖`` and decoding divides by
-``‖W_dec‖``, so the loss does the same and its gradient reaches the norms.
+prefix_reconstruction_errors`, exact ``B×K×K`` form), plus SAELens's TopK AuxK loss. Encoder and
+selection run as one op whose backward touches only the selected latents
+(:func:`~sae_adaptive_plugin.ops.variable_topk.topk_encode`), and the step's ``sae_out`` is decoded
+from the compact top-K; forward hooks on ``hook_sae_acts_pre``/``_post`` switch back to the dense
+path. The prefix coefficients are exactly what ``decode`` uses: with
+``rescale_acts_by_decoder_norm`` (SAELens's training default) the selection is made on
+``hidden_pre·‖W_dec‖`` and decoding divides by ``‖W_dec‖``, so the loss does the same and its
+gradient reaches the norms.
 
 Inference (:class:`HierarchicalTopKSAE`, a SAELens ``TopKSAE``) encodes with ``cfg.k`` read at every
 call, so any budget ``1 ≤ k' ≤ cfg.trained_k`` can be set after loading::
@@ -43,6 +47,7 @@ from typing_extensions import override
 
 from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
+from sae_adaptive_plugin.ops.variable_topk import decode_topk, topk_encode
 
 NAME = "hierarchical_topk"
 
@@ -245,6 +250,11 @@ class HierarchicalTopKTrainingSAE(TopKTrainingSAE):
     """SAELens ``TopKTrainingSAE`` trained with the HierarchicalTopK all-prefix loss."""
 
     cfg: HierarchicalTopKTrainingSAEConfig  # type: ignore[assignment]
+    #: Encode through :func:`~sae_adaptive_plugin.ops.variable_topk.topk_encode` (sparse
+    #: backward) and decode the training output from the compact top-K
+    #: (:func:`~sae_adaptive_plugin.ops.variable_topk.decode_topk`), each unless a forward hook
+    #: sits on ``hook_sae_acts_pre`` / ``hook_sae_acts_post``; False = the plain dense path.
+    fused_encode: bool = True
 
     def __init__(self, cfg: HierarchicalTopKTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -256,11 +266,32 @@ class HierarchicalTopKTrainingSAE(TopKTrainingSAE):
     def _select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(values, indices, hidden_pre)``: the sorted (descending) ReLU'd top-K of each row."""
         sae_in = self.process_sae_in(x)
+        scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        if self.fused_encode and not self.hook_sae_acts_pre._forward_hooks:
+            # one op: encoder, selection, and a backward over the selected latents only
+            hidden_pre, top = topk_encode(
+                sae_in, self.W_enc, self.b_enc, self.cfg.k, self.cfg.k, scale=scale
+            )
+            return top.values, top.indices, self.hook_sae_acts_pre(hidden_pre)
+        # a forward hook on hook_sae_acts_pre may change what is selected: select after it
         hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
+        if scale is not None:
+            hidden_pre = hidden_pre * scale
         values, indices = hidden_pre.topk(self.cfg.k, dim=-1, sorted=True)
         return values.relu(), indices, hidden_pre
+
+    def _decode_selection(
+        self, feature_acts: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
+    ) -> torch.Tensor:
+        """``decode(feature_acts)``, from the compact top-K unless ``hook_sae_acts_post`` has
+        forward hooks (they may change ``feature_acts``; then the dense ``decode`` runs)."""
+        if not self.fused_encode or self.hook_sae_acts_post._forward_hooks:
+            return self.decode(feature_acts)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            values = values / self.W_dec.norm(dim=-1)[indices]
+        out = self.hook_sae_recons(decode_topk(values, indices, self.W_dec) + self.b_dec)
+        out = self.run_time_activation_norm_fn_out(out)
+        return self.reshape_fn_out(out, self.d_head)
 
     def _feature_acts(self, values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor):
         acts = torch.zeros_like(like).scatter(-1, indices, values)
@@ -291,7 +322,7 @@ class HierarchicalTopKTrainingSAE(TopKTrainingSAE):
         sae_in = step_input.sae_in
         values, indices, hidden_pre = self._select(sae_in)
         feature_acts = self._feature_acts(values, indices, hidden_pre)
-        sae_out = self.decode(feature_acts)
+        sae_out = self._decode_selection(feature_acts, values, indices)
 
         errors = self.prefix_errors_from_selection(sae_in, values, indices)  # [B, K]
         hierarchical_mse = errors.mean()
