@@ -421,3 +421,60 @@ def test_metrics_reach_sae_lens_training_log() -> None:
     for key in ("metrics/mean_k", "metrics/std_k", "metrics/soft_l0", "metrics/alpha"):
         assert isinstance(log[key], float) and log[key] == log[key], key
     assert 1.0 <= log["metrics/mean_k"] <= sae.cfg.k_max
+
+
+def _loss_and_grads(sae, x: torch.Tensor, step: int, dead: torch.Tensor | None = None):
+    sae.zero_grad(set_to_none=True)
+    out = _step(sae, x, step, dead)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("auxk", [False, True])
+def test_fused_hard_phase_matches_plain_path_float64(rescale: bool, auxk: bool) -> None:
+    torch.manual_seed(3)
+    sae = SoftSAETrainingSAE(
+        _cfg(hard_topk_start_step=0, dtype="float64", rescale_acts_by_decoder_norm=rescale)
+    )
+    with torch.no_grad():  # non-trivial decoder norms and biases
+        sae.W_dec.mul_(torch.rand(48, 1, dtype=torch.float64) * 2 + 0.3)
+        sae.b_enc.normal_(0, 0.1)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    dead = (torch.arange(48) % 3 == 0) if auxk else None
+    outs = {}
+    for fused in (True, False):
+        sae.fused_encode = fused
+        outs[fused] = _loss_and_grads(sae, x, 0, dead)
+    (o1, g1), (o0, g0) = outs[True], outs[False]
+    assert type(o1.hidden_pre.grad_fn) is not type(o0.hidden_pre.grad_fn)
+    assert set(o1.losses) == set(o0.losses)
+    assert bool(o1.losses["auxiliary_reconstruction_loss"] > 0) == auxk
+    for name in o1.losses:
+        torch.testing.assert_close(o1.losses[name], o0.losses[name], rtol=1e-10, atol=1e-12)
+    for field in ("sae_out", "feature_acts", "hidden_pre"):
+        torch.testing.assert_close(getattr(o1, field), getattr(o0, field), rtol=1e-10, atol=1e-12)
+    assert set(g1) == set(g0) and {"W_enc", "b_enc", "W_dec", "b_dec"} <= set(g1)
+    assert not any(name.startswith("k_est_") for name in g1)  # estimator frozen in both
+    for name in g1:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_hook_on_acts_pre_falls_back_to_selecting_after_the_hook() -> None:
+    sae = SoftSAETrainingSAE(_cfg(hard_topk_start_step=0, rescale_acts_by_decoder_norm=False))
+    x = torch.randn(20, 16)
+
+    def boost_latent_0(_module, _inputs, out):
+        out = out.clone()
+        out[..., 0] = 1e3
+        return out
+
+    handle = sae.hook_sae_acts_pre.register_forward_hook(boost_latent_0)
+    try:
+        out = _step(sae, x, 0)
+        acts = sae.encode(x)
+    finally:
+        handle.remove()
+    assert torch.all(out.feature_acts[:, 0] == 1e3) and torch.all(acts[:, 0] == 1e3)
+    assert not torch.all(sae.encode(x)[:, 0] == 1e3)  # hook removed: fused path again

@@ -18,7 +18,9 @@ advancing that counter, so a resume from one of those replays the schedule one s
   ``‖x − x̂‖²`` + SAELens's TopK AuxK loss + ``λ_k · softplus_β(mean_batch k̂ − K_t)`` with
   ``β = 5``, ``λ_k = 1``, and the target ``K_t`` linear from ``d_in`` to ``k`` over
   ``k_anneal_steps``. Gradients reach the estimator through ``m`` and the penalty.
-- hard phase (``step ≥ hard_topk_start_step``): per-row hard top-``⌊k̂(x)⌋`` (``ops/variable_topk``),
+- hard phase (``step ≥ hard_topk_start_step``): per-row hard top-``⌊k̂(x)⌋`` (``ops/variable_topk``:
+  ``topk_encode``, encoder and selection in one op whose backward touches only the selected
+  latents; the plain matmul + ``variable_topk`` path when ``hook_sae_acts_pre`` has forward hooks),
   the estimator frozen (computed without gradient, so Adam leaves it untouched), activations
   exactly zero outside the chosen latents.
 
@@ -77,7 +79,13 @@ from torch import nn
 
 from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
-from sae_adaptive_plugin.ops.variable_topk import decode_topk, scatter_topk, variable_topk
+from sae_adaptive_plugin.ops.variable_topk import (
+    TopKResult,
+    decode_topk,
+    scatter_topk,
+    topk_encode,
+    variable_topk,
+)
 
 #: softplus sharpness β and weight λ_k of the penalty on the batch-mean k̂ (METHODS.md §2).
 K_PENALTY_BETA = 5.0
@@ -206,6 +214,9 @@ class _KEstimatorMixin:
     k_est_b_enc: nn.Parameter
     k_est_w_out: nn.Parameter
     k_est_b_out: nn.Parameter
+    #: Hard top-k through :func:`~sae_adaptive_plugin.ops.variable_topk.topk_encode` (sparse
+    #: backward) unless ``hook_sae_acts_pre`` has forward hooks; False = matmul + variable_topk.
+    fused_encode: bool = True
 
     def _init_k_estimator(self) -> None:
         """``U`` starts as a copy of the encoder's first ``k_estimator_hidden`` columns (the
@@ -246,13 +257,26 @@ class _KEstimatorMixin:
             hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
         return hidden_pre
 
-    def _hard_topk(
-        self, sae_in: torch.Tensor, hidden_pre: torch.Tensor, k_hat: torch.Tensor
-    ) -> tuple[Any, torch.Tensor]:
-        """(compact top-k result, dense feature acts) with per-row ``⌊k̂⌋`` latents."""
-        res = variable_topk(hidden_pre, self._k_from_k_hat(k_hat), self.cfg.k_max)
+    def _hard_encode(
+        self, sae_in: torch.Tensor, k_hat: torch.Tensor
+    ) -> tuple[torch.Tensor, TopKResult, torch.Tensor]:
+        """``(hidden_pre, compact top-k result, dense feature acts)`` with per-row ``⌊k̂⌋``
+        latents. Encoder and selection are one :func:`topk_encode` op (backward over the
+        selected latents only) unless ``hook_sae_acts_pre`` has forward hooks, which may change
+        what is selected: then the plain matmul + ``variable_topk`` path selects after them."""
+        k = self._k_from_k_hat(k_hat)
+        hook = self.hook_sae_acts_pre  # type: ignore[attr-defined]
+        if self.fused_encode and not hook._forward_hooks:
+            scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+            hidden_pre, res = topk_encode(
+                sae_in, self.W_enc, self.b_enc, k, self.cfg.k_max, scale=scale
+            )
+            hidden_pre = hook(hidden_pre)
+        else:
+            hidden_pre = self._hidden_pre(sae_in)
+            res = variable_topk(hidden_pre, k, self.cfg.k_max)
         feature_acts = self.hook_sae_acts_post(scatter_topk(res, self.cfg.d_sae))  # type: ignore[attr-defined]
-        return res, feature_acts
+        return hidden_pre, res, feature_acts
 
     def get_activation_fn(self):
         # selection happens in encode (per-row k); no fixed-k activation function
@@ -296,10 +320,7 @@ class SoftSAE(_KEstimatorMixin, TopKSAE):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         sae_in = self.process_sae_in(x)
-        hidden_pre = self._hidden_pre(sae_in)
-        k_hat = self.estimate_k_from_sae_in(sae_in)
-        _, feature_acts = self._hard_topk(sae_in, hidden_pre, k_hat)
-        return feature_acts
+        return self._hard_encode(sae_in, self.estimate_k_from_sae_in(sae_in))[2]
 
 
 class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
@@ -317,8 +338,7 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference behaviour (hard per-row top-``⌊k̂⌋``), used by ``encode``/``forward``."""
         sae_in = self.process_sae_in(x)
-        hidden_pre = self._hidden_pre(sae_in)
-        _, feature_acts = self._hard_topk(sae_in, hidden_pre, self.estimate_k_from_sae_in(sae_in))
+        hidden_pre, _, feature_acts = self._hard_encode(sae_in, self.estimate_k_from_sae_in(sae_in))
         return feature_acts, hidden_pre
 
     def _decode_compact(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -332,17 +352,17 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         step = step_input.n_training_steps
         sae_in = self.process_sae_in(step_input.sae_in)
-        hidden_pre = self._hidden_pre(sae_in)
         metrics: dict[str, Any] = {}
         if self.cfg.is_hard_phase(step):
             with torch.no_grad():
                 k_hat = self.estimate_k_from_sae_in(sae_in)
-            res, feature_acts = self._hard_topk(sae_in, hidden_pre, k_hat)
+            hidden_pre, res, feature_acts = self._hard_encode(sae_in, k_hat)
             sae_out = self._decode_compact(res.values, res.indices)
             k_used = res.mask.sum(dim=-1).float()
             penalty = None
         else:
             alpha = self.cfg.alpha_at(step)
+            hidden_pre = self._hidden_pre(sae_in)
             k_hat = self.estimate_k_from_sae_in(sae_in)
             z = hidden_pre.relu()
             mask = lapsum_topk(z, k_hat, alpha)
