@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -168,3 +170,66 @@ def test_leading_batch_dims() -> None:
     m = lapsum_topk(s, k_hat, 0.3)
     assert m.shape == s.shape
     torch.testing.assert_close(m.reshape(6, 9), lapsum_topk(s.reshape(6, 9), k_hat.reshape(6), 0.3))
+
+
+# ------------------------------------------------ top-m solve (k_max given) vs the full sort
+
+
+def _k_hat_up_to(k_max: float, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """k̂ spread over [0, k_max], with rows at and just below k_max, at 0 and at integers."""
+    g = torch.Generator().manual_seed(5)
+    k_hat = torch.rand(rows, generator=g, dtype=torch.float64) * k_max
+    k_hat[0], k_hat[1], k_hat[2] = k_max, k_max - 1e-6, 0.0
+    k_hat[3] = math.floor(k_max)
+    return k_hat.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("alpha", [2.0, 0.5, 1e-2, 1e-4])
+@pytest.mark.parametrize("k_max", [10, 12.5])
+def test_top_m_threshold_matches_full_sort(dtype: torch.dtype, alpha: float, k_max) -> None:
+    s = torch.cat([_mixed_scores(96), _scores(8, 96, seed=1)]).to(dtype)
+    s[12] = s[12].round()  # ties straddling the top-m cut (m = 2⌈k_max⌉ + 2 < F = 96)
+    k_hat = _k_hat_up_to(k_max, s.shape[0], dtype)
+    tau_m = lapsum_threshold(s, k_hat, alpha, k_max=k_max)
+    tau_f = lapsum_threshold(s, k_hat, alpha)
+    eps = torch.finfo(dtype).eps
+    tol = 16 * eps * (s.abs().max().item() + alpha * 40)  # a few ulps of τ
+    torch.testing.assert_close(tau_m, tau_f, rtol=0, atol=tol)
+    m = laplace_cdf((s - tau_m.unsqueeze(-1)) / alpha)
+    floor = 64 * s.abs().max().item() * eps / alpha + (1e-9 if dtype == torch.float64 else 1e-5)
+    assert (m.sum(-1) - k_hat).abs().max().item() <= floor
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1e-2, 1e-4])
+def test_top_m_threshold_matches_bisection(alpha: float) -> None:
+    s = _scores(16, 200)
+    k_hat = _k_hat_up_to(20, 16, s.dtype).clamp_min(0.5)
+    k_hat[0], k_hat[3] = 20 - 1e-3, 7.5  # non-integer k̂ ∈ (0, F): τ is well determined
+    tau = lapsum_threshold(s, k_hat, alpha, k_max=20)
+    tau_ref = lapsum_threshold_bisect(s, k_hat, alpha, n_iter=200)
+    torch.testing.assert_close(tau, tau_ref, rtol=0, atol=1e-9 * max(alpha, 1.0))
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1e-2])
+def test_top_m_mask_and_gradients_match_full_sort_float64(alpha: float) -> None:
+    s = _mixed_scores(80).requires_grad_()
+    k_hat = _k_hat_up_to(9, s.shape[0], s.dtype).requires_grad_()
+    upstream = torch.randn(s.shape, dtype=s.dtype, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for k_max in (9, None):
+        m = lapsum_topk(s, k_hat, alpha, k_max=k_max)
+        out[k_max] = (m, *torch.autograd.grad((m * upstream).sum(), (s, k_hat)))
+    for a, b in zip(out[9], out[None]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_k_max_validated_and_large_k_max_is_the_full_sort() -> None:
+    s = _scores(3, 10)
+    k_hat = torch.tensor([1.0, 4.0, 6.0], dtype=s.dtype)
+    with pytest.raises(ValueError, match=r"k_hat must lie in \[0, k_max=5\]"):
+        lapsum_topk(s, k_hat, 0.5, k_max=5)
+    with pytest.raises(ValueError, match="k_max"):
+        lapsum_topk(s, k_hat, 0.5, k_max=-1)
+    # m = 2⌈k_max⌉ + 2 ≥ F: the whole row is sorted, bit for bit the same
+    assert torch.equal(lapsum_topk(s, k_hat, 0.5, k_max=6), lapsum_topk(s, k_hat, 0.5))

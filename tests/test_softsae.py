@@ -478,3 +478,30 @@ def test_hook_on_acts_pre_falls_back_to_selecting_after_the_hook() -> None:
         handle.remove()
     assert torch.all(out.feature_acts[:, 0] == 1e3) and torch.all(acts[:, 0] == 1e3)
     assert not torch.all(sae.encode(x)[:, 0] == 1e3)  # hook removed: fused path again
+
+
+def test_soft_phase_top_m_threshold_matches_full_sort_float64(monkeypatch) -> None:
+    """The soft phase passes ``k_max`` to ``lapsum_topk`` (top-m solve): same step as the sort."""
+    import sae_adaptive_plugin.saes.softsae as softsae_module
+
+    torch.manual_seed(4)
+    sae = SoftSAETrainingSAE(_cfg(d_sae=96, k=4, k_max=8, dtype="float64"))  # m = 18 < 96
+    x = torch.randn(32, 16, dtype=torch.float64)
+    seen = []
+
+    def full_sort(scores, k_hat, alpha, k_max=None):
+        seen.append(k_max)
+        return lapsum_topk(scores, k_hat, alpha)
+
+    outs = {"top_m": _loss_and_grads(sae, x, 3)}
+    monkeypatch.setattr(softsae_module, "lapsum_topk", full_sort)
+    outs["sort"] = _loss_and_grads(sae, x, 3)
+    assert seen == [8]
+    (o1, g1), (o0, g0) = outs["top_m"], outs["sort"]
+    assert "k_penalty" in o1.losses
+    for name in o1.losses:
+        torch.testing.assert_close(o1.losses[name], o0.losses[name], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(o1.sae_out, o0.sae_out, rtol=1e-9, atol=1e-12)
+    assert set(g1) == set(g0) and "k_est_W_enc" in g1
+    for name in g1:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-8, atol=1e-11, msg=name)

@@ -8,7 +8,10 @@ with the threshold ``τ`` chosen so that ``Σ_j m_j = k̂``. As ``α → 0`` the
 top-k indicator; for large ``α`` it spreads over every entry.
 
 Forward (:class:`LapSumTopK`): ``τ`` is found **exactly**, without iterations. The row is sorted
-descending (``v_1 ≥ … ≥ v_F``); the count ``S(τ) = Σ_j F_L((v_j − τ)/α)`` is evaluated at every
+descending (``v_1 ≥ … ≥ v_F``; with a bound ``k_max ≥ k̂`` only its top ``m = 2⌈k_max⌉ + 2``
+entries: at ``τ = v_m`` the ``m`` largest already weigh ``≥ m/2 > k̂``, so the solution lies above
+``v_m`` and the remaining entries enter only through one masked logsumexp ``Σ_{j>m} e^{v_j/α}``);
+the count ``S(τ) = Σ_j F_L((v_j − τ)/α)`` is evaluated at every
 breakpoint ``τ = v_i`` from two log-cumulative sums, which tells the interval
 ``[v_{p+1}, v_p]`` that holds the solution; inside it ``S`` is
 ``p − ½·a·y + ½·B/y`` with ``y = e^{(τ − v_p)/α}``, ``a = Σ_{j≤p} e^{−(v_j − v_p)/α}``,
@@ -28,8 +31,8 @@ The weights ``q_j / Σ q`` are computed as ``softmax(−|u|)``, which never divi
 sum. ``α`` gets no gradient. ``k̂`` is clamped to ``[0, F]``; ``τ`` is kept within ``[v_F − 40α,
 v_1 + 40α]``, where the mask is saturated to the dtype's precision, so ``k̂ = 0`` and ``k̂ = F``
 give finite thresholds and gradients. Memory: the forward holds a few ``[..., F]`` temporaries
-(the sorted row, two log-cumulative sums) and saves ``u`` (``[..., F]``, compute dtype) for the
-backward.
+(the sorted row, two log-cumulative sums; with ``k_max``, ``[..., m]`` ones and one ``[..., F]``
+copy for the tail) and saves ``u`` (``[..., F]``, compute dtype) for the backward.
 
 :func:`lapsum_threshold_bisect` and :func:`lapsum_topk_reference` (bisection, then autograd
 through one implicit-function step) are the plain references the tests compare against.
@@ -83,34 +86,61 @@ def _check_inputs(scores: torch.Tensor, k_hat: torch.Tensor, alpha: float | torc
         raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
 
 
-def lapsum_threshold(scores: torch.Tensor, k_hat: torch.Tensor, alpha: float) -> torch.Tensor:
+def _top_m(k_max: float | None, n_f: int) -> int:
+    """Entries the solve needs: ``2⌈k_max⌉ + 2`` (the whole row without a ``k_max``)."""
+    return n_f if k_max is None else min(n_f, 2 * math.ceil(k_max) + 2)
+
+
+def lapsum_threshold(
+    scores: torch.Tensor, k_hat: torch.Tensor, alpha: float, k_max: float | None = None
+) -> torch.Tensor:
     """Exact threshold ``τ`` ``[...]`` with ``Σ_j F_L((s_j − τ)/α) = k̂`` per row (no gradient).
 
     ``scores`` ``[..., F]`` and ``k_hat`` ``[...]`` must already be in the compute dtype
-    (float32 or float64); see the module docstring for the method.
+    (float32 or float64); see the module docstring for the method. With ``k_max`` (every
+    ``k̂ ≤ k_max``, not checked here) only the top ``m = 2⌈k_max⌉ + 2`` entries of each row are
+    sorted; the others enter through one logsumexp. Without it the whole row is sorted.
     """
     n_f = scores.shape[-1]
-    v = scores.sort(dim=-1, descending=True).values  # v_1 ≥ … ≥ v_F
+    m = _top_m(k_max, n_f)
+    neg_inf = torch.full_like(scores[..., :1], -math.inf)
+    if m < n_f:
+        top = scores.topk(m, dim=-1, sorted=True)
+        v = top.values  # v_1 ≥ … ≥ v_m
+        rest = scores / alpha
+        rest.scatter_(-1, top.indices, -math.inf)
+        l_tail = torch.logsumexp(rest, dim=-1, keepdim=True)  # log Σ_{j>m} e^{x_j}
+        del rest, top
+        v_min = scores.amin(dim=-1, keepdim=True)
+    else:
+        v = scores.sort(dim=-1, descending=True).values  # v_1 ≥ … ≥ v_F
+        l_tail = None
+        v_min = v[..., -1:]
     x = v / alpha
     k = k_hat.clamp(0, n_f).unsqueeze(-1)
-    neg_inf = torch.full_like(x[..., :1], -math.inf)
-    # lp[i] = log Σ_{j<i} e^{−x_j},  lq[i] = log Σ_{j>i} e^{x_j}   (0-based, exclusive)
+    # lp[i] = log Σ_{j<i} e^{−x_j},  lq[i] = log Σ_{j>i} e^{x_j}   (0-based, exclusive, j over
+    # the whole row; the entries below v_m only ever appear in lq, through l_tail)
     lp_incl = torch.logcumsumexp(-x, dim=-1)  # log Σ_{j≤i} e^{−x_j}
     lq_incl = torch.logcumsumexp(x.flip(-1), dim=-1).flip(-1)  # log Σ_{j≥i} e^{x_j}
+    if l_tail is not None:
+        lq_incl = torch.logaddexp(lq_incl, l_tail)
     lp = torch.cat([neg_inf, lp_incl[..., :-1]], dim=-1)
-    lq = torch.cat([lq_incl[..., 1:], neg_inf], dim=-1)
-    idx = torch.arange(n_f, device=x.device, dtype=x.dtype)
+    lq = torch.cat([lq_incl[..., 1:], neg_inf if l_tail is None else l_tail], dim=-1)
+    idx = torch.arange(m, device=x.device, dtype=x.dtype)
     # S at τ = v_i: i entries above (u > 0), entry i at u = 0 (½), the rest below
     s_at = idx + 0.5 - 0.5 * torch.exp(lp + x) + 0.5 * torch.exp(lq - x)
     s_at = torch.cummax(s_at, dim=-1).values  # S is non-decreasing in i; remove rounding wiggles
-    p = (s_at <= k).sum(dim=-1, keepdim=True)  # solution in [v_{p+1}, v_p] (1-based), p ∈ [0, F]
+    # solution in [v_{p+1}, v_p] (1-based), p ∈ [0, m]. With m < F, p < m: at τ = v_m the m − 1
+    # entries above weigh ≥ ½ each and v_m itself ½, so S(v_m) ≥ m/2 = ⌈k_max⌉ + 1 > k̂, and
+    # every entry the solve reads lies in the top m.
+    p = (s_at <= k).sum(dim=-1, keepdim=True)
 
     # interval p ∈ [1, F-1] (0-based ends ia = p-1 above, ib = p below). With y = e^{(τ − v_p)/α}:
     # a y² − 2 d y − b = 0, d = p − k̂, a = Σ_{j≤p} e^{x_p − x_j} ≥ 1, b = Σ_{j>p} e^{x_j − x_p}.
     # For d ≥ 0 the root (d + r)/a is anchored at v_p; for d < 0 the equivalent b/(r − d) is
     # anchored at v_{p+1} (b' = b·e^{x_p − x_{p+1}} ≥ 1), so neither under- nor overflows.
-    ia = (p - 1).clamp(0, n_f - 1)
-    ib = p.clamp(0, n_f - 1)
+    ia = (p - 1).clamp(0, m - 1)
+    ib = p.clamp(0, m - 1)
     x_a, x_b = x.gather(-1, ia), x.gather(-1, ib)
     log_a = lp_incl.gather(-1, ia) + x_a
     log_b_low = lq_incl.gather(-1, ib) - x_b
@@ -127,14 +157,17 @@ def lapsum_threshold(scores: torch.Tensor, k_hat: torch.Tensor, alpha: float) ->
     tau_mid = torch.minimum(torch.maximum(tau_mid, v.gather(-1, ib)), v.gather(-1, ia))
 
     # p = 0: every entry below τ, S = ½ Σ e^{x_j − τ/α}
-    tau_top = alpha * (torch.logsumexp(x, dim=-1, keepdim=True) - torch.log(2 * k))
+    l_all = torch.logsumexp(x, dim=-1, keepdim=True)
+    if l_tail is not None:
+        l_all = torch.logaddexp(l_all, l_tail)
+    tau_top = alpha * (l_all - torch.log(2 * k))
     tau_top = torch.maximum(tau_top, v[..., :1])
-    # p = F: every entry above τ, S = F − ½ Σ e^{τ/α − x_j}
+    # p = F (only when the whole row is sorted): every entry above τ, S = F − ½ Σ e^{τ/α − x_j}
     tau_bot = alpha * (torch.log(2 * (n_f - k)) - torch.logsumexp(-x, dim=-1, keepdim=True))
     tau_bot = torch.minimum(tau_bot, v[..., -1:])
 
     tau = torch.where(p == 0, tau_top, torch.where(p == n_f, tau_bot, tau_mid))
-    lo = v[..., -1:] - SATURATION * alpha
+    lo = v_min - SATURATION * alpha
     hi = v[..., :1] + SATURATION * alpha
     return torch.minimum(torch.maximum(tau, lo), hi).squeeze(-1)
 
@@ -157,14 +190,17 @@ def lapsum_threshold_bisect(
 
 
 class LapSumTopK(torch.autograd.Function):
-    """``m = LapSumTopK.apply(scores [..., F], k_hat [...], alpha)``: see the module docstring."""
+    """``m = LapSumTopK.apply(scores [..., F], k_hat [...], alpha, k_max)``: see the module
+    docstring (``k_max``: ``None`` or an upper bound of every ``k̂``)."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, k_hat: torch.Tensor, alpha: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, scores: torch.Tensor, k_hat: torch.Tensor, alpha: float, k_max: float | None = None
+    ) -> torch.Tensor:
         dtype = _compute_dtype(scores.dtype)
         alpha_f = float(alpha)
         s = scores.detach().to(dtype)
-        tau = lapsum_threshold(s, k_hat.detach().to(dtype), alpha_f)
+        tau = lapsum_threshold(s, k_hat.detach().to(dtype), alpha_f, k_max)
         u = (s - tau.unsqueeze(-1)) / alpha_f
         ctx.save_for_backward(u)
         ctx.alpha = alpha_f
@@ -183,16 +219,21 @@ class LapSumTopK(torch.autograd.Function):
             q = 0.5 * torch.exp(neg_abs) / ctx.alpha
             grad_s = (q * (g - grad_k.unsqueeze(-1))).to(grad_m.dtype)
         grad_k_out = grad_k.to(ctx.k_dtype) if ctx.needs_input_grad[1] else None
-        return grad_s, grad_k_out, None
+        return grad_s, grad_k_out, None, None
 
 
 def lapsum_topk(
-    scores: torch.Tensor, k_hat: torch.Tensor | float, alpha: float | torch.Tensor
+    scores: torch.Tensor,
+    k_hat: torch.Tensor | float,
+    alpha: float | torch.Tensor,
+    k_max: float | None = None,
 ) -> torch.Tensor:
     """Soft top-k mask ``[..., F]`` with ``Σ m = k̂`` per row; differentiable in scores and ``k̂``.
 
     ``k_hat`` is a tensor of shape ``scores.shape[:-1]`` (or a number for every row); ``alpha`` a
-    positive number or 0-dim tensor (no gradient).
+    positive number or 0-dim tensor (no gradient). ``k_max``: an upper bound of every ``k̂``
+    (checked; one device sync); the threshold is then solved from each row's top
+    ``2⌈k_max⌉ + 2`` entries instead of a full sort, with the same result. ``None``: full sort.
     """
     if not isinstance(k_hat, torch.Tensor):
         k_hat = torch.full(scores.shape[:-1], float(k_hat), device=scores.device)
@@ -200,7 +241,17 @@ def lapsum_topk(
     alpha_f = float(alpha)
     if not (alpha_f > 0 and math.isfinite(alpha_f)):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha_f}")
-    return LapSumTopK.apply(scores, k_hat, alpha_f)
+    if k_max is not None:
+        if isinstance(k_max, bool) or not (
+            isinstance(k_max, (int, float)) and math.isfinite(k_max) and k_max >= 0
+        ):
+            raise ValueError(f"k_max must be None or a finite number >= 0, got {k_max!r}")
+        if k_hat.numel() and float(k_hat.detach().max()) > k_max:
+            raise ValueError(
+                f"k_hat must lie in [0, k_max={k_max}] when k_max is given, "
+                f"got max {float(k_hat.detach().max())}"
+            )
+    return LapSumTopK.apply(scores, k_hat, alpha_f, k_max)
 
 
 def lapsum_topk_reference(

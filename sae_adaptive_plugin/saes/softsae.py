@@ -13,7 +13,8 @@ exactly, for the final checkpoint; SAELens 6.54 writes its *mid-run* checkpoints
 advancing that counter, so a resume from one of those replays the schedule one step behind):
 
 - soft phase (``step < hard_topk_start_step``): code ``f = z ⊙ m`` with ``z = ReLU(pre-acts)``
-  and the LapSum soft top-k mask ``m`` (``ops/lapsum.py``, ``Σ m = k̂(x)`` per row) at scale
+  and the LapSum soft top-k mask ``m`` (``ops/lapsum.py``, ``Σ m = k̂(x)`` per row, its threshold
+  solved from each row's top ``2·k_max + 2`` pre-activations since ``k̂ ≤ k_max``) at scale
   ``α_t`` (linear from ``alpha_start`` to ``alpha_end`` over ``alpha_anneal_steps``). Loss:
   ``‖x − x̂‖²`` + SAELens's TopK AuxK loss + ``λ_k · softplus_β(mean_batch k̂ − K_t)`` with
   ``β = 5``, ``λ_k = 1``, and the target ``K_t`` linear from ``d_in`` to ``k`` over
@@ -365,7 +366,7 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
             hidden_pre = self._hidden_pre(sae_in)
             k_hat = self.estimate_k_from_sae_in(sae_in)
             z = hidden_pre.relu()
-            mask = lapsum_topk(z, k_hat, alpha)
+            mask = lapsum_topk(z, k_hat, alpha, k_max=self.cfg.k_max)  # τ from the top 2k_max+2
             code = self.hook_sae_acts_post(z * mask)
             sae_out = self.decode(code)
             # SAELens counts firings (dead latents → AuxK, logged L0) from feature_acts: report
