@@ -71,6 +71,12 @@ def main() -> None:
     parser.add_argument("--target-fvu", type=float, default=0.1)
     parser.add_argument("--warmup-loss", choices=("hierarchical", "mse"), default="hierarchical")
     parser.add_argument(
+        "--kstar-scale",
+        choices=("dataset", "row"),
+        default="dataset",
+        help="k* threshold: target_fvu x the batch's mean variance, or x each row's own",
+    )
+    parser.add_argument(
         "--only-adaptivek", action="store_true", help="skip the TopK/BatchTopK baselines"
     )
     parser.add_argument("--eval-samples", type=int, default=8192)
@@ -160,6 +166,7 @@ def main() -> None:
             probe_warmup_steps=args.warmup,
             target_fvu=args.target_fvu,
             warmup_loss=args.warmup_loss,
+            kstar_scale=args.kstar_scale,
         )
     )
     start = time.perf_counter()
@@ -182,6 +189,7 @@ def main() -> None:
             "probe_lambda": report["lam"],
             "probe_heldout_spearman_vs_true_l0": heldout,
             "warmup_loss": args.warmup_loss,
+            "kstar_scale": args.kstar_scale,
         },
     )
     k = max(1, round(ak_row["l0_mean"]))

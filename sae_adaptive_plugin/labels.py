@@ -15,7 +15,10 @@ Sources (METHODS.md §3):
   per token with ``positions="all"``, a text's mean with ``"last"``.
 - :class:`KStarLabels` — (c) ``k*`` per activation: the fewest latents of a TopK-family SAE
   (SAELens ``topk``, ``hierarchical_topk``, ``adaptivek`` at its ``k_max``) whose prefix
-  reconstruction leaves at most ``target_fvu`` of the row's variance ``‖x − mean‖²``
+  reconstruction error is at most ``target_fvu`` times the batch's mean variance
+  ``mean_rows ‖x − mean‖²`` (``scale="dataset"``, default) or the row's own ``‖x − mean‖²``
+  (``scale="row"``; non-monotone in complexity on anisotropic data — see
+  :meth:`~sae_adaptive_plugin.saes.adaptivek.AdaptiveKTrainingSAE.kstar_from_errors`)
   (:func:`kstar_labels`, from :func:`~sae_adaptive_plugin.ops.hierarchical.
   prefix_reconstruction_errors`). Needs no model, so it works on synthetic activations too.
 
@@ -35,6 +38,9 @@ import torch
 from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors
 from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
 from sae_adaptive_plugin.probe import ComplexityProbe, RidgeAccumulator
+
+#: Scales of the ``k*`` threshold (as ``AdaptiveKTrainingSAEConfig.kstar_scale``).
+_KSTAR_SCALES = ("dataset", "row")
 
 LabelledBatch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
@@ -207,16 +213,27 @@ def prefix_errors(sae: Any, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def kstar_labels(
-    sae: Any, x: torch.Tensor, target_fvu: float = 0.1, mean: torch.Tensor | None = None
+    sae: Any,
+    x: torch.Tensor,
+    target_fvu: float = 0.1,
+    mean: torch.Tensor | None = None,
+    scale: str = "dataset",
 ) -> torch.Tensor:
     """``k*`` of each row of ``x`` (long ``[N]``, in ``[1, K]``; ``K`` when never reached).
 
     ``mean`` is the activation mean of the variance ``‖x − mean‖²`` (default: the batch mean).
+    ``scale``: ``"dataset"`` — the threshold is ``target_fvu`` times the mean of that variance
+    over the rows of ``x`` (one error budget for all rows); ``"row"`` — times each row's own.
     """
+    if scale not in _KSTAR_SCALES:
+        raise ValueError(f"scale must be one of {_KSTAR_SCALES}, got {scale!r}")
     x2 = x.reshape(-1, sae.cfg.d_in).to(sae.dtype)
     errors = prefix_errors(sae, x2)
     m = x2.mean(0) if mean is None else mean.to(x2.device, x2.dtype)
-    return kstar_from_prefix_errors(errors, (x2 - m).pow(2).sum(-1), target_fvu)
+    variance = (x2 - m).pow(2).sum(-1)
+    if scale == "dataset":
+        variance = variance.mean().expand_as(variance)
+    return kstar_from_prefix_errors(errors, variance, target_fvu)
 
 
 @dataclass
@@ -224,17 +241,23 @@ class KStarLabels:
     """(c) ``k*`` labels of ``activations`` (an iterable of ``[N, d_in]`` batches) under ``sae``.
 
     ``mean``: the activation mean for the variance (default: each batch's own mean).
+    ``scale``: as in :func:`kstar_labels` (``"dataset"``: over each batch's rows).
     """
 
     sae: Any
     activations: Iterable[torch.Tensor]
     target_fvu: float = 0.1
     mean: torch.Tensor | None = None
+    scale: str = "dataset"
 
     def batches(self) -> Iterator[LabelledBatch]:
         for x in self.activations:
             x2 = x.reshape(-1, self.sae.cfg.d_in)
-            yield x2, kstar_labels(self.sae, x2, self.target_fvu, self.mean).float(), None
+            yield (
+                x2,
+                kstar_labels(self.sae, x2, self.target_fvu, self.mean, self.scale).float(),
+                None,
+            )
 
 
 __all__ = [

@@ -18,8 +18,9 @@ Label sources:
   and is skipped).
 - ``--labels kstar --sae SAE_DIR``: no labels needed either. Each activation's label is ``k*``, the
   fewest latents of a TopK-family SAE trained at that hook (``topk``, ``hierarchical_topk``,
-  ``adaptivek``) whose prefix reconstruction leaves at most ``--target-fvu`` of the activation's
-  variance ``‖x − mean‖²`` (:func:`sae_adaptive_plugin.labels.kstar_labels`); ``mean`` is the mean
+  ``adaptivek``) whose prefix reconstruction error is at most ``--target-fvu`` times the mean
+  variance ``‖x − mean‖²`` of the rows of its batch
+  (:func:`sae_adaptive_plugin.labels.kstar_labels`, ``scale="dataset"``); ``mean`` is the mean
   activation over all collected rows, so those rows are held in memory (rows × d_in floats).
 
 With ``--positions all`` the first position is skipped when a BOS token was prepended (its

@@ -296,6 +296,7 @@ def test_trainer_norm_scaling_is_folded_into_the_probe():
         ({"target_fvu": 1.0}, r"target_fvu must lie in \(0, 1\)"),
         ({"probe_warmup_steps": 0}, r"probe_warmup_steps=0 must lie in \[1,"),
         ({"warmup_loss": "l1"}, "warmup_loss must be one of"),
+        ({"kstar_scale": "abs"}, "kstar_scale must be one of"),
         (
             {"probe_path": "p.safetensors", "normalize_activations": "covariance_whitening"},
             "probe_path with normalize_activations='covariance_whitening'",
@@ -329,6 +330,44 @@ def test_nan_activations_in_warmup_raise():
     x[3, 2] = float("nan")
     with pytest.raises(ValueError, match="must be finite"):
         _step(sae, x, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# k* threshold scale: one budget for all rows (dataset) vs each row's own variance (row)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_kstar_scale_dataset_uses_one_threshold_row_uses_each_rows_variance():
+    g = torch.Generator().manual_seed(0)
+    sae_in = torch.randn(6, 16, generator=g) * torch.tensor([0.1, 0.5, 1.0, 2.0, 4.0, 8.0])[:, None]
+    row_var = (sae_in - sae_in.mean(0)).pow(2).sum(-1)
+    k_max = 12
+    # the same decreasing prefix-error curve for every row: err_j = 100 / j
+    errors = (100.0 / torch.arange(1, k_max + 1, dtype=torch.float32)).expand(6, k_max)
+    errors = errors.contiguous()
+    by_row = _training_sae(k_max=k_max, kstar_scale="row").kstar_from_errors(errors, sae_in)
+    by_data = _training_sae(k_max=k_max, kstar_scale="dataset").kstar_from_errors(errors, sae_in)
+    assert AdaptiveKTrainingSAEConfig(d_in=4, d_sae=8, k_min=1, k_max=4).kstar_scale == "dataset"
+    # dataset: equal errors -> equal k*, the first j with 100/j <= tau * mean variance
+    expected = int((errors[0] <= 0.1 * row_var.mean()).nonzero()[0]) + 1
+    assert by_data.tolist() == [expected] * 6
+    # row: a row far from the mean gets a looser budget, so fewer latents (non-increasing here)
+    order = row_var.argsort()
+    assert torch.all(by_row[order][1:] <= by_row[order][:-1])
+    assert by_row[order][0] > by_row[order][-1]
+
+
+def test_kstar_labels_scale():
+    from sae_adaptive_plugin.labels import kstar_labels
+
+    sae = _training_sae(k_min=1, k_max=12)
+    x = torch.randn(64, 16) * torch.linspace(0.2, 3.0, 64)[:, None]
+    row = kstar_labels(sae, x, target_fvu=0.3, scale="row")
+    data = kstar_labels(sae, x, target_fvu=0.3, scale="dataset")
+    assert torch.equal(data, kstar_labels(sae, x, target_fvu=0.3))  # the default
+    assert not torch.equal(row, data)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        kstar_labels(sae, x, scale="abs")
 
 
 # ---------------------------------------------------------------------------------------------
