@@ -2,6 +2,9 @@
 # virtual environment, install torch 2.13.0 (CPU) first so no CUDA build is pulled, then install
 # the package editable with its dev extras.
 PYTHON ?= python3
+# Idle OpenMP threads sleep instead of spinning: on a small shared CPU, spinning made 2-thread
+# torch runs 5-30x slower whenever another process was busy (measured by `sae-adaptive compare`).
+export OMP_WAIT_POLICY ?= PASSIVE
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sae-adaptive-installed
