@@ -29,7 +29,9 @@ centred statistics (``w = (S_xx + λI)⁻¹ S_xy``, ``b = ȳ − wᵀx̄``); ``�
 (default :data:`DEFAULT_LAMBDAS`, 1e-2 … 1e3 in half-decades) by k-fold cross-validation on the
 held-out squared error, every fold and every ``λ`` from one eigendecomposition per fold; the final
 probe is refitted on all rows. ``λ`` multiplies the raw (summed, not averaged) Gram matrix, as in
-the formula, so its effect shrinks as data grows. Reported: held-out R² (pooled over folds, each
+the formula, so its effect shrinks as data grows; hence, with the default grid, an optimum on the
+grid's upper edge extends the grid upwards (with a warning, see :meth:`ComplexityProbe.
+from_accumulator`). Reported: held-out R² (pooled over folds, each
 fold against its own mean) and Pearson, both exact from the statistics (before clamping), and
 held-out Spearman on the reservoir rows (after clamping).
 """
@@ -39,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +51,9 @@ import torch
 
 #: Default ridge grid: 1e-2 … 1e3 in half-decade steps.
 DEFAULT_LAMBDAS: tuple[float, ...] = tuple(float(10.0 ** (e / 2)) for e in range(-4, 7))
+
+#: Upper limit of the automatic extension of the default grid (see ``from_accumulator``).
+MAX_EXTENDED_LAMBDA: float = 1e12
 
 #: Key of the JSON document in the safetensors metadata, and its format version.
 _META_KEY = "complexity_probe"
@@ -447,8 +453,40 @@ class ComplexityProbe:
     def from_accumulator(
         cls, acc: RidgeAccumulator, lambdas: Sequence[float] | None = None
     ) -> ComplexityProbe:
-        """Pick ``λ`` by k-fold CV on ``acc``'s statistics, refit on all rows, report."""
+        """Pick ``λ`` by k-fold CV on ``acc``'s statistics, refit on all rows, report.
+
+        With the default grid (``lambdas=None``), when the CV optimum is the grid's largest
+        ``λ`` the grid is extended upwards in half-decades (4 at a time, stopping once past
+        :data:`MAX_EXTENDED_LAMBDA`) until the held-out error stops falling (``λ`` multiplies
+        the summed Gram matrix, so the useful range grows with the row count); a chosen ``λ``
+        above the default grid, or one still on the searched grid's upper edge, warns. A
+        user-given grid is never extended. The report's ``lambdas``/``cv_mse`` cover the grid
+        actually searched.
+        """
         lams = _check_lambdas(lambdas)
+        top = lams[-1]
+        while True:
+            probe = cls._fit_on_grid(acc, lams)
+            edge = probe.lam == lams[-1]
+            if not edge or lambdas is not None or lams[-1] >= MAX_EXTENDED_LAMBDA:
+                break
+            lams = lams + [lams[-1] * 10.0 ** (e / 2) for e in range(1, 5)]
+        if edge:
+            warnings.warn(
+                f"probe ridge: the cross-validated optimum is the largest lambda searched "
+                f"({lams[-1]:g}); a larger one may fit better",
+                stacklevel=2,
+            )
+        elif probe.lam > top:
+            warnings.warn(
+                f"probe ridge: the cross-validated optimum lambda={probe.lam:g} lies above the "
+                f"default grid (top {top:g}); the grid was extended to find it",
+                stacklevel=2,
+            )
+        return probe
+
+    @classmethod
+    def _fit_on_grid(cls, acc: RidgeAccumulator, lams: list[float]) -> ComplexityProbe:
         if acc.count is None:
             raise ValueError("the accumulator holds no rows: nothing to fit the probe on")
         assert acc.sum_x is not None and acc.sum_y is not None and acc.sum_xx is not None

@@ -152,3 +152,20 @@ def test_spearman_with_ties():
     assert spearman_corr(a, a * 10) == pytest.approx(1.0)
     assert spearman_corr(a, -a) == pytest.approx(-1.0)
     assert math.isnan(spearman_corr(torch.ones(4), a))
+
+
+def test_default_grid_extends_past_an_optimum_on_its_upper_edge():
+    # labels independent of X: the more shrinkage the better, so the optimum is the grid's top
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 8, generator=g)
+    y = torch.randn(400, generator=g)
+    with pytest.warns(UserWarning, match="lies above the default grid"):
+        probe = ComplexityProbe.fit(X, y)
+    assert probe.report is not None
+    assert probe.lam > 1e3 and len(probe.report.lambdas) > 11
+    assert probe.report.lambdas[:11] == pytest.approx([10.0 ** (e / 2) for e in range(-4, 7)])
+    assert len(probe.report.cv_mse) == len(probe.report.lambdas)
+    # a user-given grid is kept as given, with a warning that its edge was hit
+    with pytest.warns(UserWarning, match="largest lambda searched"):
+        fixed = ComplexityProbe.fit(X, y, lambdas=[0.1, 1.0])
+    assert fixed.lam == 1.0 and fixed.report is not None and fixed.report.lambdas == [0.1, 1.0]
