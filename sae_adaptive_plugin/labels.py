@@ -6,7 +6,7 @@ their complexity labels, and the cross-validation fold of each row (a ``[N]`` lo
 :meth:`RidgeAccumulator.update <sae_adaptive_plugin.probe.RidgeAccumulator.update>` takes;
 :func:`fit_probe` streams any source into a :class:`~sae_adaptive_plugin.probe.ComplexityProbe`.
 
-Sources (METHODS.md §3):
+Sources (docs/METHODS.md §3):
 
 - :class:`TextScoreLabels` — (a) user scores: texts with one score each (e.g. a 0–10 judge score,
   as in the paper); the probe input is the last token's activation (``positions="last"``, the

@@ -24,7 +24,7 @@ Public API (small on purpose; ``sae-adaptive fit-probe`` and ``saes/adaptivek.py
   ``label_max``, ``lam``, ``report`` (:class:`ProbeReport` or ``None``).
 - :meth:`ComplexityProbe.check_d_in` — the clear error for a probe/SAE width mismatch.
 
-The fit (METHODS.md §3): ridge ``θ = (XᵀX + λI')⁻¹Xᵀy`` with the bias unregularised, solved on
+The fit (docs/METHODS.md §3): ridge ``θ = (XᵀX + λI')⁻¹Xᵀy`` with the bias unregularised, solved on
 centred statistics (``w = (S_xx + λI)⁻¹ S_xy``, ``b = ȳ − wᵀx̄``); ``λ`` is picked from the grid
 (default :data:`DEFAULT_LAMBDAS`, 1e-2 … 1e3 in half-decades) by k-fold cross-validation on the
 held-out squared error, every fold and every ``λ`` from one eigendecomposition per fold; the final

@@ -1,4 +1,4 @@
-"""AdaptiveK's two scalar maps (METHODS.md §3), as pure tensor ops.
+"""AdaptiveK's two scalar maps (docs/METHODS.md §3), as pure tensor ops.
 
 - :func:`complexity_to_k`: probe complexity ``ĉ`` → per-row ``k`` through the sigmoid map
   ``s = (ĉ − c_lo)/(c_hi − c_lo)``, ``k = round(clamp(k_min + σ(γ(s − ½))(k_max − k_min),

@@ -1,4 +1,4 @@
-"""HierarchicalTopK all-prefix reconstruction errors and loss (METHODS.md §1), without a B×K×d tensor.
+"""HierarchicalTopK all-prefix reconstruction errors and loss (docs/METHODS.md §1), without a B×K×d tensor.
 
 For one row, with ``e₀ = x − b_dec``, selected latents sorted by activation (descending) with values
 ``a_1 ≥ … ≥ a_K`` and decoder rows ``D_i = W_dec[idx_i]``, the prefix reconstructions are

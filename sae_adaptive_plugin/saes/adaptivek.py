@@ -1,4 +1,4 @@
-"""AdaptiveK for SAELens: hard top-k per row, with k set by a linear complexity probe (METHODS.md §3).
+"""AdaptiveK for SAELens: hard top-k per row, with k set by a linear complexity probe (docs/METHODS.md §3).
 
 Architecture name ``adaptivek``. Each row ``x`` gets ``k(x)`` from the probe ``ĉ = wᵀx + b``
 (clamped to its label range ``[c_lo, c_hi]``) through the sigmoid map of

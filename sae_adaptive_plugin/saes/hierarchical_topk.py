@@ -1,4 +1,4 @@
-"""HierarchicalTopK for SAELens: one SAE trained for every sparsity budget ``k' ≤ K`` (METHODS.md §1).
+"""HierarchicalTopK for SAELens: one SAE trained for every sparsity budget ``k' ≤ K`` (docs/METHODS.md §1).
 
 Architecture name ``hierarchical_topk``. Training (:class:`HierarchicalTopKTrainingSAE`, a SAELens
 ``TopKTrainingSAE``) selects the sorted top-``K`` latents (``K = cfg.k``) and minimises the mean over

@@ -88,7 +88,7 @@ from sae_adaptive_plugin.ops.variable_topk import (
     variable_topk,
 )
 
-#: softplus sharpness β and weight λ_k of the penalty on the batch-mean k̂ (METHODS.md §2).
+#: softplus sharpness β and weight λ_k of the penalty on the batch-mean k̂ (docs/METHODS.md §2).
 K_PENALTY_BETA = 5.0
 K_PENALTY_COEFFICIENT = 1.0
 
