@@ -27,14 +27,7 @@ from sae_adaptive_plugin.saes.adaptivek import (
     AdaptiveKTrainingSAEConfig,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small SAEs and float64 probe statistics run faster on one thread of the shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_probe(d_in: int, seed: int = 0) -> ComplexityProbe:

@@ -15,13 +15,7 @@ from sae_adaptive_plugin.labels import (
     prefix_errors,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _identity_topk_sae(d: int = 8):

@@ -14,14 +14,7 @@ from sae_adaptive_plugin.probe import (
     spearman_corr,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small float64 BLAS calls are far faster on one thread on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _planted(n: int = 1000, d: int = 24, seed: int = 0):
