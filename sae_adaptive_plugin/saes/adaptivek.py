@@ -78,6 +78,7 @@ from typing_extensions import override
 
 from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.adaptive_k import complexity_to_k, kstar_from_prefix_errors
+from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
 from sae_adaptive_plugin.ops.variable_topk import (
     TopKResult,
@@ -265,13 +266,7 @@ class _AdaptiveKMixin:
     ) -> None:
         # the probe read z = (x − mean) M: wᵀz + b = (M w)ᵀx + (b − meanᵀ M w)
         super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)  # type: ignore[misc]
-        dtype = torch.promote_types(whitening_matrix.dtype, torch.float32)
-        dev = self.probe_weight.device
-        M = whitening_matrix.to(dev, dtype)
-        w = M @ self.probe_weight.to(dtype)
-        b = self.probe_bias.to(dtype) - mean.to(dev, dtype) @ w
-        self.probe_weight.copy_(w.to(self.probe_weight.dtype))
-        self.probe_bias.copy_(b.to(self.probe_bias.dtype))
+        fold_whitening_into_reader(self.probe_weight, self.probe_bias, mean, whitening_matrix)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ from sae_lens.saes.topk_sae import (
 from torch import nn
 
 from sae_adaptive_plugin.hookspecs import Architecture
+from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
 from sae_adaptive_plugin.ops.variable_topk import (
     TopKResult,
@@ -298,13 +299,14 @@ class _KEstimatorMixin:
         unwhitening_matrix: torch.Tensor,
     ) -> None:
         super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)  # type: ignore[misc]
-        dtype = torch.promote_types(self.k_est_W_enc.dtype, whitening_matrix.dtype)
-        device = self.k_est_W_enc.device
-        matrix = whitening_matrix.to(device, dtype)
-        new_u = matrix @ self.k_est_W_enc.data.to(dtype)
-        self.k_est_W_enc.data.copy_(new_u)
-        if not self.cfg.apply_b_dec_to_input:
-            self.k_est_b_enc.data.sub_(mean.to(device, dtype) @ new_u)
+        # the estimator reads x − b_dec: with apply_b_dec_to_input the folded b_dec removes the mean
+        fold_whitening_into_reader(
+            self.k_est_W_enc.data,
+            self.k_est_b_enc.data,
+            mean,
+            whitening_matrix,
+            shift_bias=not self.cfg.apply_b_dec_to_input,
+        )
 
 
 class SoftSAE(_KEstimatorMixin, TopKSAE):
