@@ -9,6 +9,7 @@ import pytest
 import sae_lens  # noqa: F401  (first: the plugin registers before our modules import)
 import torch
 from safetensors.torch import load_file
+from step_parity import assert_steps_match, loss_and_grads
 from tiny_lm import (
     D_MODEL,
     reload_outputs_in_subprocess,
@@ -474,24 +475,6 @@ def test_synthetic_ground_truth_probe_l0_tracking_and_ev_vs_topk(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _loss_and_grads(sae, x, step, dead=None):
-    from sae_lens.saes.sae import TrainStepInput
-
-    sae.zero_grad(set_to_none=True)
-    out = sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=x,
-            coefficients={},
-            dead_neuron_mask=dead,
-            n_training_steps=step,
-            is_logging_step=False,
-        )
-    )
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
-    return out, grads
-
-
 @pytest.mark.parametrize("phase", ["warmup", "adaptive", "adaptive_auxk", "no_rescale"])
 def test_fused_encode_matches_plain_path_float64(phase):
     torch.manual_seed(1)
@@ -504,20 +487,13 @@ def test_fused_encode_matches_plain_path_float64(phase):
     outs = {}
     for fused in (True, False):
         sae.fused_encode = fused
-        outs[fused] = _loss_and_grads(sae, x, 0, dead)
-    (o1, g1), (o0, g0) = outs[True], outs[False]
+        outs[fused] = loss_and_grads(sae, x, 0, dead)
+    o1, o0 = outs[True][0], outs[False][0]
     # the two paths really differ in how the code is built
     assert type(o1.hidden_pre.grad_fn) is not type(o0.hidden_pre.grad_fn)
-    assert set(o1.losses) == set(o0.losses)
     if phase == "adaptive_auxk":
         assert "auxiliary_reconstruction_loss" in o1.losses
-    for name in o1.losses:
-        torch.testing.assert_close(o1.losses[name], o0.losses[name], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(o1.feature_acts, o0.feature_acts, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(o1.hidden_pre, o0.hidden_pre, rtol=1e-10, atol=1e-12)
-    assert set(g1) == set(g0) and {"W_enc", "b_enc", "W_dec", "b_dec"} <= set(g1)
-    for name in g1:
-        torch.testing.assert_close(g1[name], g0[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert_steps_match(outs[True], outs[False], fields=("feature_acts", "hidden_pre"))
 
 
 def test_hook_on_acts_pre_falls_back_to_selecting_after_the_hook():

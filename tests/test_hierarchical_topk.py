@@ -19,6 +19,7 @@ from sae_lens import SAE, TopKSAE, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.synthetic import ActivationGenerator, FeatureDictionary, train_toy_sae
 from safetensors.torch import load_file, save_file
+from step_parity import assert_steps_match, loss_and_grads
 
 from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors_naive
 from sae_adaptive_plugin.saes.hierarchical_topk import (
@@ -410,14 +411,6 @@ def test_naive_reference_is_what_decode_computes():
 # ------------------------------------------- fused encoder + compact decode vs the dense path
 
 
-def _loss_and_grads(sae, x, dead=None):
-    sae.zero_grad(set_to_none=True)
-    out = sae.training_forward_pass(_step(sae, x, dead))
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
-    return out, grads
-
-
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("auxk", [False, True])
 def test_fused_step_matches_dense_path_float64(rescale, auxk):
@@ -427,18 +420,11 @@ def test_fused_step_matches_dense_path_float64(rescale, auxk):
     outs = {}
     for fused in (True, False):
         sae.fused_encode = fused
-        outs[fused] = _loss_and_grads(sae, x, dead)
-    (o1, g1), (o0, g0) = outs[True], outs[False]
+        outs[fused] = loss_and_grads(sae, x, 0, dead, is_logging_step=True)
+    o1, o0 = outs[True][0], outs[False][0]
     assert type(o1.hidden_pre.grad_fn) is not type(o0.hidden_pre.grad_fn)
-    assert set(o1.losses) == set(o0.losses)
     assert bool(o1.losses["auxiliary_reconstruction_loss"] > 0) == auxk
-    for name in o1.losses:
-        torch.testing.assert_close(o1.losses[name], o0.losses[name], rtol=1e-10, atol=1e-12)
-    for field in ("sae_out", "feature_acts", "hidden_pre"):
-        torch.testing.assert_close(getattr(o1, field), getattr(o0, field), rtol=1e-10, atol=1e-12)
-    assert set(g1) == set(g0) and {"W_enc", "b_enc", "W_dec", "b_dec"} <= set(g1)
-    for name in g1:
-        torch.testing.assert_close(g1[name], g0[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert_steps_match(outs[True], outs[False])
 
 
 def test_hooks_on_acts_fall_back_to_the_dense_path():
