@@ -16,6 +16,7 @@ and prints the results as a Markdown table. Nothing heavy is imported at module 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -36,20 +37,33 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("cos sim", "cosine_similarity", "{:.3f}"),
     ("L0 mean", "l0_mean", "{:.1f}"),
     ("L0 std", "l0_std", "{:.1f}"),
-    ("dead", "dead_latents", "{:d}"),
+    ("L0 p90", "l0_p90", "{:.1f}"),
+    ("dead", "dead_latents", "{:.0f}"),
     ("MCC", "mcc", "{:.3f}"),
     ("Spearman(L0, true L0)", "l0_spearman_vs_true", "{:.3f}"),
+    ("EV − TopK@k", "ev_gap_vs_topk", "{:+.3f}"),
     ("train s", "train_seconds", "{:.1f}"),
 )
+#: Columns shown as ``mean ± std`` when the rows come from several seeds.
+_WITH_STD = ("explained_variance", "l0_mean", "dead_latents", "mcc", "l0_spearman_vs_true")
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    if row.get(key) is None:
+        return "–"
+    text = fmt.format(row[key])
+    if key in _WITH_STD and row.get("n_seeds", 1) > 1 and f"{key}_std" in row:
+        text += " ± " + fmt.format(row[f"{key}_std"]).lstrip("+")
+    return text
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The result rows as a GitHub Markdown table."""
+    """The result rows as a GitHub Markdown table (``mean ± std`` over seeds where present)."""
     header = "| " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " |"
     align = "|" + "|".join(":---" if k == "name" else "---:" for _, k, _ in TABLE_COLUMNS) + "|"
     lines = [header, align]
     for row in rows:
-        cells = [fmt.format(row[key]) for _, key, fmt in TABLE_COLUMNS]
+        cells = [_cell(row, key, fmt) for _, key, fmt in TABLE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -65,7 +79,7 @@ def plot_l0_vs_true(result: Any, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result.rows if r["architecture"] != "hierarchical_topk"]
+    rows = [r for r in result.rows if r["architecture"] not in ("hierarchical_topk", "topk_sweep")]
     hier = [r for r in result.rows if r["architecture"] == "hierarchical_topk"]
     if hier:  # the HierarchicalTopK budget closest to the fixed-k baselines
         rows.append(min(hier, key=lambda r: abs(r["k_eval"] - result.fixed_k)))
@@ -140,8 +154,22 @@ def plot_ev_vs_l0(result: Any, path: Path) -> None:
             + ", ".join(str(r["k_eval"]) for r in hier)
             + ")",
         )
+    sweep = sorted(
+        (r for r in result.rows if r["architecture"] in ("topk_sweep", "topk")),
+        key=lambda r: r["l0_mean"],
+    )
+    if len(sweep) > 1:
+        ax.plot(
+            [r["l0_mean"] for r in sweep],
+            [r["explained_variance"] for r in sweep],
+            "--s",
+            color="tab:blue",
+            ms=4,
+            alpha=0.6,
+            label="topk (one SAE per k = " + ", ".join(str(r["k_eval"]) for r in sweep) + ")",
+        )
     for row in result.rows:
-        if row["architecture"] == "hierarchical_topk":
+        if row["architecture"] in ("hierarchical_topk", "topk_sweep"):
             continue
         ax.errorbar(
             row["l0_mean"],
@@ -186,6 +214,18 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data and initialisation")
     parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run seeds SEED..SEED+N-1 and report mean ± std per metric (default 1)",
+    )
+    parser.add_argument(
+        "--complexity",
+        choices=("loguniform", "uniform"),
+        default=None,
+        help="distribution of a sample's expected true L0 (default loguniform)",
+    )
+    parser.add_argument(
         "--architectures",
         default=None,
         help="comma-separated subset of: softsae, adaptivek, topk, batchtopk, "
@@ -219,6 +259,8 @@ def build_config(args: argparse.Namespace) -> Any:
         cfg.source.max_l0 = args.max_l0
     if args.shared_component is not None:
         cfg.source.shared_component = args.shared_component
+    if args.complexity is not None:
+        cfg.source.complexity = args.complexity
     if args.steps is not None:
         cfg.steps = args.steps
     if args.batch_size is not None:
@@ -258,9 +300,12 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from sae_adaptive_plugin.synthetic import iter_finite_problems, run_compare
+    from sae_adaptive_plugin.synthetic import aggregate_seeds, iter_finite_problems, run_compare
 
     torch.set_num_threads(args.threads)
+    if args.seeds < 1:
+        print(f"error: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
+        return 2
     try:
         cfg = build_config(args)
         cfg.validate()
@@ -269,7 +314,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = run_compare(cfg, out)
+    runs = []
+    for offset in range(args.seeds):
+        seed_cfg = dataclasses.replace(
+            cfg, seed=cfg.seed + offset, source=dataclasses.replace(cfg.source)
+        )
+        seed_cfg.source.seed = seed_cfg.seed
+        if args.seeds > 1:
+            print(f"== seed {seed_cfg.seed} ({offset + 1}/{args.seeds})")
+        seed_out = out if args.seeds == 1 else out / f"seed{seed_cfg.seed}"
+        runs.append(run_compare(seed_cfg, seed_out))
+    result = aggregate_seeds(runs) if len(runs) > 1 else runs[0]
     for name, reason in result.skipped.items():
         print(f"skipped {name}: {reason}")
     problems = list(iter_finite_problems(result.rows))
@@ -280,6 +335,9 @@ def run(args: argparse.Namespace) -> int:
         "skipped": result.skipped,
         "results": result.rows,
     }
+    if len(runs) > 1:
+        payload["seeds"] = [r.info["seed"] for r in runs]
+        payload["per_seed"] = [{"true_l0": r.info, "results": r.rows} for r in runs]
     (out / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
     if result.rows:
         plot_l0_vs_true(result, out / L0_PLOT_FILENAME)
@@ -289,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
         f"true L0: mean {result.info['true_l0_mean']:.1f} ± {result.info['true_l0_std']:.1f} "
         f"(range {result.info['true_l0_min']}–{result.info['true_l0_max']}); "
         f"fixed-k baselines at k = {result.fixed_k}; {cfg.steps} steps × {cfg.batch_size} samples"
+        + (f"; mean ± std over seeds {result.info['seeds']}" if len(runs) > 1 else "")
     )
     print()
     print(markdown_table(result.rows))

@@ -40,6 +40,10 @@ from sae_lens.synthetic import (
 # --------------------------------------------------------------------------------------------
 
 
+#: Distributions of a sample's expected true L0 (``VariableComplexityConfig.complexity``).
+COMPLEXITY_DISTRIBUTIONS = ("loguniform", "uniform")
+
+
 @dataclass
 class VariableComplexityConfig:
     """Parameters of the variable-complexity synthetic source.
@@ -55,6 +59,8 @@ class VariableComplexityConfig:
         magnitude_std: standard deviation of the firing magnitude (ReLU'd at 0).
         orthogonalize_steps: steps of SAELens's dictionary orthogonalisation (0 = random unit
             vectors).
+        complexity: how a sample's expected true L0 is drawn from ``[min_l0, max_l0]``:
+            ``"loguniform"`` (many sparse samples, few dense ones) or ``"uniform"``.
         shared_component: cosine of every true feature with one common direction ``u`` (0 = none).
             Language-model activations are anisotropic in this way; it makes a sample's
             complexity (its number of active features) linearly readable along ``u``.
@@ -70,6 +76,7 @@ class VariableComplexityConfig:
     magnitude_std: float = 0.25
     orthogonalize_steps: int = 100
     shared_component: float = 0.3
+    complexity: str = "loguniform"
     seed: int = 0
 
     def validate(self) -> None:
@@ -93,6 +100,10 @@ class VariableComplexityConfig:
             raise ValueError(f"magnitude_std must be >= 0, got {self.magnitude_std}")
         if self.orthogonalize_steps < 0:
             raise ValueError(f"orthogonalize_steps must be >= 0, got {self.orthogonalize_steps}")
+        if self.complexity not in COMPLEXITY_DISTRIBUTIONS:
+            raise ValueError(
+                f"complexity must be one of {COMPLEXITY_DISTRIBUTIONS}, got {self.complexity!r}"
+            )
         if not 0 <= self.shared_component < 1:
             raise ValueError(f"shared_component must be in [0, 1), got {self.shared_component}")
 
@@ -126,21 +137,25 @@ def _add_shared_component(feature_dict: FeatureDictionary, cosine: float, seed: 
 class DensityGate:
     """Per-sample density gate: an ``ActivationGenerator`` ``modify_activations`` hook.
 
-    For each sample it draws ``λ`` log-uniformly in ``[min_l0, max_l0]`` and keeps each firing
+    For each sample it draws ``λ`` log-uniformly (or uniformly) in ``[min_l0, max_l0]`` and keeps each firing
     feature with probability ``λ / max_l0`` (the base firings already have ``max_l0`` active
     features on average), so a sample's expected true L0 is ``λ``. A sample left with no
     feature keeps one of its firings at random, so every true L0 is at least 1.
     """
 
-    def __init__(self, min_l0: float, max_l0: float) -> None:
+    def __init__(self, min_l0: float, max_l0: float, distribution: str = "loguniform") -> None:
         self.min_l0 = float(min_l0)
         self.max_l0 = float(max_l0)
+        self.distribution = distribution
 
     def __call__(self, feature_acts: torch.Tensor) -> torch.Tensor:
         batch = feature_acts.shape[0]
         u = torch.rand(batch, 1, device=feature_acts.device)
-        log_lo, log_hi = math.log(self.min_l0), math.log(self.max_l0)
-        expected_l0 = torch.exp(log_lo + u * (log_hi - log_lo))
+        if self.distribution == "uniform":
+            expected_l0 = self.min_l0 + u * (self.max_l0 - self.min_l0)
+        else:
+            log_lo, log_hi = math.log(self.min_l0), math.log(self.max_l0)
+            expected_l0 = torch.exp(log_lo + u * (log_hi - log_lo))
         fired = feature_acts != 0
         keep = fired & (torch.rand_like(feature_acts) < expected_l0 / self.max_l0)
         # every sample keeps at least one feature (a zero activation has nothing to explain)
@@ -182,7 +197,7 @@ class VariableComplexitySource:
             firing_probabilities=self.firing_probabilities,
             std_firing_magnitudes=cfg.magnitude_std,
             mean_firing_magnitudes=cfg.magnitude_mean,
-            modify_activations=DensityGate(cfg.min_l0, cfg.max_l0),
+            modify_activations=DensityGate(cfg.min_l0, cfg.max_l0, cfg.complexity),
             device=device,
         )
 
@@ -274,6 +289,7 @@ RESULT_KEYS: tuple[str, ...] = (
     "cosine_similarity",
     "l0_mean",
     "l0_std",
+    "l0_p90",
     "dead_latents",
     "mcc",
     "l0_spearman_vs_true",
@@ -332,6 +348,7 @@ def evaluate_sae(
         "cosine_similarity": float(torch.cat(cos).mean()),
         "l0_mean": float(l0.mean()),
         "l0_std": float(l0.std()) if l0.numel() > 1 else 0.0,
+        "l0_p90": float(l0.quantile(0.9)),
         "dead_latents": int(dead.compute()),
         "mcc": float(mean_correlation_coefficient(sae.W_dec.detach(), true_features)),
     }
@@ -369,6 +386,8 @@ class CompareConfig:
         architectures: which to train, in training order (unregistered ones are skipped).
         hierarchical_k_fractions: HierarchicalTopK is trained with ``K = max_l0`` and evaluated
             at ``k' = round(f · K)`` for each fraction plus at the fixed baselines' ``k``.
+        topk_sweep: also train a SAELens TopK at each of those ``k'`` (rows ``topk@k=…``), so
+            every HierarchicalTopK budget has its TopK to compare with (``ev_gap_vs_topk``).
         seed: seed of the training stream (the held-out set uses ``seed + 1``) and of the SAE
             initialisations.
         device: torch device.
@@ -385,7 +404,8 @@ class CompareConfig:
     target_l0: float | None = None
     eval_samples: int = 8192
     architectures: tuple[str, ...] = ALL_ARCHITECTURES
-    hierarchical_k_fractions: tuple[float, ...] = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
+    hierarchical_k_fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
+    topk_sweep: bool = True
     seed: int = 0
     device: str = "cpu"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -465,12 +485,10 @@ def architecture_settings(
 ) -> dict[str, Any]:
     """Config fields for ``architecture`` in this comparison (only those its config has are used).
 
-    Fixed-k baselines get ``k = fixed_k``; the adaptive SAEs aim at ``target_l0`` on average
-    with room up to the densest samples (``max_l0``); HierarchicalTopK is trained with
-    ``K = max_l0``; schedules are scaled to the step budget. AdaptiveK has no target-mean field:
-    its mean L0 follows from ``target_fvu`` (0.2 lands near the default source's mean true L0).
+    Fixed-k baselines get ``k = fixed_k``; HierarchicalTopK is trained with ``K = max_l0``; the
+    adaptive SAEs get only their target mean ``k = target_l0`` and otherwise their defaults, as a
+    user would train them (schedules follow the run's length).
     """
-    steps = cfg.steps
     k_hi = max(2, min(cfg.width, math.ceil(cfg.source.max_l0)))
     width = cfg.width
     if architecture in ("topk", "batchtopk"):
@@ -480,24 +498,8 @@ def architecture_settings(
         return {"k": fixed_k, "matryoshka_widths": widths}
     if architecture == HIERARCHICAL_ARCHITECTURE:
         return {"k": k_hi}
-    if architecture == "softsae":
-        k_target = max(1, round(target_l0))
-        return {
-            "k": k_target,
-            "k_max": max(k_hi, 2 * k_target),
-            "k_estimator_hidden": min(width, 64),
-            "alpha_anneal_steps": max(1, steps // 3),
-            "k_anneal_steps": max(1, steps // 100),
-            "hard_topk_start_step": max(1, (9 * steps) // 10),
-        }
-    if architecture == "adaptivek":
-        return {
-            "k": max(1, round(target_l0)),
-            "k_min": 1,
-            "k_max": k_hi,
-            "probe_warmup_steps": max(2, steps // 4),
-            "target_fvu": 0.2,
-        }
+    if architecture in ADAPTIVE_ARCHITECTURES:
+        return {"k": max(1, round(target_l0))}
     raise ValueError(f"architecture: no compare settings for {architecture!r}")
 
 
@@ -590,7 +592,9 @@ def run_compare(
         "true_l0_std": float(true_l0_f.std()),
         "true_l0_min": int(true_l0.min()),
         "true_l0_max": int(true_l0.max()),
+        "true_l0_p90": float(true_l0_f.quantile(0.9)),
         "target_l0": target_l0,
+        "seed": cfg.seed,
     }
     log(
         f"true L0 on {cfg.eval_samples} held-out samples: mean {info['true_l0_mean']:.1f}, "
@@ -628,6 +632,8 @@ def run_compare(
                 rows.append(_row(name, architecture, k_eval, metrics, l0, true_l0_f, seconds))
                 sae_l0[name] = l0.cpu()
             inference.cfg.k = big_k
+            if cfg.topk_sweep and "topk" in registered:
+                _topk_sweep(cfg, source, ks, fixed_k, rows, (hidden, feature_acts, true_l0_f), out_dir, log)
         else:
             metrics, l0 = evaluate_sae(inference, hidden, feature_acts, source.true_features)
             k_eval = fixed_k if architecture in FIXED_K_ARCHITECTURES else None
@@ -642,6 +648,36 @@ def run_compare(
             f" {seconds:.1f}s"
         )
     return CompareResult(rows, skipped, true_l0_f.cpu(), sae_l0, fixed_k, target_l0, info)
+
+
+def _topk_sweep(
+    cfg: CompareConfig,
+    source: VariableComplexitySource,
+    ks: list[int],
+    fixed_k: int,
+    rows: list[dict[str, Any]],
+    held_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    out_dir: Path,
+    log: Callable[[str], None],
+) -> None:
+    """Train a SAELens TopK at each budget ``k`` and add ``ev_gap_vs_topk`` to the
+    HierarchicalTopK row at that ``k`` (its EV minus the TopK's)."""
+    hidden, feature_acts, true_l0 = held_out
+    by_k = {r["k_eval"]: r for r in rows if r["architecture"] == "topk"}
+    for k in ks:
+        if k not in by_k:
+            torch.manual_seed(cfg.seed + 7 * k)
+            sae = build_training_sae("topk", cfg, float(k), k)
+            log(f"    TopK sweep: training topk at k = {k}")
+            seconds = train_sae(sae, source, cfg)
+            inference = to_inference_sae(sae, out_dir / "saes" / f"topk_k{k}")
+            metrics, l0 = evaluate_sae(inference, hidden, feature_acts, source.true_features)
+            row = _row(f"topk@k={k}", "topk_sweep", k, metrics, l0, true_l0, seconds)
+            rows.append(row)
+            by_k[k] = row
+        for r in rows:
+            if r["architecture"] == HIERARCHICAL_ARCHITECTURE and r["k_eval"] == k:
+                r["ev_gap_vs_topk"] = r["explained_variance"] - by_k[k]["explained_variance"]
 
 
 def _row(
@@ -675,3 +711,36 @@ def iter_finite_problems(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
                 continue
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 yield f"{row['name']}: {key} = {value!r} is not a finite number"
+
+
+def aggregate_seeds(results: Sequence[CompareResult]) -> CompareResult:
+    """One result from several seeds' runs: each row's numbers are the mean over the seeds that
+    have it, with ``<key>_std`` (population std) and ``n_seeds`` beside them; per-sample data
+    (L0 scatter) are the first run's."""
+    first = results[0]
+    names: list[str] = []
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        for row in result.rows:
+            if row["name"] not in groups:
+                names.append(row["name"])
+            groups.setdefault(row["name"], []).append(row)
+    rows = []
+    for name in names:
+        group = groups[name]
+        row: dict[str, Any] = dict(group[0])
+        for key, value in group[0].items():
+            if key == "k_eval" or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            values = torch.tensor([float(r[key]) for r in group if key in r], dtype=torch.float64)
+            row[key] = float(values.mean())
+            row[f"{key}_std"] = float(values.std(correction=0))
+        row["n_seeds"] = len(group)
+        rows.append(row)
+    info = dict(first.info)
+    for key in ("true_l0_mean", "true_l0_std", "true_l0_p90", "target_l0"):
+        info[key] = float(sum(r.info[key] for r in results) / len(results))
+    info["seeds"] = [r.info.get("seed") for r in results]
+    return CompareResult(
+        rows, first.skipped, first.true_l0, first.sae_l0, first.fixed_k, first.target_l0, info
+    )

@@ -37,6 +37,7 @@ def _random_probe(d_in: int, seed: int = 0) -> ComplexityProbe:
 
 
 def _training_sae(d_in=16, d_sae=48, k_min=2, k_max=12, dtype="float32", **kw):
+    kw.setdefault("probe_warmup_steps", 1000)
     cfg = AdaptiveKTrainingSAEConfig(
         d_in=d_in, d_sae=d_sae, k_min=k_min, k_max=k_max, dtype=dtype, **kw
     )
@@ -339,8 +340,12 @@ def test_kstar_scale_dataset_uses_one_threshold_row_uses_each_rows_variance():
     # the same decreasing prefix-error curve for every row: err_j = 100 / j
     errors = (100.0 / torch.arange(1, k_max + 1, dtype=torch.float32)).expand(6, k_max)
     errors = errors.contiguous()
-    by_row = _training_sae(k_max=k_max, kstar_scale="row").kstar_from_errors(errors, sae_in)
-    by_data = _training_sae(k_max=k_max, kstar_scale="dataset").kstar_from_errors(errors, sae_in)
+    by_row = _training_sae(k_max=k_max, kstar_scale="row", target_fvu=0.1).kstar_from_errors(
+        errors, sae_in
+    )
+    by_data = _training_sae(
+        k_max=k_max, kstar_scale="dataset", target_fvu=0.1
+    ).kstar_from_errors(errors, sae_in)
     assert AdaptiveKTrainingSAEConfig(d_in=4, d_sae=8, k_min=1, k_max=4).kstar_scale == "dataset"
     # dataset: equal errors -> equal k*, the first j with 100/j <= tau * mean variance
     expected = int((errors[0] <= 0.1 * row_var.mean()).nonzero()[0]) + 1

@@ -118,20 +118,24 @@ def test_soft_phase_trains_estimator_and_reports_metrics() -> None:
     with torch.no_grad():
         sae_in = sae.process_sae_in(x)
         z = out.hidden_pre.relu()
-        m = lapsum_topk(z, sae.estimate_k_from_sae_in(sae_in), sae.cfg.alpha_at(0))
+        alpha = sae.cfg.alpha_at(0) * z.amax(dim=-1).mean()  # alpha_relative: batch's mean max
+        m = lapsum_topk(z, sae.estimate_k_from_sae_in(sae_in), alpha)
         torch.testing.assert_close(out.sae_out, sae.decode(z * m))
         torch.testing.assert_close(out.feature_acts, torch.where(m > 0.5, z * m, 0.0))
 
 
 def test_k_penalty_follows_annealed_target() -> None:
     cfg = _cfg(k_anneal_steps=10, d_in=16, hard_topk_start_step=None)
-    assert cfg.k_target_at(0) == 16 and cfg.k_target_at(5) == 10 and cfg.k_target_at(99) == 4
+    schedule = cfg.schedule(total_steps=1000)
+    assert schedule.k_target_at(0) == 16 and schedule.k_target_at(5) == 10
+    assert schedule.k_target_at(99) == 4
     sae = SoftSAETrainingSAE(cfg)
+    sae.bind_run_length(1000)
     x = torch.randn(32, 16)
     for step in (0, 5, 10):
         out = _step(sae, x, step)
         mean_k = sae.estimate_k_from_sae_in(sae.process_sae_in(x)).mean()
-        expected = torch.nn.functional.softplus(mean_k - cfg.k_target_at(step), beta=5.0)
+        expected = torch.nn.functional.softplus(mean_k - schedule.k_target_at(step), beta=5.0)
         torch.testing.assert_close(out.losses["k_penalty"], expected)
 
 
@@ -163,9 +167,9 @@ def test_hard_phase_exact_zeros_and_frozen_estimator() -> None:
 
 
 def test_training_forward_matches_inference_in_hard_phase(tmp_path: Path) -> None:
-    sae = SoftSAETrainingSAE(_cfg(hard_topk_start_step=0))
+    sae = SoftSAETrainingSAE(_cfg(hard_topk_start_step=1))
     x = torch.randn(20, 16)
-    out = _step(sae, x, step=0)
+    out = _step(sae, x, step=1)
     sae.save_inference_model(tmp_path)
     inf = SAE.load_from_disk(tmp_path)
     with torch.no_grad():
@@ -180,7 +184,8 @@ def test_schedules_are_functions_of_the_step() -> None:
     assert cfg.alpha_at(4) == pytest.approx(0.5)
     assert cfg.alpha_at(8) == cfg.alpha_at(1000) == pytest.approx(0.1)
     assert not cfg.is_hard_phase(19) and cfg.is_hard_phase(20)
-    assert not _cfg(hard_topk_start_step=None).is_hard_phase(10**9)
+    late = _cfg(hard_topk_start_step=None).schedule(total_steps=100)
+    assert not late.is_hard_phase(89) and late.is_hard_phase(90)
     assert _cfg(alpha_anneal_steps=0, alpha_end=0.2).alpha_at(0) == pytest.approx(0.2)
 
 
@@ -202,7 +207,9 @@ def _trainer(sae, batches: list[torch.Tensor], steps: int, ckpt: Path | None) ->
 
 def test_resume_from_checkpoint_continues_schedule_exactly(tmp_path: Path) -> None:
     """Train 8 steps straight vs. 4 steps → SAELens checkpoint → fresh trainer + SAE → 4 steps.
-    The α schedule, the k target and the hard phase (from step 6) all cross the resume point."""
+    The α schedule, the k target and the hard phase (from step 6) all cross the resume point.
+    Every trainer is built for the whole 8-step run (the schedules are checked against it); the
+    first one's data runs out after 4 steps and its checkpoint is saved there."""
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(32, 16, generator=g) for _ in range(8)]
     cfg = _cfg(alpha_anneal_steps=5, k_anneal_steps=3, hard_topk_start_step=6)
@@ -213,7 +220,10 @@ def test_resume_from_checkpoint_continues_schedule_exactly(tmp_path: Path) -> No
 
     torch.manual_seed(0)
     first = SoftSAETrainingSAE(dataclasses.replace(cfg))
-    _trainer(first, batches[:4], 4, tmp_path).fit()
+    first_trainer = _trainer(first, batches[:4], 8, tmp_path)
+    with pytest.raises(StopIteration):
+        first_trainer.fit()
+    first_trainer.save_checkpoint("after4")
     (ckpt,) = list(tmp_path.iterdir())
 
     torch.manual_seed(123)  # a different init: everything must come from the checkpoint
@@ -300,7 +310,7 @@ def test_fold_w_dec_norm_and_saving_keep_outputs(tmp_path: Path) -> None:
         ({"alpha_end": -1e-3}, "alpha_end must be a finite number > 0"),
         ({"alpha_anneal_steps": -1}, "alpha_anneal_steps must be an integer in \\[0, inf\\)"),
         ({"k_anneal_steps": -5}, "k_anneal_steps must be an integer in \\[0, inf\\)"),
-        ({"hard_topk_start_step": -1}, "hard_topk_start_step must be an integer in \\[0, inf\\)"),
+        ({"hard_topk_start_step": 0}, "hard_topk_start_step must be an integer in \\[1, inf\\)"),
         ({"k_estimator_hidden": 0}, "k_estimator_hidden must be an integer in \\[1, inf\\)"),
         ({"k": 0}, "k must be an integer in \\[1, inf\\)"),
     ],
@@ -416,7 +426,7 @@ def test_metrics_reach_sae_lens_training_log() -> None:
     """SAELens turns ``TrainStepOutput.metrics`` into ``metrics/...`` entries of its wandb log."""
     sae = SoftSAETrainingSAE(_cfg())
     batch = torch.randn(32, 16)
-    trainer = _trainer(sae, [batch], 1, None)
+    trainer = _trainer(sae, [batch], 10, None)
     out = trainer.step(batch)
     log = trainer.build_train_step_log_dict(out, n_training_samples=32)
     for key in ("metrics/mean_k", "metrics/std_k", "metrics/soft_l0", "metrics/alpha"):
@@ -429,7 +439,7 @@ def test_metrics_reach_sae_lens_training_log() -> None:
 def test_fused_hard_phase_matches_plain_path_float64(rescale: bool, auxk: bool) -> None:
     torch.manual_seed(3)
     sae = SoftSAETrainingSAE(
-        _cfg(hard_topk_start_step=0, dtype="float64", rescale_acts_by_decoder_norm=rescale)
+        _cfg(hard_topk_start_step=1, dtype="float64", rescale_acts_by_decoder_norm=rescale)
     )
     with torch.no_grad():  # non-trivial decoder norms and biases
         sae.W_dec.mul_(torch.rand(48, 1, dtype=torch.float64) * 2 + 0.3)
@@ -439,7 +449,7 @@ def test_fused_hard_phase_matches_plain_path_float64(rescale: bool, auxk: bool) 
     outs = {}
     for fused in (True, False):
         sae.fused_encode = fused
-        outs[fused] = loss_and_grads(sae, x, 0, dead)
+        outs[fused] = loss_and_grads(sae, x, 1, dead)
     (o1, g1), (o0, _) = outs[True], outs[False]
     assert type(o1.hidden_pre.grad_fn) is not type(o0.hidden_pre.grad_fn)
     assert bool(o1.losses["auxiliary_reconstruction_loss"] > 0) == auxk
@@ -448,7 +458,7 @@ def test_fused_hard_phase_matches_plain_path_float64(rescale: bool, auxk: bool) 
 
 
 def test_hook_on_acts_pre_falls_back_to_selecting_after_the_hook() -> None:
-    sae = SoftSAETrainingSAE(_cfg(hard_topk_start_step=0, rescale_acts_by_decoder_norm=False))
+    sae = SoftSAETrainingSAE(_cfg(hard_topk_start_step=1, rescale_acts_by_decoder_norm=False))
     x = torch.randn(20, 16)
 
     def boost_latent_0(_module, _inputs, out):
@@ -458,7 +468,7 @@ def test_hook_on_acts_pre_falls_back_to_selecting_after_the_hook() -> None:
 
     handle = sae.hook_sae_acts_pre.register_forward_hook(boost_latent_0)
     try:
-        out = _step(sae, x, 0)
+        out = _step(sae, x, 1)
         acts = sae.encode(x)
     finally:
         handle.remove()

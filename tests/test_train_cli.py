@@ -43,7 +43,8 @@ REGISTERED = [a for a in OURS if a in _registered()]
 SAE_BLOCKS = {
     "topk": {"k": 4},
     "hierarchical_topk": {"k": 8},
-    "adaptivek": {"k_min": 2, "k_max": 8, "probe_warmup_steps": 6},
+    # random-weight model: its activations carry no complexity a probe could learn
+    "adaptivek": {"k_min": 2, "k_max": 8, "probe_warmup_steps": 6, "probe_min_r2": -1.0e9},
     "softsae": {
         "k": 4,
         "k_max": 8,

@@ -3,6 +3,7 @@
 - :func:`complexity_to_k`: probe complexity ``ĉ`` → per-row ``k`` through the sigmoid map
   ``s = (ĉ − c_lo)/(c_hi − c_lo)``, ``k = round(clamp(k_min + σ(γ(s − ½))(k_max − k_min),
   k_min, k_max))`` (``s = ½`` when ``c_hi = c_lo``). Vectorised, no device sync.
+- :func:`threshold_for_median_kstar`: the ``τ`` that puts the median ``k*`` of a batch at a given k.
 - :func:`kstar_from_prefix_errors`: the label ``k* = min{j : ‖x − x̂_j‖² ≤ τ·‖x − mean‖²}`` of each
   row from its prefix reconstruction errors ``[B, K]`` (``K`` when no prefix reaches ``τ``).
 """
@@ -46,3 +47,22 @@ def kstar_from_prefix_errors(
     reached = errors <= target_fvu * total_variance.reshape(-1, 1).to(errors.dtype)
     first = reached.to(torch.int8).argmax(dim=-1) + 1
     return torch.where(reached.any(dim=-1), first, torch.full_like(first, K)).long()
+
+
+def threshold_for_median_kstar(
+    errors: torch.Tensor, total_variance: torch.Tensor, middle: int
+) -> float:
+    """The ``τ`` at which the median ``k*`` of these rows is ``middle`` (clamped to ``[1, K]``).
+
+    A row has ``k* ≤ m`` exactly when ``min_{j ≤ m} ‖x − x̂_j‖² ≤ τ·V``, so ``τ`` is the median
+    over rows of ``min_{j ≤ m} errors_j / V``, kept inside ``(0, 1)``.
+    """
+    if errors.ndim != 2 or errors.shape[1] < 1:
+        raise ValueError(f"errors must be [B, K] with K >= 1, got shape {tuple(errors.shape)}")
+    m = min(max(int(middle), 1), errors.shape[1])
+    best = errors[:, :m].min(dim=-1).values.double()
+    ratio = best / total_variance.reshape(-1).double().clamp(min=torch.finfo(torch.float64).tiny)
+    tau = float(ratio.median())
+    if not tau == tau:  # NaN
+        raise ValueError("k* threshold: the prefix errors and the variance must be finite")
+    return min(max(tau, 1e-12), 1.0 - 1e-9)

@@ -77,7 +77,11 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE
 from typing_extensions import override
 
 from sae_adaptive_plugin.hookspecs import Architecture
-from sae_adaptive_plugin.ops.adaptive_k import complexity_to_k, kstar_from_prefix_errors
+from sae_adaptive_plugin.ops.adaptive_k import (
+    complexity_to_k,
+    kstar_from_prefix_errors,
+    threshold_for_median_kstar,
+)
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
 from sae_adaptive_plugin.ops.variable_topk import (
@@ -88,6 +92,7 @@ from sae_adaptive_plugin.ops.variable_topk import (
     variable_topk,
 )
 from sae_adaptive_plugin.probe import ComplexityProbe, RidgeAccumulator
+from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
 
 NAME = "adaptivek"
 
@@ -99,6 +104,12 @@ _TRAINER_SIDE_NORMALIZATION = ("expected_average_only_in", "covariance_whitening
 _WARMUP_LOSSES = ("hierarchical", "mse")
 #: Scales of the ``k*`` threshold (see ``AdaptiveKTrainingSAEConfig.kstar_scale``).
 KSTAR_SCALES = ("dataset", "row")
+#: The reference's k range, the default when no target ``k`` is given.
+REFERENCE_K_MIN, REFERENCE_K_MAX = 20, 320
+#: Default warm-up length, as a fraction of the run's training steps.
+WARMUP_FRACTION = 0.25
+#: State-dict key of the chosen ``k*`` threshold during the warm-up (not in the inference SAE).
+KSTAR_TAU_KEY = "kstar_tau"
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int, hi_name: str = "") -> int:
@@ -334,23 +345,27 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
     """Training config of an AdaptiveK SAE (``architecture="adaptivek"``).
 
     Args:
-        k_min: smallest per-row k, in ``[1, k_max]`` (reference 20).
-        k_max: largest per-row k and the warm-up k, in ``[k_min, d_sae]`` (reference 320).
+        k: target mean number of active latents; sets the defaults ``k_min = 1`` and
+            ``k_max = min(2k, d_sae)`` (``None``: the reference's 20 and 320).
+        k_min: smallest per-row k, in ``[1, k_max]``.
+        k_max: largest per-row k and the warm-up k, in ``[k_min, d_sae]``.
         steepness: ``γ`` of the sigmoid map, > 0 (reference 6).
         probe_path: a pre-fitted probe file (``ComplexityProbe.save``); ``None`` = fit one during
             a warm-up from ``k*`` labels.
         probe_warmup_steps: warm-up steps at ``k_max`` before the probe is fitted (``>= 1``
-            without ``probe_path``; ignored with it). ``k*`` statistics are gathered in the second
-            half of the warm-up.
+            and before the end of the run, without ``probe_path``; ignored with it); ``None``:
+            a quarter of the run (``bind_run_length``). ``k*`` statistics are gathered in the
+            second half of the warm-up.
         target_fvu: ``τ`` of the ``k*`` label, in ``(0, 1)``: the fraction of the variance
             (see ``kstar_scale``) a row's first ``k*`` latents must leave unexplained at most.
-        kstar_scale: what ``τ`` multiplies in the ``k*`` threshold. ``"dataset"`` (default):
-            the mean variance ``mean_rows ‖x − batch mean‖²`` of the batch — one absolute error
-            budget for every row, the usual FVU normalisation. ``"row"``: each row's own
-            ``‖x − batch mean‖²`` (the first version's label). The per-row scale makes ``k*``
-            non-monotone in a row's complexity wherever dense rows sit far from the mean and
-            medium ones near it (measured on the default synthetic source, see
-            ``kstar_from_errors``), so a linear probe cannot fit it.
+            ``None`` (default): chosen on the first labelled warm-up batch so that the median
+            ``k*`` is ``k`` (without ``k``: ``(k_min + k_max) / 2``); recorded in the probe
+            report.
+        kstar_scale: what ``τ`` multiplies in the ``k*`` threshold: ``"dataset"`` (default),
+            the batch's mean variance ``mean_rows ‖x − batch mean‖²``; ``"row"``, each row's own
+            ``‖x − batch mean‖²`` (non-monotone in complexity on anisotropic data).
+        probe_min_r2: the fitted probe's held-out R² must reach this, or training stops with an
+            error (the per-row k would be noise); ``-inf`` disables the check.
         probe_n_folds: cross-validation folds of the probe's ridge fit, ``>= 2``.
         warmup_loss: loss of the warm-up at ``k_max``: ``"hierarchical"`` (default; the
             HierarchicalTopK mean over all prefixes, so that the prefix reconstructions ``k*``
@@ -360,31 +375,43 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
         Other fields: as SAELens's ``TrainingSAEConfig``.
     """
 
-    k_min: int = 20
-    k_max: int = 320
+    k: int | None = None
+    k_min: int | None = None
+    k_max: int | None = None
     steepness: float = 6.0
     probe_path: str | None = None
-    probe_warmup_steps: int = 1000
-    target_fvu: float = 0.1
+    probe_warmup_steps: int | None = None
+    target_fvu: float | None = None
     kstar_scale: str = "dataset"
+    probe_min_r2: float = 0.05
     probe_n_folds: int = 5
     warmup_loss: str = "hierarchical"
     aux_loss_coefficient: float = 1.0
     rescale_acts_by_decoder_norm: bool = True
 
     def __post_init__(self) -> None:
+        if self.k is not None:
+            _check_int("k", self.k, 1, self.d_sae, "d_sae")
+        if self.k_min is None:
+            self.k_min = 1 if self.k is not None else REFERENCE_K_MIN
+        if self.k_max is None:
+            self.k_max = min(2 * self.k, self.d_sae) if self.k is not None else REFERENCE_K_MAX
         _validate_k_fields(self)
-        if self.probe_path is None:
+        if self.probe_path is None and self.probe_warmup_steps is not None:
             _check_int("probe_warmup_steps", self.probe_warmup_steps, 1, 2**62)
-        elif self.normalize_activations in _TRAINER_SIDE_NORMALIZATION:
+        if self.probe_path is not None and self.normalize_activations in _TRAINER_SIDE_NORMALIZATION:
             raise ValueError(
                 f"probe_path with normalize_activations={self.normalize_activations!r} is not "
                 "supported: the pre-fitted probe reads raw activations but the SAE is trained on "
                 "normalised ones; leave probe_path=None (the warm-up fits the probe on what the "
                 "SAE sees and the fold maps it back) or use normalize_activations='none'"
             )
-        if not (isinstance(self.target_fvu, (int, float)) and 0.0 < self.target_fvu < 1.0):
-            raise ValueError(f"target_fvu must lie in (0, 1), got {self.target_fvu!r}")
+        if self.target_fvu is not None and not (
+            isinstance(self.target_fvu, (int, float)) and 0.0 < self.target_fvu < 1.0
+        ):
+            raise ValueError(f"target_fvu must lie in (0, 1) or be None, got {self.target_fvu!r}")
+        if not isinstance(self.probe_min_r2, (int, float)) or math.isnan(self.probe_min_r2):
+            raise ValueError(f"probe_min_r2 must be a number <= 1, got {self.probe_min_r2!r}")
         _check_int("probe_n_folds", self.probe_n_folds, 2, 100)
         if self.kstar_scale not in KSTAR_SCALES:
             raise ValueError(f"kstar_scale must be one of {KSTAR_SCALES}, got {self.kstar_scale!r}")
@@ -399,6 +426,14 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
     def architecture(cls) -> str:
         return NAME
 
+    def resolved_warmup_steps(self, total_steps: int | None) -> int:
+        """``probe_warmup_steps``, or a quarter of a ``total_steps`` run when it is ``None``."""
+        if self.probe_warmup_steps is not None:
+            return self.probe_warmup_steps
+        if total_steps is None:
+            raise unknown_run_length_error(NAME, ["probe_warmup_steps"])
+        return max(2, fraction_of_run(WARMUP_FRACTION, total_steps))
+
 
 class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
     """SAELens ``TopKTrainingSAE`` with per-row k from a probe fitted before or during training."""
@@ -409,6 +444,8 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
         self._acc: RidgeAccumulator | None = None
         self._pending_report: dict[str, float] | None = None
+        self._kstar_tau: float | None = cfg.target_fvu
+        self.total_training_steps: int | None = None
         if cfg.probe_path is not None and str(cfg.device) != "meta":
             self.set_probe(ComplexityProbe.load(cfg.probe_path))
 
@@ -432,8 +469,28 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
 
     # -- warm-up ---------------------------------------------------------------------------------
 
+    def bind_run_length(self, total_steps: int) -> None:
+        """Resolve the warm-up for a run of ``total_steps`` steps (SAELens's trainer calls this);
+        raises ``ValueError`` if a warm-up-fitted probe would come at or after the end."""
+        self.total_training_steps = total_steps
+        if self.cfg.probe_path is not None or self.is_adaptive:
+            return
+        warmup = self.cfg.resolved_warmup_steps(total_steps)
+        if warmup >= total_steps:
+            raise ValueError(
+                f"adaptivek: probe_warmup_steps={warmup} is at or after the end of the run "
+                f"({total_steps} training steps): the probe would never be fitted and every row "
+                f"would use k_max. Set probe_warmup_steps in [1, {total_steps - 1}], leave it "
+                f"unset (default {WARMUP_FRACTION:g} of the run) or give probe_path"
+            )
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps at ``k_max`` before the probe is fitted."""
+        return self.cfg.resolved_warmup_steps(self.total_training_steps)
+
     def _warmup_collect_start(self) -> int:
-        return self.cfg.probe_warmup_steps // 2
+        return self.warmup_steps // 2
 
     def _acc_device(self) -> torch.device:
         dev = self.probe_weight.device
@@ -454,6 +511,21 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
         return prefix_reconstruction_errors(target - self.b_dec, values, self.W_dec, indices)
 
     @torch.no_grad()
+    def _row_variance(self, sae_in: torch.Tensor) -> torch.Tensor:
+        x = sae_in.reshape(-1, self.cfg.d_in)
+        total_var = (x - x.mean(0)).pow(2).sum(-1)  # b_dec cancels: same as for the raw input
+        if self.cfg.kstar_scale == "dataset":
+            total_var = total_var.mean().expand_as(total_var)
+        return total_var
+
+    @torch.no_grad()
+    def choose_kstar_threshold(self, errors: torch.Tensor, sae_in: torch.Tensor) -> float:
+        """``τ`` that puts this batch's median ``k*`` at the target ``k`` (without one, at
+        ``(k_min + k_max) / 2``)."""
+        middle = self.cfg.k if self.cfg.k is not None else round((self.cfg.k_min + self.cfg.k_max) / 2)
+        return threshold_for_median_kstar(errors, self._row_variance(sae_in), middle)
+
+    @torch.no_grad()
     def kstar_from_errors(self, errors: torch.Tensor, sae_in: torch.Tensor) -> torch.Tensor:
         """``k*`` of each row: the first prefix with error ``<= target_fvu·V``.
 
@@ -467,11 +539,9 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
         monotone (median 1, 17, 29, 39; Spearman vs true L0 0.96) and the probe reaches 0.97
         (R² 0.84); 16384 held-out rows, ``python examples/adaptivek_kstar_scale.py``.
         """
-        x = sae_in.reshape(-1, self.cfg.d_in)
-        total_var = (x - x.mean(0)).pow(2).sum(-1)  # b_dec cancels: same as for the raw input
-        if self.cfg.kstar_scale == "dataset":
-            total_var = total_var.mean().expand_as(total_var)
-        return kstar_from_prefix_errors(errors, total_var, self.cfg.target_fvu)
+        if self._kstar_tau is None:
+            self._kstar_tau = self.choose_kstar_threshold(errors, sae_in)
+        return kstar_from_prefix_errors(errors, self._row_variance(sae_in), self._kstar_tau)
 
     @torch.no_grad()
     def fit_probe_now(self) -> ComplexityProbe:
@@ -480,13 +550,19 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
             n = 0 if self._acc is None else self._acc.n_samples
             raise RuntimeError(
                 f"adaptivek warm-up gathered {n} labelled rows, too few to fit the probe; "
-                f"raise probe_warmup_steps (now {self.cfg.probe_warmup_steps})"
+                f"raise probe_warmup_steps (now {self.warmup_steps})"
             )
         probe = ComplexityProbe.from_accumulator(self._acc)
+        assert probe.report is not None
+        self._check_probe(probe)
         self.set_probe(probe)
         self._acc = None
-        assert probe.report is not None
-        self.cfg.metadata.adaptivek_probe_report = probe.report.to_dict()
+        self.cfg.metadata.adaptivek_probe_report = {
+            **probe.report.to_dict(),
+            "target_fvu": self._kstar_tau,
+            "label_min": probe.label_min,
+            "label_max": probe.label_max,
+        }
         self._pending_report = {
             "probe_r2": probe.report.r2,
             "probe_pearson": probe.report.pearson,
@@ -495,10 +571,39 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
         }
         return probe
 
+    def _check_probe(self, probe: ComplexityProbe) -> None:
+        """Refuse a probe whose per-row k would not follow the input."""
+        assert probe.report is not None
+        tau = "auto" if self.cfg.target_fvu is None else self.cfg.target_fvu
+        where = (
+            f"target_fvu={tau} (threshold used {self._kstar_tau:.4g}), "
+            f"k range [{self.cfg.k_min}, {self.cfg.k_max}], "
+            f"probe_warmup_steps={self.warmup_steps}"
+        )
+        other = (
+            "a fixed target_fvu in (0, 1)"
+            if self.cfg.target_fvu is None
+            else "target_fvu=None (a threshold chosen from the warm-up's error curve)"
+        )
+        if probe.label_max - probe.label_min < 1:
+            raise RuntimeError(
+                f"adaptivek: every warm-up k* label is {probe.label_max:g}, so the probe cannot "
+                f"tell inputs apart and every row would get the same k ({where}). Try {other}, "
+                "a larger k_max, or a longer probe_warmup_steps"
+            )
+        r2 = probe.report.r2
+        if not r2 >= self.cfg.probe_min_r2:
+            raise RuntimeError(
+                f"adaptivek: the complexity probe's held-out R² is {r2:.3f}, below "
+                f"probe_min_r2={self.cfg.probe_min_r2:g}: its per-row k would be noise "
+                f"({where}). Try a longer probe_warmup_steps, {other}, a pre-fitted "
+                "probe_path, or a lower probe_min_r2"
+            )
+
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         step = step_input.n_training_steps
-        if not self.is_adaptive and step >= self.cfg.probe_warmup_steps:
+        if not self.is_adaptive and step >= self.warmup_steps:
             self.fit_probe_now()
         sae_in = step_input.sae_in
         top, hidden_pre, k, x_in, sae_in_c = self._select(sae_in)
@@ -558,10 +663,15 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
         super().process_state_dict_for_saving(state_dict)
         if self._acc is not None and not self.is_adaptive:
             state_dict.update(self._acc.state_tensors(ACC_PREFIX))
+            if self._kstar_tau is not None:
+                state_dict[KSTAR_TAU_KEY] = torch.tensor(self._kstar_tau, dtype=torch.float64)
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_loading(state_dict)
+        tau = state_dict.pop(KSTAR_TAU_KEY, None)
+        if tau is not None:
+            self._kstar_tau = float(tau)
         acc_state = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(ACC_PREFIX)}
         if acc_state:
             self._acc = self._new_accumulator()
@@ -571,7 +681,7 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
     @override
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)
-        for key in [k for k in state_dict if k.startswith(ACC_PREFIX)]:
+        for key in [k for k in state_dict if k.startswith(ACC_PREFIX) or k == KSTAR_TAU_KEY]:
             del state_dict[key]
         if not self.is_adaptive:
             warnings.warn(

@@ -63,7 +63,9 @@ with ``rescale_acts_by_decoder_norm``) does not touch the estimator, which never
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +83,7 @@ from torch import nn
 from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
+from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
 from sae_adaptive_plugin.ops.variable_topk import (
     TopKResult,
     decode_topk,
@@ -141,28 +144,74 @@ class SoftSAEConfig(TopKSAEConfig):
         return "softsae"
 
 
+#: Default schedules, as fractions of the run's training steps (``bind_run_length``).
+ALPHA_ANNEAL_FRACTION = 1 / 3
+K_ANNEAL_FRACTION = 0.01
+HARD_PHASE_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class SoftSAESchedule:
+    """SoftSAE's schedules with every step count resolved (pure functions of the step)."""
+
+    alpha_start: float
+    alpha_end: float
+    alpha_anneal_steps: int
+    k_start: float
+    k: float
+    k_anneal_steps: int
+    hard_topk_start_step: int
+
+    def alpha_at(self, step: int) -> float:
+        """LapSum scale α at ``step``."""
+        n = self.alpha_anneal_steps
+        frac = 1.0 if n == 0 else min(step / n, 1.0)
+        return self.alpha_start + (self.alpha_end - self.alpha_start) * frac
+
+    def k_target_at(self, step: int) -> float:
+        """Target ``K_t`` of the batch-mean k̂ at ``step``."""
+        n = self.k_anneal_steps
+        frac = 1.0 if n == 0 else min(step / n, 1.0)
+        return self.k_start + (self.k - self.k_start) * frac
+
+    def is_hard_phase(self, step: int) -> bool:
+        """Whether ``step`` trains with hard top-``⌊k̂⌋`` and a frozen estimator."""
+        return step >= self.hard_topk_start_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class SoftSAETrainingConfig(TopKTrainingSAEConfig):
     """Training config of ``softsae`` (fields beyond SAELens's TopK training config).
+
+    Step-keyed fields left ``None`` are fractions of the run, which SAELens's trainer tells the
+    SAE (``bind_run_length``): ``alpha_anneal_steps`` 1/3, ``k_anneal_steps`` 1%,
+    ``hard_topk_start_step`` 90% of the training steps.
 
     Args:
         k: target mean number of active latents (``1 ≤ k ≤ k_max``).
         k_max: upper bound of ``k̂(x)``; default ``min(2k, d_sae)``; at most ``d_sae``.
         k_estimator_hidden: hidden width of the k-estimator; default ``d_sae`` (the reference).
         alpha_start, alpha_end: LapSum scale at step 0 and after ``alpha_anneal_steps`` (> 0).
+        alpha_relative: α is in units of the batch's mean largest pre-activation (so the same
+            values suit activations of any scale); False: in units of the pre-activations (the
+            reference).
         alpha_anneal_steps: steps of the linear α schedule (≥ 0; 0 = ``alpha_end`` throughout).
         k_anneal_steps: steps over which the penalty's target falls linearly from ``d_in`` to
             ``k`` (≥ 0; 0 = ``k`` throughout).
-        hard_topk_start_step: first step of the hard phase (≥ 0); ``None`` = soft to the end
-            (the reference switches 10,000 steps before the end).
+        hard_topk_start_step: first step of the hard phase (≥ 1, before the end of the run: the
+            saved SAE always uses hard top-``⌊k̂⌋``, so the run must train it that way).
     """
 
     k_max: int | None = None
     k_estimator_hidden: int | None = None
     alpha_start: float = 0.99
-    alpha_end: float = 1e-4
-    alpha_anneal_steps: int = 2500
-    k_anneal_steps: int = 1000
+    alpha_end: float = 0.02
+    alpha_relative: bool = True
+    alpha_anneal_steps: int | None = None
+    k_anneal_steps: int | None = None
     hard_topk_start_step: int | None = None
 
     def __post_init__(self) -> None:
@@ -175,10 +224,13 @@ class SoftSAETrainingConfig(TopKTrainingSAEConfig):
         _validate_common(self)
         _check_positive("alpha_start", self.alpha_start)
         _check_positive("alpha_end", self.alpha_end)
-        _check_int("alpha_anneal_steps", self.alpha_anneal_steps, 0)
-        _check_int("k_anneal_steps", self.k_anneal_steps, 0)
+        if self.alpha_anneal_steps is not None:
+            _check_int("alpha_anneal_steps", self.alpha_anneal_steps, 0)
+        if self.k_anneal_steps is not None:
+            _check_int("k_anneal_steps", self.k_anneal_steps, 0)
         if self.hard_topk_start_step is not None:
-            _check_int("hard_topk_start_step", self.hard_topk_start_step, 0)
+            # step 0 would freeze the k-estimator before it ever trained
+            _check_int("hard_topk_start_step", self.hard_topk_start_step, 1)
         if self.use_sparse_activations:
             raise ValueError("use_sparse_activations must be False for softsae (not supported)")
         super().__post_init__()
@@ -187,21 +239,73 @@ class SoftSAETrainingConfig(TopKTrainingSAEConfig):
     def architecture(cls) -> str:
         return "softsae"
 
-    # ---- schedules: pure functions of the step count SAELens passes in ----
+    def schedule(self, total_steps: int | None = None) -> SoftSAESchedule:
+        """The schedules for a run of ``total_steps`` steps (``None``: the run length is unknown,
+        so every step-keyed field must be set). Raises ``ValueError`` when the hard phase would
+        start at or after the end of the run; warns when α or the k target are still annealing
+        when it starts."""
+        defaults = {
+            "alpha_anneal_steps": ALPHA_ANNEAL_FRACTION,
+            "k_anneal_steps": K_ANNEAL_FRACTION,
+            "hard_topk_start_step": HARD_PHASE_FRACTION,
+        }
+        missing = [name for name in defaults if getattr(self, name) is None]
+        if missing and total_steps is None:
+            raise unknown_run_length_error("softsae", missing)
+        steps = {
+            name: getattr(self, name)
+            if getattr(self, name) is not None
+            else fraction_of_run(frac, int(total_steps or 0))
+            for name, frac in defaults.items()
+        }
+        steps["hard_topk_start_step"] = max(1, steps["hard_topk_start_step"])
+        schedule = SoftSAESchedule(
+            alpha_start=float(self.alpha_start),
+            alpha_end=float(self.alpha_end),
+            k_start=float(self.d_in),
+            k=float(self.k),
+            **steps,
+        )
+        if total_steps is not None:
+            _check_schedule_fits(schedule, total_steps)
+        return schedule
+
+    # ---- schedules of a config whose step fields are all set ----
 
     def alpha_at(self, step: int) -> float:
         """LapSum scale α at ``step``."""
-        frac = 1.0 if self.alpha_anneal_steps == 0 else min(step / self.alpha_anneal_steps, 1.0)
-        return self.alpha_start + (self.alpha_end - self.alpha_start) * frac
+        return self.schedule().alpha_at(step)
 
     def k_target_at(self, step: int) -> float:
         """Target ``K_t`` of the batch-mean k̂ at ``step``."""
-        frac = 1.0 if self.k_anneal_steps == 0 else min(step / self.k_anneal_steps, 1.0)
-        return self.d_in + (self.k - self.d_in) * frac
+        return self.schedule().k_target_at(step)
 
     def is_hard_phase(self, step: int) -> bool:
         """Whether ``step`` trains with hard top-``⌊k̂⌋`` and a frozen estimator."""
-        return self.hard_topk_start_step is not None and step >= self.hard_topk_start_step
+        return self.schedule().is_hard_phase(step)
+
+
+def _check_schedule_fits(schedule: SoftSAESchedule, total_steps: int) -> None:
+    hard = schedule.hard_topk_start_step
+    if hard >= total_steps:
+        raise ValueError(
+            f"softsae: hard_topk_start_step={hard} is at or after the end of the run "
+            f"({total_steps} training steps): the saved SAE uses hard top-⌊k̂⌋ but would never "
+            f"have been trained with it. Set hard_topk_start_step in [1, {total_steps - 1}] or "
+            f"leave it unset (default {HARD_PHASE_FRACTION:g} of the run)"
+        )
+    for name, value in (
+        ("alpha_anneal_steps", schedule.alpha_anneal_steps),
+        ("k_anneal_steps", schedule.k_anneal_steps),
+    ):
+        if value > hard:
+            warnings.warn(
+                f"softsae: {name}={value} ends after the hard phase starts "
+                f"(hard_topk_start_step={hard}): the soft phase stops before its schedule has "
+                f"finished; set {name} <= {hard} or leave it unset",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 class _KEstimatorMixin:
@@ -333,10 +437,34 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
 
     def __init__(self, cfg: SoftSAETrainingConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
+        self.total_training_steps: int | None = None
+        self._schedule: SoftSAESchedule | None = None
 
     def initialize_weights(self) -> None:
         super().initialize_weights()
         self._init_k_estimator()
+
+    def bind_run_length(self, total_steps: int) -> None:
+        """Resolve the schedules for a run of ``total_steps`` steps (SAELens's trainer calls
+        this); raises ``ValueError`` naming the field if they do not fit the run."""
+        self._schedule = self.cfg.schedule(total_steps)
+        self.total_training_steps = total_steps
+        self.cfg.metadata.softsae_schedule = {
+            "total_training_steps": total_steps,
+            **self._schedule.to_dict(),
+        }
+
+    @property
+    def schedule(self) -> SoftSAESchedule:
+        """The resolved schedules (from ``bind_run_length``, or the config's step fields)."""
+        if self._schedule is None:
+            self._schedule = self.cfg.schedule(None)
+        return self._schedule
+
+    @staticmethod
+    def _alpha_unit(z: torch.Tensor) -> torch.Tensor:
+        """The batch's mean largest pre-activation (detached; ``alpha_relative``)."""
+        return z.detach().amax(dim=-1).mean().clamp(min=torch.finfo(z.dtype).tiny)
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference behaviour (hard per-row top-``⌊k̂⌋``), used by ``encode``/``forward``."""
@@ -354,9 +482,10 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         step = step_input.n_training_steps
+        schedule = self.schedule
         sae_in = self.process_sae_in(step_input.sae_in)
         metrics: dict[str, Any] = {}
-        if self.cfg.is_hard_phase(step):
+        if schedule.is_hard_phase(step):
             with torch.no_grad():
                 k_hat = self.estimate_k_from_sae_in(sae_in)
             hidden_pre, res, feature_acts = self._hard_encode(sae_in, k_hat)
@@ -364,18 +493,19 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
             k_used = res.mask.sum(dim=-1).float()
             penalty = None
         else:
-            alpha = self.cfg.alpha_at(step)
+            alpha = schedule.alpha_at(step)
             hidden_pre = self._hidden_pre(sae_in)
             k_hat = self.estimate_k_from_sae_in(sae_in)
             z = hidden_pre.relu()
-            mask = lapsum_topk(z, k_hat, alpha, k_max=self.cfg.k_max)  # τ from the top 2k_max+2
+            scaled_alpha = alpha * self._alpha_unit(z) if self.cfg.alpha_relative else alpha
+            mask = lapsum_topk(z, k_hat, scaled_alpha, k_max=self.cfg.k_max)  # τ from the top 2k_max+2
             code = self.hook_sae_acts_post(z * mask)
             sae_out = self.decode(code)
             # SAELens counts firings (dead latents → AuxK, logged L0) from feature_acts: report
             # the latents the soft top-k selects (m > ½), not every latent with a tiny weight
             feature_acts = torch.where(mask > 0.5, code, torch.zeros((), dtype=code.dtype))
             k_used = k_hat.detach().float()
-            k_target = self.cfg.k_target_at(step)
+            k_target = schedule.k_target_at(step)
             penalty = K_PENALTY_COEFFICIENT * F.softplus(
                 k_hat.float().mean() - k_target, beta=K_PENALTY_BETA
             )

@@ -1,0 +1,221 @@
+"""The adaptive SAEs trained the way a user would: only the target sparsity set, any run length.
+
+Each test here failed on the first version: SoftSAE's absolute schedules (soft to the end of a
+short run, then saved as a hard SAE) and AdaptiveK's fixed ``target_fvu`` (every label equal,
+a constant probe, one k for every row) produced bad SAEs without a word.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import sae_lens  # noqa: F401  (first: the plugin registers before our modules import)
+import torch
+from sae_lens.saes.sae import TrainStepInput
+
+from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors, threshold_for_median_kstar
+from sae_adaptive_plugin.saes.adaptivek import AdaptiveKTrainingSAE, AdaptiveKTrainingSAEConfig
+from sae_adaptive_plugin.saes.softsae import SoftSAETrainingConfig, SoftSAETrainingSAE
+from sae_adaptive_plugin.synthetic import (
+    CompareConfig,
+    VariableComplexityConfig,
+    VariableComplexitySource,
+    run_compare,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _small_source(complexity: str = "loguniform") -> VariableComplexityConfig:
+    return VariableComplexityConfig(
+        num_features=64,
+        hidden_dim=32,
+        min_l0=1.0,
+        max_l0=12.0,
+        orthogonalize_steps=20,
+        complexity=complexity,
+    )
+
+
+def _step(sae, x: torch.Tensor, step: int):
+    return sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=None,
+            n_training_steps=step,
+            is_logging_step=False,
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules follow the run
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("total", [30, 300, 30_000])
+def test_softsae_default_schedule_scales_with_the_run(total):
+    cfg = SoftSAETrainingConfig(d_in=16, d_sae=48, k=4)
+    schedule = cfg.schedule(total)
+    assert schedule.hard_topk_start_step == round(0.9 * total) < total
+    assert schedule.alpha_anneal_steps == round(total / 3) <= schedule.hard_topk_start_step
+    assert schedule.k_anneal_steps == round(0.01 * total)
+    assert schedule.alpha_at(schedule.alpha_anneal_steps) == pytest.approx(cfg.alpha_end)
+
+
+def test_softsae_trainer_tells_the_sae_the_run_length():
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    sae = SoftSAETrainingSAE(SoftSAETrainingConfig(d_in=32, d_sae=64, k=4))
+    source = VariableComplexitySource(_small_source())
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=40 * 16,
+        train_batch_size_samples=16,
+        lr=1e-3,
+        lr_end=1e-3,
+        lr_scheduler_name="constant",
+        lr_warm_up_steps=0,
+        device="cpu",
+        dead_feature_window=10,
+        feature_sampling_window=10,
+        logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=2,
+    )
+    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=source.stream(16, seed=0))
+    assert sae.total_training_steps == 40
+    assert sae.schedule.hard_topk_start_step == 36
+    assert sae.cfg.metadata.softsae_schedule["hard_topk_start_step"] == 36
+
+
+def test_softsae_without_a_run_length_names_the_fields():
+    sae = SoftSAETrainingSAE(SoftSAETrainingConfig(d_in=16, d_sae=48, k=4))
+    with pytest.raises(RuntimeError, match="hard_topk_start_step.*bind_run_length"):
+        _step(sae, torch.randn(8, 16), 0)
+
+
+def test_softsae_hard_phase_after_the_end_is_refused_at_start():
+    sae = SoftSAETrainingSAE(
+        SoftSAETrainingConfig(d_in=16, d_sae=48, k=4, hard_topk_start_step=500)
+    )
+    with pytest.raises(ValueError, match=r"hard_topk_start_step=500 is at or after the end"):
+        sae.bind_run_length(500)
+    with pytest.raises(ValueError, match=r"hard_topk_start_step must be an integer in \[1,"):
+        SoftSAETrainingConfig(d_in=16, d_sae=48, k=4, hard_topk_start_step=0)
+
+
+def test_softsae_alpha_still_annealing_at_the_hard_phase_warns():
+    cfg = SoftSAETrainingConfig(
+        d_in=16, d_sae=48, k=4, alpha_anneal_steps=2500, hard_topk_start_step=100
+    )
+    with pytest.warns(UserWarning, match="alpha_anneal_steps=2500 ends after the hard phase"):
+        cfg.schedule(200)
+
+
+def test_adaptivek_default_warmup_is_a_quarter_of_the_run_and_must_end_before_it():
+    sae = AdaptiveKTrainingSAE(AdaptiveKTrainingSAEConfig(d_in=16, d_sae=48, k=4))
+    assert (sae.cfg.k_min, sae.cfg.k_max) == (1, 8)
+    sae.bind_run_length(400)
+    assert sae.warmup_steps == 100
+    late = AdaptiveKTrainingSAE(
+        AdaptiveKTrainingSAEConfig(d_in=16, d_sae=48, k=4, probe_warmup_steps=400)
+    )
+    with pytest.raises(ValueError, match=r"probe_warmup_steps=400 is at or after the end"):
+        late.bind_run_length(400)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaptiveK labels that vary
+# ---------------------------------------------------------------------------------------------
+
+
+def test_threshold_for_median_kstar_puts_the_median_label_there():
+    torch.manual_seed(0)
+    # decreasing error curves with row-dependent speed
+    speed = torch.rand(512, 1) * 0.5 + 0.05
+    errors = 10.0 * torch.exp(-speed * torch.arange(1, 33).float())
+    variance = torch.full((512,), 10.0)
+    for middle in (3, 8, 20):
+        tau = threshold_for_median_kstar(errors, variance, middle)
+        labels = kstar_from_prefix_errors(errors, variance, tau)
+        assert abs(float(labels.float().median()) - middle) <= 1
+        assert labels.min() < labels.max()
+
+
+def _adaptivek_warmup(target_fvu, k_max=4, data="noise", steps=12):
+    torch.manual_seed(0)
+    cfg = AdaptiveKTrainingSAEConfig(
+        d_in=32, d_sae=64, k_min=1, k_max=k_max, probe_warmup_steps=steps, target_fvu=target_fvu
+    )
+    sae = AdaptiveKTrainingSAE(cfg)
+    sae.bind_run_length(steps * 4)
+    if data == "noise":
+        batches = [torch.randn(256, 32) for _ in range(steps + 1)]
+    else:
+        source = VariableComplexitySource(_small_source())
+        stream = source.stream(256, seed=0)
+        batches = [stream.next_batch() for _ in range(steps + 1)]
+    for step, x in enumerate(batches):
+        _step(sae, x, step)
+    return sae
+
+
+def test_adaptivek_constant_labels_stop_training_naming_target_fvu():
+    # Gaussian noise: 4 latents never explain 90% of the variance, so every k* label is k_max
+    with pytest.raises(RuntimeError, match=r"every warm-up k\* label is 4.*target_fvu=0.1"):
+        _adaptivek_warmup(target_fvu=0.1)
+
+
+def test_adaptivek_probe_that_explains_nothing_stops_training():
+    # default threshold: labels vary, but on noise no linear probe predicts them
+    with pytest.raises(RuntimeError, match=r"held-out R² is .* below probe_min_r2=0.05"):
+        _adaptivek_warmup(target_fvu=None, k_max=8)
+
+
+def test_adaptivek_default_threshold_gives_spread_labels_and_varying_k():
+    sae = _adaptivek_warmup(target_fvu=None, k_max=12, data="synthetic", steps=40)
+    assert sae.is_adaptive
+    report = sae.cfg.metadata.adaptivek_probe_report
+    assert report["label_max"] - report["label_min"] >= 4
+    assert 0 < report["target_fvu"] < 1
+    source = VariableComplexitySource(_small_source())
+    _, x, true_l0 = source.sample(2048, seed=5)
+    k = sae.k_per_sample(x)
+    assert k.min() >= 1 and k.max() <= 12
+    assert k.float().std() > 0.5
+    from scipy.stats import spearmanr
+
+    assert spearmanr(k.numpy(), true_l0.numpy()).statistic > 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained as a user would, short and long, on two sources
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "complexity,steps", [("loguniform", 60), ("loguniform", 240), ("uniform", 120)]
+)
+def test_defaults_train_good_adaptive_saes(tmp_path, complexity, steps):
+    cfg = CompareConfig(
+        source=_small_source(complexity),
+        steps=steps,
+        batch_size=128,
+        eval_samples=2048,
+        architectures=("softsae", "adaptivek", "topk"),
+        topk_sweep=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_compare(cfg, tmp_path, log=lambda _: None)
+    rows = {r["name"]: r for r in result.rows}
+    topk = rows["topk"]
+    for name in ("softsae", "adaptivek"):
+        row = rows[name]
+        assert math.isfinite(row["explained_variance"])
+        assert row["explained_variance"] >= topk["explained_variance"] - 0.05, (name, rows)
+        assert row["l0_spearman_vs_true"] >= 0.8, (name, row)
+        assert row["l0_std"] > 0.2 * row["l0_mean"], (name, row)
