@@ -633,7 +633,9 @@ def run_compare(
                 sae_l0[name] = l0.cpu()
             inference.cfg.k = big_k
             if cfg.topk_sweep and "topk" in registered:
-                _topk_sweep(cfg, source, ks, fixed_k, rows, (hidden, feature_acts, true_l0_f), out_dir, log)
+                _topk_sweep(
+                    cfg, source, ks, fixed_k, rows, (hidden, feature_acts, true_l0_f), out_dir, log
+                )
         else:
             metrics, l0 = evaluate_sae(inference, hidden, feature_acts, source.true_features)
             k_eval = fixed_k if architecture in FIXED_K_ARCHITECTURES else None

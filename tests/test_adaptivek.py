@@ -343,9 +343,9 @@ def test_kstar_scale_dataset_uses_one_threshold_row_uses_each_rows_variance():
     by_row = _training_sae(k_max=k_max, kstar_scale="row", target_fvu=0.1).kstar_from_errors(
         errors, sae_in
     )
-    by_data = _training_sae(
-        k_max=k_max, kstar_scale="dataset", target_fvu=0.1
-    ).kstar_from_errors(errors, sae_in)
+    by_data = _training_sae(k_max=k_max, kstar_scale="dataset", target_fvu=0.1).kstar_from_errors(
+        errors, sae_in
+    )
     assert AdaptiveKTrainingSAEConfig(d_in=4, d_sae=8, k_min=1, k_max=4).kstar_scale == "dataset"
     # dataset: equal errors -> equal k*, the first j with 100/j <= tau * mean variance
     expected = int((errors[0] <= 0.1 * row_var.mean()).nonzero()[0]) + 1

@@ -93,7 +93,7 @@ def test_softsae_trainer_tells_the_sae_the_run_length():
 
 def test_softsae_without_a_run_length_names_the_fields():
     sae = SoftSAETrainingSAE(SoftSAETrainingConfig(d_in=16, d_sae=48, k=4))
-    with pytest.raises(RuntimeError, match="hard_topk_start_step.*bind_run_length"):
+    with pytest.raises(RuntimeError, match=r"hard_topk_start_step.*bind_run_length"):
         _step(sae, torch.randn(8, 16), 0)
 
 

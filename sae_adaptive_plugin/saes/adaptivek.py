@@ -1,61 +1,18 @@
-"""AdaptiveK for SAELens: hard top-k per row, with k set by a linear complexity probe (docs/METHODS.md §3).
+"""AdaptiveK for SAELens (``adaptivek``): hard top-k per row, k from a linear complexity probe.
 
-Architecture name ``adaptivek``. Each row ``x`` gets ``k(x)`` from the probe ``ĉ = wᵀx + b``
-(clamped to its label range ``[c_lo, c_hi]``) through the sigmoid map of
-:func:`~sae_adaptive_plugin.ops.adaptive_k.complexity_to_k` (``k_min``, ``k_max``, ``steepness``),
-then keeps its top ``k(x)`` latents (:func:`~sae_adaptive_plugin.ops.variable_topk.topk_encode`:
-encoder and selection in one op whose backward touches only the selected latents, no per-row loop;
-with a forward hook on ``hook_sae_acts_pre`` the plain matmul + ``variable_topk`` path runs). The probe reads the SAE's input as ``forward``/``encode`` receive it (after the
-``hook_sae_input`` hook, before run-time normalisation and ``b_dec``).
+Each row ``x`` gets ``k(x)`` from the probe ``ĉ = wᵀx + b`` (clamped to its label range) through
+the sigmoid map of :func:`~sae_adaptive_plugin.ops.adaptive_k.complexity_to_k`, then keeps its top
+``k(x)`` latents. The probe lives in persistent buffers (``probe_weight``, ``probe_bias``,
+``probe_label_range``, ``probe_fitted``), so it is saved and loaded with the weights; folds of the
+input (norm scaling, whitening) are folded into it too.
 
-The probe lives in the SAE's state as persistent buffers — ``probe_weight [d_in]``,
-``probe_bias []``, ``probe_label_range [2]`` (``c_lo, c_hi``) and ``probe_fitted []`` (0/1) — so it
-is saved in ``sae_weights.safetensors``, loaded by ``SAE.load_from_disk`` (meta device included), and
-no gradient reaches it (``k`` is rounded). Until a probe is fitted every row uses ``k_max``.
-
-Two ways to get the probe, both from a plain SAELens config (``architecture="adaptivek"``):
-
-- ``probe_path``: a file written by :meth:`ComplexityProbe.save
-  <sae_adaptive_plugin.probe.ComplexityProbe.save>`, loaded when the training SAE is built (its
-  ``d_in`` must match). The probe then reads the raw activations, so trainer-side normalisation
-  (``expected_average_only_in``, ``covariance_whitening``) is refused with this option.
-- none: the SAE trains at ``k_max`` for ``probe_warmup_steps`` steps, by default with the
-  HierarchicalTopK all-prefix loss (``warmup_loss="hierarchical"``; ``"mse"`` = plain TopK). **(ours)**
-  A plain TopK at ``k_max`` makes every row use all ``k_max`` latents (on synthetic data it grows
-  ``b_dec`` and re-adds it with many latents even for 1-feature rows), so its prefix lengths are a
-  noisier label; the all-prefix loss makes every prefix a reconstruction in its own right. Measured
-  with ``examples/adaptivek_synthetic.py`` (32 features / 32 dims, shared component 0.3, true L0
-  2–16, 1500 steps, warm-up 1000, ``--only-adaptivek``), probe held-out Spearman vs ``k*`` /
-  SAE L0 Spearman vs true L0 / EV: all-prefix 0.96 / 0.95 / 0.958, plain TopK
-  (``--warmup-loss mse``) 0.95 / 0.97 / 0.988 with the default ``kstar_scale="dataset"``; with
-  ``--kstar-scale row`` 0.93 / 0.92 / 0.950 and 0.88 / 0.96 / 0.987. (An earlier version of the
-  source measured 0.97 vs 0.71.) So with the dataset scale the two warm-up losses label about
-  equally well here; the all-prefix default is kept. Command:
-  ``python examples/adaptivek_synthetic.py --num-features 32 --hidden-dim 32 --max-l0 16
-  --steps 1500 --warmup 1000 --only-adaptivek [--warmup-loss mse] [--kstar-scale row]``.
-  During the second half of the warm-up it labels each training row with ``k*`` — the fewest of its
-  own sorted latents whose prefix reconstruction error is at most ``target_fvu`` times the
-  batch's mean variance ``mean_rows ‖x − batch mean‖²`` (``kstar_scale="dataset"``; ``"row"``
-  uses the row's own variance, which makes ``k*`` non-monotone in complexity on anisotropic
-  data — probe held-out Spearman 0.59 vs 0.97 on the default synthetic source, see
-  :meth:`AdaptiveKTrainingSAE.kstar_from_errors`)
-  (:func:`~sae_adaptive_plugin.ops.hierarchical.prefix_reconstruction_errors`,
-  the same errors the warm-up loss averages) — and streams
-  ``(x, k*)`` into a :class:`~sae_adaptive_plugin.probe.RidgeAccumulator`. At the first step at or
-  after ``probe_warmup_steps`` it fits the probe (ridge, 5-fold CV λ), writes it into the buffers,
-  sets ``probe_fitted = 1`` and trains with adaptive k from then on; the probe's cross-validated
-  report goes into ``cfg.metadata.adaptivek_probe_report`` and into that step's metrics. Checkpoints
-  (``save_model``) written during the warm-up also carry the accumulator (``probe_acc.*`` tensors),
-  so a resumed run continues the same statistics; after the switch, ``probe_fitted`` makes a resumed
-  run continue with adaptive k. The inference save drops the accumulator.
-
-SAELens's folds keep outputs identical: ``fold_activation_norm_scaling_factor`` and
-``fold_activation_whitening`` fold the input transform into the probe as well, and the decoder-norm
-fold at inference save (``rescale_acts_by_decoder_norm``, SAELens's TopK default) does not touch it.
-
-Training uses the plain MSE plus SAELens's TopK AuxK loss (``calculate_topk_aux_loss``) and reports
-``metrics/mean_k``, ``metrics/std_k`` and ``metrics/probe_fitted`` through
-``TrainStepOutput.metrics``. Both SAEs expose :meth:`k_per_sample`.
+The probe comes from ``probe_path`` or from a warm-up: the SAE trains at ``k_max`` (all-prefix
+HierarchicalTopK loss by default) and, in the warm-up's second half, labels each row with ``k*``,
+the fewest of its sorted latents whose prefix error is at most ``τ`` times the batch's mean
+variance; ``τ`` is chosen on the first labelled batch so the median ``k*`` is the target ``k``.
+At the end of the warm-up (a quarter of the run by default) a ridge probe is fitted on
+``(x, k*)``; constant labels or a held-out R² below ``probe_min_r2`` stop training with an error.
+Design choices and measurements: docs/METHODS.md §3.
 """
 
 from __future__ import annotations
@@ -399,7 +356,10 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
         _validate_k_fields(self)
         if self.probe_path is None and self.probe_warmup_steps is not None:
             _check_int("probe_warmup_steps", self.probe_warmup_steps, 1, 2**62)
-        if self.probe_path is not None and self.normalize_activations in _TRAINER_SIDE_NORMALIZATION:
+        if (
+            self.probe_path is not None
+            and self.normalize_activations in _TRAINER_SIDE_NORMALIZATION
+        ):
             raise ValueError(
                 f"probe_path with normalize_activations={self.normalize_activations!r} is not "
                 "supported: the pre-fitted probe reads raw activations but the SAE is trained on "
@@ -522,7 +482,9 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
     def choose_kstar_threshold(self, errors: torch.Tensor, sae_in: torch.Tensor) -> float:
         """``τ`` that puts this batch's median ``k*`` at the target ``k`` (without one, at
         ``(k_min + k_max) / 2``)."""
-        middle = self.cfg.k if self.cfg.k is not None else round((self.cfg.k_min + self.cfg.k_max) / 2)
+        middle = (
+            self.cfg.k if self.cfg.k is not None else round((self.cfg.k_min + self.cfg.k_max) / 2)
+        )
         return threshold_for_median_kstar(errors, self._row_variance(sae_in), middle)
 
     @torch.no_grad()

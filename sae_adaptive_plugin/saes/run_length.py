@@ -36,7 +36,7 @@ def install_trainer_hook() -> None:
 
 def fraction_of_run(fraction: float, total_steps: int) -> int:
     """``round(fraction · total_steps)`` as a step index."""
-    return int(round(fraction * total_steps))
+    return round(fraction * total_steps)
 
 
 def unknown_run_length_error(architecture: str, fields: list[str]) -> RuntimeError:

@@ -1,64 +1,19 @@
-"""SoftSAE for SAELens: a per-input number of active latents, learned end-to-end (arXiv 2605.06610).
+"""SoftSAE for SAELens (``softsae``): a per-input number of latents, learned end-to-end.
 
-A small k-estimator ``k̂(x) = clamp(k_max · σ(v · ReLU(U (x − b_dec) + c) + c₀), 1, k_max)`` says
-how many latents each input needs (``U``: ``k_est_W_enc`` ``[d_in, k_estimator_hidden]``, ``c``:
-``k_est_b_enc``, ``v``: ``k_est_w_out``, ``c₀``: ``k_est_b_out``; all persistent parameters).
-The estimator reads the same input as the encoder (``process_sae_in``: ``x − b_dec`` unless
-``apply_b_dec_to_input`` is False).
+A k-estimator ``k̂(x) = clamp(k_max · σ(v · ReLU(U (x − b_dec) + c) + c₀), 1, k_max)`` (parameters
+``k_est_*``) says how many latents each input needs. Training (:class:`SoftSAETrainingSAE`):
 
-Training (:class:`SoftSAETrainingSAE`, a SAELens ``TopKTrainingSAE``), all schedule state a pure
-function of SAELens's ``TrainStepInput.n_training_steps`` (nothing else is stored, so a run
-resumed from a SAELens checkpoint continues the schedule from the checkpoint's step count —
-exactly, for the final checkpoint; SAELens 6.54 writes its *mid-run* checkpoints before
-advancing that counter, so a resume from one of those replays the schedule one step behind):
+- soft phase: code ``z ⊙ m`` with ``z = ReLU(pre-acts)`` and the LapSum soft top-k mask ``m``
+  (``Σ m = k̂`` per row) at scale ``α_t`` (annealed, in units of the batch's mean largest
+  pre-activation by default); loss ``‖x − x̂‖²`` + AuxK + ``softplus_β(mean k̂ − K_t)``, with the
+  target ``K_t`` annealed from ``d_in`` to ``k``;
+- hard phase (the last 10% of the run by default): per-row hard top-``⌊k̂⌋``, estimator frozen —
+  what the saved inference SAE (:class:`SoftSAE`) computes.
 
-- soft phase (``step < hard_topk_start_step``): code ``f = z ⊙ m`` with ``z = ReLU(pre-acts)``
-  and the LapSum soft top-k mask ``m`` (``ops/lapsum.py``, ``Σ m = k̂(x)`` per row, its threshold
-  solved from each row's top ``2·k_max + 2`` pre-activations since ``k̂ ≤ k_max``) at scale
-  ``α_t`` (linear from ``alpha_start`` to ``alpha_end`` over ``alpha_anneal_steps``). Loss:
-  ``‖x − x̂‖²`` + SAELens's TopK AuxK loss + ``λ_k · softplus_β(mean_batch k̂ − K_t)`` with
-  ``β = 5``, ``λ_k = 1``, and the target ``K_t`` linear from ``d_in`` to ``k`` over
-  ``k_anneal_steps``. Gradients reach the estimator through ``m`` and the penalty.
-- hard phase (``step ≥ hard_topk_start_step``): per-row hard top-``⌊k̂(x)⌋`` (``ops/variable_topk``:
-  ``topk_encode``, encoder and selection in one op whose backward touches only the selected
-  latents; the plain matmul + ``variable_topk`` path when ``hook_sae_acts_pre`` has forward hooks),
-  the estimator frozen (computed without gradient, so Adam leaves it untouched), activations
-  exactly zero outside the chosen latents.
-
-In the soft phase the code ``f`` is decoded, but the ``feature_acts`` handed back to SAELens's
-trainer (which counts firings from them: dead latents for AuxK, the logged L0) keep only the
-latents the soft top-k selects (``m > ½``); with every latent carrying some weight, SAELens would
-otherwise see no dead latent and AuxK would never act.
-
-Measured on variable-complexity synthetic ground truth (``sae_adaptive_plugin.synthetic``: 128
-true features in 32 dims with a shared component of cosine 0.3, per-sample true L0 ≈ 1–64,
-mean ≈ 15; SAE width 128; batch 256; Adam
-3e-3; TopK and BatchTopK from SAELens at ``k`` = SoftSAE's measured mean L0), mean over seeds
-0, 1, 2, with ``python examples/softsae_ground_truth.py --steps 2000`` (and ``--steps 600``):
-
-=========  ==========================  ==========================
-SAE        2000 steps: EV / Spearman    600 steps: EV / Spearman
-=========  ==========================  ==========================
-SoftSAE    0.9649 / 0.986 (L0 13.5)    0.9368 / 0.986 (L0 14.4)
-TopK       0.9398 / — (L0 13.7)        0.9304 / — (L0 14.3)
-BatchTopK  0.9707 / 0.913 (L0 13.6)    0.9488 / 0.978 (L0 14.2)
-=========  ==========================  ==========================
-
-(Spearman: each sample's SAE L0 against its true L0.) Those runs use ``alpha_end=0.02``; with
-the reference's ``alpha_end=1e-4`` (this config's default) the 600-step SoftSAE reaches only EV
-0.9077 (< TopK's 0.9214; ``--steps 600 --alpha-end 1e-4``). A likely cause (not isolated): at tiny α the
-mask's score gradient ``q ∝ 1/α`` spikes, and SAELens clips the gradient norm to 1, which then
-shrinks every other update. Pick ``alpha_end`` relative to the scale of the pre-activations.
-
-Metrics (logged by SAELens as ``metrics/...``): ``mean_k`` and ``std_k`` (of ``k̂`` in the soft
-phase, of ``⌊k̂⌋`` in the hard phase), ``soft_l0`` (non-zero soft weights per row, soft phase),
-``alpha`` and ``k_target``.
-
-Inference (:class:`SoftSAE`, a SAELens ``TopKSAE``): hard top-k with per-row ``k = ⌊k̂(x)⌋``;
-``k_per_sample(x)`` returns those k. SAELens's activation norm-scaling and whitening folds also fold
-the estimator's input map (``U``, and ``c`` when ``apply_b_dec_to_input`` is False), so the chosen
-k and the outputs do not change; the decoder-norm fold (and the one SAELens applies when saving
-with ``rescale_acts_by_decoder_norm``) does not touch the estimator, which never reads ``W_dec``.
+Schedules are pure functions of SAELens's step count; unset step fields are fractions of the run
+(``bind_run_length``, called by SAELens's trainer), and a schedule that does not fit the run is
+refused before the first step. Folds of the input are folded into the estimator too.
+Design choices and measurements: docs/METHODS.md §2.
 """
 
 from __future__ import annotations
@@ -83,7 +38,6 @@ from torch import nn
 from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
-from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
 from sae_adaptive_plugin.ops.variable_topk import (
     TopKResult,
     decode_topk,
@@ -91,6 +45,7 @@ from sae_adaptive_plugin.ops.variable_topk import (
     topk_encode,
     variable_topk,
 )
+from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
 
 #: softplus sharpness β and weight λ_k of the penalty on the batch-mean k̂ (docs/METHODS.md §2).
 K_PENALTY_BETA = 5.0
@@ -498,7 +453,9 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
             k_hat = self.estimate_k_from_sae_in(sae_in)
             z = hidden_pre.relu()
             scaled_alpha = alpha * self._alpha_unit(z) if self.cfg.alpha_relative else alpha
-            mask = lapsum_topk(z, k_hat, scaled_alpha, k_max=self.cfg.k_max)  # τ from the top 2k_max+2
+            mask = lapsum_topk(
+                z, k_hat, scaled_alpha, k_max=self.cfg.k_max
+            )  # τ from the top 2k_max+2
             code = self.hook_sae_acts_post(z * mask)
             sae_out = self.decode(code)
             # SAELens counts firings (dead latents → AuxK, logged L0) from feature_acts: report
