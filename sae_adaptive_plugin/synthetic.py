@@ -20,6 +20,7 @@ the JumpReLU SAE it is saved as) on one held-out set with known true features.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -649,7 +650,30 @@ def run_compare(
             f" ± {last['l0_std']:.1f}, Spearman vs true L0 {last['l0_spearman_vs_true']:.3f},"
             f" {seconds:.1f}s"
         )
+    add_gap_to_topk_curve(rows)
     return CompareResult(rows, skipped, true_l0_f.cpu(), sae_l0, fixed_k, target_l0, info)
+
+
+def add_gap_to_topk_curve(rows: list[dict[str, Any]]) -> None:
+    """Give every variable-L0 row ``ev_gap_vs_topk``: its explained variance minus the TopK
+    curve's (SAELens TopKs trained at several k, linearly interpolated in mean L0) at the row's
+    mean L0. Needs TopKs at two or more k; rows outside the curve's L0 range get none."""
+    curve = sorted(
+        (r["l0_mean"], r["explained_variance"])
+        for r in rows
+        if r["architecture"] in ("topk", "topk_sweep")
+    )
+    if len(curve) < 2:
+        return
+    for row in rows:
+        if row["architecture"] in ("topk", "topk_sweep", HIERARCHICAL_ARCHITECTURE):
+            continue
+        l0 = row["l0_mean"]
+        for (x0, y0), (x1, y1) in itertools.pairwise(curve):
+            if x0 <= l0 <= x1:
+                at = y0 if x1 == x0 else y0 + (y1 - y0) * (l0 - x0) / (x1 - x0)
+                row["ev_gap_vs_topk"] = row["explained_variance"] - at
+                break
 
 
 def _topk_sweep(

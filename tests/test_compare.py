@@ -103,7 +103,8 @@ def test_compare_quick_writes_finite_results_table_and_plots(tmp_path, capsys):
     rows = payload["results"]
     registered = registered_training_architectures()
     expected = {a for a in ALL_ARCHITECTURES if a in registered}
-    assert {r["architecture"] for r in rows} == expected
+    sweep = {"topk_sweep"} if {"topk", "hierarchical_topk"} <= expected else set()
+    assert {r["architecture"] for r in rows} == expected | sweep
     assert set(payload["skipped"]) == set(ALL_ARCHITECTURES) - expected
     for row in rows:
         assert set(RESULT_KEYS) <= set(row)
@@ -121,6 +122,10 @@ def test_compare_quick_writes_finite_results_table_and_plots(tmp_path, capsys):
         assert all(r["l0_mean"] <= r["k_eval"] + 1e-6 for r in hier)
         assert [r["k_eval"] for r in hier] == sorted(r["k_eval"] for r in hier)
         assert hier[-1]["l0_mean"] > hier[0]["l0_mean"]
+        # a TopK trained at every evaluated budget, and the gap to it on each row
+        topk_ks = {r["k_eval"] for r in rows if r["architecture"] in ("topk", "topk_sweep")}
+        assert {r["k_eval"] for r in hier} <= topk_ks
+        assert all(math.isfinite(r["ev_gap_vs_topk"]) for r in hier)
     for fixed in ("topk", "batchtopk", "matryoshka_batchtopk"):
         assert [r["k_eval"] for r in rows if r["architecture"] == fixed] == [payload["fixed_k"]]
 
@@ -157,3 +162,31 @@ def test_unregistered_architecture_is_skipped_with_a_reason(tmp_path, monkeypatc
     result = synthetic.run_compare(cfg, tmp_path, log=lambda _: None)
     assert [r["architecture"] for r in result.rows] == ["topk"]
     assert "not registered" in result.skipped["softsae"]
+
+
+def test_seeds_are_aggregated_as_mean_and_std_per_row():
+    from sae_adaptive_plugin.compare import markdown_table
+    from sae_adaptive_plugin.synthetic import CompareResult, aggregate_seeds
+
+    def result(seed, ev, name_extra):
+        rows = [
+            {"name": "topk", "architecture": "topk", "k_eval": 5, "explained_variance": ev},
+            {"name": name_extra, "architecture": "x", "k_eval": None, "explained_variance": 0.5},
+        ]
+        info = {"true_l0_mean": 3.0, "true_l0_std": 1.0, "true_l0_p90": 5.0, "target_l0": 3.0}
+        return CompareResult(rows, {}, torch.zeros(2), {}, 5, 3.0, {**info, "seed": seed})
+
+    merged = aggregate_seeds([result(0, 0.6, "a"), result(1, 0.8, "b")])
+    by_name = {r["name"]: r for r in merged.rows}
+    assert by_name["topk"]["explained_variance"] == pytest.approx(0.7)
+    assert by_name["topk"]["explained_variance_std"] == pytest.approx(0.1)
+    assert by_name["topk"]["n_seeds"] == 2 and by_name["a"]["n_seeds"] == 1
+    assert by_name["topk"]["k_eval"] == 5
+    assert merged.info["seeds"] == [0, 1]
+    rows = [
+        {**r, **{k: 1.0 for k in ("mse", "cosine_similarity", "l0_mean", "l0_std")}}
+        for r in merged.rows
+    ]
+    for r in rows:
+        r.update(l0_p90=1.0, dead_latents=0, mcc=0.5, l0_spearman_vs_true=0.0, train_seconds=1.0)
+    assert "0.700 ± 0.100" in markdown_table(rows)

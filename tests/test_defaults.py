@@ -117,7 +117,7 @@ def test_softsae_alpha_still_annealing_at_the_hard_phase_warns():
 
 def test_adaptivek_default_warmup_is_a_quarter_of_the_run_and_must_end_before_it():
     sae = AdaptiveKTrainingSAE(AdaptiveKTrainingSAEConfig(d_in=16, d_sae=48, k=4))
-    assert (sae.cfg.k_min, sae.cfg.k_max) == (1, 8)
+    assert (sae.cfg.k_min, sae.cfg.k_max) == (1, 16)
     sae.bind_run_length(400)
     assert sae.warmup_steps == 100
     late = AdaptiveKTrainingSAE(
@@ -145,10 +145,16 @@ def test_threshold_for_median_kstar_puts_the_median_label_there():
         assert labels.min() < labels.max()
 
 
-def _adaptivek_warmup(target_fvu, k_max=4, data="noise", steps=12):
+def _adaptivek_warmup(target_fvu, k_max=4, data="noise", steps=12, k=None):
     torch.manual_seed(0)
     cfg = AdaptiveKTrainingSAEConfig(
-        d_in=32, d_sae=64, k_min=1, k_max=k_max, probe_warmup_steps=steps, target_fvu=target_fvu
+        d_in=32,
+        d_sae=64,
+        k=k,
+        k_min=1,
+        k_max=k_max,
+        probe_warmup_steps=steps,
+        target_fvu=target_fvu,
     )
     sae = AdaptiveKTrainingSAE(cfg)
     sae.bind_run_length(steps * 4)
@@ -219,3 +225,12 @@ def test_defaults_train_good_adaptive_saes(tmp_path, complexity, steps):
         assert row["explained_variance"] >= topk["explained_variance"] - 0.05, (name, rows)
         assert row["l0_spearman_vs_true"] >= 0.8, (name, row)
         assert row["l0_std"] > 0.2 * row["l0_mean"], (name, row)
+
+
+def test_adaptivek_target_k_is_the_mean_k():
+    sae = _adaptivek_warmup(target_fvu=None, k_max=16, data="synthetic", steps=40, k=4)
+    source = VariableComplexitySource(_small_source())
+    _, x, _ = source.sample(4096, seed=5)
+    k = sae.k_per_sample(x).float()
+    assert abs(float(k.mean()) - 4) <= 1.0, float(k.mean())
+    assert sae.cfg.metadata.adaptivek_probe_report["label_shift"] != 0.0

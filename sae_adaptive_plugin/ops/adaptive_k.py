@@ -66,3 +66,35 @@ def threshold_for_median_kstar(
     if not tau == tau:  # NaN
         raise ValueError("k* threshold: the prefix errors and the variance must be finite")
     return min(max(tau, 1e-12), 1.0 - 1e-9)
+
+
+def shift_for_mean_k(
+    c: torch.Tensor,
+    c_lo: float,
+    c_hi: float,
+    k_min: int,
+    k_max: int,
+    steepness: float,
+    target: float,
+    n_iter: int = 40,
+) -> float:
+    """The shift ``δ`` of the label range ``[c_lo + δ, c_hi + δ]`` at which the mean ``k`` of the
+    rows with raw complexities ``c`` is closest to ``target`` (bisection; the mean ``k`` falls
+    as ``δ`` grows)."""
+    span = max(c_hi - c_lo, 1e-12)
+    c = c.detach().to(torch.float32).reshape(-1)
+
+    def mean_k(delta: float) -> float:
+        lo, hi = c_lo + delta, c_hi + delta
+        return float(
+            complexity_to_k(c.clamp(lo, hi), lo, hi, k_min, k_max, steepness).float().mean()
+        )
+
+    lo_d, hi_d = -span, span
+    for _ in range(n_iter):
+        mid = 0.5 * (lo_d + hi_d)
+        if mean_k(mid) > target:
+            lo_d = mid
+        else:
+            hi_d = mid
+    return 0.5 * (lo_d + hi_d)

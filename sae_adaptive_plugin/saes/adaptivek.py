@@ -37,6 +37,7 @@ from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.adaptive_k import (
     complexity_to_k,
     kstar_from_prefix_errors,
+    shift_for_mean_k,
     threshold_for_median_kstar,
 )
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
@@ -303,7 +304,7 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
 
     Args:
         k: target mean number of active latents; sets the defaults ``k_min = 1`` and
-            ``k_max = min(2k, d_sae)`` (``None``: the reference's 20 and 320).
+            ``k_max = min(4k, d_sae)`` (``None``: the reference's 20 and 320).
         k_min: smallest per-row k, in ``[1, k_max]``.
         k_max: largest per-row k and the warm-up k, in ``[k_min, d_sae]``.
         steepness: ``γ`` of the sigmoid map, > 0 (reference 6).
@@ -352,7 +353,7 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
         if self.k_min is None:
             self.k_min = 1 if self.k is not None else REFERENCE_K_MIN
         if self.k_max is None:
-            self.k_max = min(2 * self.k, self.d_sae) if self.k is not None else REFERENCE_K_MAX
+            self.k_max = min(4 * self.k, self.d_sae) if self.k is not None else REFERENCE_K_MAX
         _validate_k_fields(self)
         if self.probe_path is None and self.probe_warmup_steps is not None:
             _check_int("probe_warmup_steps", self.probe_warmup_steps, 1, 2**62)
@@ -506,8 +507,10 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
         return kstar_from_prefix_errors(errors, self._row_variance(sae_in), self._kstar_tau)
 
     @torch.no_grad()
-    def fit_probe_now(self) -> ComplexityProbe:
-        """Fit the probe from the warm-up statistics and switch to adaptive k."""
+    def fit_probe_now(self, x_in: torch.Tensor | None = None) -> ComplexityProbe:
+        """Fit the probe from the warm-up statistics and switch to adaptive k. With a target
+        ``k`` and a batch ``x_in``, the label range is shifted so that the batch's mean k is
+        ``k`` (recorded as ``label_shift`` in the probe report)."""
         if self._acc is None or self._acc.n_samples < 2 * self.cfg.probe_n_folds:
             n = 0 if self._acc is None else self._acc.n_samples
             raise RuntimeError(
@@ -517,13 +520,29 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
         probe = ComplexityProbe.from_accumulator(self._acc)
         assert probe.report is not None
         self._check_probe(probe)
-        self.set_probe(probe)
+        shift = 0.0
+        if self.cfg.k is not None and x_in is not None:
+            c = x_in.reshape(-1, self.cfg.d_in).float() @ probe.weight.to(x_in.device) + probe.bias
+            cfg = self.cfg
+            shift = shift_for_mean_k(
+                c, probe.label_min, probe.label_max, cfg.k_min, cfg.k_max, cfg.steepness, cfg.k
+            )
+        self.set_probe(
+            ComplexityProbe(
+                probe.weight,
+                probe.bias,
+                probe.label_min + shift,
+                probe.label_max + shift,
+                report=probe.report,
+            )
+        )
         self._acc = None
         self.cfg.metadata.adaptivek_probe_report = {
             **probe.report.to_dict(),
             "target_fvu": self._kstar_tau,
             "label_min": probe.label_min,
             "label_max": probe.label_max,
+            "label_shift": shift,
         }
         self._pending_report = {
             "probe_r2": probe.report.r2,
@@ -566,7 +585,7 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         step = step_input.n_training_steps
         if not self.is_adaptive and step >= self.warmup_steps:
-            self.fit_probe_now()
+            self.fit_probe_now(self.reshape_fn_in(step_input.sae_in.to(self.dtype)))
         sae_in = step_input.sae_in
         top, hidden_pre, k, x_in, sae_in_c = self._select(sae_in)
         feature_acts = self.hook_sae_acts_post(scatter_topk(top, self.cfg.d_sae))
