@@ -211,26 +211,17 @@ def test_defaults_train_good_adaptive_saes(tmp_path, complexity, steps):
         steps=steps,
         batch_size=128,
         eval_samples=2048,
-        architectures=("softsae", "adaptivek", "topk"),
-        topk_sweep=False,
+        architectures=("softsae", "adaptivek", "topk", "hierarchical_topk"),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = run_compare(cfg, tmp_path, log=lambda _: None)
     rows = {r["name"]: r for r in result.rows}
-    topk = rows["topk"]
     for name in ("softsae", "adaptivek"):
         row = rows[name]
         assert math.isfinite(row["explained_variance"])
-        assert row["explained_variance"] >= topk["explained_variance"] - 0.05, (name, rows)
+        # against SAELens TopKs trained at several k, interpolated at this SAE's mean L0
+        assert row["ev_gap_vs_topk"] >= -0.03, (name, rows)
         assert row["l0_spearman_vs_true"] >= 0.8, (name, row)
         assert row["l0_std"] > 0.2 * row["l0_mean"], (name, row)
-
-
-def test_adaptivek_target_k_is_the_mean_k():
-    sae = _adaptivek_warmup(target_fvu=None, k_max=16, data="synthetic", steps=40, k=4)
-    source = VariableComplexitySource(_small_source())
-    _, x, _ = source.sample(4096, seed=5)
-    k = sae.k_per_sample(x).float()
-    assert abs(float(k.mean()) - 4) <= 1.0, float(k.mean())
-    assert sae.cfg.metadata.adaptivek_probe_report["label_shift"] != 0.0
+        assert abs(row["l0_mean"] - result.target_l0) <= 0.35 * result.target_l0, (name, row)

@@ -409,6 +409,22 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
             **self._schedule.to_dict(),
         }
 
+    @torch.no_grad()
+    def calibrate_k_estimator(self, sae_in: torch.Tensor) -> None:
+        """Data-dependent start of the estimator (run on the first training batch): ``v ← |v|``,
+        so ``k̂`` grows with the activation of the encoder copy ``U`` (more active latents, larger
+        ``k̂``), then ``v`` and ``c₀`` rescaled so the batch's logits have unit spread around
+        ``logit(k / k_max)`` (mean ``k̂`` near the target ``k``)."""
+        h = torch.relu(sae_in.reshape(-1, self.cfg.d_in) @ self.k_est_W_enc + self.k_est_b_enc)
+        v = self.k_est_w_out.abs()
+        logit = (h @ v).float()
+        spread = float(logit.std()) if logit.numel() > 1 else 0.0
+        if not math.isfinite(spread) or spread <= 0:
+            return
+        p = min(max(self.cfg.k / self.cfg.k_max, 1e-3), 1 - 1e-3)
+        self.k_est_w_out.copy_(v / spread)
+        self.k_est_b_out.fill_(math.log(p / (1 - p)) - float(logit.mean()) / spread)
+
     @property
     def schedule(self) -> SoftSAESchedule:
         """The resolved schedules (from ``bind_run_length``, or the config's step fields)."""
@@ -439,6 +455,8 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
         step = step_input.n_training_steps
         schedule = self.schedule
         sae_in = self.process_sae_in(step_input.sae_in)
+        if step == 0:
+            self.calibrate_k_estimator(sae_in.detach())
         metrics: dict[str, Any] = {}
         if schedule.is_hard_phase(step):
             with torch.no_grad():
