@@ -10,7 +10,10 @@ stream (:mod:`sae_adaptive_plugin.synthetic`), then writes to ``--out``:
 - ``ev_vs_l0.png``: explained variance against mean L0 (HierarchicalTopK as a curve over ``k'``);
 - ``saes/<architecture>/``: every trained SAE in SAELens's inference format;
 
-and prints the results as a Markdown table. Nothing heavy is imported at module level.
+and prints the results as a Markdown table. The command owns ``--out``: an existing non-empty
+folder is refused unless ``--overwrite``, and then replaced whole (the new run is written to a
+sibling temporary folder and renamed into place), so no entry of an earlier run survives. Nothing
+heavy is imported at module level.
 """
 
 from __future__ import annotations
@@ -166,6 +169,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default="runs/compare", help="output folder (default runs/compare)"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out folder whole (nothing of the earlier run is kept)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps per SAE")
     parser.add_argument(
         "--features", type=int, default=None, help="true features; also the SAE width"
@@ -258,32 +266,34 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
+    from sae_adaptive_plugin.outputs import OutputExistsError, refuse_existing, replacing_dir
     from sae_adaptive_plugin.synthetic import iter_finite_problems, run_compare
 
     torch.set_num_threads(args.threads)
     try:
         cfg = build_config(args)
         cfg.validate()
-    except ValueError as err:
+        out = Path(args.out)
+        refuse_existing(out, args.overwrite, "--out")
+    except (ValueError, OutputExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = run_compare(cfg, out)
+    with replacing_dir(out) as staging:
+        result = run_compare(cfg, staging)
+        payload = {
+            "config": _config_dict(cfg),
+            "true_l0": result.info,
+            "fixed_k": result.fixed_k,
+            "skipped": result.skipped,
+            "results": result.rows,
+        }
+        (staging / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
+        if result.rows:
+            plot_l0_vs_true(result, staging / L0_PLOT_FILENAME)
+            plot_ev_vs_l0(result, staging / EV_PLOT_FILENAME)
     for name, reason in result.skipped.items():
         print(f"skipped {name}: {reason}")
     problems = list(iter_finite_problems(result.rows))
-    payload = {
-        "config": _config_dict(cfg),
-        "true_l0": result.info,
-        "fixed_k": result.fixed_k,
-        "skipped": result.skipped,
-        "results": result.rows,
-    }
-    (out / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
-    if result.rows:
-        plot_l0_vs_true(result, out / L0_PLOT_FILENAME)
-        plot_ev_vs_l0(result, out / EV_PLOT_FILENAME)
     print()
     print(
         f"true L0: mean {result.info['true_l0_mean']:.1f} ± {result.info['true_l0_std']:.1f} "

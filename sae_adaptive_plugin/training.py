@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import sys
 import types
@@ -213,6 +214,45 @@ def known_architectures() -> list[str]:
     return sorted(SAE_TRAINING_CLASS_REGISTRY)
 
 
+#: (block, field, what it must be, check): values that pass the type check but defeat training.
+_RANGE_CHECKS: tuple[tuple[str, str, str, Any], ...] = (
+    ("", "training_tokens", "an integer > 0", lambda v: v > 0),
+    ("", "train_batch_size_tokens", "an integer > 0", lambda v: v > 0),
+    ("", "lr", "a finite number > 0", lambda v: math.isfinite(v) and v > 0),
+    ("sae", "d_in", "an integer > 0", lambda v: v > 0),
+    ("sae", "d_sae", "an integer > 0", lambda v: v > 0),
+)
+
+
+def _check_ranges(block: str, values: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming the field and its range for the values of
+    :data:`_RANGE_CHECKS` in ``values`` (the ``block`` block: ``""`` top level, ``"sae"``)."""
+    for where, key, allowed, ok in _RANGE_CHECKS:
+        if where == block and key in values and values[key] is not None and not ok(values[key]):
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(f"config key '{name}': must be {allowed}, got {values[key]!r}")
+
+
+def _check_devices(top: dict[str, Any], sae_kwargs: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a ``cuda``/``mps`` device this torch cannot use."""
+    import torch
+
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    devices = [(k, top.get(k)) for k in ("device", "llm_device", "act_store_device")]
+    devices.append(("sae.device", sae_kwargs.get("device")))
+    for key, device in devices:
+        kind = str(device).split(":")[0] if device else None
+        if kind in available and not available[kind]:
+            raise ConfigError(
+                f"config key '{key}': device {device!r} is not available (torch "
+                f"{torch.__version__}, torch.{kind} not available); use 'cpu' or install a "
+                f"torch build with {kind} support"
+            )
+
+
 def build_runner_config(raw: dict[str, Any]) -> Any:
     """Validate a config mapping (parsed YAML) and build ``LanguageModelSAERunnerConfig``."""
     from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
@@ -234,6 +274,7 @@ def build_runner_config(raw: dict[str, Any]) -> Any:
     top = _check_block(
         raw, top_allowed, "", "the runner config (LanguageModelSAERunnerConfig)", elsewhere
     )
+    _check_ranges("", top)
 
     if "sae" not in top:
         raise ConfigError(
@@ -268,6 +309,8 @@ def build_runner_config(raw: dict[str, Any]) -> Any:
             + ", ".join(f"'sae.{m}'" for m in missing)
             + f" for architecture {arch!r}"
         )
+    _check_ranges("sae", sae_kwargs)
+    _check_devices(top, sae_kwargs)
     sae_kwargs.setdefault("device", top.get("device", "cpu"))
     sae_kwargs.setdefault("dtype", top.get("dtype", "float32"))
     try:
@@ -307,7 +350,19 @@ def load_config_mapping(
     import yaml
 
     if path is not None:
-        text = Path(path).read_text()
+        path = Path(path)
+        if path.is_dir():
+            from sae_lens.constants import RUNNER_CFG_FILENAME
+
+            hint = (
+                f"; it holds {RUNNER_CFG_FILENAME}: to continue that run use --resume {path}"
+                if (path / RUNNER_CFG_FILENAME).is_file()
+                else ""
+            )
+            raise ConfigError(f"CONFIG {path} is a folder, not a YAML file{hint}")
+        if not path.is_file():
+            raise ConfigError(f"CONFIG {path}: no such file")
+        text = path.read_text()
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -389,7 +444,12 @@ def run_training(cfg: Any, model: Any = None, dataset: Any = None) -> TrainResul
     if model is None and local_lm.is_local_model(cfg.model_name):
         model = local_lm.load_local_model(cfg.model_name, device=cfg.llm_device or cfg.device)
     if dataset is None and cfg.dataset_path and local_lm.is_local_dataset(cfg.dataset_path):
-        dataset = local_lm.load_local_dataset(cfg.dataset_path)
+        try:
+            dataset = local_lm.load_local_dataset(cfg.dataset_path)
+        except ValueError as e:
+            raise ConfigError(f"config key 'dataset_path': {e}") from e
+    if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ConfigError("the dataset given to the runner has no rows")
     start = 0
     if cfg.resume_from_checkpoint is not None:
         ckpt = Path(cfg.resume_from_checkpoint)
