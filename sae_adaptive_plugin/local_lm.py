@@ -153,7 +153,16 @@ def load_local_dataset(path: str | Path, split: str = "train") -> Any:
             f"dataset {p}: not a save_to_disk folder or a file ending in "
             f"{', '.join(sorted(_FILE_BUILDERS))}"
         )
-    return _non_empty(load_dataset(builder, data_files=str(p), split="train"), p)
+    if p.stat().st_size == 0:
+        raise ValueError(f"dataset {p}: the file is empty (it has no rows)")
+    try:
+        ds = load_dataset(builder, data_files=str(p), split="train")
+    except Exception as e:  # datasets wraps a reader's error without naming the file
+        cause = e.__cause__ or e
+        raise ValueError(
+            f"dataset {p}: could not be read as {builder} ({type(cause).__name__}: {cause})"
+        ) from e
+    return _non_empty(ds, p)
 
 
 def _non_empty(ds: Any, path: Path) -> Any:

@@ -430,16 +430,26 @@ class TrainResult:
     total_samples: int
 
 
-def run_training(cfg: Any, model: Any = None, dataset: Any = None) -> TrainResult:
-    """Run SAELens's ``LanguageModelSAETrainingRunner`` on ``cfg``.
+def run_training(
+    cfg: Any, model: Any = None, dataset: Any = None, overwrite: bool = False
+) -> TrainResult:
+    """Run SAELens's ``LanguageModelSAETrainingRunner`` (as
+    :class:`~sae_adaptive_plugin.train_runner.TrainingRunner`: exact resume, NaN/Inf checks, the
+    final SAE renamed into place) on ``cfg``.
 
     ``model`` / ``dataset`` override the config's; when not given, a local ``model_name`` /
-    ``dataset_path`` is loaded here and anything else is left to SAELens.
+    ``dataset_path`` is loaded here and anything else is left to SAELens. A non-empty
+    ``output_path`` raises :class:`~sae_adaptive_plugin.outputs.OutputExistsError` unless
+    ``overwrite``.
     """
     import torch
-    from sae_lens import LanguageModelSAETrainingRunner
 
     from sae_adaptive_plugin import local_lm
+    from sae_adaptive_plugin.outputs import refuse_existing
+    from sae_adaptive_plugin.train_runner import TrainingRunner
+
+    if cfg.output_path is not None:
+        refuse_existing(cfg.output_path, overwrite, "output_path")
 
     if model is None and local_lm.is_local_model(cfg.model_name):
         model = local_lm.load_local_model(cfg.model_name, device=cfg.llm_device or cfg.device)
@@ -461,9 +471,10 @@ def run_training(cfg: Any, model: Any = None, dataset: Any = None) -> TrainResul
                 f"config key 'resume_from_checkpoint': {ckpt} is not a SAELens checkpoint "
                 f"(no {TRAINER_STATE_FILENAME})"
             )
-        start = int(torch.load(state_file, map_location="cpu")["n_training_samples"])
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        start = int(state["n_training_samples"])
     torch.manual_seed(cfg.seed)
-    runner = LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
+    runner = TrainingRunner(cfg, override_model=model, override_dataset=dataset)
     sae = runner.run()
     return TrainResult(
         sae=sae,
@@ -480,10 +491,11 @@ def train_from_yaml(
     resume: str | None = None,
     model: Any = None,
     dataset: Any = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Python entry point of ``sae-adaptive train``."""
     raw = load_config_mapping(path, overrides, resume)
-    return run_training(build_runner_config(raw), model=model, dataset=dataset)
+    return run_training(build_runner_config(raw), model=model, dataset=dataset, overwrite=overwrite)
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -509,6 +521,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-config", action="store_true", help="validate, print the resolved config, exit"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty output_path (the new SAE is renamed into place when complete)",
+    )
 
 
 @command(
@@ -526,11 +543,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         return 0
+    from sae_adaptive_plugin.outputs import OutputExistsError
+    from sae_adaptive_plugin.train_runner import NonFiniteTrainingError
+
     try:
-        result = run_training(cfg)
-    except ConfigError as e:
+        result = run_training(cfg, overwrite=args.overwrite)
+    except (ConfigError, OutputExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteTrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if result.start_samples:
         print(f"resumed at {result.start_samples} of {result.total_samples} training tokens")
     meta = result.sae.cfg.metadata
