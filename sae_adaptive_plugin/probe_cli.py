@@ -339,9 +339,9 @@ def _cmd_fit_probe(args: argparse.Namespace) -> int:
         if args.labels == "kstar":
             if not args.sae:
                 raise ValueError("--labels kstar needs --sae SAE_DIR (a TopK-family SAE at --hook)")
-            from sae_lens import SAE
+            from sae_adaptive_plugin.hub import load_sae_folder
 
-            kstar_sae = SAE.load_from_disk(args.sae, device=args.device)
+            kstar_sae = load_sae_folder(args.sae, device=args.device)
         model = local_lm.load_model(args.model, device=args.device, hook_names=[args.hook])
         probe = fit_probe_from_texts(
             model,
