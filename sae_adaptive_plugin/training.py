@@ -33,7 +33,10 @@ not apply to it). Any other name goes through SAELens's loading unchanged.
 Resume: ``--resume CHECKPOINT`` (or the ``resume_from_checkpoint`` key) resumes the SAELens trainer
 state, SAE weights and activation-store position from a checkpoint folder written by SAELens
 (``<checkpoint_path>/<run id>/<n_samples>/``); without CONFIG the run's config is read from the
-checkpoint's ``runner_cfg.json``.
+checkpoint's ``runner_cfg.json``. The runner is
+:class:`~sae_adaptive_plugin.train_runner.TrainingRunner`: a resumed run ends where the
+uninterrupted one does, NaN/Inf activations or losses stop the run, and the final SAE is renamed
+into ``output_path`` only when complete (a non-empty ``output_path`` needs ``--overwrite``).
 """
 
 from __future__ import annotations
