@@ -118,24 +118,9 @@ def architecture_provider(architecture: str, cfg: dict[str, Any] | None = None) 
     return _plugin_providers().get(architecture)
 
 
-def check_architecture(cfg: dict[str, Any], source: str = "cfg.json") -> str:
-    """Return ``cfg``'s architecture name, or raise :class:`UnknownArchitectureError` naming the
-    package to install when SAELens has no inference class registered for it."""
-    from sae_lens import registry
-    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
-
-    from sae_adaptive_plugin.loader import load_plugins
-
-    load_plugins()  # also where the .pth autoload did not run (python -S, --target installs)
-    architecture = cfg.get("architecture")
-    if not isinstance(architecture, str) or architecture in registry.SAE_CLASS_REGISTRY:
-        # SAELens's defaulting of older configs looks the architecture up: only when registered
-        architecture = handle_config_defaulting(dict(cfg)).get("architecture")
-    if not isinstance(architecture, str) or not architecture:
-        raise UnknownArchitectureError(f"{source} has no 'architecture' field")
-    if architecture in registry.SAE_CLASS_REGISTRY:
-        return architecture
-    known = ", ".join(sorted(registry.SAE_CLASS_REGISTRY))
+def missing_architecture_hint(architecture: str, cfg: dict[str, Any] | None = None) -> str:
+    """What to install (or unset) so that ``architecture`` registers: for this package's
+    architectures ``pip install sae-adaptive-plugin`` and the autoload opt-out when it is set."""
     provider = architecture_provider(architecture, cfg)
     if provider == PACKAGE_NAME:
         opt_out = os.environ.get("SAE_ADAPTIVE_PLUGIN_NO_AUTOLOAD", "")
@@ -157,6 +142,28 @@ def check_architecture(cfg: dict[str, Any], source: str = "cfg.json") -> str:
             "package: install the package that provides it (`sae-adaptive plugins` lists the "
             "installed plugins and their architectures)."
         )
+    return hint
+
+
+def check_architecture(cfg: dict[str, Any], source: str = "cfg.json") -> str:
+    """Return ``cfg``'s architecture name, or raise :class:`UnknownArchitectureError` naming the
+    package to install when SAELens has no inference class registered for it."""
+    from sae_lens import registry
+    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
+
+    from sae_adaptive_plugin.loader import load_plugins
+
+    load_plugins()  # also where the .pth autoload did not run (python -S, --target installs)
+    architecture = cfg.get("architecture")
+    if not isinstance(architecture, str) or architecture in registry.SAE_CLASS_REGISTRY:
+        # SAELens's defaulting of older configs looks the architecture up: only when registered
+        architecture = handle_config_defaulting(dict(cfg)).get("architecture")
+    if not isinstance(architecture, str) or not architecture:
+        raise UnknownArchitectureError(f"{source} has no 'architecture' field")
+    if architecture in registry.SAE_CLASS_REGISTRY:
+        return architecture
+    known = ", ".join(sorted(registry.SAE_CLASS_REGISTRY))
+    hint = missing_architecture_hint(architecture, cfg)
     raise UnknownArchitectureError(
         f"{source} names architecture {architecture!r}, which SAELens does not know "
         f"(known: {known}). {hint}"

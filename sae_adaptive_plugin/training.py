@@ -236,16 +236,17 @@ def _check_ranges(block: str, values: dict[str, Any]) -> None:
             raise ConfigError(f"config key '{name}': must be {allowed}, got {values[key]!r}")
 
 
-def _check_devices(top: dict[str, Any], sae_kwargs: dict[str, Any]) -> None:
-    """Raise :class:`ConfigError` for a ``cuda``/``mps`` device this torch cannot use."""
+def check_devices(cfg: Any) -> None:
+    """Raise :class:`ConfigError` for a ``cuda``/``mps`` device of the runner config ``cfg`` that
+    this torch cannot use (checked when training starts: ``--print-config`` works anywhere)."""
     import torch
 
     available = {
         "cuda": torch.cuda.is_available(),
         "mps": torch.backends.mps.is_available(),
     }
-    devices = [(k, top.get(k)) for k in ("device", "llm_device", "act_store_device")]
-    devices.append(("sae.device", sae_kwargs.get("device")))
+    devices = [(k, getattr(cfg, k, None)) for k in ("device", "llm_device", "act_store_device")]
+    devices.append(("sae.device", cfg.sae.device))
     for key, device in devices:
         kind = str(device).split(":")[0] if device else None
         if kind in available and not available[kind]:
@@ -293,9 +294,11 @@ def build_runner_config(raw: dict[str, Any]) -> Any:
             + ", ".join(architectures)
         )
     if arch not in SAE_TRAINING_CLASS_REGISTRY:
+        from sae_adaptive_plugin.hub import missing_architecture_hint
+
         raise ConfigError(
             f"config key 'sae.architecture': unknown architecture {arch!r}; registered "
-            "architectures: " + ", ".join(architectures)
+            "architectures: " + ", ".join(architectures) + ". " + missing_architecture_hint(arch)
         )
     sae_cfg_cls = SAE_TRAINING_CLASS_REGISTRY[arch][1]
     sae_allowed = {k: v for k, v in _fields(sae_cfg_cls).items() if k not in _SAE_NOT_SETTABLE}
@@ -313,7 +316,6 @@ def build_runner_config(raw: dict[str, Any]) -> Any:
             + f" for architecture {arch!r}"
         )
     _check_ranges("sae", sae_kwargs)
-    _check_devices(top, sae_kwargs)
     sae_kwargs.setdefault("device", top.get("device", "cpu"))
     sae_kwargs.setdefault("dtype", top.get("dtype", "float32"))
     try:
@@ -397,14 +399,26 @@ def _config_from_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     cfg_path = Path(checkpoint) / RUNNER_CFG_FILENAME
     if not cfg_path.is_file():
         raise ConfigError(f"--resume {checkpoint}: no {RUNNER_CFG_FILENAME} in that folder")
-    saved = json.loads(cfg_path.read_text())
+    try:
+        saved = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(saved, dict) or not isinstance(saved.get("sae"), dict):
+        raise ConfigError(f"{cfg_path} is not a SAELens runner config (no 'sae' mapping)")
     from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
     known_architectures()
     arch = saved["sae"].get("architecture")
     if arch not in SAE_TRAINING_CLASS_REGISTRY:
-        raise ConfigError(f"checkpoint {checkpoint}: architecture {arch!r} is not registered")
+        from sae_adaptive_plugin.hub import missing_architecture_hint
+
+        raise ConfigError(
+            f"checkpoint {checkpoint}: architecture {arch!r} is not registered (registered: "
+            + ", ".join(known_architectures())
+            + "). "
+            + missing_architecture_hint(str(arch))
+        )
     sae_fields = set(_fields(SAE_TRAINING_CLASS_REGISTRY[arch][1])) - {"metadata"}
     runner_fields = set(_fields(LanguageModelSAERunnerConfig)) - _NOT_SETTABLE
     raw = {k: v for k, v in saved.items() if k in runner_fields}
@@ -451,6 +465,7 @@ def run_training(
     from sae_adaptive_plugin.outputs import refuse_existing
     from sae_adaptive_plugin.train_runner import TrainingRunner
 
+    check_devices(cfg)
     if cfg.output_path is not None:
         refuse_existing(cfg.output_path, overwrite, "output_path")
 

@@ -212,6 +212,12 @@ def test_train_config_with_an_unknown_architecture_lists_the_registered_ones():
     assert all(name in message for name in (*OURS, "topk", "batchtopk"))
 
 
+def test_resume_from_a_checkpoint_with_a_corrupt_runner_cfg_names_the_file(tmp_path, capsys):
+    (tmp_path / "runner_cfg.json").write_text('{"sae": {"architecture": ')
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'runner_cfg.json'} is not valid JSON" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------
 # never overwrite silently: fit-probe --out, compare --out
 # ------------------------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def test_values_that_defeat_training_are_config_errors(override, message, tmp_pa
 def test_cuda_device_without_cuda_is_named(tmp_path, local, capsys, monkeypatch):  # noqa: F811
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg_path = _write(tmp_path / "c.yaml", _config(local, tmp_path / "run", "topk"))
-    assert main(["train", str(cfg_path), "--set", "device=cuda", "--print-config"]) == 2
+    assert main(["train", str(cfg_path), "--set", "device=cuda"]) == 2
     err = capsys.readouterr().err
     assert "config key 'device': device 'cuda' is not available" in err
     assert "use 'cpu'" in err
