@@ -31,7 +31,7 @@ test: lint
 	$(BIN)/pytest -q
 
 demo: install
-	$(BIN)/sae-adaptive compare --seeds 3
+	$(BIN)/sae-adaptive compare --seeds 3 --overwrite
 
 clean:
 	rm -rf $(VENV) dist build runs .pytest_cache .ruff_cache

@@ -10,7 +10,10 @@ stream (:mod:`sae_adaptive_plugin.synthetic`), then writes to ``--out``:
 - ``ev_vs_l0.png``: explained variance against mean L0 (HierarchicalTopK as a curve over ``k'``);
 - ``saes/<architecture>/``: every trained SAE in SAELens's inference format;
 
-and prints the results as a Markdown table. Nothing heavy is imported at module level.
+and prints the results as a Markdown table. The command owns ``--out``: an existing non-empty
+folder is refused unless ``--overwrite``, and then replaced whole (the new run is written to a
+sibling temporary folder and renamed into place), so no entry of an earlier run survives. Nothing
+heavy is imported at module level.
 """
 
 from __future__ import annotations
@@ -201,6 +204,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default="runs/compare", help="output folder (default runs/compare)"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out folder whole (nothing of the earlier run is kept)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps per SAE")
     parser.add_argument(
         "--features", type=int, default=None, help="true features; also the SAE width"
@@ -307,6 +315,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
+    from sae_adaptive_plugin.outputs import OutputExistsError, refuse_existing, replacing_dir
     from sae_adaptive_plugin.synthetic import aggregate_seeds, iter_finite_problems, run_compare
 
     torch.set_num_threads(args.threads)
@@ -316,39 +325,40 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
         cfg.validate()
-    except ValueError as err:
+        out = Path(args.out)
+        refuse_existing(out, args.overwrite, "--out")
+    except (ValueError, OutputExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     runs = []
-    for offset in range(args.seeds):
-        seed_cfg = dataclasses.replace(
-            cfg, seed=cfg.seed + offset, source=dataclasses.replace(cfg.source)
-        )
-        seed_cfg.source.seed = seed_cfg.seed
-        if args.seeds > 1:
-            print(f"== seed {seed_cfg.seed} ({offset + 1}/{args.seeds})")
-        seed_out = out if args.seeds == 1 else out / f"seed{seed_cfg.seed}"
-        runs.append(run_compare(seed_cfg, seed_out))
-    result = aggregate_seeds(runs) if len(runs) > 1 else runs[0]
+    with replacing_dir(out) as staging:
+        for offset in range(args.seeds):
+            seed_cfg = dataclasses.replace(
+                cfg, seed=cfg.seed + offset, source=dataclasses.replace(cfg.source)
+            )
+            seed_cfg.source.seed = seed_cfg.seed
+            if args.seeds > 1:
+                print(f"== seed {seed_cfg.seed} ({offset + 1}/{args.seeds})")
+            seed_out = staging if args.seeds == 1 else staging / f"seed{seed_cfg.seed}"
+            runs.append(run_compare(seed_cfg, seed_out))
+        result = aggregate_seeds(runs) if len(runs) > 1 else runs[0]
+        payload = {
+            "config": _config_dict(cfg),
+            "true_l0": result.info,
+            "fixed_k": result.fixed_k,
+            "skipped": result.skipped,
+            "results": result.rows,
+        }
+        if len(runs) > 1:
+            payload["seeds"] = [r.info["seed"] for r in runs]
+            payload["per_seed"] = [{"true_l0": r.info, "results": r.rows} for r in runs]
+        (staging / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
+        if result.rows:
+            plot_l0_vs_true(result, staging / L0_PLOT_FILENAME)
+            plot_ev_vs_l0(result, staging / EV_PLOT_FILENAME)
     for name, reason in result.skipped.items():
         print(f"skipped {name}: {reason}")
     problems = list(iter_finite_problems(result.rows))
-    payload = {
-        "config": _config_dict(cfg),
-        "true_l0": result.info,
-        "fixed_k": result.fixed_k,
-        "skipped": result.skipped,
-        "results": result.rows,
-    }
-    if len(runs) > 1:
-        payload["seeds"] = [r.info["seed"] for r in runs]
-        payload["per_seed"] = [{"true_l0": r.info, "results": r.rows} for r in runs]
-    (out / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
-    if result.rows:
-        plot_l0_vs_true(result, out / L0_PLOT_FILENAME)
-        plot_ev_vs_l0(result, out / EV_PLOT_FILENAME)
     print()
     print(
         f"true L0: mean {result.info['true_l0_mean']:.1f} ± {result.info['true_l0_std']:.1f} "

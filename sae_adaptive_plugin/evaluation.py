@@ -226,16 +226,15 @@ def evaluate_paths(
     dataset: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate each saved SAE; the model/dataset default to those in each SAE's metadata."""
-    from sae_lens import SAE
-
     from sae_adaptive_plugin import local_lm
+    from sae_adaptive_plugin.hub import load_sae_folder
 
     models: dict[str, Any] = {}
     results: dict[str, dict[str, Any]] = {}
     for path in paths:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"SAE folder {path} does not exist")
-        sae = SAE.load_from_disk(path, device=device)
+        sae = load_sae_folder(path, device=device)
         meta = sae.cfg.metadata
         m = model
         if m is None:

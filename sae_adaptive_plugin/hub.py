@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
@@ -117,27 +118,21 @@ def architecture_provider(architecture: str, cfg: dict[str, Any] | None = None) 
     return _plugin_providers().get(architecture)
 
 
-def check_architecture(cfg: dict[str, Any], source: str = "cfg.json") -> str:
-    """Return ``cfg``'s architecture name, or raise :class:`UnknownArchitectureError` naming the
-    package to install when SAELens has no inference class registered for it."""
-    from sae_lens import registry
-    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
-
-    from sae_adaptive_plugin.loader import load_plugins
-
-    load_plugins()  # also where the .pth autoload did not run (python -S, --target installs)
-    architecture = handle_config_defaulting(dict(cfg)).get("architecture")
-    if not isinstance(architecture, str) or not architecture:
-        raise UnknownArchitectureError(f"{source} has no 'architecture' field")
-    if architecture in registry.SAE_CLASS_REGISTRY:
-        return architecture
-    known = ", ".join(sorted(registry.SAE_CLASS_REGISTRY))
+def missing_architecture_hint(architecture: str, cfg: dict[str, Any] | None = None) -> str:
+    """What to install (or unset) so that ``architecture`` registers: for this package's
+    architectures ``pip install sae-adaptive-plugin`` and the autoload opt-out when it is set."""
     provider = architecture_provider(architecture, cfg)
     if provider == PACKAGE_NAME:
+        opt_out = os.environ.get("SAE_ADAPTIVE_PLUGIN_NO_AUTOLOAD", "")
+        cause = (
+            f"autoload disabled by SAE_ADAPTIVE_PLUGIN_NO_AUTOLOAD={opt_out}: call "
+            "`sae_adaptive_plugin.load_plugins()` before loading, or unset it"
+            if opt_out not in ("", "0")
+            else "`sae-adaptive plugins` says why it did not register"
+        )
         hint = (
-            f"It is provided by the package {PACKAGE_NAME!r}: `pip install {PACKAGE_NAME}`. If it is "
-            "installed, make sure SAE_ADAPTIVE_PLUGIN_NO_AUTOLOAD is unset, or `import "
-            "sae_adaptive_plugin` before loading."
+            f"It is provided by the package {PACKAGE_NAME!r}: `pip install {PACKAGE_NAME}`. If it "
+            f"is installed: {cause}."
         )
     elif provider:
         hint = f"It is provided by the package {provider!r}: `pip install {provider}`."
@@ -147,6 +142,28 @@ def check_architecture(cfg: dict[str, Any], source: str = "cfg.json") -> str:
             "package: install the package that provides it (`sae-adaptive plugins` lists the "
             "installed plugins and their architectures)."
         )
+    return hint
+
+
+def check_architecture(cfg: dict[str, Any], source: str = "cfg.json") -> str:
+    """Return ``cfg``'s architecture name, or raise :class:`UnknownArchitectureError` naming the
+    package to install when SAELens has no inference class registered for it."""
+    from sae_lens import registry
+    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
+
+    from sae_adaptive_plugin.loader import load_plugins
+
+    load_plugins()  # also where the .pth autoload did not run (python -S, --target installs)
+    architecture = cfg.get("architecture")
+    if not isinstance(architecture, str) or architecture in registry.SAE_CLASS_REGISTRY:
+        # SAELens's defaulting of older configs looks the architecture up: only when registered
+        architecture = handle_config_defaulting(dict(cfg)).get("architecture")
+    if not isinstance(architecture, str) or not architecture:
+        raise UnknownArchitectureError(f"{source} has no 'architecture' field")
+    if architecture in registry.SAE_CLASS_REGISTRY:
+        return architecture
+    known = ", ".join(sorted(registry.SAE_CLASS_REGISTRY))
+    hint = missing_architecture_hint(architecture, cfg)
     raise UnknownArchitectureError(
         f"{source} names architecture {architecture!r}, which SAELens does not know "
         f"(known: {known}). {hint}"
@@ -200,6 +217,53 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path} must hold a JSON object")
     return cfg
+
+
+def check_weights(path: str | Path) -> None:
+    """Raise ``ValueError`` naming ``path`` unless it is a complete safetensors file whose floating
+    tensors are all finite (a truncated, pickled or NaN weights file is refused)."""
+    import torch
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            for name in fh.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                tensor = fh.get_tensor(name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise ValueError(
+                        f"{path}: tensor {name!r} holds {bad} NaN/Inf values of {tensor.numel()}"
+                    )
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for a corrupt header/body
+        raise ValueError(
+            f"{path}: not a readable safetensors file (truncated or in another format): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+def load_sae_folder(path: str | Path, device: str = "cpu") -> Any:
+    """``SAE.load_from_disk(path)`` after checking the folder, with errors that name the file:
+    ``cfg.json`` valid JSON naming a registered architecture (:func:`check_architecture`), the
+    weights a complete safetensors file with finite values (:func:`check_weights`), and every
+    weight the architecture expects present."""
+    from sae_lens import SAE
+
+    path = Path(path)
+    cfg = _read_cfg(path)
+    check_architecture(cfg, source=str(path / CFG_FILENAME))
+    check_weights(path / WEIGHTS_FILENAME)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs")
+            return SAE.load_from_disk(str(path), device=device)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(
+            f"{path}: {CFG_FILENAME} and {WEIGHTS_FILENAME} do not make an SAE: "
+            f"{type(e).__name__}: {e}"
+        ) from e
 
 
 def is_training_checkpoint(path: str | Path, cfg: dict[str, Any] | None = None) -> bool:
@@ -521,6 +585,7 @@ def push_to_hub(
             source, converted = convert_to_inference(path, Path(tmp) / "inference"), True
             cfg = _read_cfg(source)
         architecture = check_architecture(cfg, source=str(source / CFG_FILENAME))
+        load_sae_folder(source)  # complete, finite weights and a valid config; else nothing is sent
         provider = architecture_provider(architecture, cfg)
         files = {name: source / name for name in SAE_FILES if (source / name).is_file()}
         cfg_bytes = files[CFG_FILENAME].read_bytes()

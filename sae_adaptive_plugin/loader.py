@@ -4,9 +4,11 @@ SAELens has registries (``sae_lens.registry``) but no discovery. :func:`load_plu
 installed ``sae_lens.plugins`` entry point, asks it for its architectures through the pluggy hook
 ``sae_lens_architectures`` and registers them with ``register_sae_class`` /
 ``register_sae_training_class``. It is idempotent and defensive: a plugin that fails to import,
-to answer the hook, or to register is logged with its traceback and skipped; the others still
-register and ``import sae_lens`` never breaks. Registering the same classes again is a no-op;
-registering a different class under a taken name is an :class:`ArchitectureClashError` naming both.
+to answer the hook, or to register is logged with its traceback and skipped (a ``sys.exit`` in a
+plugin included; ``KeyboardInterrupt`` is not caught); the others still register and
+``import sae_lens`` never breaks. Registering the same classes again is a no-op; registering a
+different class under a taken name is an :class:`ArchitectureClashError` naming both, and skips
+only that architecture: the plugin's other architectures still register.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ logger = logging.getLogger("sae_adaptive_plugin")
 
 
 class ArchitectureClashError(ValueError):
-    """An architecture name is already registered in SAELens to a different class."""
+    """An architecture name is already registered in SAELens to a different class.
+
+    ``registered`` lists the architectures of the same call that did register.
+    """
+
+    def __init__(self, message: str, registered: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.registered = registered or []
 
 
 @dataclass
@@ -104,15 +113,18 @@ def _check_architecture(arch: Any, plugin: str) -> Architecture:
 
 
 def register_architectures(architectures: list[Architecture], plugin: str) -> list[str]:
-    """Register architectures into SAELens, all or none; returns the names registered.
+    """Register architectures into SAELens; returns the names registered.
 
-    Raises :class:`ArchitectureClashError` if a name is taken by a different class.
+    A malformed architecture raises before anything registers. A name taken by a different class
+    skips that architecture only: the others register, then :class:`ArchitectureClashError`
+    (naming both classes; ``registered`` lists the names that did register) is raised.
     """
     from sae_lens import registry
 
-    todo: list[tuple[dict[str, Any], Any, str, tuple[Any, Any]]] = []
-    for arch in architectures:
-        arch = _check_architecture(arch, plugin)
+    checked = [_check_architecture(arch, plugin) for arch in architectures]
+    registered: list[str] = []
+    clashes: list[str] = []
+    for arch in checked:
         halves = (
             (
                 registry.SAE_CLASS_REGISTRY,
@@ -127,23 +139,37 @@ def register_architectures(architectures: list[Architecture], plugin: str) -> li
                 (arch.training_sae_class, arch.training_sae_config_class),
             ),
         )
+        todo: list[tuple[dict[str, Any], Any, tuple[Any, Any]]] = []
+        clash = None
         for table, register, kind, pair in halves:
             if pair[0] is None:
                 continue
             existing = table.get(arch.name)
             if existing is None:
-                todo.append((table, register, arch.name, pair))
+                todo.append((table, register, pair))
             elif tuple(existing) != pair:
-                raise ArchitectureClashError(
+                clash = (
                     f"SAELens {kind} architecture {arch.name!r} is already registered to "
                     f"{_qualname(existing[0])} (config {_qualname(existing[1])}); plugin "
                     f"{plugin!r} tries to register {_qualname(pair[0])} "
                     f"(config {_qualname(pair[1])}). Uninstall one of them or rename one."
                 )
-    for table, register, name, pair in todo:
-        if name not in table:
-            register(name, *pair)
-    return sorted({arch.name for arch in architectures})
+                break
+        if clash is not None:
+            clashes.append(clash)
+            continue
+        for table, register, pair in todo:
+            if arch.name not in table:
+                register(arch.name, *pair)
+        registered.append(arch.name)
+    registered = sorted(set(registered))
+    if clashes:
+        kept = ", ".join(registered) if registered else "none"
+        raise ArchitectureClashError(
+            " ".join(clashes) + f" Registered the plugin's other architectures: {kept}.",
+            registered=registered,
+        )
+    return registered
 
 
 def _load_entry_point(ep: metadata.EntryPoint, manager: pluggy.PluginManager) -> PluginReport:
@@ -168,6 +194,13 @@ def _load_entry_point(ep: metadata.EntryPoint, manager: pluggy.PluginManager) ->
         for impl in impls:
             architectures.extend(impl.function() or [])
         report.architectures = register_architectures(architectures, ep.name)
+    except ArchitectureClashError as exc:
+        report.architectures = exc.registered
+        report.error = f"{type(exc).__name__}: {exc}"
+        logger.warning("SAELens plugin %s clashed: %s", where, report.error, exc_info=True)
+    except SystemExit as exc:  # a plugin calling sys.exit must not end the host program
+        report.error = f"SystemExit: the plugin called sys.exit({exc.code!r}) while loading"
+        logger.warning("SAELens plugin %s was skipped: %s", where, report.error, exc_info=True)
     except Exception as exc:
         report.error = f"{type(exc).__name__}: {exc}"
         logger.warning("SAELens plugin %s was skipped: %s", where, report.error, exc_info=True)

@@ -146,14 +146,29 @@ def load_local_dataset(path: str | Path, split: str = "train") -> Any:
             if split not in ds:
                 raise ValueError(f"dataset {p}: no split {split!r}; available splits: {sorted(ds)}")
             ds = ds[split]
-        return ds
+        return _non_empty(ds, p)
     builder = _FILE_BUILDERS.get(p.suffix.lower())
     if builder is None or not p.is_file():
         raise ValueError(
             f"dataset {p}: not a save_to_disk folder or a file ending in "
             f"{', '.join(sorted(_FILE_BUILDERS))}"
         )
-    return load_dataset(builder, data_files=str(p), split="train")
+    if p.stat().st_size == 0:
+        raise ValueError(f"dataset {p}: the file is empty (it has no rows)")
+    try:
+        ds = load_dataset(builder, data_files=str(p), split="train")
+    except Exception as e:  # datasets wraps a reader's error without naming the file
+        cause = e.__cause__ or e
+        raise ValueError(
+            f"dataset {p}: could not be read as {builder} ({type(cause).__name__}: {cause})"
+        ) from e
+    return _non_empty(ds, p)
+
+
+def _non_empty(ds: Any, path: Path) -> Any:
+    if len(ds) == 0:
+        raise ValueError(f"dataset {path}: it has no rows")
+    return ds
 
 
 def load_dataset_any(name: str, split: str = "train", streaming: bool = False) -> Any:

@@ -296,6 +296,9 @@ def _fit_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", required=True, help="probe file to write (.safetensors)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out (and --json) if they exist"
+    )
     parser.add_argument("--json", dest="json_out", help="also write the report as JSON here")
 
 
@@ -315,6 +318,15 @@ def _cmd_fit_probe(args: argparse.Namespace) -> int:
         if value is not None and value < low:
             print(f"error: {name} must be ≥ {low}, got {value}", file=sys.stderr)
             return 2
+    from sae_adaptive_plugin.outputs import OutputExistsError, refuse_existing, replacing_file
+
+    try:
+        refuse_existing(args.out, args.overwrite, "--out")
+        if args.json_out:
+            refuse_existing(args.json_out, args.overwrite, "--json")
+    except OutputExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         texts, scores = read_texts(
             args.dataset,
@@ -327,9 +339,9 @@ def _cmd_fit_probe(args: argparse.Namespace) -> int:
         if args.labels == "kstar":
             if not args.sae:
                 raise ValueError("--labels kstar needs --sae SAE_DIR (a TopK-family SAE at --hook)")
-            from sae_lens import SAE
+            from sae_adaptive_plugin.hub import load_sae_folder
 
-            kstar_sae = SAE.load_from_disk(args.sae, device=args.device)
+            kstar_sae = load_sae_folder(args.sae, device=args.device)
         model = local_lm.load_model(args.model, device=args.device, hook_names=[args.hook])
         probe = fit_probe_from_texts(
             model,
@@ -349,7 +361,9 @@ def _cmd_fit_probe(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = probe.save(args.out)
+    with replacing_file(args.out) as tmp:
+        probe.save(tmp)
+    out = Path(args.out)
     r = probe.report
     print(f"probe: {out}  (d_in {probe.d_in}, labels {args.labels}, positions {args.positions})")
     print(f"rows: {r.n_samples}  folds: {r.n_folds}  lambda: {r.lam:g}")
@@ -367,5 +381,6 @@ def _cmd_fit_probe(args: argparse.Namespace) -> int:
             "label_max": probe.label_max,
             **r.to_dict(),
         }
-        Path(args.json_out).write_text(json.dumps(report, indent=2))
+        with replacing_file(args.json_out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
     return 0

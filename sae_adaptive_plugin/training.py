@@ -33,7 +33,10 @@ not apply to it). Any other name goes through SAELens's loading unchanged.
 Resume: ``--resume CHECKPOINT`` (or the ``resume_from_checkpoint`` key) resumes the SAELens trainer
 state, SAE weights and activation-store position from a checkpoint folder written by SAELens
 (``<checkpoint_path>/<run id>/<n_samples>/``); without CONFIG the run's config is read from the
-checkpoint's ``runner_cfg.json``.
+checkpoint's ``runner_cfg.json``. The runner is
+:class:`~sae_adaptive_plugin.train_runner.TrainingRunner`: a resumed run ends where the
+uninterrupted one does, NaN/Inf activations or losses stop the run, and the final SAE is renamed
+into ``output_path`` only when complete (a non-empty ``output_path`` needs ``--overwrite``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import sys
 import types
@@ -213,6 +217,46 @@ def known_architectures() -> list[str]:
     return sorted(SAE_TRAINING_CLASS_REGISTRY)
 
 
+#: (block, field, what it must be, check): values that pass the type check but defeat training.
+_RANGE_CHECKS: tuple[tuple[str, str, str, Any], ...] = (
+    ("", "training_tokens", "an integer > 0", lambda v: v > 0),
+    ("", "train_batch_size_tokens", "an integer > 0", lambda v: v > 0),
+    ("", "lr", "a finite number > 0", lambda v: math.isfinite(v) and v > 0),
+    ("sae", "d_in", "an integer > 0", lambda v: v > 0),
+    ("sae", "d_sae", "an integer > 0", lambda v: v > 0),
+)
+
+
+def _check_ranges(block: str, values: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming the field and its range for the values of
+    :data:`_RANGE_CHECKS` in ``values`` (the ``block`` block: ``""`` top level, ``"sae"``)."""
+    for where, key, allowed, ok in _RANGE_CHECKS:
+        if where == block and key in values and values[key] is not None and not ok(values[key]):
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(f"config key '{name}': must be {allowed}, got {values[key]!r}")
+
+
+def check_devices(cfg: Any) -> None:
+    """Raise :class:`ConfigError` for a ``cuda``/``mps`` device of the runner config ``cfg`` that
+    this torch cannot use (checked when training starts: ``--print-config`` works anywhere)."""
+    import torch
+
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    devices = [(k, getattr(cfg, k, None)) for k in ("device", "llm_device", "act_store_device")]
+    devices.append(("sae.device", cfg.sae.device))
+    for key, device in devices:
+        kind = str(device).split(":")[0] if device else None
+        if kind in available and not available[kind]:
+            raise ConfigError(
+                f"config key '{key}': device {device!r} is not available (torch "
+                f"{torch.__version__}, torch.{kind} not available); use 'cpu' or install a "
+                f"torch build with {kind} support"
+            )
+
+
 def build_runner_config(raw: dict[str, Any]) -> Any:
     """Validate a config mapping (parsed YAML) and build ``LanguageModelSAERunnerConfig``."""
     from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
@@ -234,6 +278,7 @@ def build_runner_config(raw: dict[str, Any]) -> Any:
     top = _check_block(
         raw, top_allowed, "", "the runner config (LanguageModelSAERunnerConfig)", elsewhere
     )
+    _check_ranges("", top)
 
     if "sae" not in top:
         raise ConfigError(
@@ -249,9 +294,11 @@ def build_runner_config(raw: dict[str, Any]) -> Any:
             + ", ".join(architectures)
         )
     if arch not in SAE_TRAINING_CLASS_REGISTRY:
+        from sae_adaptive_plugin.hub import missing_architecture_hint
+
         raise ConfigError(
             f"config key 'sae.architecture': unknown architecture {arch!r}; registered "
-            "architectures: " + ", ".join(architectures)
+            "architectures: " + ", ".join(architectures) + ". " + missing_architecture_hint(arch)
         )
     sae_cfg_cls = SAE_TRAINING_CLASS_REGISTRY[arch][1]
     sae_allowed = {k: v for k, v in _fields(sae_cfg_cls).items() if k not in _SAE_NOT_SETTABLE}
@@ -268,6 +315,7 @@ def build_runner_config(raw: dict[str, Any]) -> Any:
             + ", ".join(f"'sae.{m}'" for m in missing)
             + f" for architecture {arch!r}"
         )
+    _check_ranges("sae", sae_kwargs)
     sae_kwargs.setdefault("device", top.get("device", "cpu"))
     sae_kwargs.setdefault("dtype", top.get("dtype", "float32"))
     try:
@@ -307,7 +355,19 @@ def load_config_mapping(
     import yaml
 
     if path is not None:
-        text = Path(path).read_text()
+        path = Path(path)
+        if path.is_dir():
+            from sae_lens.constants import RUNNER_CFG_FILENAME
+
+            hint = (
+                f"; it holds {RUNNER_CFG_FILENAME}: to continue that run use --resume {path}"
+                if (path / RUNNER_CFG_FILENAME).is_file()
+                else ""
+            )
+            raise ConfigError(f"CONFIG {path} is a folder, not a YAML file{hint}")
+        if not path.is_file():
+            raise ConfigError(f"CONFIG {path}: no such file")
+        text = path.read_text()
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -339,14 +399,26 @@ def _config_from_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     cfg_path = Path(checkpoint) / RUNNER_CFG_FILENAME
     if not cfg_path.is_file():
         raise ConfigError(f"--resume {checkpoint}: no {RUNNER_CFG_FILENAME} in that folder")
-    saved = json.loads(cfg_path.read_text())
+    try:
+        saved = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(saved, dict) or not isinstance(saved.get("sae"), dict):
+        raise ConfigError(f"{cfg_path} is not a SAELens runner config (no 'sae' mapping)")
     from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
     known_architectures()
     arch = saved["sae"].get("architecture")
     if arch not in SAE_TRAINING_CLASS_REGISTRY:
-        raise ConfigError(f"checkpoint {checkpoint}: architecture {arch!r} is not registered")
+        from sae_adaptive_plugin.hub import missing_architecture_hint
+
+        raise ConfigError(
+            f"checkpoint {checkpoint}: architecture {arch!r} is not registered (registered: "
+            + ", ".join(known_architectures())
+            + "). "
+            + missing_architecture_hint(str(arch))
+        )
     sae_fields = set(_fields(SAE_TRAINING_CLASS_REGISTRY[arch][1])) - {"metadata"}
     runner_fields = set(_fields(LanguageModelSAERunnerConfig)) - _NOT_SETTABLE
     raw = {k: v for k, v in saved.items() if k in runner_fields}
@@ -375,21 +447,37 @@ class TrainResult:
     total_samples: int
 
 
-def run_training(cfg: Any, model: Any = None, dataset: Any = None) -> TrainResult:
-    """Run SAELens's ``LanguageModelSAETrainingRunner`` on ``cfg``.
+def run_training(
+    cfg: Any, model: Any = None, dataset: Any = None, overwrite: bool = False
+) -> TrainResult:
+    """Run SAELens's ``LanguageModelSAETrainingRunner`` (as
+    :class:`~sae_adaptive_plugin.train_runner.TrainingRunner`: exact resume, NaN/Inf checks, the
+    final SAE renamed into place) on ``cfg``.
 
     ``model`` / ``dataset`` override the config's; when not given, a local ``model_name`` /
-    ``dataset_path`` is loaded here and anything else is left to SAELens.
+    ``dataset_path`` is loaded here and anything else is left to SAELens. A non-empty
+    ``output_path`` raises :class:`~sae_adaptive_plugin.outputs.OutputExistsError` unless
+    ``overwrite``.
     """
     import torch
-    from sae_lens import LanguageModelSAETrainingRunner
 
     from sae_adaptive_plugin import local_lm
+    from sae_adaptive_plugin.outputs import refuse_existing
+    from sae_adaptive_plugin.train_runner import TrainingRunner
+
+    check_devices(cfg)
+    if cfg.output_path is not None:
+        refuse_existing(cfg.output_path, overwrite, "output_path")
 
     if model is None and local_lm.is_local_model(cfg.model_name):
         model = local_lm.load_local_model(cfg.model_name, device=cfg.llm_device or cfg.device)
     if dataset is None and cfg.dataset_path and local_lm.is_local_dataset(cfg.dataset_path):
-        dataset = local_lm.load_local_dataset(cfg.dataset_path)
+        try:
+            dataset = local_lm.load_local_dataset(cfg.dataset_path)
+        except ValueError as e:
+            raise ConfigError(f"config key 'dataset_path': {e}") from e
+    if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ConfigError("the dataset given to the runner has no rows")
     start = 0
     if cfg.resume_from_checkpoint is not None:
         ckpt = Path(cfg.resume_from_checkpoint)
@@ -401,9 +489,10 @@ def run_training(cfg: Any, model: Any = None, dataset: Any = None) -> TrainResul
                 f"config key 'resume_from_checkpoint': {ckpt} is not a SAELens checkpoint "
                 f"(no {TRAINER_STATE_FILENAME})"
             )
-        start = int(torch.load(state_file, map_location="cpu")["n_training_samples"])
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        start = int(state["n_training_samples"])
     torch.manual_seed(cfg.seed)
-    runner = LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=dataset)
+    runner = TrainingRunner(cfg, override_model=model, override_dataset=dataset)
     sae = runner.run()
     return TrainResult(
         sae=sae,
@@ -420,10 +509,11 @@ def train_from_yaml(
     resume: str | None = None,
     model: Any = None,
     dataset: Any = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Python entry point of ``sae-adaptive train``."""
     raw = load_config_mapping(path, overrides, resume)
-    return run_training(build_runner_config(raw), model=model, dataset=dataset)
+    return run_training(build_runner_config(raw), model=model, dataset=dataset, overwrite=overwrite)
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -449,6 +539,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-config", action="store_true", help="validate, print the resolved config, exit"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty output_path (the new SAE is renamed into place when complete)",
+    )
 
 
 @command(
@@ -466,11 +561,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         return 0
+    from sae_adaptive_plugin.outputs import OutputExistsError
+    from sae_adaptive_plugin.train_runner import NonFiniteTrainingError
+
     try:
-        result = run_training(cfg)
-    except ConfigError as e:
+        result = run_training(cfg, overwrite=args.overwrite)
+    except (ConfigError, OutputExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteTrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if result.start_samples:
         print(f"resumed at {result.start_samples} of {result.total_samples} training tokens")
     meta = result.sae.cfg.metadata

@@ -50,6 +50,12 @@ from sae_adaptive_plugin.ops.variable_topk import (
     variable_topk,
 )
 from sae_adaptive_plugin.probe import ComplexityProbe, RidgeAccumulator
+from sae_adaptive_plugin.saes.input_checks import (
+    check_width,
+    finite_rows,
+    mark_not_finite,
+    nan_where_not_finite,
+)
 from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
 
 NAME = "adaptivek"
@@ -164,13 +170,17 @@ class _AdaptiveKMixin:
             self.cfg.k_max,
             float(self.cfg.steepness),
         )
-        return torch.where(self.probe_fitted.bool(), k, torch.full_like(k, self.cfg.k_max))
+        # a non-finite row selects k_max (NaN) latents, so its output is NaN, as SAELens's topk
+        fitted = self.probe_fitted.bool() & finite_rows(x_in)
+        return torch.where(fitted, k, torch.full_like(k, self.cfg.k_max))
 
     @torch.no_grad()
     def k_per_sample(self, x: torch.Tensor) -> torch.Tensor:
-        """The k each row of ``x`` would get: long tensor of shape ``x.shape[:-1]``."""
+        """The k each row of ``x`` would get: long tensor of shape ``x.shape[:-1]``, in
+        ``[k_min, k_max]``, or ``K_NOT_FINITE`` (−1) for a row holding NaN/Inf."""
         x_in = self.reshape_fn_in(x.to(self.dtype))  # type: ignore[attr-defined]
-        return self._k_from_input(x_in)
+        check_width(self, x_in)  # type: ignore[arg-type]
+        return mark_not_finite(self._k_from_input(x_in), x_in)
 
     # -- encode / decode ------------------------------------------------------------------------
 
@@ -179,6 +189,7 @@ class _AdaptiveKMixin:
     ) -> tuple[TopKResult, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(top, hidden_pre, k, x_in, sae_in)`` of a batch (``process_sae_in`` inlined)."""
         x_in = self.reshape_fn_in(x.to(self.dtype))  # type: ignore[attr-defined]
+        check_width(self, x_in)  # type: ignore[arg-type]
         x_in = self.hook_sae_input(x_in)  # type: ignore[attr-defined]
         k = self._k_from_input(x_in)
         sae_in = self.run_time_activation_norm_fn_in(x_in)  # type: ignore[attr-defined]
@@ -196,12 +207,14 @@ class _AdaptiveKMixin:
                 self.cfg.k_max,
                 scale=scale,
             )
+            top = top._replace(values=nan_where_not_finite(top.values, x_in))
             return top, hook(hidden_pre), k, x_in, sae_in
         # a forward hook on hook_sae_acts_pre may change what is selected: select after it
         hidden_pre = hook(sae_in @ self.W_enc + self.b_enc)  # type: ignore[attr-defined]
         if scale is not None:
             hidden_pre = hidden_pre * scale
         top = variable_topk(hidden_pre, k, k_max=self.cfg.k_max)
+        top = top._replace(values=nan_where_not_finite(top.values, x_in))
         return top, hidden_pre, k, x_in, sae_in
 
     def _effective_values(self, top: TopKResult) -> torch.Tensor:

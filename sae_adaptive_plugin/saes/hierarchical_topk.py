@@ -48,6 +48,11 @@ from typing_extensions import override
 from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
 from sae_adaptive_plugin.ops.variable_topk import decode_topk, topk_encode
+from sae_adaptive_plugin.saes.input_checks import (
+    check_width,
+    mark_not_finite,
+    nan_where_not_finite,
+)
 
 NAME = "hierarchical_topk"
 
@@ -142,13 +147,22 @@ class HierarchicalTopKSAE(TopKSAE):
         return self
 
     @override
+    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
+        check_width(self, self.reshape_fn_in(sae_in))
+        return super().process_sae_in(sae_in)
+
+    @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self.activation_fn.k = self.current_k()
         return super().encode(x)
 
     def k_per_sample(self, x: torch.Tensor) -> torch.Tensor:
-        """The budget used for each row of ``x`` (constant ``cfg.k``): long tensor ``x.shape[:-1]``."""
-        return torch.full(x.shape[:-1], self.current_k(), dtype=torch.long, device=x.device)
+        """The budget used for each row of ``x`` (constant ``cfg.k``): long tensor
+        ``x.shape[:-1]``; ``K_NOT_FINITE`` (−1) for a row holding NaN/Inf."""
+        x_in = self.reshape_fn_in(x)
+        check_width(self, x_in)
+        k = torch.full(x_in.shape[:-1], self.current_k(), dtype=torch.long, device=x.device)
+        return mark_not_finite(k, x_in)
 
     @torch.no_grad()
     def prefix_errors(self, x: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
@@ -263,6 +277,11 @@ class HierarchicalTopKTrainingSAE(TopKTrainingSAE):
     def trained_k(self) -> int:
         return self.cfg.k
 
+    @override
+    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
+        check_width(self, self.reshape_fn_in(sae_in))
+        return super().process_sae_in(sae_in)
+
     def _select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(values, indices, hidden_pre)``: the sorted (descending) ReLU'd top-K of each row."""
         sae_in = self.process_sae_in(x)
@@ -272,7 +291,8 @@ class HierarchicalTopKTrainingSAE(TopKTrainingSAE):
             hidden_pre, top = topk_encode(
                 sae_in, self.W_enc, self.b_enc, self.cfg.k, self.cfg.k, scale=scale
             )
-            return top.values, top.indices, self.hook_sae_acts_pre(hidden_pre)
+            values = nan_where_not_finite(top.values, sae_in)  # NaN in, NaN out (as topk)
+            return values, top.indices, self.hook_sae_acts_pre(hidden_pre)
         # a forward hook on hook_sae_acts_pre may change what is selected: select after it
         hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
         if scale is not None:
@@ -360,8 +380,12 @@ class HierarchicalTopKTrainingSAE(TopKTrainingSAE):
         )
 
     def k_per_sample(self, x: torch.Tensor) -> torch.Tensor:
-        """The budget used for each row of ``x`` (constant ``K``): long tensor ``x.shape[:-1]``."""
-        return torch.full(x.shape[:-1], self.cfg.k, dtype=torch.long, device=x.device)
+        """The budget used for each row of ``x`` (constant ``K``): long tensor ``x.shape[:-1]``;
+        ``K_NOT_FINITE`` (−1) for a row holding NaN/Inf."""
+        x_in = self.reshape_fn_in(x)
+        check_width(self, x_in)
+        k = torch.full(x_in.shape[:-1], self.cfg.k, dtype=torch.long, device=x.device)
+        return mark_not_finite(k, x_in)
 
     @torch.no_grad()
     def prefix_errors(self, x: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:

@@ -45,6 +45,7 @@ from sae_adaptive_plugin.ops.variable_topk import (
     topk_encode,
     variable_topk,
 )
+from sae_adaptive_plugin.saes.input_checks import check_width, mark_not_finite, nan_where_not_finite
 from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
 
 #: softplus sharpness β and weight λ_k of the penalty on the batch-mean k̂ (docs/METHODS.md §2).
@@ -304,13 +305,20 @@ class _KEstimatorMixin:
         return (self.cfg.k_max * torch.sigmoid(logit)).clamp(1.0, float(self.cfg.k_max))
 
     def _k_from_k_hat(self, k_hat: torch.Tensor) -> torch.Tensor:
-        return k_hat.detach().floor().long().clamp(1, self.cfg.k_max)
+        # a NaN k̂ (non-finite row) selects k_max (NaN) latents: the row's output is NaN
+        k_hat = k_hat.detach().nan_to_num(nan=float(self.cfg.k_max))
+        return k_hat.floor().long().clamp(1, self.cfg.k_max)
+
+    def process_sae_in(self, x: torch.Tensor) -> torch.Tensor:
+        check_width(self, self.reshape_fn_in(x))  # type: ignore[attr-defined, arg-type]
+        return super().process_sae_in(x)  # type: ignore[misc]
 
     @torch.no_grad()
     def k_per_sample(self, x: torch.Tensor) -> torch.Tensor:
-        """The number of latents (``⌊k̂(x)⌋``, ``long``) the SAE keeps for each row of ``x``."""
-        sae_in = self.process_sae_in(x)  # type: ignore[attr-defined]
-        return self._k_from_k_hat(self.estimate_k_from_sae_in(sae_in))
+        """The number of latents (``⌊k̂(x)⌋``, ``long``, in ``[1, k_max]``) the SAE keeps for
+        each row of ``x``; ``K_NOT_FINITE`` (−1) for a row holding NaN/Inf."""
+        sae_in = self.process_sae_in(x)
+        return mark_not_finite(self._k_from_k_hat(self.estimate_k_from_sae_in(sae_in)), sae_in)
 
     def _hidden_pre(self, sae_in: torch.Tensor) -> torch.Tensor:
         hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)  # type: ignore[attr-defined]
@@ -336,6 +344,7 @@ class _KEstimatorMixin:
         else:
             hidden_pre = self._hidden_pre(sae_in)
             res = variable_topk(hidden_pre, k, self.cfg.k_max)
+        res = res._replace(values=nan_where_not_finite(res.values, sae_in))
         feature_acts = self.hook_sae_acts_post(scatter_topk(res, self.cfg.d_sae))  # type: ignore[attr-defined]
         return hidden_pre, res, feature_acts
 
