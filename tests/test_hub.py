@@ -112,6 +112,8 @@ def _config_kwargs(cfg_cls: type, **overrides: Any) -> dict[str, Any]:
         default = f.default if has_default else None
         if _is_k_field(f.name) and isinstance(default, int) and not isinstance(default, bool):
             kwargs[f.name] = max(1, min(default, D_SAE // 2))
+        elif f.name == "k" and has_default and default is None:  # a target k sets the k range
+            kwargs[f.name] = D_SAE // 8
         elif not has_default and not has_factory:
             annotation = str(f.type)
             if "int" in annotation:
