@@ -48,6 +48,11 @@ from typing_extensions import override
 from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
 from sae_adaptive_plugin.ops.variable_topk import decode_topk, topk_encode
+from sae_adaptive_plugin.provenance import (
+    PROVIDER_METADATA_KEY,
+    PROVIDER_VERSION_METADATA_KEY,
+    stamp_provider,
+)
 
 NAME = "hierarchical_topk"
 
@@ -123,6 +128,7 @@ class HierarchicalTopKSAE(TopKSAE):
     cfg: HierarchicalTopKSAEConfig  # type: ignore[assignment]
 
     def __init__(self, cfg: HierarchicalTopKSAEConfig, use_error_term: bool = False):
+        stamp_provider(cfg)
         super().__init__(cfg, use_error_term)
 
     @property
@@ -147,8 +153,9 @@ class HierarchicalTopKSAE(TopKSAE):
         return super().encode(x)
 
     def k_per_sample(self, x: torch.Tensor) -> torch.Tensor:
-        """The budget used for each row of ``x`` (constant ``cfg.k``): long tensor ``x.shape[:-1]``."""
-        return torch.full(x.shape[:-1], self.current_k(), dtype=torch.long, device=x.device)
+        """The budget used for each row of ``x`` (constant ``cfg.k``): long tensor of the rows'
+        shape (``x.shape[:-1]``; ``[batch, pos]`` for ``hook_z`` inputs, heads are one row)."""
+        return torch.full(_row_shape(self, x), self.current_k(), dtype=torch.long, device=x.device)
 
     @torch.no_grad()
     def prefix_errors(self, x: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
@@ -167,6 +174,8 @@ class HierarchicalTopKSAE(TopKSAE):
         kwargs["k"] = k
         meta = copy.deepcopy(self.cfg.metadata.to_dict())
         meta["exported_from_architecture"] = NAME
+        for key in (PROVIDER_METADATA_KEY, PROVIDER_VERSION_METADATA_KEY):  # plain SAELens loads it
+            meta.pop(key, None)
         meta["hierarchical_topk_trained_k"] = self.trained_k
         topk_cfg = TopKSAEConfig(**kwargs, metadata=SAEMetadata(**meta))
         device = topk_cfg.device
@@ -257,6 +266,7 @@ class HierarchicalTopKTrainingSAE(TopKTrainingSAE):
     fused_encode: bool = True
 
     def __init__(self, cfg: HierarchicalTopKTrainingSAEConfig, use_error_term: bool = False):
+        stamp_provider(cfg)
         super().__init__(cfg, use_error_term)
 
     @property
@@ -360,8 +370,13 @@ class HierarchicalTopKTrainingSAE(TopKTrainingSAE):
         )
 
     def k_per_sample(self, x: torch.Tensor) -> torch.Tensor:
-        """The budget used for each row of ``x`` (constant ``K``): long tensor ``x.shape[:-1]``."""
-        return torch.full(x.shape[:-1], self.cfg.k, dtype=torch.long, device=x.device)
+        """The budget used for each row of ``x`` (constant ``K``), shaped as the inference one."""
+        return torch.full(_row_shape(self, x), self.cfg.k, dtype=torch.long, device=x.device)
+
+
+def _row_shape(sae: TopKSAE | TopKTrainingSAE, x: torch.Tensor) -> torch.Size:
+    """The shape of the rows the SAE reads from ``x`` (``hook_z`` heads merged into one row)."""
+    return sae.reshape_fn_in(x).shape[:-1]
 
     @torch.no_grad()
     def prefix_errors(self, x: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
