@@ -12,6 +12,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_lm
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(2)
