@@ -4,6 +4,8 @@
   top activations it shows equal ``SAE.encode`` on the same tokens.
 - SAEBench: the core eval (``sae_bench.evals.core.main.multiple_evals``: reconstruction, KL/CE,
   sparsity, feature density) writes its results JSON with the SAE's L0 equal to ``encode``'s.
+- nnsight: a trace reads the hook's activation and splices the SAE's reconstruction in, with the
+  logits of SAELens's ``run_with_saes``.
 
 Each SAE is a seeded random one, saved and loaded with ``SAE.load_from_disk`` as a user would.
 The model is ``tiny_lm``'s 1-layer HookedSAETransformer with a word-level tokenizer built here.
@@ -199,3 +201,24 @@ def test_saebench_core_eval_runs_and_reports_encodes_l0(
     else:
         assert 1 <= l0 <= K_FIELDS[architecture]["k_max"]
         assert l0 == pytest.approx(mean_k, rel=0.25)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_nnsight_trace_reads_and_splices_the_sae(architecture, model, tokens, tmp_path):
+    """nnsight on the TransformerLens model: read the hook's activation, encode it, and splice
+    the SAE's reconstruction into the forward pass — as SAELens's ``run_with_saes`` does."""
+    from nnsight import NNsight
+
+    sae = _saved_and_loaded_sae(architecture, tmp_path / "sae")
+    traced = NNsight(model)
+    with torch.no_grad(), traced.trace(tokens):
+        acts = traced.blocks[0].hook_resid_post.output.save()
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(acts), _encode_all(sae, model, tokens))
+        with traced.trace(tokens):
+            hook = traced.blocks[0].hook_resid_post
+            hook.output = sae(hook.output)
+            logits = traced.output.save()
+        expected = model.run_with_saes(tokens, saes=[sae])
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, model(tokens))  # the SAE did change the forward pass
