@@ -373,15 +373,15 @@ class HierarchicalTopKTrainingSAE(TopKTrainingSAE):
         """The budget used for each row of ``x`` (constant ``K``), shaped as the inference one."""
         return torch.full(_row_shape(self, x), self.cfg.k, dtype=torch.long, device=x.device)
 
-
-def _row_shape(sae: TopKSAE | TopKTrainingSAE, x: torch.Tensor) -> torch.Size:
-    """The shape of the rows the SAE reads from ``x`` (``hook_z`` heads merged into one row)."""
-    return sae.reshape_fn_in(x).shape[:-1]
-
     @torch.no_grad()
     def prefix_errors(self, x: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
         """``‖x − x̂_j‖²`` for every budget ``j = 1..K``: ``[N, K]`` (see the inference method)."""
         return _prefix_errors(self, x, self.cfg.k, chunk_size)
+
+
+def _row_shape(sae: TopKSAE | TopKTrainingSAE, x: torch.Tensor) -> torch.Size:
+    """The shape of the rows the SAE reads from ``x`` (``hook_z`` heads merged into one row)."""
+    return sae.reshape_fn_in(x).shape[:-1]
 
 
 def _prefix_errors(
