@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sae-adaptive-installed
 
-.PHONY: install test lint format demo clean
+.PHONY: install test lint format demo clean test-ecosystem
 
 $(STAMP): pyproject.toml constraints.txt _sae_adaptive_plugin_autoload.py sae_adaptive_plugin-autoload.pth sae_adaptive_plugin-autoload.start
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,5 +33,22 @@ test: lint
 demo: install
 	$(BIN)/sae-adaptive compare --seeds 3 --overwrite
 
+# The tools around SAELens (sae-dashboard, SAEBench) in their own environment, so their pins do not
+# change .venv: torch (CPU) first, then the exact set in requirements-ecosystem.txt without
+# re-resolving (--no-deps), then this package. `make test-ecosystem` runs ecosystem/ against them.
+ECO_VENV ?= .venv-eco
+ECO_BIN := $(ECO_VENV)/bin
+ECO_STAMP := $(ECO_VENV)/.sae-adaptive-installed
+
+$(ECO_STAMP): pyproject.toml constraints.txt requirements-ecosystem.txt
+	test -x $(ECO_BIN)/python || $(PYTHON) -m venv $(ECO_VENV)
+	$(ECO_BIN)/python -m pip install --disable-pip-version-check -q --no-compile -c constraints.txt torch==2.13.0
+	$(ECO_BIN)/python -m pip install --disable-pip-version-check -q --no-compile --no-deps -r requirements-ecosystem.txt
+	$(ECO_BIN)/python -m pip install --disable-pip-version-check -q --no-compile --no-deps -e .
+	touch $(ECO_STAMP)
+
+test-ecosystem: $(ECO_STAMP)
+	$(ECO_BIN)/pytest -q -p no:cacheprovider ecosystem
+
 clean:
-	rm -rf $(VENV) dist build runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(ECO_VENV) dist build runs .pytest_cache .ruff_cache

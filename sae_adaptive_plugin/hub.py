@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from sae_adaptive_plugin.cli import command
+from sae_adaptive_plugin.provenance import (
+    PACKAGE_NAME,
+    PROVIDER_METADATA_KEY,
+    PROVIDER_VERSION_METADATA_KEY,
+)
 
-#: The distribution that provides this package's architectures.
-PACKAGE_NAME = "sae-adaptive-plugin"
 #: Architectures provided by this package (also when it is not installed, to name it in errors).
 PACKAGE_ARCHITECTURES = ("adaptivek", "softsae", "hierarchical_topk")
-#: Key under ``cfg.json``'s ``metadata`` naming the package that provides a plugin architecture.
-PROVIDER_METADATA_KEY = "architecture_package"
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -360,6 +361,7 @@ def training_summary(
         "dtype": cfg.get("dtype"),
         "normalize_activations": cfg.get("normalize_activations"),
         "sae_lens_version": meta.get("sae_lens_training_version") or meta.get("sae_lens_version"),
+        "provider_version": meta.get(PROVIDER_VERSION_METADATA_KEY),
     }
     # architecture settings: every inference field beyond SAELens's base ones (k, k_max, …)
     settings = {k: v for k, v in cfg.items() if k not in _BASE_CFG_FIELDS}
@@ -392,6 +394,9 @@ def _section(repo_id: str, sae_id: str, summary: dict[str, Any], provider: str |
     if summary.get("training_architecture") not in (None, summary["architecture"]):
         arch += f" (trained as `{summary['training_architecture']}`)"
     rows.append(("architecture", arch))
+    if provider:
+        version = summary.get("provider_version")
+        rows.append(("provided by", f"`{provider}`" + (f" {version}" if version else "")))
     for key, label in (
         ("model", "model"),
         ("hook", "hook"),
@@ -428,8 +433,8 @@ def _section(repo_id: str, sae_id: str, summary: dict[str, Any], provider: str |
     return (
         f"<!-- sae-adaptive-plugin:begin {sae_id} -->\n"
         f"## `{sae_id}`\n\n"
-        f"| | |\n|---|---|\n{table}\n\n"
         f"```bash\n{install}\n```\n\n"
+        f"| | |\n|---|---|\n{table}\n\n"
         f"```python\nfrom sae_lens import SAE{note}\n\n"
         f'sae = SAE.from_pretrained("{repo_id}", "{sae_id}")\n```\n'
         f"<!-- sae-adaptive-plugin:end {sae_id} -->\n"
@@ -478,6 +483,7 @@ def model_card(
     elif _CARD_MARK not in body:
         body = (
             f"{_CARD_MARK}\n# Sparse autoencoders for SAELens\n\n"
+            f"```bash\npip install {PACKAGE_NAME}\n```\n\n"
             f"Sparse autoencoders (SAEs) in [SAELens](https://github.com/decoderesearch/SAELens)'s "
             f"format, published with [{PACKAGE_NAME}](https://pypi.org/project/{PACKAGE_NAME}/). "
             "Each folder below is one SAE (`cfg.json`, `sae_weights.safetensors`, and "

@@ -453,3 +453,12 @@ def test_hooks_on_acts_fall_back_to_the_dense_path():
         handle.remove()
     # sae_out decoded from the hooked (zero) code: only the decoder bias is left
     torch.testing.assert_close(out.sae_out, sae.b_dec.detach().expand_as(out.sae_out))
+
+
+def test_training_sae_prefix_errors_match_sae_lens_decode():
+    sae = _training_sae(k=6)
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            sae.prefix_errors(x), _decode_prefix_errors(sae, x), rtol=1e-4, atol=1e-4
+        )

@@ -29,7 +29,7 @@ from hub_server import HubServer
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 
-from sae_adaptive_plugin import cli
+from sae_adaptive_plugin import __version__, cli
 from sae_adaptive_plugin.hub import (
     PACKAGE_NAME,
     PROVIDER_METADATA_KEY,
@@ -322,6 +322,11 @@ def test_model_card_parses_and_carries_metadata(hub, tmp_path):
     for k in k_fields:
         assert f"`{k}={getattr(sae.cfg, k)}`" in section
     assert f'SAE.from_pretrained("{REPO}", "with_meta")' in section
+    # the install line comes first, in the card and in the section; the section names the version
+    body = text.split("---\n", 2)[2]
+    assert body.index(f"pip install {PACKAGE_NAME}") < body.index("Sparse autoencoders (SAEs)")
+    assert section.index(f"pip install {PACKAGE_NAME}") < section.index("| architecture |")
+    assert f"| provided by | `{PACKAGE_NAME}` {__version__} |" in section
 
     bare_section = text.split("sae-adaptive-plugin:begin bare")[1]
     expected_l0 = float((10.0 ** log_sparsity.double()).sum())
@@ -451,6 +456,15 @@ def test_plugin_architecture_cfg_names_its_package(hub, tmp_path):
     published = json.loads(hub.file_at(REPO, "named/cfg.json"))
     local = json.loads((folder / "cfg.json").read_text())
     expected = PACKAGE_NAME if architectures else None
+    assert published["metadata"].get(PROVIDER_METADATA_KEY) == expected
+    # the SAE wrote its package and version itself: the published cfg.json is the local one
+    assert local["metadata"].get(PROVIDER_METADATA_KEY) == expected
+    assert published == local
+    # an older cfg.json without them gets the package name on upload
+    local["metadata"].pop(PROVIDER_METADATA_KEY, None)
+    (folder / "cfg.json").write_text(json.dumps(local))
+    push_to_hub(folder, REPO, "named", show_progress=False, log=None)
+    published = json.loads(hub.file_at(REPO, "named/cfg.json"))
     assert published["metadata"].get(PROVIDER_METADATA_KEY) == expected
     published["metadata"].pop(PROVIDER_METADATA_KEY, None)
     assert published == local

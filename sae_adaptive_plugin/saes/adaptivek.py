@@ -50,12 +50,14 @@ from sae_adaptive_plugin.ops.variable_topk import (
     variable_topk,
 )
 from sae_adaptive_plugin.probe import ComplexityProbe, RidgeAccumulator
+from sae_adaptive_plugin.provenance import stamp_provider
 from sae_adaptive_plugin.saes.input_checks import (
     check_width,
     finite_rows,
     mark_not_finite,
     nan_where_not_finite,
 )
+from sae_adaptive_plugin.saes.per_row_topk import PerRowTopK
 from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
 
 NAME = "adaptivek"
@@ -289,6 +291,7 @@ class AdaptiveKSAE(_AdaptiveKMixin, TopKSAE):
     cfg: AdaptiveKSAEConfig  # type: ignore[assignment]
 
     def __init__(self, cfg: AdaptiveKSAEConfig, use_error_term: bool = False):
+        stamp_provider(cfg)
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
 
     @override
@@ -297,8 +300,8 @@ class AdaptiveKSAE(_AdaptiveKMixin, TopKSAE):
         self._register_probe_buffers()
 
     @override
-    def get_activation_fn(self):  # the selection is done in encode (variable k)
-        return torch.nn.Identity()
+    def get_activation_fn(self) -> PerRowTopK:  # encode selects (fused); same selection
+        return PerRowTopK(self.cfg.k_max)
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -415,6 +418,7 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
     cfg: AdaptiveKTrainingSAEConfig  # type: ignore[assignment]
 
     def __init__(self, cfg: AdaptiveKTrainingSAEConfig, use_error_term: bool = False):
+        stamp_provider(cfg)
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
         self._acc: RidgeAccumulator | None = None
         self._pending_report: dict[str, float] | None = None
@@ -429,8 +433,8 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
         self._register_probe_buffers()
 
     @override
-    def get_activation_fn(self):  # the selection is done in encode_with_hidden_pre
-        return torch.nn.Identity()
+    def get_activation_fn(self) -> PerRowTopK:  # encode_with_hidden_pre selects; same selection
+        return PerRowTopK(self.cfg.k_max)
 
     @override
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:

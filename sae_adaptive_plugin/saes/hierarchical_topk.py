@@ -48,6 +48,11 @@ from typing_extensions import override
 from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
 from sae_adaptive_plugin.ops.variable_topk import decode_topk, topk_encode
+from sae_adaptive_plugin.provenance import (
+    PROVIDER_METADATA_KEY,
+    PROVIDER_VERSION_METADATA_KEY,
+    stamp_provider,
+)
 from sae_adaptive_plugin.saes.input_checks import (
     check_width,
     mark_not_finite,
@@ -128,6 +133,7 @@ class HierarchicalTopKSAE(TopKSAE):
     cfg: HierarchicalTopKSAEConfig  # type: ignore[assignment]
 
     def __init__(self, cfg: HierarchicalTopKSAEConfig, use_error_term: bool = False):
+        stamp_provider(cfg)
         super().__init__(cfg, use_error_term)
 
     @property
@@ -181,6 +187,8 @@ class HierarchicalTopKSAE(TopKSAE):
         kwargs["k"] = k
         meta = copy.deepcopy(self.cfg.metadata.to_dict())
         meta["exported_from_architecture"] = NAME
+        for key in (PROVIDER_METADATA_KEY, PROVIDER_VERSION_METADATA_KEY):  # plain SAELens loads it
+            meta.pop(key, None)
         meta["hierarchical_topk_trained_k"] = self.trained_k
         topk_cfg = TopKSAEConfig(**kwargs, metadata=SAEMetadata(**meta))
         device = topk_cfg.device
@@ -271,6 +279,7 @@ class HierarchicalTopKTrainingSAE(TopKTrainingSAE):
     fused_encode: bool = True
 
     def __init__(self, cfg: HierarchicalTopKTrainingSAEConfig, use_error_term: bool = False):
+        stamp_provider(cfg)
         super().__init__(cfg, use_error_term)
 
     @property

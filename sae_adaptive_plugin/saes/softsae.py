@@ -45,7 +45,9 @@ from sae_adaptive_plugin.ops.variable_topk import (
     topk_encode,
     variable_topk,
 )
+from sae_adaptive_plugin.provenance import stamp_provider
 from sae_adaptive_plugin.saes.input_checks import check_width, mark_not_finite, nan_where_not_finite
+from sae_adaptive_plugin.saes.per_row_topk import PerRowTopK
 from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
 
 #: softplus sharpness β and weight λ_k of the penalty on the batch-mean k̂ (docs/METHODS.md §2).
@@ -348,9 +350,8 @@ class _KEstimatorMixin:
         feature_acts = self.hook_sae_acts_post(scatter_topk(res, self.cfg.d_sae))  # type: ignore[attr-defined]
         return hidden_pre, res, feature_acts
 
-    def get_activation_fn(self):
-        # selection happens in encode (per-row k); no fixed-k activation function
-        return nn.Identity()
+    def get_activation_fn(self) -> PerRowTopK:  # encode selects (fused); same selection
+        return PerRowTopK(self.cfg.k_max)
 
     # ---- SAELens folds: the estimator reads the same input as the encoder ----
 
@@ -383,6 +384,7 @@ class SoftSAE(_KEstimatorMixin, TopKSAE):
     cfg: SoftSAEConfig  # type: ignore[assignment]
 
     def __init__(self, cfg: SoftSAEConfig, use_error_term: bool = False):
+        stamp_provider(cfg)
         super().__init__(cfg, use_error_term)
 
     def initialize_weights(self) -> None:
@@ -400,6 +402,7 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
     cfg: SoftSAETrainingConfig  # type: ignore[assignment]
 
     def __init__(self, cfg: SoftSAETrainingConfig, use_error_term: bool = False):
+        stamp_provider(cfg)
         super().__init__(cfg, use_error_term)
         self.total_training_steps: int | None = None
         self._schedule: SoftSAESchedule | None = None
