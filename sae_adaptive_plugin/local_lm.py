@@ -101,6 +101,69 @@ def load_local_model(path: str | Path, device: str = "cpu") -> Any:
     return model
 
 
+def is_gguf_file(name: str | Path) -> bool:
+    """Whether ``name`` is a GGUF model file."""
+    return str(name).lower().endswith(".gguf") and Path(name).is_file()
+
+
+def is_hf_folder(name: str | Path) -> bool:
+    """Whether ``name`` is a Hugging Face model folder (``config.json`` or a ``.gguf`` inside)."""
+    p = Path(name)
+    return p.is_dir() and ((p / "config.json").is_file() or any(p.glob("*.gguf")))
+
+
+def uses_hf_causal_lm(name: str, model_from_pretrained_kwargs: dict[str, Any] | None) -> bool:
+    """Whether ``name`` can only be SAELens's ``AutoModelForCausalLM`` path (a GGUF file, an HF
+    folder, or ``gguf_file`` in the kwargs); Hub names need ``model_class_name`` said explicitly."""
+    return (
+        is_gguf_file(name)
+        or (is_hf_folder(name) and not is_local_model(name))
+        or "gguf_file" in (model_from_pretrained_kwargs or {})
+    )
+
+
+def hf_pretrained_args(
+    name: str, model_from_pretrained_kwargs: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """``(name_or_folder, kwargs)`` for ``from_pretrained``: a ``.gguf`` file becomes its folder
+    plus ``gguf_file``; a folder holding exactly one ``.gguf`` and no ``config.json`` gets it."""
+    kwargs = dict(model_from_pretrained_kwargs or {})
+    p = Path(name)
+    if is_gguf_file(p):
+        if kwargs.get("gguf_file", p.name) != p.name:
+            raise ValueError(
+                f"model_name {name} is a GGUF file but model_from_pretrained_kwargs.gguf_file "
+                f"is {kwargs['gguf_file']!r}"
+            )
+        kwargs["gguf_file"] = p.name
+        return str(p.parent), kwargs
+    if p.is_dir() and not (p / "config.json").is_file() and "gguf_file" not in kwargs:
+        ggufs = sorted(q.name for q in p.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ValueError(
+                f"model folder {p}: no config.json and {len(ggufs)} .gguf files {ggufs}; name "
+                "the file (model_name: path/to/file.gguf)"
+            )
+        kwargs["gguf_file"] = ggufs[0]
+    return str(name), kwargs
+
+
+def hf_model_and_tokenizer(
+    name: str, device: str = "cpu", model_from_pretrained_kwargs: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
+    """``AutoModelForCausalLM`` and its tokenizer, both with ``gguf_file`` when there is one
+    (SAELens's own loader reads the tokenizer without it, which fails for a GGUF-only folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, kwargs = hf_pretrained_args(name, model_from_pretrained_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if kwargs.get("device_map") is None:
+        model = model.to(device)
+    tokenizer_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+    return model, tokenizer
+
+
 def load_model(
     name: str,
     device: str = "cpu",
@@ -108,9 +171,18 @@ def load_model(
     model_from_pretrained_kwargs: dict[str, Any] | None = None,
     hook_names: list[str] | None = None,
 ) -> Any:
-    """A local-format folder, or else SAELens's own ``load_model`` (Hub / TransformerLens names)."""
+    """A local-format folder; a GGUF file or HF folder as SAELens's ``HookedProxyLM`` (hook names
+    are module names, e.g. ``model.layers.6``); else SAELens's own ``load_model`` (Hub names,
+    with ``model_class_name="AutoModelForCausalLM"`` for non-TransformerLens models)."""
     if is_local_model(name):
         return load_local_model(name, device=device)
+    if model_class_name == "AutoModelForCausalLM" or uses_hf_causal_lm(
+        name, model_from_pretrained_kwargs
+    ):
+        from sae_lens.load_model import HookedProxyLM
+
+        model, tokenizer = hf_model_and_tokenizer(name, device, model_from_pretrained_kwargs)
+        return HookedProxyLM(model, tokenizer, hook_names=hook_names)
     from sae_lens.load_model import load_model as sae_lens_load_model
 
     kwargs = model_from_pretrained_kwargs

@@ -191,3 +191,67 @@ def run_evals_on(sae: Any, n_eval_batches: int = 2) -> dict[str, Any]:
         exclude_special_tokens=False,
     )
     return metrics
+
+
+# ---- a tiny random-weight Llama as a Hugging Face folder (for the AutoModelForCausalLM path) ----
+
+LLAMA_LAYERS = 3
+LLAMA_D_MODEL = 32
+TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Sparse autoencoders read activations of a model "
+    "and explain them with few latents; some tokens need many, others few. "
+)
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on a few sentences (no download), BOS/EOS defined."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([TINY_TEXT] * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+
+
+def tiny_llama_folder(path: Path, seed: int = 0) -> Path:
+    """Write a random-weight ``LlamaForCausalLM`` (3 layers, d_model 32) and its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=LLAMA_D_MODEL,
+        intermediate_size=64,
+        num_hidden_layers=LLAMA_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg)
+    path = Path(path)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def write_text_corpus(path: Path, n_docs: int = 40, seed: int = 0) -> Path:
+    """A one-document-per-line text file of shuffled sentences."""
+    import random
+
+    rng = random.Random(seed)
+    words = TINY_TEXT.split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(n_docs)]
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
