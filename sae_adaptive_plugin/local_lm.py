@@ -19,7 +19,12 @@ It exists so that the commands can run offline on tiny random models in tests; a
 (see :func:`texts_to_token_lists`).
 
 Local datasets: a folder written by ``datasets.Dataset.save_to_disk`` (or ``DatasetDict``; the
-requested split is taken), or a ``.parquet``, ``.jsonl``/``.json`` or ``.csv`` file.
+requested split is taken), a ``.parquet``, ``.jsonl``/``.json`` or ``.csv`` file, or a text corpus
+(``.txt``/``.cor`` one document per line, ``.bz2`` incl. a MediaWiki dump) as a ``text`` column.
+
+Hugging Face models: a ``.gguf`` file (loaded from its folder with ``gguf_file``, the tokenizer
+too), a model folder, or a Hub name with ``model_class_name="AutoModelForCausalLM"`` become
+SAELens's ``HookedProxyLM``, whose hook names are module names (``model.layers.6``).
 """
 
 from __future__ import annotations
@@ -197,9 +202,16 @@ def load_model(
     )
 
 
+_CORPUS_SUFFIXES = (".txt", ".cor", ".bz2")
+
+
 def is_local_dataset(name: str | Path) -> bool:
-    """Whether ``name`` is a ``save_to_disk`` folder or a parquet/jsonl/json/csv file."""
+    """Whether ``name`` is a ``save_to_disk`` folder, a parquet/jsonl/json/csv file, or a text
+    corpus (``.txt``/``.cor``/``.bz2``, read by :func:`sae_adaptive_plugin.corpus.read_documents`
+    into a ``text`` column)."""
     p = Path(name)
+    if p.is_file() and p.suffix.lower() in _CORPUS_SUFFIXES:
+        return True
     if p.is_dir():
         return any(
             (p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -219,6 +231,12 @@ def load_local_dataset(path: str | Path, split: str = "train") -> Any:
                 raise ValueError(f"dataset {p}: no split {split!r}; available splits: {sorted(ds)}")
             ds = ds[split]
         return ds
+    if p.is_file() and p.suffix.lower() in _CORPUS_SUFFIXES:
+        from datasets import Dataset
+
+        from sae_adaptive_plugin.corpus import read_documents
+
+        return Dataset.from_dict({"text": read_documents(p)})
     builder = _FILE_BUILDERS.get(p.suffix.lower())
     if builder is None or not p.is_file():
         raise ValueError(
@@ -237,6 +255,17 @@ def load_dataset_any(name: str, split: str = "train", streaming: bool = False) -
     return load_dataset(name, split=split, streaming=streaming)
 
 
+def model_limits(model: Any) -> tuple[int, int, bool]:
+    """``(d_vocab, n_ctx, default prepend_bos)`` of a ``HookedTransformer`` or ``HookedProxyLM``."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:
+        return int(cfg.d_vocab), int(cfg.n_ctx), bool(getattr(cfg, "default_prepend_bos", True))
+    hf_cfg = model.model.config  # HookedProxyLM wraps a transformers model
+    n_ctx = int(getattr(hf_cfg, "max_position_embeddings", 2048))
+    has_bos = getattr(model.tokenizer, "bos_token_id", None) is not None
+    return int(hf_cfg.vocab_size), n_ctx, has_bos
+
+
 def texts_to_token_lists(model: Any, texts: list[Any], prepend_bos: bool) -> list[list[int]]:
     """Token ids for each text.
 
@@ -248,12 +277,20 @@ def texts_to_token_lists(model: Any, texts: list[Any], prepend_bos: bool) -> lis
     """
     out: list[list[int]] = []
     tokenizer = getattr(model, "tokenizer", None)
-    d_vocab = int(model.cfg.d_vocab)
+    d_vocab = model_limits(model)[0]
+    proxy = getattr(model, "cfg", None) is None  # HookedProxyLM: its to_tokens takes no options
     for text in texts:
         if isinstance(text, (list, tuple)) or hasattr(text, "tolist"):
             ids = [int(t) for t in (text.tolist() if hasattr(text, "tolist") else text)]
         elif not isinstance(text, str):
             raise ValueError(f"text column: expected a string or a list of token ids, got {text!r}")
+        elif proxy:
+            bos = (
+                [tokenizer.bos_token_id]
+                if prepend_bos and tokenizer.bos_token_id is not None
+                else []
+            )
+            ids = bos + list(tokenizer(text, add_special_tokens=False)["input_ids"])
         elif tokenizer is not None:
             ids = model.to_tokens(text, prepend_bos=prepend_bos, truncate=False)[0].tolist()
         else:
