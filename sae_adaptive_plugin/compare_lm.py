@@ -131,10 +131,12 @@ def plot_k_per_token(result: Any, path: Path, n_tokens: int = 60) -> None:
     fig, (ax, ax_s) = plt.subplots(
         2, 1, figsize=(14, 6.5), sharex=True, height_ratios=[2, 1], layout="constrained"
     )
-    for row in _variable_rows(result):
+    rows = _variable_rows(result)
+    for row in rows:
         ax.plot(range(n), result.l0[row["name"]][:n].numpy(), "-o", ms=3, label=row["name"])
     ax.set_ylabel("L0 (active latents)")
-    ax.legend(fontsize=8, loc="upper right")
+    if rows:
+        ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
     ax_s.bar(range(n), result.surprisal[:n].numpy(), color="tab:gray")
     ax_s.set_ylabel("surprisal (nats)")

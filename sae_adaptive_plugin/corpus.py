@@ -58,8 +58,9 @@ def wikitext_to_paragraphs(wikitext: str, min_chars: int = 200) -> list[str]:
     return paragraphs
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """The documents of a corpus file (see the module docstring for the formats)."""
+def read_documents(path: str | Path, min_chars: int = 200) -> list[str]:
+    """The documents of a corpus file (see the module docstring for the formats); a MediaWiki
+    dump's paragraphs shorter than ``min_chars`` are dropped."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text corpus {path} does not exist")
@@ -71,7 +72,9 @@ def read_documents(path: str | Path) -> list[str]:
         raw = path.read_text(encoding="utf-8", errors="replace")
         inner = name
     if "<mediawiki" in raw[:2000]:
-        docs = [p for page in _PAGE_TEXT.findall(raw) for p in wikitext_to_paragraphs(page)]
+        docs = [
+            p for page in _PAGE_TEXT.findall(raw) for p in wikitext_to_paragraphs(page, min_chars)
+        ]
     elif inner.endswith(".jsonl"):
         docs = []
         for number, line in enumerate(raw.splitlines(), start=1):
