@@ -186,8 +186,10 @@ def layer_activations(
                 logits = hf_model(batch).logits
             except _StopForward:
                 continue
-            logp = logits[:, :-1].float().log_softmax(-1)
-            surprisal.append(-logp.gather(-1, batch[:, 1:, None])[..., 0].cpu())
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none"
+            )
+            surprisal.append(nll.cpu())
     finally:
         handle.remove()
     acts = torch.cat(captured).reshape(-1, captured[0].shape[-1])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_lm import LLAMA_D_MODEL, tiny_llama_folder, write_text_corpus
+from tiny_lm import LLAMA_D_MODEL, tiny_llama_folder, tiny_llama_gguf, write_text_corpus
 
 from sae_adaptive_plugin import corpus, local_lm
 from sae_adaptive_plugin.lm_compare import (
@@ -33,6 +33,11 @@ def llama_dir(tmp_path_factory) -> Path:
 def llama(llama_dir):
     model, tokenizer = local_lm.hf_model_and_tokenizer(str(llama_dir))
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def gguf_file(llama_dir, tmp_path_factory) -> Path:
+    return tiny_llama_gguf(llama_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +86,11 @@ def test_truncated_forward_matches_full_and_surprisal_is_the_models(llama, corpo
     model, tokenizer = llama
     tokens = documents_to_sequences(tokenizer, corpus.read_documents(corpora[1]), 90, 16)
     assert tokens.shape == (6, 16) and (tokens[:, 0] == tokenizer.bos_token_id).all()
+    later_calls = []
+    hook = model.model.layers[2].register_forward_hook(lambda *_: later_calls.append(1))
     truncated, none = layer_activations(model, tokens, 1, with_surprisal=False)
+    assert later_calls == []  # the forward stopped after layer 1
+    hook.remove()
     full, surprisal = layer_activations(model, tokens, 1, with_surprisal=True)
     assert none is None and truncated.shape == (6 * 15, LLAMA_D_MODEL)
     torch.testing.assert_close(truncated, full)
@@ -157,13 +166,26 @@ def test_compare_lm_cli_writes_table_json_and_pngs(tmp_path, llama_dir, corpora,
     assert "| adaptivek |" in capsys.readouterr().out
 
 
-def test_train_yaml_on_hf_folder_and_proxy_tokenization(tmp_path, llama_dir, corpora, llama):
+def test_gguf_file_loads_model_and_tokenizer_like_the_folder(gguf_file, llama):
+    model, tokenizer = llama
+    g_model, g_tokenizer = local_lm.hf_model_and_tokenizer(str(gguf_file))
+    text = "the quick brown fox explains latents"
+    ids = tokenizer(text)["input_ids"]
+    assert g_tokenizer(text)["input_ids"] == ids
+    assert g_tokenizer.bos_token_id == tokenizer.bos_token_id
+    x = torch.tensor([[tokenizer.bos_token_id, *ids]])
+    with torch.no_grad():
+        torch.testing.assert_close(g_model(x).logits, model(x).logits)
+
+
+def test_train_and_eval_from_yaml_with_a_gguf_model(tmp_path, gguf_file, corpora, llama):
     import yaml
 
+    from sae_adaptive_plugin.evaluation import evaluate_paths
     from sae_adaptive_plugin.training import train_from_yaml
 
     config = {
-        "model_name": str(llama_dir),
+        "model_name": str(gguf_file),
         "hook_name": "model.layers.1",
         "dataset_path": str(corpora[0]),
         "is_dataset_tokenized": False,
@@ -183,10 +205,16 @@ def test_train_yaml_on_hf_folder_and_proxy_tokenization(tmp_path, llama_dir, cor
     result = train_from_yaml(path)
     meta = json.loads((tmp_path / "final" / "cfg.json").read_text())["metadata"]
     assert meta["model_class_name"] == "AutoModelForCausalLM"
+    assert meta["model_from_pretrained_kwargs"] == {}
     assert meta["hook_name"] == "model.layers.1"
     assert result.sae.cfg.architecture() == "softsae"
+    # eval reloads the GGUF model from the SAE's metadata and runs SAELens's run_evals
+    metrics = evaluate_paths([str(tmp_path / "final")], n_batches=1, batch_size_prompts=4)
+    row = metrics[str(tmp_path / "final")]
+    assert 0 < row["sparsity"]["l0"] <= 32
+    assert math.isfinite(row["model_performance_preservation"]["ce_loss_score"])
     # fit-probe / eval tokenisation of a HookedProxyLM: BOS + the tokenizer's ids
-    proxy = local_lm.load_model(str(llama_dir), hook_names=["model.layers.1"])
+    proxy = local_lm.load_model(str(gguf_file), hook_names=["model.layers.1"])
     _, tokenizer = llama
     ids = local_lm.texts_to_token_lists(proxy, ["the quick fox"], prepend_bos=True)[0]
     assert ids == [tokenizer.bos_token_id, *tokenizer("the quick fox")["input_ids"]]
