@@ -198,23 +198,37 @@ def test_train_and_eval_from_yaml_with_a_gguf_model(tmp_path, gguf_file, corpora
         "n_batches_in_buffer": 4,
         "n_batches_for_norm_estimate": 2,
         "output_path": str(tmp_path / "final"),
-        "sae": {"architecture": "softsae", "d_in": LLAMA_D_MODEL, "d_sae": 32, "k": 4},
+        "sae": {"architecture": "softsae", "d_in": LLAMA_D_MODEL, "d_sae": 32},
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = train_from_yaml(path)
+    result = train_from_yaml(path, overrides=["sae.k=4"])
     meta = json.loads((tmp_path / "final" / "cfg.json").read_text())["metadata"]
     assert meta["model_class_name"] == "AutoModelForCausalLM"
     assert meta["model_from_pretrained_kwargs"] == {}
     assert meta["hook_name"] == "model.layers.1"
     assert result.sae.cfg.architecture() == "softsae"
+    # every other architecture trains from the same YAML (the GGUF model, loaded once here)
+    proxy = local_lm.load_model(str(gguf_file), hook_names=["model.layers.1"])
+    per_arch = {
+        "adaptivek": ["sae.k_min=1", "sae.k_max=8", "sae.probe_warmup_steps=4"],
+        "matryoshka_batchtopk": ["sae.k=4", "sae.matryoshka_widths=[8, 16, 32]"],
+    }
+    for arch in ("topk", "batchtopk", "matryoshka_batchtopk", "hierarchical_topk", "adaptivek"):
+        sets = [
+            f"sae.architecture={arch}",
+            f"output_path={tmp_path / arch}",
+            *per_arch.get(arch, ["sae.k=4"]),
+        ]
+        trained = train_from_yaml(path, overrides=sets, model=proxy)
+        assert trained.sae.cfg.architecture() == arch
+        assert (tmp_path / arch / "cfg.json").is_file()
     # eval reloads the GGUF model from the SAE's metadata and runs SAELens's run_evals
     metrics = evaluate_paths([str(tmp_path / "final")], n_batches=1, batch_size_prompts=4)
     row = metrics[str(tmp_path / "final")]
     assert 0 < row["sparsity"]["l0"] <= 32
     assert math.isfinite(row["model_performance_preservation"]["ce_loss_score"])
     # fit-probe / eval tokenisation of a HookedProxyLM: BOS + the tokenizer's ids
-    proxy = local_lm.load_model(str(gguf_file), hook_names=["model.layers.1"])
     _, tokenizer = llama
     ids = local_lm.texts_to_token_lists(proxy, ["the quick fox"], prepend_bos=True)[0]
     assert ids == [tokenizer.bos_token_id, *tokenizer("the quick fox")["input_ids"]]
