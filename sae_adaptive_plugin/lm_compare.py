@@ -42,8 +42,10 @@ class LMCompareConfig:
         ce_tokens: held-out tokens (from the start) the CE/KL splice is run on.
         context_size: tokens per sequence, BOS included.
         d_sae: SAE width.
-        k: target mean L0 of SoftSAE; also in the TopK sweep.
-        topk_sweep: TopK budgets trained for the curve (HierarchicalTopK evaluated at the same).
+        k: target sparsity of the adaptive SAEs: SoftSAE's target mean L0; AdaptiveK's range
+            ``[k/4, 4k]``.
+        topk_sweep: TopK budgets trained for the curve, besides one TopK at each adaptive SAE's
+            measured mean L0; HierarchicalTopK is trained at the largest and evaluated at all.
         steps, batch_size, lr: SAELens trainer budget, identical for every SAE.
         architectures: which of the six to train.
         seed, device, cache_dir: as named.
@@ -585,7 +587,6 @@ def run_lm_compare(
     l0s: dict[str, torch.Tensor] = {}
     splicers: dict[str, Any] = {}
     fixed_k = cfg.k
-    adaptive_l0: list[float] = []
 
     def record(name: str, arch: str, k_eval: int | None, sae: Any, seconds: float) -> None:
         metrics, l0 = reconstruction_metrics(sae, held_acts)
@@ -615,54 +616,45 @@ def run_lm_compare(
 
         return fn
 
-    # adaptive SAEs first (at cfg.k); the others get their k once those are measured (0 here)
-    plan = [(a, cfg.k) for a in to_run if a in ADAPTIVE_ARCHITECTURES]
-    plan += [(a, 0) for a in to_run if a not in ADAPTIVE_ARCHITECTURES]
-    sweep = sorted(set(cfg.topk_sweep))
-    total = len(plan) + (len(sweep) if "topk" in to_run else 0)
-    done = 0
-    for arch, k in plan:
-        if arch not in ADAPTIVE_ARCHITECTURES and k == 0:
-            if adaptive_l0:
-                fixed_k = max(1, round(sum(adaptive_l0) / len(adaptive_l0)))
-            k = max(sweep) if arch == HIERARCHICAL_ARCHITECTURE else fixed_k
+    def train(arch: str, k: int, folder: str) -> tuple[Any, float]:
+        nonlocal done
         done += 1
         torch.manual_seed(cfg.seed + 1000 * done)
-        log(f"[{done}/{total}] training {arch} (k = {k}) for {cfg.steps} steps")
+        log(f"[{done}] training {arch} (k = {k}) for {cfg.steps} steps")
         sae = build_sae(arch, cfg, d_in, k)
         seconds = train_on_cache(sae, train_acts, cfg)
-        inference = to_inference_sae(
-            sae, out_dir / "saes" / (arch if arch != "topk" else f"topk_k{k}")
-        )
-        if arch == HIERARCHICAL_ARCHITECTURE:
-            big_k = int(inference.cfg.k)
-            for k_eval in sorted({*sweep, min(fixed_k, big_k)}):
-                if k_eval > big_k:
-                    continue
+        return to_inference_sae(sae, out_dir / "saes" / folder), seconds
+
+    done = 0
+    # adaptive SAEs first; the fixed-k SAEs are then matched to their measured mean L0: TopK at
+    # each adaptive SAE's L0 (besides the sweep), BatchTopK / Matryoshka at the mean of those
+    matched_k: dict[str, int] = {}
+    for arch in (a for a in to_run if a in ADAPTIVE_ARCHITECTURES):
+        inference, seconds = train(arch, cfg.k, arch)
+        record(arch, arch, None, inference, seconds)
+        splicers[arch] = splicer(inference, None)
+        matched_k[arch] = max(1, round(rows[-1]["l0_mean"]))
+    if matched_k:
+        fixed_k = max(1, round(sum(r["l0_mean"] for r in rows) / len(rows)))
+    topk_ks = sorted({*cfg.topk_sweep, *matched_k.values()})
+    for arch in (a for a in to_run if a not in ADAPTIVE_ARCHITECTURES):
+        if arch == "topk":
+            for k in topk_ks:
+                inference, seconds = train(arch, k, f"topk_k{k}")
+                record(f"topk@k={k}", arch, k, inference, seconds)
+                splicers[f"topk@k={k}"] = splicer(inference, None)
+        elif arch == HIERARCHICAL_ARCHITECTURE:
+            inference, seconds = train(arch, max(topk_ks), arch)
+            for k_eval in sorted({*topk_ks, fixed_k}):
                 inference.cfg.k = k_eval
                 name = f"{arch}@k={k_eval}"
                 record(name, arch, k_eval, inference, seconds)
                 splicers[name] = splicer(inference, k_eval)
-            inference.cfg.k = big_k
+            inference.cfg.k = max(topk_ks)
         else:
-            name = arch if arch != "topk" else f"topk@k={k}"
-            k_eval = None if arch in ADAPTIVE_ARCHITECTURES else k
-            record(name, arch, k_eval, inference, seconds)
-            splicers[name] = splicer(inference, None)
-            if arch in ADAPTIVE_ARCHITECTURES:
-                adaptive_l0.append(rows[-1]["l0_mean"])
-        if arch == "topk":
-            for k_sweep in sweep:
-                if k_sweep == k:
-                    continue
-                done += 1
-                torch.manual_seed(cfg.seed + 1000 * done)
-                log(f"[{done}/{total}] training topk (k = {k_sweep}) for {cfg.steps} steps")
-                sweep_sae = build_sae("topk", cfg, d_in, k_sweep)
-                secs = train_on_cache(sweep_sae, train_acts, cfg)
-                inf = to_inference_sae(sweep_sae, out_dir / "saes" / f"topk_k{k_sweep}")
-                record(f"topk@k={k_sweep}", "topk", k_sweep, inf, secs)
-                splicers[f"topk@k={k_sweep}"] = splicer(inf, None)
+            inference, seconds = train(arch, fixed_k, arch)
+            record(arch, arch, fixed_k, inference, seconds)
+            splicers[arch] = splicer(inference, None)
 
     n_ce = max(1, min(held.tokens.shape[0], math.ceil(cfg.ce_tokens / (cfg.context_size - 1))))
     log(f"CE/KL: splicing {len(splicers)} SAEs into the model on {n_ce} held-out sequences")
@@ -676,6 +668,7 @@ def run_lm_compare(
         "n_layers": n_layers,
         "d_in": d_in,
         "fixed_k": fixed_k,
+        "matched_k": matched_k,
         "train_tokens": int(train_acts.shape[0]),
         "heldout_tokens": int(held_acts.shape[0]),
         "ce_tokens": int(n_ce * (cfg.context_size - 2)),

@@ -154,8 +154,9 @@ def test_compare_lm_cli_writes_table_json_and_pngs(tmp_path, llama_dir, corpora,
     assert main(args) == 0
     payload = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in payload["results"]]
-    fixed_k = payload["info"]["fixed_k"]
-    assert names[0] == "adaptivek" and f"topk@k={fixed_k}" in names
+    matched = payload["info"]["matched_k"]["adaptivek"]
+    assert names[0] == "adaptivek" and f"topk@k={matched}" in names
+    assert f"hierarchical_topk@k={matched}" in names
     assert {"topk@k=2", "topk@k=4", "hierarchical_topk@k=2", "hierarchical_topk@k=4"} <= set(names)
     for row in payload["results"]:
         for key in RESULT_KEYS:
