@@ -140,6 +140,7 @@ def test_splice_identity_scores_one_and_zero_ablation_scores_zero(llama, corpora
     assert scores["noise"]["kl_div"] > 1e-4
 
 
+@pytest.mark.slow
 def test_compare_lm_cli_writes_table_json_and_pngs(tmp_path, llama_dir, corpora, capsys):
     from sae_adaptive_plugin.cli import main
 
@@ -179,6 +180,7 @@ def test_gguf_file_loads_model_and_tokenizer_like_the_folder(gguf_file, llama):
         torch.testing.assert_close(g_model(x).logits, model(x).logits)
 
 
+@pytest.mark.slow
 def test_train_and_eval_from_yaml_with_a_gguf_model(tmp_path, gguf_file, corpora, llama):
     import yaml
 
