@@ -30,7 +30,7 @@ CACHE_VERSION = 1
 
 @dataclass
 class LMCompareConfig:
-    """One real-model comparison (defaults: the ``make demo-lm`` run, ≤ 20 min on 2 CPU cores).
+    """One real-model comparison (defaults: the ``make demo-lm`` run; its time: docs/compare_lm.md).
 
     Attributes:
         model: a ``.gguf`` file, a Hugging Face model folder, or a Hub name.
