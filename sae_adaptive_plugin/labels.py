@@ -92,10 +92,8 @@ class _TextSource:
         from sae_adaptive_plugin import local_lm
         from sae_adaptive_plugin.probe_cli import collect_activations
 
-        prepend_bos = self.prepend_bos
-        if prepend_bos is None:
-            prepend_bos = bool(getattr(self.model.cfg, "default_prepend_bos", True))
-        n_ctx = int(self.model.cfg.n_ctx)
+        _, n_ctx, default_bos = local_lm.model_limits(self.model)
+        prepend_bos = default_bos if self.prepend_bos is None else self.prepend_bos
         ctx = int(self.context_size or n_ctx)
         if not 1 <= ctx <= n_ctx:
             raise ValueError(f"context_size must be in [1, n_ctx={n_ctx}], got {ctx}")

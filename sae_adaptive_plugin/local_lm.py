@@ -19,7 +19,12 @@ It exists so that the commands can run offline on tiny random models in tests; a
 (see :func:`texts_to_token_lists`).
 
 Local datasets: a folder written by ``datasets.Dataset.save_to_disk`` (or ``DatasetDict``; the
-requested split is taken), or a ``.parquet``, ``.jsonl``/``.json`` or ``.csv`` file.
+requested split is taken), a ``.parquet``, ``.jsonl``/``.json`` or ``.csv`` file, or a text corpus
+(``.txt``/``.cor`` one document per line, ``.bz2`` incl. a MediaWiki dump) as a ``text`` column.
+
+Hugging Face models: a ``.gguf`` file (loaded from its folder with ``gguf_file``, the tokenizer
+too), a model folder, or a Hub name with ``model_class_name="AutoModelForCausalLM"`` become
+SAELens's ``HookedProxyLM``, whose hook names are module names (``model.layers.6``).
 """
 
 from __future__ import annotations
@@ -101,6 +106,69 @@ def load_local_model(path: str | Path, device: str = "cpu") -> Any:
     return model
 
 
+def is_gguf_file(name: str | Path) -> bool:
+    """Whether ``name`` is a GGUF model file."""
+    return str(name).lower().endswith(".gguf") and Path(name).is_file()
+
+
+def is_hf_folder(name: str | Path) -> bool:
+    """Whether ``name`` is a Hugging Face model folder (``config.json`` or a ``.gguf`` inside)."""
+    p = Path(name)
+    return p.is_dir() and ((p / "config.json").is_file() or any(p.glob("*.gguf")))
+
+
+def uses_hf_causal_lm(name: str, model_from_pretrained_kwargs: dict[str, Any] | None) -> bool:
+    """Whether ``name`` can only be SAELens's ``AutoModelForCausalLM`` path (a GGUF file, an HF
+    folder, or ``gguf_file`` in the kwargs); Hub names need ``model_class_name`` said explicitly."""
+    return (
+        is_gguf_file(name)
+        or (is_hf_folder(name) and not is_local_model(name))
+        or "gguf_file" in (model_from_pretrained_kwargs or {})
+    )
+
+
+def hf_pretrained_args(
+    name: str, model_from_pretrained_kwargs: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """``(name_or_folder, kwargs)`` for ``from_pretrained``: a ``.gguf`` file becomes its folder
+    plus ``gguf_file``; a folder holding exactly one ``.gguf`` and no ``config.json`` gets it."""
+    kwargs = dict(model_from_pretrained_kwargs or {})
+    p = Path(name)
+    if is_gguf_file(p):
+        if kwargs.get("gguf_file", p.name) != p.name:
+            raise ValueError(
+                f"model_name {name} is a GGUF file but model_from_pretrained_kwargs.gguf_file "
+                f"is {kwargs['gguf_file']!r}"
+            )
+        kwargs["gguf_file"] = p.name
+        return str(p.parent), kwargs
+    if p.is_dir() and not (p / "config.json").is_file() and "gguf_file" not in kwargs:
+        ggufs = sorted(q.name for q in p.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ValueError(
+                f"model folder {p}: no config.json and {len(ggufs)} .gguf files {ggufs}; name "
+                "the file (model_name: path/to/file.gguf)"
+            )
+        kwargs["gguf_file"] = ggufs[0]
+    return str(name), kwargs
+
+
+def hf_model_and_tokenizer(
+    name: str, device: str = "cpu", model_from_pretrained_kwargs: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
+    """``AutoModelForCausalLM`` and its tokenizer, both with ``gguf_file`` when there is one
+    (SAELens's own loader reads the tokenizer without it, which fails for a GGUF-only folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, kwargs = hf_pretrained_args(name, model_from_pretrained_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if kwargs.get("device_map") is None:
+        model = model.to(device)
+    tokenizer_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+    return model, tokenizer
+
+
 def load_model(
     name: str,
     device: str = "cpu",
@@ -108,9 +176,18 @@ def load_model(
     model_from_pretrained_kwargs: dict[str, Any] | None = None,
     hook_names: list[str] | None = None,
 ) -> Any:
-    """A local-format folder, or else SAELens's own ``load_model`` (Hub / TransformerLens names)."""
+    """A local-format folder; a GGUF file or HF folder as SAELens's ``HookedProxyLM`` (hook names
+    are module names, e.g. ``model.layers.6``); else SAELens's own ``load_model`` (Hub names,
+    with ``model_class_name="AutoModelForCausalLM"`` for non-TransformerLens models)."""
     if is_local_model(name):
         return load_local_model(name, device=device)
+    if model_class_name == "AutoModelForCausalLM" or uses_hf_causal_lm(
+        name, model_from_pretrained_kwargs
+    ):
+        from sae_lens.load_model import HookedProxyLM
+
+        model, tokenizer = hf_model_and_tokenizer(name, device, model_from_pretrained_kwargs)
+        return HookedProxyLM(model, tokenizer, hook_names=hook_names)
     from sae_lens.load_model import load_model as sae_lens_load_model
 
     kwargs = model_from_pretrained_kwargs
@@ -125,9 +202,16 @@ def load_model(
     )
 
 
+_CORPUS_SUFFIXES = (".txt", ".cor", ".bz2")
+
+
 def is_local_dataset(name: str | Path) -> bool:
-    """Whether ``name`` is a ``save_to_disk`` folder or a parquet/jsonl/json/csv file."""
+    """Whether ``name`` is a ``save_to_disk`` folder, a parquet/jsonl/json/csv file, or a text
+    corpus (``.txt``/``.cor``/``.bz2``, read by :func:`sae_adaptive_plugin.corpus.read_documents`
+    into a ``text`` column)."""
     p = Path(name)
+    if p.is_file() and p.suffix.lower() in _CORPUS_SUFFIXES:
+        return True
     if p.is_dir():
         return any(
             (p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -147,6 +231,12 @@ def load_local_dataset(path: str | Path, split: str = "train") -> Any:
                 raise ValueError(f"dataset {p}: no split {split!r}; available splits: {sorted(ds)}")
             ds = ds[split]
         return _non_empty(ds, p)
+    if p.is_file() and p.suffix.lower() in _CORPUS_SUFFIXES:
+        from datasets import Dataset
+
+        from sae_adaptive_plugin.corpus import read_documents
+
+        return _non_empty(Dataset.from_dict({"text": read_documents(p)}), p)
     builder = _FILE_BUILDERS.get(p.suffix.lower())
     if builder is None or not p.is_file():
         raise ValueError(
@@ -180,6 +270,17 @@ def load_dataset_any(name: str, split: str = "train", streaming: bool = False) -
     return load_dataset(name, split=split, streaming=streaming)
 
 
+def model_limits(model: Any) -> tuple[int, int, bool]:
+    """``(d_vocab, n_ctx, default prepend_bos)`` of a ``HookedTransformer`` or ``HookedProxyLM``."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:
+        return int(cfg.d_vocab), int(cfg.n_ctx), bool(getattr(cfg, "default_prepend_bos", True))
+    hf_cfg = model.model.config  # HookedProxyLM wraps a transformers model
+    n_ctx = int(getattr(hf_cfg, "max_position_embeddings", 2048))
+    has_bos = getattr(model.tokenizer, "bos_token_id", None) is not None
+    return int(hf_cfg.vocab_size), n_ctx, has_bos
+
+
 def texts_to_token_lists(model: Any, texts: list[Any], prepend_bos: bool) -> list[list[int]]:
     """Token ids for each text.
 
@@ -191,12 +292,20 @@ def texts_to_token_lists(model: Any, texts: list[Any], prepend_bos: bool) -> lis
     """
     out: list[list[int]] = []
     tokenizer = getattr(model, "tokenizer", None)
-    d_vocab = int(model.cfg.d_vocab)
+    d_vocab = model_limits(model)[0]
+    proxy = getattr(model, "cfg", None) is None  # HookedProxyLM: its to_tokens takes no options
     for text in texts:
         if isinstance(text, (list, tuple)) or hasattr(text, "tolist"):
             ids = [int(t) for t in (text.tolist() if hasattr(text, "tolist") else text)]
         elif not isinstance(text, str):
             raise ValueError(f"text column: expected a string or a list of token ids, got {text!r}")
+        elif proxy:
+            bos = (
+                [tokenizer.bos_token_id]
+                if prepend_bos and tokenizer.bos_token_id is not None
+                else []
+            )
+            ids = bos + list(tokenizer(text, add_special_tokens=False)["input_ids"])
         elif tokenizer is not None:
             ids = model.to_tokens(text, prepend_bos=prepend_bos, truncate=False)[0].tolist()
         else:

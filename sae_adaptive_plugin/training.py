@@ -25,8 +25,9 @@ the registered ones. Differences from constructing the dataclass directly, all f
 default to the top-level ``device``/``dtype``; a float field accepts ``3e-4`` (which YAML 1.1 reads
 as a string) and an int field accepts an integral float such as ``5e6``.
 
-``model_name`` may be a folder in this package's local model format and ``dataset_path`` a local
-dataset (see :mod:`sae_adaptive_plugin.local_lm`); they are loaded here and handed to the runner as
+``model_name`` may be a folder in this package's local model format, a ``.gguf`` file or a
+Hugging Face model folder (SAELens's ``AutoModelForCausalLM`` path, hook names such as
+``model.layers.6``), and ``dataset_path`` a local dataset (see :mod:`sae_adaptive_plugin.local_lm`); they are loaded here and handed to the runner as
 ``override_model`` / ``override_dataset`` (a local dataset is memory-mapped, so ``streaming`` does
 not apply to it). Any other name goes through SAELens's loading unchanged.
 
@@ -471,6 +472,26 @@ def run_training(
 
     if model is None and local_lm.is_local_model(cfg.model_name):
         model = local_lm.load_local_model(cfg.model_name, device=cfg.llm_device or cfg.device)
+    elif model is None and (
+        cfg.model_class_name == "AutoModelForCausalLM"
+        or local_lm.uses_hf_causal_lm(cfg.model_name, cfg.model_from_pretrained_kwargs)
+    ):
+        # a GGUF file / HF folder / Hub name as SAELens's HookedProxyLM, with the tokenizer read
+        # through gguf_file too (SAELens's own loader reads it without)
+        cfg.model_class_name = "AutoModelForCausalLM"
+        # SAELens's runner default {"center_writing_weights": False} is TransformerLens-only
+        cfg.model_from_pretrained_kwargs = {
+            k: v
+            for k, v in (cfg.model_from_pretrained_kwargs or {}).items()
+            if k != "center_writing_weights"
+        }
+        model = local_lm.load_model(
+            cfg.model_name,
+            device=cfg.llm_device or cfg.device,
+            model_class_name="AutoModelForCausalLM",
+            model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
+            hook_names=[cfg.hook_name],
+        )
     if dataset is None and cfg.dataset_path and local_lm.is_local_dataset(cfg.dataset_path):
         try:
             dataset = local_lm.load_local_dataset(cfg.dataset_path)

@@ -421,7 +421,11 @@ def test_example_configs_validate():
     archs = set()
     for path in examples:
         cfg = build_runner_config(load_config_mapping(path))
-        assert cfg.sae.d_in == 512 and cfg.hook_name == "blocks.3.hook_resid_post"
+        if path.name.startswith("smollm2"):  # the local GGUF model, SAELens's HF hook names
+            assert cfg.sae.d_in == 576 and cfg.hook_name == "model.layers.6"
+            assert cfg.model_name.endswith(".gguf")
+        else:
+            assert cfg.sae.d_in == 512 and cfg.hook_name == "blocks.3.hook_resid_post"
         archs.add(cfg.sae.architecture())
     assert {*OURS, "topk"} <= archs
 

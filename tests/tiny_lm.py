@@ -191,3 +191,134 @@ def run_evals_on(sae: Any, n_eval_batches: int = 2) -> dict[str, Any]:
         exclude_special_tokens=False,
     )
     return metrics
+
+
+# ---- a tiny random-weight Llama as a Hugging Face folder (for the AutoModelForCausalLM path) ----
+
+LLAMA_LAYERS = 3
+LLAMA_D_MODEL = 32
+TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Sparse autoencoders read activations of a model "
+    "and explain them with few latents; some tokens need many, others few. "
+)
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on a few sentences (no download), BOS/EOS defined."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([TINY_TEXT] * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+
+
+def tiny_llama_folder(path: Path, seed: int = 0) -> Path:
+    """Write a random-weight ``LlamaForCausalLM`` (3 layers, d_model 32) and its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=LLAMA_D_MODEL,
+        intermediate_size=64,
+        num_hidden_layers=LLAMA_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg)
+    path = Path(path)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def write_text_corpus(path: Path, n_docs: int = 40, seed: int = 0) -> Path:
+    """A one-document-per-line text file of shuffled sentences."""
+    import random
+
+    rng = random.Random(seed)
+    words = TINY_TEXT.split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(n_docs)]
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's rotary layout of q/k rows (transformers undoes it when it reads a GGUF)."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def tiny_llama_gguf(hf_dir: Path, path: Path) -> Path:
+    """Write the tiny Llama folder ``hf_dir`` as a float32 GGUF file with its BPE tokenizer."""
+    import gguf
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(hf_dir))
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    cfg = model.config
+    spec = json.loads(tok.backend_tokenizer.to_str())["model"]
+    vocab = sorted(spec["vocab"].items(), key=lambda kv: kv[1])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["merges"]]
+    specials = {tok.bos_token_id, tok.eos_token_id}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([3 if i in specials else 1 for _, i in vocab])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tok.bos_token_id)
+    writer.add_eos_token_id(tok.eos_token_id)
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
+    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].numpy())
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in names.items():
+            w = state[f"model.layers.{i}.{hf}.weight"]
+            if gg == "attn_q":
+                w = _permute_qk(w, cfg.num_attention_heads)
+            elif gg == "attn_k":
+                w = _permute_qk(w, cfg.num_key_value_heads)
+            writer.add_tensor(f"blk.{i}.{gg}.weight", w.contiguous().numpy())
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

@@ -1,0 +1,697 @@
+"""``sae-adaptive compare --lm``: adaptive vs fixed-k SAEs on one layer of a real language model.
+
+Activations of the decoder layer ``layer`` (SAELens's HF hook name ``model.layers.<layer>``, the
+residual stream after that block) are cached on a training corpus — running only the first
+``layer + 1`` blocks — and on a different, held-out corpus with the full model, keeping each
+token's surprisal ``−log p(x_t | x_<t)`` beside its activation. Sequences are ``context_size``
+tokens, a BOS token first; BOS positions are not used. Every SAE is trained by SAELens's
+``SAETrainer`` on the same seeded batches of the training cache, saved in SAELens's inference
+format and reloaded, then evaluated on the held-out tokens: explained variance, L0 mean/std,
+dead latents, Spearman of per-token L0 against surprisal / position / activation norm, and the
+CE-loss score ``(CE_zero − CE_sae) / (CE_zero − CE_clean)`` and KL(clean ‖ spliced) with the
+reconstruction spliced into the full model at every non-BOS position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class LMCompareConfig:
+    """One real-model comparison (defaults: the ``make demo-lm`` run; its time: docs/compare_lm.md).
+
+    Attributes:
+        model: a ``.gguf`` file, a Hugging Face model folder, or a Hub name.
+        layer: decoder layer whose output (residual stream) the SAEs read.
+        text: training corpus file (see :mod:`sae_adaptive_plugin.corpus`).
+        heldout_text: a different corpus for evaluation.
+        train_tokens: training tokens cached (BOS excluded).
+        heldout_tokens: held-out tokens cached and evaluated (BOS excluded).
+        ce_tokens: held-out tokens (from the start) the CE/KL splice is run on.
+        context_size: tokens per sequence, BOS included.
+        d_sae: SAE width.
+        k: target sparsity of the adaptive SAEs: SoftSAE's target mean L0; AdaptiveK's range
+            ``[k/4, 4k]``.
+        topk_sweep: TopK budgets trained for the curve, besides one TopK at each adaptive SAE's
+            measured mean L0; HierarchicalTopK is trained at the largest and evaluated at all.
+        steps, batch_size, lr: SAELens trainer budget, identical for every SAE.
+        architectures: which of the six to train.
+        seed, device, cache_dir: as named.
+        overrides: per-architecture config fields (``{"adaptivek": {"target_fvu": 0.2}}``).
+    """
+
+    model: str = ""
+    layer: int = 6
+    text: str = ""
+    heldout_text: str = ""
+    train_tokens: int = 65_536
+    heldout_tokens: int = 8_192
+    ce_tokens: int = 2_048
+    context_size: int = 128
+    d_sae: int = 1024
+    k: int = 32
+    topk_sweep: tuple[int, ...] = (8, 16, 32, 64)
+    steps: int = 256
+    batch_size: int = 256
+    lr: float = 2e-3
+    architectures: tuple[str, ...] = ()
+    seed: int = 0
+    device: str = "cpu"
+    cache_dir: str = "runs/lm_cache"
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field."""
+        from sae_adaptive_plugin.synthetic import ALL_ARCHITECTURES
+
+        for name in ("model", "text", "heldout_text"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: required")
+        for name in ("text", "heldout_text"):
+            if not Path(getattr(self, name)).is_file():
+                raise ValueError(f"{name}: file {getattr(self, name)} does not exist")
+        for name, low in (
+            ("layer", 0),
+            ("train_tokens", 1),
+            ("heldout_tokens", 2),
+            ("ce_tokens", 1),
+            ("context_size", 3),
+            ("d_sae", 2),
+            ("k", 1),
+            ("steps", 1),
+            ("batch_size", 1),
+        ):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not self.topk_sweep or any(not 1 <= k <= self.d_sae for k in self.topk_sweep):
+            raise ValueError(
+                f"topk_sweep: each k in [1, d_sae={self.d_sae}], got {self.topk_sweep}"
+            )
+        if self.k > self.d_sae:
+            raise ValueError(f"k must be <= d_sae={self.d_sae}, got {self.k}")
+        unknown = [a for a in self.architectures if a not in ALL_ARCHITECTURES]
+        if unknown:
+            raise ValueError(f"architectures: unknown {unknown}; allowed: {ALL_ARCHITECTURES}")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {self.device!r} requested but CUDA is not available")
+
+
+# --------------------------------------------------------------------------------------------
+# Model and tokens
+# --------------------------------------------------------------------------------------------
+
+
+def hook_name(layer: int) -> str:
+    """SAELens's ``HookedProxyLM`` hook name of a decoder layer's output (Llama-style models)."""
+    return f"model.layers.{layer}"
+
+
+def decoder_layers(hf_model: Any) -> Any:
+    """The decoder blocks of a causal LM (``model.layers`` of Llama/Mistral/Qwen-style models)."""
+    layers = getattr(getattr(hf_model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(hf_model).__name__}: no model.layers (not a Llama-style model)")
+    return layers
+
+
+def documents_to_sequences(
+    tokenizer: Any, documents: list[str], n_tokens: int, context_size: int
+) -> torch.Tensor:
+    """``[n_seq, context_size]`` token ids: BOS + ``context_size − 1`` tokens of the documents'
+    stream (documents separated by EOS), enough sequences for ``n_tokens`` non-BOS tokens."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    body = context_size - 1
+    n_seq = math.ceil(n_tokens / body)
+    needed = n_seq * body
+    stream: list[int] = []
+    for doc in documents:
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        stream.extend([*ids, sep])
+        if len(stream) >= needed:
+            break
+    if len(stream) < needed:
+        raise ValueError(
+            f"the corpus has {len(stream)} tokens; {needed} are needed "
+            f"({n_tokens} tokens in sequences of {context_size}): use a bigger text or fewer tokens"
+        )
+    body_ids = torch.tensor(stream[:needed], dtype=torch.long).view(n_seq, body)
+    return torch.cat([torch.full((n_seq, 1), bos, dtype=torch.long), body_ids], dim=1)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer_activations(
+    hf_model: Any,
+    tokens: torch.Tensor,
+    layer: int,
+    with_surprisal: bool,
+    batch_size: int = 16,
+    progress: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Layer ``layer``'s output for every non-BOS token, ``[n_seq·(ctx−1), d]``, and (full model
+    only) each token's surprisal. Without surprisal the forward stops after ``layer``."""
+    from tqdm.auto import tqdm
+
+    device = next(hf_model.parameters()).device
+    captured: list[torch.Tensor] = []
+
+    def capture(module: Any, inputs: Any, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        captured.append(hidden[:, 1:].float().cpu())
+        if not with_surprisal:
+            raise _StopForward
+
+    handle = decoder_layers(hf_model)[layer].register_forward_hook(capture)
+    surprisal = []
+    try:
+        for start in tqdm(
+            range(0, tokens.shape[0], batch_size), desc=progress, disable=not progress
+        ):
+            batch = tokens[start : start + batch_size].to(device)
+            try:
+                logits = hf_model(batch).logits
+            except _StopForward:
+                continue
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none"
+            )
+            surprisal.append(nll.cpu())
+    finally:
+        handle.remove()
+    acts = torch.cat(captured).reshape(-1, captured[0].shape[-1])
+    return acts, (torch.cat(surprisal).reshape(-1) if with_surprisal else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation cache (safetensors, keyed on model / layer / text / token count)
+# --------------------------------------------------------------------------------------------
+
+
+def _file_fingerprint(path: str) -> str:
+    p = Path(path)
+    if p.is_file():
+        digest = hashlib.sha256()
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return f"{p.resolve()}:{digest.hexdigest()[:16]}"
+    return str(path)  # a Hub name or a folder: the name is the key
+
+
+def cache_key(model: str, layer: int, text: str, n_tokens: int, context_size: int, split: str):
+    """The cache file's identity: what went in, hashed (model/text files by content)."""
+    return {
+        "version": CACHE_VERSION,
+        "model": _file_fingerprint(model),
+        "layer": layer,
+        "text": _file_fingerprint(text),
+        "n_tokens": n_tokens,
+        "context_size": context_size,
+        "split": split,
+    }
+
+
+@dataclass
+class ActivationCache:
+    """Cached tokens and layer activations of one corpus (``surprisal`` for the held-out one)."""
+
+    tokens: torch.Tensor  # [n_seq, ctx]
+    acts: torch.Tensor  # [n_seq·(ctx−1), d]; row order = sequence-major, positions 1..ctx−1
+    surprisal: torch.Tensor | None
+    path: Path
+    reused: bool
+
+    @property
+    def positions(self) -> torch.Tensor:
+        ctx = self.tokens.shape[1]
+        return torch.arange(1, ctx).repeat(self.tokens.shape[0])
+
+
+def cached_activations(
+    key: dict[str, Any],
+    cache_dir: Path,
+    compute: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    log: Callable[[str], None] = print,
+) -> ActivationCache:
+    """Load the cache file for ``key`` or run ``compute() -> (tokens, acts, surprisal)`` and
+    write it. The key is stored in the file's metadata and checked on load."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    blob = json.dumps(key, sort_keys=True)
+    path = (
+        Path(cache_dir)
+        / f"{key['split']}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.safetensors"
+    )
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            stored = (f.metadata() or {}).get("key")
+        if stored == blob:
+            tensors = load_file(str(path))
+            log(f"reusing activation cache {path}")
+            return ActivationCache(
+                tensors["tokens"], tensors["acts"], tensors.get("surprisal"), path, True
+            )
+        log(f"cache {path} has a different key; recomputing")
+    tokens, acts, surprisal = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"tokens": tokens.contiguous(), "acts": acts.contiguous()}
+    if surprisal is not None:
+        tensors["surprisal"] = surprisal.contiguous()
+    save_file(tensors, str(path), metadata={"key": blob})
+    log(f"wrote activation cache {path} ({acts.shape[0]} tokens × {acts.shape[1]})")
+    return ActivationCache(tokens, acts, surprisal, path, False)
+
+
+# --------------------------------------------------------------------------------------------
+# Training on cached activations
+# --------------------------------------------------------------------------------------------
+
+
+class CachedBatches(Iterator[torch.Tensor]):
+    """Seeded shuffled batches over cached activations (a new permutation each epoch): two
+    iterators with the same seed yield the same batches, so every SAE sees the same stream."""
+
+    def __init__(self, acts: torch.Tensor, batch_size: int, seed: int, device: str) -> None:
+        self.acts, self.batch_size, self.device = acts, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.long)
+        self._pos = 0
+
+    def __next__(self) -> torch.Tensor:
+        if self._pos + self.batch_size > self._order.numel():
+            self._order = torch.randperm(self.acts.shape[0], generator=self.generator)
+            self._pos = 0
+        index = self._order[self._pos : self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return self.acts[index].to(self.device)
+
+
+def sae_settings(architecture: str, cfg: LMCompareConfig, k: int) -> dict[str, Any]:
+    """The fields this comparison sets: the budget ``k`` and the step-counted schedules scaled
+    to the run (the defaults assume runs of thousands of steps); all else is the default."""
+    steps = cfg.steps
+    settings: dict[str, Any] = {"normalize_activations": "expected_average_only_in"}
+    if architecture in ("topk", "batchtopk", "hierarchical_topk"):
+        settings["k"] = k
+    elif architecture == "matryoshka_batchtopk":
+        w = cfg.d_sae
+        settings.update(k=k, matryoshka_widths=sorted({w // 8, w // 4, w // 2, w}))
+    elif architecture == "softsae":
+        settings.update(
+            k=k,
+            alpha_anneal_steps=max(1, steps // 3),
+            k_anneal_steps=max(1, steps // 100),
+            hard_topk_start_step=max(1, (9 * steps) // 10),
+        )
+    elif architecture == "adaptivek":
+        # no target-mean field: the range [k/4, 4k] around the target, k* labels at the default
+        # target_fvu set where in it each token lands
+        settings.update(
+            k=k,
+            k_min=max(1, k // 4),
+            k_max=min(cfg.d_sae, 4 * k),
+            probe_warmup_steps=max(2, steps // 4),
+        )
+    return settings
+
+
+def build_sae(architecture: str, cfg: LMCompareConfig, d_in: int, k: int) -> Any:
+    """A fresh training SAE from SAELens's registry with :func:`sae_settings` and overrides."""
+    import dataclasses
+
+    from sae_lens.registry import get_sae_training_class
+
+    sae_class, cfg_class = get_sae_training_class(architecture)
+    allowed = {f.name for f in dataclasses.fields(cfg_class)}
+    kwargs = {k_: v for k_, v in sae_settings(architecture, cfg, k).items() if k_ in allowed}
+    for key, value in cfg.overrides.get(architecture, {}).items():
+        if key not in allowed:
+            raise ValueError(
+                f"overrides[{architecture!r}]: {key!r} is not a field of {cfg_class.__name__}"
+            )
+        kwargs[key] = value
+    return sae_class(cfg_class(d_in=d_in, d_sae=cfg.d_sae, device=cfg.device, **kwargs))
+
+
+def train_on_cache(sae: Any, acts: torch.Tensor, cfg: LMCompareConfig) -> float:
+    """SAELens ``SAETrainer`` on :class:`CachedBatches`; returns wall seconds."""
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=cfg.steps * cfg.batch_size,
+        train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr,
+        lr_end=cfg.lr,
+        lr_warm_up_steps=min(50, cfg.steps - 1),
+        device=cfg.device,
+        dead_feature_window=max(10, min(1000, cfg.steps // 5)),
+        feature_sampling_window=max(10, cfg.steps),
+        logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=10,
+    )
+    batches = CachedBatches(acts, cfg.batch_size, cfg.seed, cfg.device)
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches)
+    start = time.perf_counter()
+    trainer.fit()
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: Any, acts: torch.Tensor, batch_size: int = 4096):
+    """(metrics, per-token L0) of an inference SAE: EV, MSE, cosine, L0 mean/std, dead latents."""
+    from sae_lens.evals import ExplainedVarianceCalculator
+    from sae_lens.synthetic import DeadLatentsCalculator
+
+    sae.eval()
+    ev = ExplainedVarianceCalculator()
+    dead = DeadLatentsCalculator(sae.cfg.d_sae)
+    l0, sq, cos = [], [], []
+    device = sae.W_dec.device
+    for start in range(0, acts.shape[0], batch_size):
+        x = acts[start : start + batch_size].to(device)
+        f = sae.encode(x)
+        x_hat = sae.decode(f)
+        ev.add_batch(x_hat, x)
+        dead.add_batch(f)
+        l0.append((f != 0).sum(-1).float().cpu())
+        sq.append((x - x_hat).pow(2).sum(-1).cpu())
+        cos.append(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).cpu())
+    l0_t = torch.cat(l0)
+    return {
+        "explained_variance": float(ev.compute()),
+        "mse": float(torch.cat(sq).mean()),
+        "cosine_similarity": float(torch.cat(cos).mean()),
+        "l0_mean": float(l0_t.mean()),
+        "l0_std": float(l0_t.std()),
+        "dead_latents": int(dead.compute()),
+    }, l0_t
+
+
+@torch.no_grad()
+def splice_scores(
+    hf_model: Any,
+    tokens: torch.Tensor,
+    layer: int,
+    saes: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    batch_size: int = 8,
+    progress: str | None = "CE/KL splice",
+) -> dict[str, dict[str, float]]:
+    """CE loss, CE-loss score and KL(clean ‖ spliced) of each SAE's reconstruction spliced into
+    layer ``layer``'s output at every non-BOS position (BOS keeps its own activation).
+
+    ``saes`` maps a name to ``x -> x̂``. Per batch: one clean and one zero-ablated forward, then
+    one spliced forward per SAE. Losses average next-token predictions from positions 1..ctx−2.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(hf_model.parameters()).device
+    replace: list[Callable[[torch.Tensor], torch.Tensor] | None] = [None]
+
+    def splice(module: Any, inputs: Any, output: Any) -> Any:
+        if replace[0] is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = hidden.clone()
+        body = hidden[:, 1:]
+        new[:, 1:] = replace[0](body.reshape(-1, body.shape[-1])).reshape(body.shape).to(new.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    def run(batch: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor] | None):
+        replace[0] = fn
+        logp = hf_model(batch).logits[:, 1:-1].float().log_softmax(-1)
+        ce = -logp.gather(-1, batch[:, 2:, None])[..., 0]
+        return logp, ce
+
+    sums: dict[str, dict[str, float]] = {
+        n: {"ce": 0.0, "kl": 0.0} for n in ["clean", "zero", *saes]
+    }
+    count = 0
+    handle = decoder_layers(hf_model)[layer].register_forward_hook(splice)
+    try:
+        for start in tqdm(
+            range(0, tokens.shape[0], batch_size), desc=progress, disable=not progress
+        ):
+            batch = tokens[start : start + batch_size].to(device)
+            clean_logp, clean_ce = run(batch, None)
+            sums["clean"]["ce"] += float(clean_ce.sum())
+            count += clean_ce.numel()
+            for name, fn in [("zero", torch.zeros_like), *saes.items()]:
+                logp, ce = run(batch, fn)
+                sums[name]["ce"] += float(ce.sum())
+                kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)
+                sums[name]["kl"] += float(kl.sum())
+    finally:
+        handle.remove()
+    ce_clean = sums["clean"]["ce"] / count
+    ce_zero = sums["zero"]["ce"] / count
+    out = {"clean": {"ce_loss": ce_clean}, "zero": {"ce_loss": ce_zero}}
+    for name in saes:
+        ce = sums[name]["ce"] / count
+        out[name] = {
+            "ce_loss": ce,
+            "ce_loss_score": (ce_zero - ce) / (ce_zero - ce_clean),
+            "kl_div": sums[name]["kl"] / count,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Runner
+# --------------------------------------------------------------------------------------------
+
+RESULT_KEYS: tuple[str, ...] = (
+    "name",
+    "architecture",
+    "k_eval",
+    "explained_variance",
+    "mse",
+    "cosine_similarity",
+    "ce_loss_score",
+    "ce_loss",
+    "kl_div",
+    "l0_mean",
+    "l0_std",
+    "dead_latents",
+    "spearman_l0_surprisal",
+    "spearman_l0_position",
+    "spearman_l0_norm",
+    "train_seconds",
+)
+
+
+@dataclass
+class LMCompareResult:
+    """Rows of the table, per-token data of the held-out set for plots, and run facts."""
+
+    rows: list[dict[str, Any]]
+    l0: dict[str, torch.Tensor]
+    surprisal: torch.Tensor
+    positions: torch.Tensor
+    sample_tokens: list[str]
+    info: dict[str, Any]
+
+
+def load_causal_lm(name: str, device: str) -> tuple[Any, Any]:
+    """``(hf_model, tokenizer)`` for a ``.gguf`` file, a model folder or a Hub name."""
+    from sae_adaptive_plugin.local_lm import hf_model_and_tokenizer
+
+    model, tokenizer = hf_model_and_tokenizer(name, device=device)
+    model.eval()
+    return model, tokenizer
+
+
+def run_lm_compare(
+    cfg: LMCompareConfig,
+    out_dir: Path,
+    log: Callable[[str], None] = print,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+) -> LMCompareResult:
+    """Cache, train every requested architecture, evaluate; SAEs go to ``out_dir/saes/<name>``."""
+    from sae_adaptive_plugin.corpus import read_documents
+    from sae_adaptive_plugin.synthetic import (
+        ADAPTIVE_ARCHITECTURES,
+        ALL_ARCHITECTURES,
+        HIERARCHICAL_ARCHITECTURE,
+        registered_training_architectures,
+        spearman,
+        to_inference_sae,
+    )
+
+    cfg.validate()
+    out_dir = Path(out_dir)
+    registered = registered_training_architectures()
+    wanted = cfg.architectures or ALL_ARCHITECTURES
+    to_run = [a for a in ALL_ARCHITECTURES if a in wanted and a in registered]
+    t0 = time.perf_counter()
+    hf_model, tokenizer = model_and_tokenizer or load_causal_lm(cfg.model, cfg.device)
+    n_layers = len(decoder_layers(hf_model))
+    if cfg.layer >= n_layers:
+        raise ValueError(
+            f"layer must be < {n_layers} (the model's decoder layers), got {cfg.layer}"
+        )
+    log(f"model {cfg.model}: {n_layers} layers, loaded in {time.perf_counter() - t0:.0f}s")
+
+    def compute(text: str, n_tokens: int, full: bool, split: str):
+        def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            docs = read_documents(text)
+            tokens = documents_to_sequences(tokenizer, docs, n_tokens, cfg.context_size)
+            acts, surprisal = layer_activations(
+                hf_model, tokens, cfg.layer, with_surprisal=full, progress=f"caching {split}"
+            )
+            return tokens, acts, surprisal
+
+        return run
+
+    t_cache = time.perf_counter()
+    caches = {}
+    for split, text, n_tokens, full in (
+        ("train", cfg.text, cfg.train_tokens, False),
+        ("heldout", cfg.heldout_text, cfg.heldout_tokens, True),
+    ):
+        key = cache_key(cfg.model, cfg.layer, text, n_tokens, cfg.context_size, split)
+        caches[split] = cached_activations(
+            key, Path(cfg.cache_dir), compute(text, n_tokens, full, split), log
+        )
+    cache_seconds = time.perf_counter() - t_cache
+    train_acts = caches["train"].acts[: cfg.train_tokens]
+    held = caches["heldout"]
+    held_acts = held.acts
+    surprisal, positions = held.surprisal, held.positions.float()
+    norms = held_acts.norm(dim=-1)
+    d_in = held_acts.shape[1]
+
+    rows: list[dict[str, Any]] = []
+    l0s: dict[str, torch.Tensor] = {}
+    splicers: dict[str, Any] = {}
+    fixed_k = cfg.k
+
+    def record(name: str, arch: str, k_eval: int | None, sae: Any, seconds: float) -> None:
+        metrics, l0 = reconstruction_metrics(sae, held_acts)
+        rows.append(
+            {
+                "name": name,
+                "architecture": arch,
+                "k_eval": k_eval,
+                **metrics,
+                "spearman_l0_surprisal": spearman(l0, surprisal),
+                "spearman_l0_position": spearman(l0, positions),
+                "spearman_l0_norm": spearman(l0, norms),
+                "train_seconds": seconds,
+            }
+        )
+        l0s[name] = l0
+        log(
+            f"    {name}: EV {metrics['explained_variance']:.3f}, L0 {metrics['l0_mean']:.1f} ± "
+            f"{metrics['l0_std']:.1f}, Spearman(L0, surprisal) {rows[-1]['spearman_l0_surprisal']:.3f}"
+        )
+
+    def splicer(sae: Any, k_eval: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            if k_eval is not None and hasattr(sae.cfg, "k"):
+                sae.cfg.k = k_eval
+            return sae.decode(sae.encode(x.float()))
+
+        return fn
+
+    def train(arch: str, k: int, folder: str) -> tuple[Any, float]:
+        nonlocal done
+        done += 1
+        torch.manual_seed(cfg.seed + 1000 * done)
+        log(f"[{done}] training {arch} (k = {k}) for {cfg.steps} steps")
+        sae = build_sae(arch, cfg, d_in, k)
+        seconds = train_on_cache(sae, train_acts, cfg)
+        return to_inference_sae(sae, out_dir / "saes" / folder), seconds
+
+    done = 0
+    # adaptive SAEs first; the fixed-k SAEs are then matched to their measured mean L0: TopK at
+    # each adaptive SAE's L0 (besides the sweep), BatchTopK / Matryoshka at the mean of those
+    matched_k: dict[str, int] = {}
+    for arch in (a for a in to_run if a in ADAPTIVE_ARCHITECTURES):
+        inference, seconds = train(arch, cfg.k, arch)
+        record(arch, arch, None, inference, seconds)
+        splicers[arch] = splicer(inference, None)
+        matched_k[arch] = max(1, round(rows[-1]["l0_mean"]))
+    if matched_k:
+        fixed_k = max(1, round(sum(r["l0_mean"] for r in rows) / len(rows)))
+    topk_ks = sorted({*cfg.topk_sweep, *matched_k.values()})
+    for arch in (a for a in to_run if a not in ADAPTIVE_ARCHITECTURES):
+        if arch == "topk":
+            for k in topk_ks:
+                inference, seconds = train(arch, k, f"topk_k{k}")
+                record(f"topk@k={k}", arch, k, inference, seconds)
+                splicers[f"topk@k={k}"] = splicer(inference, None)
+        elif arch == HIERARCHICAL_ARCHITECTURE:
+            inference, seconds = train(arch, max(topk_ks), arch)
+            for k_eval in sorted({*topk_ks, fixed_k}):
+                inference.cfg.k = k_eval
+                name = f"{arch}@k={k_eval}"
+                record(name, arch, k_eval, inference, seconds)
+                splicers[name] = splicer(inference, k_eval)
+            inference.cfg.k = max(topk_ks)
+        else:
+            inference, seconds = train(arch, fixed_k, arch)
+            record(arch, arch, fixed_k, inference, seconds)
+            splicers[arch] = splicer(inference, None)
+
+    n_ce = max(1, min(held.tokens.shape[0], math.ceil(cfg.ce_tokens / (cfg.context_size - 1))))
+    log(f"CE/KL: splicing {len(splicers)} SAEs into the model on {n_ce} held-out sequences")
+    t_ce = time.perf_counter()
+    scores = splice_scores(hf_model, held.tokens[:n_ce], cfg.layer, splicers)
+    for row in rows:
+        row.update(scores[row["name"]])
+    sample = held.tokens[0]
+    info = {
+        "hook_name": hook_name(cfg.layer),
+        "n_layers": n_layers,
+        "d_in": d_in,
+        "fixed_k": fixed_k,
+        "matched_k": matched_k,
+        "train_tokens": int(train_acts.shape[0]),
+        "heldout_tokens": int(held_acts.shape[0]),
+        "ce_tokens": int(n_ce * (cfg.context_size - 2)),
+        "ce_loss_clean": scores["clean"]["ce_loss"],
+        "ce_loss_zero_ablation": scores["zero"]["ce_loss"],
+        "surprisal_mean": float(surprisal.mean()),
+        "cache_seconds": cache_seconds,
+        "cache_reused": {s: c.reused for s, c in caches.items()},
+        "ce_seconds": time.perf_counter() - t_ce,
+        "total_seconds": time.perf_counter() - t0,
+    }
+    return LMCompareResult(
+        rows,
+        l0s,
+        surprisal,
+        positions,
+        [tokenizer.decode([int(t)]) for t in sample[1:]],
+        info,
+    )
+
+
+def config_dict(cfg: LMCompareConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["topk_sweep"] = list(cfg.topk_sweep)
+    d["architectures"] = list(cfg.architectures)
+    return d
