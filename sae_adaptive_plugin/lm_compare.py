@@ -304,31 +304,13 @@ class CachedBatches(Iterator[torch.Tensor]):
 
 
 def sae_settings(architecture: str, cfg: LMCompareConfig, k: int) -> dict[str, Any]:
-    """The fields this comparison sets: the budget ``k`` and the step-counted schedules scaled
-    to the run (the defaults assume runs of thousands of steps); all else is the default."""
-    steps = cfg.steps
-    settings: dict[str, Any] = {"normalize_activations": "expected_average_only_in"}
-    if architecture in ("topk", "batchtopk", "hierarchical_topk"):
-        settings["k"] = k
-    elif architecture == "matryoshka_batchtopk":
+    """The fields this comparison sets: the target sparsity ``k`` (and Matryoshka's widths);
+    everything else is the architecture's default, as a user would train it (the adaptive
+    SAEs' schedules follow the run's length)."""
+    settings: dict[str, Any] = {"normalize_activations": "expected_average_only_in", "k": k}
+    if architecture == "matryoshka_batchtopk":
         w = cfg.d_sae
-        settings.update(k=k, matryoshka_widths=sorted({w // 8, w // 4, w // 2, w}))
-    elif architecture == "softsae":
-        settings.update(
-            k=k,
-            alpha_anneal_steps=max(1, steps // 3),
-            k_anneal_steps=max(1, steps // 100),
-            hard_topk_start_step=max(1, (9 * steps) // 10),
-        )
-    elif architecture == "adaptivek":
-        # no target-mean field: the range [k/4, 4k] around the target, k* labels at the default
-        # target_fvu set where in it each token lands
-        settings.update(
-            k=k,
-            k_min=max(1, k // 4),
-            k_max=min(cfg.d_sae, 4 * k),
-            probe_warmup_steps=max(2, steps // 4),
-        )
+        settings["matryoshka_widths"] = sorted({w // 8, w // 4, w // 2, w})
     return settings
 
 
