@@ -225,3 +225,13 @@ def test_defaults_train_good_adaptive_saes(tmp_path, complexity, steps):
         assert row["l0_spearman_vs_true"] >= 0.8, (name, row)
         assert row["l0_std"] > 0.2 * row["l0_mean"], (name, row)
         assert abs(row["l0_mean"] - result.target_l0) <= 0.35 * result.target_l0, (name, row)
+
+
+def test_softsae_warns_when_k_hat_no_longer_varies_at_the_hard_phase():
+    sae = SoftSAETrainingSAE(SoftSAETrainingConfig(d_in=16, d_sae=48, k=4))
+    sae.bind_run_length(100)
+    with torch.no_grad():
+        sae.k_est_w_out.zero_()  # every input gets the same k̂
+    with pytest.warns(UserWarning, match=r"k̂ barely varies across inputs"):
+        _step(sae, torch.randn(32, 16), sae.schedule.hard_topk_start_step)
+    assert sae.cfg.metadata.softsae_k_spread_at_hard_phase == pytest.approx(0.0)

@@ -102,6 +102,8 @@ class SoftSAEConfig(TopKSAEConfig):
         return "softsae"
 
 
+#: Below this std/mean of k̂ at the start of the hard phase the estimator has collapsed (warned).
+MIN_K_SPREAD = 0.1
 #: Default schedules, as fractions of the run's training steps (``bind_run_length``).
 ALPHA_ANNEAL_FRACTION = 1 / 3
 K_ANNEAL_FRACTION = 0.01
@@ -437,6 +439,22 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
         self.k_est_w_out.copy_(v / spread)
         self.k_est_b_out.fill_(math.log(p / (1 - p)) - float(logit.mean()) / spread)
 
+    def _check_k_spread(self, k_hat: torch.Tensor) -> None:
+        """Warn when the frozen estimator gives (nearly) every input the same k."""
+        k = k_hat.detach().float().reshape(-1)
+        spread = float(k.std() / k.mean()) if k.numel() > 1 else 0.0
+        self.cfg.metadata.softsae_k_spread_at_hard_phase = spread
+        if spread < MIN_K_SPREAD:
+            warnings.warn(
+                f"softsae: at the hard phase (hard_topk_start_step={self.schedule.hard_topk_start_step}) "
+                f"k̂ barely varies across inputs (std/mean {spread:.3f} < {MIN_K_SPREAD}, mean "
+                f"{float(k.mean()):.1f}): the per-input k is not adapting. Seen with short runs "
+                "whose lr warm-up takes a large share of the soft phase; try a longer run, a "
+                "shorter lr_warm_up_steps, or a later hard_topk_start_step",
+                UserWarning,
+                stacklevel=3,
+            )
+
     @property
     def schedule(self) -> SoftSAESchedule:
         """The resolved schedules (from ``bind_run_length``, or the config's step fields)."""
@@ -473,6 +491,8 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
         if schedule.is_hard_phase(step):
             with torch.no_grad():
                 k_hat = self.estimate_k_from_sae_in(sae_in)
+            if step == schedule.hard_topk_start_step:
+                self._check_k_spread(k_hat)
             hidden_pre, res, feature_acts = self._hard_encode(sae_in, k_hat)
             sae_out = self._decode_compact(res.values, res.indices)
             k_used = res.mask.sum(dim=-1).float()
