@@ -134,6 +134,58 @@ def plot_l0_vs_true(result: Any, path: Path) -> None:
     plt.close(fig)
 
 
+#: Marker of each architecture drawn as a point in the ``… vs L0`` pictures.
+L0_POINT_MARKERS = {
+    "topk": "s",
+    "batchtopk": "D",
+    "matryoshka_batchtopk": "v",
+    "softsae": "o",
+    "adaptivek": "^",
+}
+
+
+def draw_budget_curve(
+    ax: Any,
+    rows: list[dict[str, Any]],
+    architectures: tuple[str, ...],
+    metric: str,
+    style: str,
+    color: str,
+    label: str,
+    alpha: float = 1.0,
+) -> None:
+    """One line through the rows of ``architectures`` (one per budget ``k``), sorted by mean L0;
+    nothing when fewer than two. ``label`` is followed by the budgets and ``)``."""
+    curve = sorted(
+        (r for r in rows if r["architecture"] in architectures), key=lambda r: r["l0_mean"]
+    )
+    if len(curve) < 2:
+        return
+    ax.plot(
+        [r["l0_mean"] for r in curve],
+        [r[metric] for r in curve],
+        style,
+        color=color,
+        ms=4,
+        alpha=alpha,
+        label=label + ", ".join(str(r["k_eval"]) for r in curve) + ")",
+    )
+
+
+def draw_l0_points(ax: Any, rows: list[dict[str, Any]], metric: str, ms: int = 8) -> None:
+    """Each row as a point at its mean L0, with ± the L0 std over samples as error bar."""
+    for row in rows:
+        ax.errorbar(
+            row["l0_mean"],
+            row[metric],
+            xerr=row["l0_std"],
+            fmt=L0_POINT_MARKERS.get(row["architecture"], "x"),
+            ms=ms,
+            capsize=3,
+            label=f"{row['name']} (L0 {row['l0_mean']:.1f} ± {row['l0_std']:.1f})",
+        )
+
+
 def plot_ev_vs_l0(result: Any, path: Path) -> None:
     """Explained variance against mean L0; HierarchicalTopK as a curve over its budgets."""
     import matplotlib
@@ -142,54 +194,29 @@ def plot_ev_vs_l0(result: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10.5, 5.0), layout="constrained")
-    markers = {
-        "topk": "s",
-        "batchtopk": "D",
-        "matryoshka_batchtopk": "v",
-        "softsae": "o",
-        "adaptivek": "^",
-    }
-    hier = sorted(
-        (r for r in result.rows if r["architecture"] == "hierarchical_topk"),
-        key=lambda r: r["l0_mean"],
+    draw_budget_curve(
+        ax,
+        result.rows,
+        ("hierarchical_topk",),
+        "explained_variance",
+        "-o",
+        "tab:gray",
+        "hierarchical_topk (one SAE, k' = ",
     )
-    if hier:
-        ax.plot(
-            [r["l0_mean"] for r in hier],
-            [r["explained_variance"] for r in hier],
-            "-o",
-            color="tab:gray",
-            ms=4,
-            label="hierarchical_topk (one SAE, k' = "
-            + ", ".join(str(r["k_eval"]) for r in hier)
-            + ")",
-        )
-    sweep = sorted(
-        (r for r in result.rows if r["architecture"] in ("topk_sweep", "topk")),
-        key=lambda r: r["l0_mean"],
+    draw_budget_curve(
+        ax,
+        result.rows,
+        ("topk_sweep", "topk"),
+        "explained_variance",
+        "--s",
+        "tab:blue",
+        "topk (one SAE per k = ",
+        alpha=0.6,
     )
-    if len(sweep) > 1:
-        ax.plot(
-            [r["l0_mean"] for r in sweep],
-            [r["explained_variance"] for r in sweep],
-            "--s",
-            color="tab:blue",
-            ms=4,
-            alpha=0.6,
-            label="topk (one SAE per k = " + ", ".join(str(r["k_eval"]) for r in sweep) + ")",
-        )
-    for row in result.rows:
-        if row["architecture"] in ("hierarchical_topk", "topk_sweep"):
-            continue
-        ax.errorbar(
-            row["l0_mean"],
-            row["explained_variance"],
-            xerr=row["l0_std"],
-            fmt=markers.get(row["architecture"], "x"),
-            ms=8,
-            capsize=3,
-            label=f"{row['name']} (L0 {row['l0_mean']:.1f} ± {row['l0_std']:.1f})",
-        )
+    fixed_budget = ("hierarchical_topk", "topk_sweep")
+    draw_l0_points(
+        ax, [r for r in result.rows if r["architecture"] not in fixed_budget], "explained_variance"
+    )
     ax.axvline(result.info["true_l0_mean"], color="k", ls=":", lw=1, label="mean true L0")
     ax.set_xlabel("mean L0 per sample (error bar: ± std over samples)")
     ax.set_ylabel("explained variance (held-out)")
@@ -314,16 +341,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import os
 
+    # Idle OpenMP threads sleep instead of spinning: on a small, shared CPU machine spinning
+    # threads made 2-thread training 5-30x slower than 1 thread (measured, see README). Only
+    # effective when torch is not imported yet (the console script).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.lm:
         from sae_adaptive_plugin.compare_lm import run_lm
 
         return run_lm(args)
 
-    # Idle OpenMP threads sleep instead of spinning: on a small, shared CPU machine spinning
-    # threads made 2-thread training 5-30x slower than 1 thread (measured, see README). Only
-    # effective when torch is not imported yet (the console script).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from sae_adaptive_plugin.outputs import OutputExistsError, refuse_existing, replacing_dir

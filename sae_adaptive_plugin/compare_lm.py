@@ -184,33 +184,19 @@ def plot_ce_vs_l0(result: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10.5, 5.0), layout="constrained")
-    for arch, style, color in (
-        ("topk", "-s", "tab:blue"),
-        ("hierarchical_topk", "--o", "tab:gray"),
-    ):
-        curve = sorted(
-            (r for r in result.rows if r["architecture"] == arch), key=lambda r: r["l0_mean"]
-        )
-        if curve:
-            ax.plot(
-                [r["l0_mean"] for r in curve],
-                [r["ce_loss_score"] for r in curve],
-                style,
-                color=color,
-                ms=5,
-                label=f"{arch} (k = {', '.join(str(r['k_eval']) for r in curve)})",
-            )
-    markers = {"batchtopk": "D", "matryoshka_batchtopk": "v", "softsae": "o", "adaptivek": "^"}
-    for row in _variable_rows(result):
-        ax.errorbar(
-            row["l0_mean"],
-            row["ce_loss_score"],
-            xerr=row["l0_std"],
-            fmt=markers.get(row["architecture"], "x"),
-            ms=9,
-            capsize=3,
-            label=f"{row['name']} (L0 {row['l0_mean']:.1f} ± {row['l0_std']:.1f})",
-        )
+    from sae_adaptive_plugin.compare import draw_budget_curve, draw_l0_points
+
+    draw_budget_curve(ax, result.rows, ("topk",), "ce_loss_score", "-s", "tab:blue", "topk (k = ")
+    draw_budget_curve(
+        ax,
+        result.rows,
+        ("hierarchical_topk",),
+        "ce_loss_score",
+        "--o",
+        "tab:gray",
+        "hierarchical_topk (k = ",
+    )
+    draw_l0_points(ax, _variable_rows(result), "ce_loss_score", ms=9)
     ax.set_xscale("log")
     ax.set_xlabel("mean L0 per token (log; error bar ± std over tokens)")
     ax.set_ylabel("CE-loss score (1 = clean model, 0 = zero ablation)")
@@ -234,7 +220,7 @@ def run_lm(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from sae_adaptive_plugin.outputs import OutputExistsError, refuse_existing
+    from sae_adaptive_plugin.outputs import OutputExistsError, refuse_existing, replacing_dir
 
     out = Path(args.out or "runs/compare_lm")
     try:
@@ -242,17 +228,13 @@ def run_lm(args: argparse.Namespace) -> int:
     except OutputExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.overwrite and out.exists():
-        import shutil
-
-        shutil.rmtree(out)  # compare owns its output folder: nothing stale survives
-    out.mkdir(parents=True, exist_ok=True)
-    result = run_lm_compare(cfg, out)
-    payload = {"config": config_dict(cfg), "info": result.info, "results": result.rows}
-    (out / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
-    plot_k_per_token(result, out / K_PER_TOKEN_PNG)
-    plot_k_vs_surprisal(result, out / K_VS_SURPRISAL_PNG)
-    plot_ce_vs_l0(result, out / CE_VS_L0_PNG)
+    with replacing_dir(out) as staging:  # compare owns its folder: nothing stale survives
+        result = run_lm_compare(cfg, staging)
+        payload = {"config": config_dict(cfg), "info": result.info, "results": result.rows}
+        (staging / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
+        plot_k_per_token(result, staging / K_PER_TOKEN_PNG)
+        plot_k_vs_surprisal(result, staging / K_VS_SURPRISAL_PNG)
+        plot_ce_vs_l0(result, staging / CE_VS_L0_PNG)
     info = result.info
     print()
     print(

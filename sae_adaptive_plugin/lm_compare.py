@@ -274,7 +274,10 @@ def cached_activations(
     tensors = {"tokens": tokens.contiguous(), "acts": acts.contiguous()}
     if surprisal is not None:
         tensors["surprisal"] = surprisal.contiguous()
-    save_file(tensors, str(path), metadata={"key": blob})
+    from sae_adaptive_plugin.outputs import replacing_file
+
+    with replacing_file(path) as tmp:  # an interrupted write leaves no truncated cache
+        save_file(tensors, str(tmp), metadata={"key": blob})
     log(f"wrote activation cache {path} ({acts.shape[0]} tokens × {acts.shape[1]})")
     return ActivationCache(tokens, acts, surprisal, path, False)
 

@@ -138,9 +138,9 @@ def _add_shared_component(feature_dict: FeatureDictionary, cosine: float, seed: 
 class DensityGate:
     """Per-sample density gate: an ``ActivationGenerator`` ``modify_activations`` hook.
 
-    For each sample it draws ``λ`` log-uniformly (or uniformly) in ``[min_l0, max_l0]`` and keeps each firing
-    feature with probability ``λ / max_l0`` (the base firings already have ``max_l0`` active
-    features on average), so a sample's expected true L0 is ``λ``. A sample left with no
+    For each sample it draws ``λ`` log-uniformly (or uniformly) in ``[min_l0, max_l0]`` and keeps
+    each firing feature with probability ``λ / max_l0`` (the base firings already have ``max_l0``
+    active features on average), so a sample's expected true L0 is ``λ``. A sample left with no
     feature keeps one of its firings at random, so every true L0 is at least 1.
     """
 
@@ -634,9 +634,7 @@ def run_compare(
                 sae_l0[name] = l0.cpu()
             inference.cfg.k = big_k
             if cfg.topk_sweep and "topk" in registered:
-                _topk_sweep(
-                    cfg, source, ks, fixed_k, rows, (hidden, feature_acts, true_l0_f), out_dir, log
-                )
+                _topk_sweep(cfg, source, ks, rows, (hidden, feature_acts, true_l0_f), out_dir, log)
         else:
             metrics, l0 = evaluate_sae(inference, hidden, feature_acts, source.true_features)
             k_eval = fixed_k if architecture in FIXED_K_ARCHITECTURES else None
@@ -680,7 +678,6 @@ def _topk_sweep(
     cfg: CompareConfig,
     source: VariableComplexitySource,
     ks: list[int],
-    fixed_k: int,
     rows: list[dict[str, Any]],
     held_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     out_dir: Path,
@@ -744,16 +741,12 @@ def aggregate_seeds(results: Sequence[CompareResult]) -> CompareResult:
     have it, with ``<key>_std`` (population std) and ``n_seeds`` beside them; per-sample data
     (L0 scatter) are the first run's."""
     first = results[0]
-    names: list[str] = []
-    groups: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[str, list[dict[str, Any]]] = {}  # by name, in order of first appearance
     for result in results:
         for row in result.rows:
-            if row["name"] not in groups:
-                names.append(row["name"])
             groups.setdefault(row["name"], []).append(row)
     rows = []
-    for name in names:
-        group = groups[name]
+    for group in groups.values():
         row: dict[str, Any] = dict(group[0])
         for key, value in group[0].items():
             if key == "k_eval" or not isinstance(value, (int, float)) or isinstance(value, bool):

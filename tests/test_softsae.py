@@ -118,7 +118,7 @@ def test_soft_phase_trains_estimator_and_reports_metrics() -> None:
     with torch.no_grad():
         sae_in = sae.process_sae_in(x)
         z = out.hidden_pre.relu()
-        alpha = sae.cfg.alpha_at(0) * z.amax(dim=-1).mean()  # alpha_relative: batch's mean max
+        alpha = sae.schedule.alpha_at(0) * z.amax(dim=-1).mean()  # alpha_relative: batch's mean max
         m = lapsum_topk(z, sae.estimate_k_from_sae_in(sae_in), alpha)
         torch.testing.assert_close(out.sae_out, sae.decode(z * m))
         torch.testing.assert_close(out.feature_acts, torch.where(m > 0.5, z * m, 0.0))
@@ -180,13 +180,14 @@ def test_training_forward_matches_inference_in_hard_phase(tmp_path: Path) -> Non
 
 def test_schedules_are_functions_of_the_step() -> None:
     cfg = _cfg(alpha_start=0.9, alpha_end=0.1, alpha_anneal_steps=8, hard_topk_start_step=20)
-    assert cfg.alpha_at(0) == pytest.approx(0.9)
-    assert cfg.alpha_at(4) == pytest.approx(0.5)
-    assert cfg.alpha_at(8) == cfg.alpha_at(1000) == pytest.approx(0.1)
-    assert not cfg.is_hard_phase(19) and cfg.is_hard_phase(20)
+    schedule = cfg.schedule()
+    assert schedule.alpha_at(0) == pytest.approx(0.9)
+    assert schedule.alpha_at(4) == pytest.approx(0.5)
+    assert schedule.alpha_at(8) == schedule.alpha_at(1000) == pytest.approx(0.1)
+    assert not schedule.is_hard_phase(19) and schedule.is_hard_phase(20)
     late = _cfg(hard_topk_start_step=None).schedule(total_steps=100)
     assert not late.is_hard_phase(89) and late.is_hard_phase(90)
-    assert _cfg(alpha_anneal_steps=0, alpha_end=0.2).alpha_at(0) == pytest.approx(0.2)
+    assert _cfg(alpha_anneal_steps=0, alpha_end=0.2).schedule().alpha_at(0) == pytest.approx(0.2)
 
 
 def _trainer(sae, batches: list[torch.Tensor], steps: int, ckpt: Path | None) -> SAETrainer:

@@ -684,7 +684,7 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
         if not self.is_adaptive:
             warnings.warn(
                 "saving an adaptivek SAE whose probe is not fitted yet (training ended before "
-                f"probe_warmup_steps={self.cfg.probe_warmup_steps}): every row will use "
+                f"probe_warmup_steps={self.cfg.probe_warmup_steps or 'a quarter of the run'}): every row will use "
                 f"k_max={self.cfg.k_max}",
                 stacklevel=2,
             )

@@ -230,20 +230,6 @@ class SoftSAETrainingConfig(TopKTrainingSAEConfig):
             _check_schedule_fits(schedule, total_steps)
         return schedule
 
-    # ---- schedules of a config whose step fields are all set ----
-
-    def alpha_at(self, step: int) -> float:
-        """LapSum scale α at ``step``."""
-        return self.schedule().alpha_at(step)
-
-    def k_target_at(self, step: int) -> float:
-        """Target ``K_t`` of the batch-mean k̂ at ``step``."""
-        return self.schedule().k_target_at(step)
-
-    def is_hard_phase(self, step: int) -> bool:
-        """Whether ``step`` trains with hard top-``⌊k̂⌋`` and a frozen estimator."""
-        return self.schedule().is_hard_phase(step)
-
 
 def _check_schedule_fits(schedule: SoftSAESchedule, total_steps: int) -> None:
     hard = schedule.hard_topk_start_step
@@ -503,9 +489,8 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
             k_hat = self.estimate_k_from_sae_in(sae_in)
             z = hidden_pre.relu()
             scaled_alpha = alpha * self._alpha_unit(z) if self.cfg.alpha_relative else alpha
-            mask = lapsum_topk(
-                z, k_hat, scaled_alpha, k_max=self.cfg.k_max
-            )  # τ from the top 2k_max+2
+            # τ is solved from each row's top 2·k_max + 2 pre-activations
+            mask = lapsum_topk(z, k_hat, scaled_alpha, k_max=self.cfg.k_max)
             code = self.hook_sae_acts_post(z * mask)
             sae_out = self.decode(code)
             # SAELens counts firings (dead latents → AuxK, logged L0) from feature_acts: report
