@@ -107,11 +107,19 @@ class TrainingRunner(LanguageModelSAETrainingRunner):
         super().save_checkpoint(checkpoint_path)
         if checkpoint_path is None:
             return
+        save_file(self.resume_state(), str(self.resume_state_file(Path(checkpoint_path))))
+        self.last_checkpoint = Path(checkpoint_path)
+
+    def resume_state(self) -> dict[str, torch.Tensor]:
+        """This process's data state: the mixing buffer's contents and the torch RNG state."""
         loader = self.activations_store._dataloader
         state = dict(loader.state_dict()) if isinstance(loader, ResumableMixingBuffer) else {}
         state["torch_rng_state"] = torch.get_rng_state()
-        save_file(state, str(Path(checkpoint_path) / RESUME_STATE_FILENAME))
-        self.last_checkpoint = Path(checkpoint_path)
+        return state
+
+    def resume_state_file(self, checkpoint: Path) -> Path:
+        """Where :meth:`resume_state` is saved in a checkpoint folder."""
+        return checkpoint / RESUME_STATE_FILENAME
 
     def save_final_sae(self, sae: Any, output_path: str, log_feature_sparsity: Any = None):
         with replacing_dir(output_path) as staging:
@@ -137,21 +145,22 @@ class TrainingRunner(LanguageModelSAETrainingRunner):
         steps = trainer.n_training_samples // batch
         if trainer.n_training_samples % batch == 0 and trainer.n_training_steps == steps - 1:
             trainer.n_training_steps = steps
-        state_file = ckpt / RESUME_STATE_FILENAME
+        state_file = self.resume_state_file(ckpt)
         if not state_file.is_file():
             logger.warning(
                 "%s has no %s (not written by sae-adaptive train): the resumed run continues "
                 "from the dataset position only, as SAELens does, and will not match an "
                 "uninterrupted run exactly",
                 ckpt,
-                RESUME_STATE_FILENAME,
+                state_file.name,
             )
             return
         state = load_file(str(state_file))
         torch.set_rng_state(state.pop("torch_rng_state"))
-        if state:
+        buffer_state = {k: state[k] for k in ("storage", "pending") if k in state}
+        if buffer_state:
             buffer.load_state_dict(
-                {k: v.to(self.activations_store.device) for k, v in state.items()}
+                {k: v.to(self.activations_store.device) for k, v in buffer_state.items()}
             )
         self.last_checkpoint = ckpt
 

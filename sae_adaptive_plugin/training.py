@@ -463,9 +463,10 @@ def run_training(
     import torch
 
     from sae_adaptive_plugin import local_lm
+    from sae_adaptive_plugin.distributed_runner import runner_for_launch
     from sae_adaptive_plugin.outputs import refuse_existing
-    from sae_adaptive_plugin.train_runner import TrainingRunner
 
+    runner_cls = runner_for_launch(cfg)  # under torchrun: this rank's process group and config
     check_devices(cfg)
     if cfg.output_path is not None:
         refuse_existing(cfg.output_path, overwrite, "output_path")
@@ -513,7 +514,7 @@ def run_training(
         state = torch.load(state_file, map_location="cpu", weights_only=True)
         start = int(state["n_training_samples"])
     torch.manual_seed(cfg.seed)
-    runner = TrainingRunner(cfg, override_model=model, override_dataset=dataset)
+    runner = runner_cls(cfg, override_model=model, override_dataset=dataset)
     sae = runner.run()
     return TrainResult(
         sae=sae,

@@ -33,6 +33,7 @@ from sae_lens.saes.sae import (
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE
 from typing_extensions import override
 
+from sae_adaptive_plugin.distributed import gather_rows
 from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.adaptive_k import (
     complexity_to_k,
@@ -602,7 +603,7 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         step = step_input.n_training_steps
         if not self.is_adaptive and step >= self.warmup_steps:
-            self.fit_probe_now(self.reshape_fn_in(step_input.sae_in.to(self.dtype)))
+            self.fit_probe_now(gather_rows(self.reshape_fn_in(step_input.sae_in.to(self.dtype))))
         sae_in = step_input.sae_in
         top, hidden_pre, k, x_in, sae_in_c = self._select(sae_in)
         feature_acts = self.hook_sae_acts_post(scatter_topk(top, self.cfg.d_sae))
@@ -632,8 +633,10 @@ class AdaptiveKTrainingSAE(_AdaptiveKMixin, TopKTrainingSAE):
             with torch.no_grad():
                 if errors is None:
                     errors = self.prefix_errors_from_selection(top, sae_in_c.detach())
-                labels = self.kstar_from_errors(errors.detach(), sae_in_c.detach())
-            self._acc.update(x_in.detach().reshape(-1, self.cfg.d_in), labels)
+                # labels and ridge statistics from the global batch (every rank alike)
+                labels = self.kstar_from_errors(gather_rows(errors), gather_rows(sae_in_c))
+                rows = gather_rows(x_in.reshape(-1, self.cfg.d_in))
+            self._acc.update(rows, labels)
 
         kf = k.detach().to(torch.float32)
         metrics: dict[str, Any] = {

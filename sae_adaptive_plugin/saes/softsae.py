@@ -35,6 +35,7 @@ from sae_lens.saes.topk_sae import (
 )
 from torch import nn
 
+from sae_adaptive_plugin.distributed import gather_rows, global_mean
 from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
@@ -450,8 +451,9 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
 
     @staticmethod
     def _alpha_unit(z: torch.Tensor) -> torch.Tensor:
-        """The batch's mean largest pre-activation (detached; ``alpha_relative``)."""
-        return z.detach().amax(dim=-1).mean().clamp(min=torch.finfo(z.dtype).tiny)
+        """The batch's mean largest pre-activation (detached; ``alpha_relative``; the global
+        batch under data parallelism, as are the k̂ penalty and the estimator's calibration)."""
+        return global_mean(z.detach().amax(dim=-1)).clamp(min=torch.finfo(z.dtype).tiny)
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference behaviour (hard per-row top-``⌊k̂⌋``), used by ``encode``/``forward``."""
@@ -472,13 +474,13 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
         schedule = self.schedule
         sae_in = self.process_sae_in(step_input.sae_in)
         if step == 0:
-            self.calibrate_k_estimator(sae_in.detach())
+            self.calibrate_k_estimator(gather_rows(sae_in.detach()))
         metrics: dict[str, Any] = {}
         if schedule.is_hard_phase(step):
             with torch.no_grad():
                 k_hat = self.estimate_k_from_sae_in(sae_in)
             if step == schedule.hard_topk_start_step:
-                self._check_k_spread(k_hat)
+                self._check_k_spread(gather_rows(k_hat))
             hidden_pre, res, feature_acts = self._hard_encode(sae_in, k_hat)
             sae_out = self._decode_compact(res.values, res.indices)
             k_used = res.mask.sum(dim=-1).float()
@@ -499,7 +501,7 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
             k_used = k_hat.detach().float()
             k_target = schedule.k_target_at(step)
             penalty = K_PENALTY_COEFFICIENT * F.softplus(
-                k_hat.float().mean() - k_target, beta=K_PENALTY_BETA
+                global_mean(k_hat.float()) - k_target, beta=K_PENALTY_BETA
             )
             metrics["soft_l0"] = (code.detach() != 0).sum(dim=-1).float().mean()
             metrics["alpha"] = alpha
