@@ -14,7 +14,8 @@ with these changes, made in the runner's override points and on the trainer inst
   clips the gradient norm and steps Adam, so every rank takes the same step.
 - **Statistics.** After each step the firing counts are summed and the steps-since-fired counters
   take the minimum over ranks (a latent is dead only if it fired on no rank); the norm-scaling
-  estimate averages the ranks' mean norms.
+  estimate averages the ranks' mean norms. SAELens's BatchTopK and Matryoshka select over the
+  global batch and update their threshold from its smallest selected activation.
 - **Files.** The checkpoint run id is rank 0's; rank 0 writes the checkpoints and the final SAE,
   every rank writes its own data state (``resume_state.rank<R>.safetensors``: buffer, RNG, dataset
   position), and the ranks meet at a barrier after each save. A resume restores every rank from
@@ -25,6 +26,7 @@ with these changes, made in the runner's override points and on the trainer inst
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +94,12 @@ class DistributedTrainingRunner(TrainingRunner):
         distributed.barrier()
 
     def run_trainer_with_interruption_handling(self, trainer: Any):
-        handles = make_data_parallel(trainer, self)
+        undo = make_data_parallel(trainer, self)
         try:
             return super().run_trainer_with_interruption_handling(trainer)
         finally:
-            for handle in handles:
-                handle.remove()
+            for restore in undo:
+                restore()
 
 
 def shard_activations_store(store: Any, rank: int, world_size: int) -> None:
@@ -114,9 +116,59 @@ def shard_activations_store(store: Any, rank: int, world_size: int) -> None:
         )
 
 
+class GlobalBatchTopK(torch.nn.Module):
+    """SAELens's ``BatchTopK`` selection over the global batch: keep the ReLU activations at or
+    above the ``k · (global rows)``-th largest of all ranks'. That value is among each rank's own
+    largest ``k · (global rows)``, so only those values are gathered."""
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acts = x.relu()
+        ranks = distributed.world_size() if self.training else 1  # evaluation runs on rank 0 only
+        n_keep = int(self.k * acts.shape[:-1].numel() * ranks)
+        if n_keep == 0:
+            return torch.zeros_like(acts)
+        flat = acts.detach().flatten()
+        candidates = flat.topk(min(n_keep, flat.numel())).values
+        if ranks > 1:
+            candidates = distributed.gather_rows(candidates)
+        threshold = candidates.topk(n_keep).values[-1]
+        return torch.where(acts >= threshold, acts, torch.zeros((), dtype=acts.dtype))
+
+
+def _global_batchtopk(sae: Any) -> list[Any]:
+    """Give a SAELens BatchTopK-family SAE (BatchTopK, Matryoshka) the global-batch selection and
+    threshold update; returns the undo callables."""
+    from sae_lens.saes.batchtopk_sae import BatchTopK
+
+    if not isinstance(getattr(sae, "activation_fn", None), BatchTopK):
+        return []
+    local_fn = sae.activation_fn
+    sae.activation_fn = GlobalBatchTopK(local_fn.k)
+    update = sae.update_topk_threshold
+
+    def update_with_global_min(acts_topk: torch.Tensor) -> None:
+        # SAELens's own update, given the smallest selected activation of the global batch
+        positive = acts_topk.detach()[acts_topk.detach() > 0]
+        local = positive.min() if positive.numel() else acts_topk.new_tensor(math.inf)
+        smallest = distributed.all_reduce_(local.reshape(1).clone(), "min")
+        update(torch.where(torch.isfinite(smallest), smallest, torch.zeros_like(smallest)))
+
+    sae.update_topk_threshold = update_with_global_min
+
+    def undo() -> None:
+        sae.activation_fn = local_fn
+        del sae.update_topk_threshold
+
+    return [undo]
+
+
 def make_data_parallel(trainer: Any, runner: DistributedTrainingRunner) -> list[Any]:
-    """Make SAELens's ``trainer`` one rank of a data-parallel run (module docstring); returns the
-    gradient-hook handles (remove them when training ends)."""
+    """Make SAELens's ``trainer`` one rank of a data-parallel run (module docstring); returns
+    callables that undo the changes to the SAE (call them when training ends)."""
     sae = trainer.sae
     world = distributed.world_size()
     with torch.no_grad():
@@ -127,11 +179,12 @@ def make_data_parallel(trainer: Any, runner: DistributedTrainingRunner) -> list[
         if param.grad is not None:
             distributed.all_reduce_(param.grad, "mean")
 
-    handles = [
-        p.register_post_accumulate_grad_hook(average_grad)
+    undo = [
+        p.register_post_accumulate_grad_hook(average_grad).remove
         for p in sae.parameters()
         if p.requires_grad
     ]
+    undo += _global_batchtopk(sae)
 
     step = trainer.step
 
@@ -175,7 +228,7 @@ def make_data_parallel(trainer: Any, runner: DistributedTrainingRunner) -> list[
         distributed.barrier()
 
     trainer.save_checkpoint = save_on_rank_zero
-    return handles
+    return undo
 
 
 def runner_for_launch(cfg: Any) -> type[TrainingRunner]:

@@ -1,5 +1,6 @@
 """``sae-adaptive train`` under torchrun: 2 CPU ranks (gloo) against 1 process on the same global
-batch, for SAELens's TopK and the three adaptive architectures, and a 2-rank resume.
+batch, for SAELens's TopK, BatchTopK and Matryoshka and the three adaptive architectures, and a
+2-rank resume.
 
 The 2-rank runs read a token dataset in contiguous halves (rank 0 the first, rank 1 the second),
 so global step ``t`` trains on rank 0's rows ``2t, 2t+1`` followed by rank 1's; the 1-process run
@@ -30,10 +31,19 @@ RANKS = 2
 BATCH = 64  # global: 4 contexts of 16 tokens, 2 per rank
 STEPS = 16
 ROWS = 128
-ARCHITECTURES = ("topk", "hierarchical_topk", "adaptivek", "softsae")
+ARCHITECTURES = (
+    "topk",
+    "batchtopk",
+    "matryoshka_batchtopk",
+    "hierarchical_topk",
+    "adaptivek",
+    "softsae",
+)
 #: warm-up switch at step 6 (labels gathered from step 3); soft phase until step 12.
 SAE_BLOCKS = {
     "topk": {"k": 4},
+    "batchtopk": {"k": 4},
+    "matryoshka_batchtopk": {"k": 4, "matryoshka_widths": [16, 64]},
     "hierarchical_topk": {"k": 8},
     "adaptivek": {"k_min": 2, "k_max": 8, "probe_warmup_steps": 6, "probe_min_r2": -1.0e9},
     "softsae": {
@@ -152,6 +162,8 @@ def test_two_ranks_match_one_process(runs, arch):
     assert diff <= TOLERANCE
     # the runs trained: the weights moved away from a fresh SAE's
     assert not torch.equal(ranks["W_dec"], ranks["W_enc"].T)
+    if "threshold" in ranks:  # BatchTopK family: the threshold moved from its start at 0
+        assert float(ranks["threshold"].max()) > 0
     if arch == "adaptivek":  # the probe was fitted from both ranks' labels, switch included
         assert float(ranks["probe_fitted"]) == 1.0
         torch.testing.assert_close(ranks["probe_weight"], single["probe_weight"])
