@@ -80,7 +80,7 @@ def main() -> None:
         "training_tokens": batch * args.steps,
         "train_batch_size_tokens": batch,
         "store_batch_size_prompts": 8,
-        "n_batches_in_buffer": 8,
+        "n_batches_in_buffer": 32,
         "lr": 3e-4,
         "seed": 0,
         "verbose": False,

@@ -594,6 +594,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteTrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    from sae_adaptive_plugin.distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 reports
+        return 0
     if result.start_samples:
         print(f"resumed at {result.start_samples} of {result.total_samples} training tokens")
     meta = result.sae.cfg.metadata
