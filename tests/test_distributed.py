@@ -41,7 +41,7 @@ ARCHITECTURES = (
 )
 #: warm-up switch at step 6 (labels gathered from step 3); soft phase until step 12.
 SAE_BLOCKS = {
-    "topk": {"k": 4},
+    "topk": {"k": 4, "normalize_activations": "expected_average_only_in"},
     "batchtopk": {"k": 4},
     "matryoshka_batchtopk": {"k": 4, "matryoshka_widths": [16, 64]},
     "hierarchical_topk": {"k": 8},
@@ -78,6 +78,8 @@ def _config(root: Path, tokens: str, out: Path, arch: str, **extra) -> dict:
         "seed": 0,
         "verbose": False,
         "n_checkpoints": 0,
+        "n_batches_for_norm_estimate": 2,
+        "dead_feature_window": 3,  # latents idle for 3 steps are dead: the AuxK loss runs
         "checkpoint_path": str(out / "checkpoints"),
         "output_path": str(out / "final"),
         "sae": {"architecture": arch, "d_in": D_MODEL, "d_sae": 64, **SAE_BLOCKS[arch]},
@@ -162,6 +164,11 @@ def test_two_ranks_match_one_process(runs, arch):
     assert diff <= TOLERANCE
     # the runs trained: the weights moved away from a fresh SAE's
     assert not torch.equal(ranks["W_dec"], ranks["W_enc"].T)
+    # firing statistics cover both ranks' rows: the same dead latents and final-window L0
+    meta_ranks = json.loads((runs / "ranks" / arch / "final" / "cfg.json").read_text())["metadata"]
+    meta_single = json.loads((runs / "single_runs" / arch / "final" / "cfg.json").read_text())
+    assert meta_ranks["num_dead_features"] == meta_single["metadata"]["num_dead_features"]
+    assert meta_ranks["l0"] == pytest.approx(meta_single["metadata"]["l0"], abs=1e-6)
     if "threshold" in ranks:  # BatchTopK family: the threshold moved from its start at 0
         assert float(ranks["threshold"].max()) > 0
     if arch == "adaptivek":  # the probe was fitted from both ranks' labels, switch included
