@@ -1,7 +1,8 @@
 """One rank of a data-parallel test run: ``torchrun --nproc-per-node N distributed_worker.py
 JOBS.json``. Each job is the argument list of one ``sae-adaptive train`` command, run in this
 process through ``cli.main``; a job's ``"resume_from"`` names a folder whose one run-id subfolder
-holds checkpoints, and the one with the fewest samples is passed as ``--resume``."""
+holds checkpoints, and the one with the fewest samples is passed as ``--resume``; ``"expect_rc"``
+is the exit status the job must end with (default 0)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ def run(jobs_file: str) -> int:
         if "resume_from" in job:
             argv += ["--resume", _first_checkpoint(job["resume_from"])]
         rc = main(argv)
-        if rc != 0:
+        if rc != job.get("expect_rc", 0):
             print(f"job {argv} exited with {rc}", file=sys.stderr)
-            return rc
+            return rc or 1
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

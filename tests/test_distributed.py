@@ -126,6 +126,9 @@ def runs(tmp_path_factory):
             "resume_from": str(root / "ranks" / RESUMED / "checkpoints"),
         }
     )
+    # a global batch that 2 ranks cannot split: refused before anything loads (exit status 2)
+    odd = _config(root, "tokens", root / "odd", "topk", train_batch_size_tokens=BATCH + 1)
+    jobs.append({"argv": ["train", _write(root / "odd.yaml", odd)], "expect_rc": 2})
     jobs_file = root / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
     worker = Path(__file__).with_name("distributed_worker.py")
@@ -204,6 +207,10 @@ def test_two_rank_resume_matches_uninterrupted(runs):
     assert diff <= TOLERANCE
     meta = json.loads((runs / "ranks_resumed" / "final" / "cfg.json").read_text())["metadata"]
     assert meta["tokens_per_rank"] == [BATCH * STEPS // RANKS] * RANKS
+
+
+def test_indivisible_batch_is_refused(runs):
+    assert not (runs / "odd").exists()
 
 
 def test_one_process_refuses_a_two_rank_checkpoint(runs, capsys):
