@@ -21,6 +21,7 @@ with these changes, made in the runner's override points and on the trainer inst
   position), and the ranks meet at a barrier after each save. A resume restores every rank from
   its own file. The saved ``cfg.json`` records ``metadata.world_size`` and
   ``metadata.tokens_per_rank``.
+- **NaN/Inf.** The batch and loss checks are agreed by all ranks, so all stop at the same step.
 """
 
 from __future__ import annotations
@@ -92,6 +93,34 @@ class DistributedTrainingRunner(TrainingRunner):
         if distributed.is_main():
             super().save_final_sae(sae, output_path, log_feature_sparsity=log_feature_sparsity)
         distributed.barrier()
+
+    def _check_non_finite(self, trainer: Any) -> None:
+        """The NaN/Inf checks of :class:`TrainingRunner`, agreed by all ranks: a bad batch or loss
+        on any rank stops every rank at the same step (before any checkpoint is written)."""
+        step = trainer.step
+
+        def on_any_rank(count: float) -> list[int]:
+            counts = torch.zeros(self.world_size, dtype=torch.float64)
+            counts[self.rank] = count
+            distributed.all_reduce_(counts)
+            return [int(c) for c in counts.tolist()]
+
+        def checked_step(batch: torch.Tensor) -> Any:
+            bad = on_any_rank(int((~torch.isfinite(batch)).any(dim=-1).sum()))
+            if any(bad):
+                where = ", ".join(f"rank {r}: {n}" for r, n in enumerate(bad) if n)
+                self._stop(
+                    trainer,
+                    f"activation rows hold NaN or Inf ({where} of {batch.shape[0]} rows per rank)",
+                )
+            output = step(batch)
+            bad = on_any_rank(float(not bool(torch.isfinite(output.loss.detach()))))
+            if any(bad):
+                ranks = ", ".join(str(r) for r, n in enumerate(bad) if n)
+                self._stop(trainer, f"the loss is NaN or Inf on rank(s) {ranks}")
+            return output
+
+        trainer.step = checked_step
 
     def run_trainer_with_interruption_handling(self, trainer: Any):
         undo = make_data_parallel(trainer, self)

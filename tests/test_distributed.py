@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,9 @@ SAE_BLOCKS = {
 #: a checkpoint after 5 of 16 steps: AdaptiveK is inside its label-gathering window.
 RESUMED = "adaptivek"
 TOLERANCE = 1e-5
+#: the NaN test's model has a NaN embedding for this token; rank 1 meets it from this shard row.
+NAN_TOKEN = 7
+NAN_FROM_ROW = 20
 
 
 def _config(root: Path, tokens: str, out: Path, arch: str, **extra) -> dict:
@@ -129,6 +133,18 @@ def runs(tmp_path_factory):
     # a global batch that 2 ranks cannot split: refused before anything loads (exit status 2)
     odd = _config(root, "tokens", root / "odd", "topk", train_batch_size_tokens=BATCH + 1)
     jobs.append({"argv": ["train", _write(root / "odd.yaml", odd)], "expect_rc": 2})
+    # NaN activations on rank 1 only, from its 11th step: both ranks stop (exit status 1)
+    nan_model = tiny_model()
+    with torch.no_grad():
+        nan_model.W_E[NAN_TOKEN, 0] = float("nan")
+    save_local_model(nan_model, root / "nan_model")
+    clean = [[NAN_TOKEN + 1 if t == NAN_TOKEN else t for t in row] for row in rows]
+    for i in range(half + NAN_FROM_ROW, ROWS):
+        clean[i][3] = NAN_TOKEN
+    Dataset.from_dict({"input_ids": clean}).save_to_disk(str(root / "nan_tokens"))
+    nan = _config(root, "nan_tokens", root / "nan", "hierarchical_topk", n_checkpoints=1)
+    nan["model_name"] = str(root / "nan_model")
+    jobs.append({"argv": ["train", _write(root / "nan.yaml", nan)], "expect_rc": 1})
     jobs_file = root / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
     worker = Path(__file__).with_name("distributed_worker.py")
@@ -142,6 +158,7 @@ def runs(tmp_path_factory):
         timeout=900,
     )
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    (root / "torchrun_stderr.txt").write_text(proc.stderr)
 
     for arch in ARCHITECTURES:
         cfg = _config(root, "tokens_one_process", root / "single_runs" / arch, arch)
@@ -211,6 +228,21 @@ def test_two_rank_resume_matches_uninterrupted(runs):
 
 def test_indivisible_batch_is_refused(runs):
     assert not (runs / "odd").exists()
+
+
+def test_nan_on_one_rank_stops_both_before_a_save(runs):
+    err = (runs / "torchrun_stderr.txt").read_text()
+    per_rank = BATCH // RANKS // CONTEXT_SIZE
+    step = f"training stopped at step {NAN_FROM_ROW // per_rank} "
+    stops = [line for line in err.splitlines() if step in line]
+    assert len(stops) == RANKS, err[-4000:]  # every rank, at the step that met the NaN rows
+    for line in stops:
+        assert re.search(r"\(rank 1: \d+ of 32 rows per rank\)", line), line
+        assert "rank 0:" not in line
+    assert not (runs / "nan" / "final").exists()
+    (run_id,) = list((runs / "nan" / "checkpoints").iterdir())
+    (kept,) = list(run_id.iterdir())  # the checkpoint before the NaN rows, and nothing after
+    assert 0 < int(kept.name) <= NAN_FROM_ROW // per_rank * BATCH
 
 
 def test_one_process_refuses_a_two_rank_checkpoint(runs, capsys):
