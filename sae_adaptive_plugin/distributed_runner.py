@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sae_adaptive_plugin import distributed
 from sae_adaptive_plugin.train_runner import TrainingRunner
@@ -68,9 +68,11 @@ class DistributedTrainingRunner(TrainingRunner):
     def _load_rank_position(self, checkpoint: str | Path) -> None:
         state_file = self.resume_state_file(Path(checkpoint))
         if not state_file.is_file():
-            raise FileNotFoundError(
-                f"{checkpoint} has no {state_file.name}: it was not written by a "
-                f"{self.world_size}-process run of sae-adaptive train"
+            from sae_adaptive_plugin.training import ConfigError
+
+            raise ConfigError(
+                f"config key 'resume_from_checkpoint': {checkpoint} has no {state_file.name}: "
+                f"it was not written by a {self.world_size}-process run of sae-adaptive train"
             )
         state = load_file(str(state_file))
         self.activations_store.load(str(state_file))  # fast-forwards to n_dataset_processed
@@ -82,8 +84,6 @@ class DistributedTrainingRunner(TrainingRunner):
         if distributed.is_main():
             super().save_checkpoint(checkpoint_path)  # SAELens's files and rank 0's data state
         elif checkpoint_path is not None:
-            from safetensors.torch import save_file
-
             save_file(self.resume_state(), str(self.resume_state_file(Path(checkpoint_path))))
             self.last_checkpoint = Path(checkpoint_path)
 
