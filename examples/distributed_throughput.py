@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    env = distributed.init_from_env()
+    env = distributed.init_from_env(cuda=False)  # the config trains on the CPU
     batch = 1024
     if distributed.is_main():
         _prepare(args.out, n_rows=args.steps * batch // CONTEXT + 64)

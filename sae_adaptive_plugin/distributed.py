@@ -68,10 +68,11 @@ class LaunchEnv:
         return env
 
 
-def init_from_env() -> LaunchEnv:
+def init_from_env(cuda: bool | None = None) -> LaunchEnv:
     """Join the process group that torchrun's environment describes (``WORLD_SIZE > 1``): nccl
-    when CUDA is available, gloo otherwise; each rank's CUDA device is ``cuda:LOCAL_RANK``.
-    A second call reuses the group. With ``WORLD_SIZE`` unset or 1 nothing is started."""
+    when training on CUDA (``cuda``; default: when CUDA is available), gloo otherwise; each
+    rank's CUDA device is ``cuda:LOCAL_RANK``. A second call reuses the group. With
+    ``WORLD_SIZE`` unset or 1 nothing is started."""
     env = LaunchEnv.from_environ()
     if env.world_size == 1 or dist.is_initialized():
         return env
@@ -80,7 +81,7 @@ def init_from_env() -> LaunchEnv:
             f"WORLD_SIZE={env.world_size} asks for {env.world_size} processes, but this torch "
             "build has no torch.distributed"
         )
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if cuda is None else cuda:
         torch.cuda.set_device(env.local_rank)
         dist.init_process_group("nccl", device_id=torch.device("cuda", env.local_rank))
     else:
@@ -95,6 +96,13 @@ def device_for_rank(device: str | None, local_rank: int) -> str | None:
     return f"cuda:{local_rank}"
 
 
+def _communicable(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a CUDA copy of it when the backend (nccl) only moves CUDA tensors."""
+    if tensor.device.type != "cuda" and dist.get_backend() == "nccl":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    return tensor
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -105,7 +113,10 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if not is_distributed():
         return tensor
     ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-    dist.all_reduce(tensor, op=ops["sum" if op == "mean" else op])
+    moved = _communicable(tensor)
+    dist.all_reduce(moved, op=ops["sum" if op == "mean" else op])
+    if moved is not tensor:
+        tensor.copy_(moved)
     if op == "mean":
         tensor.div_(world_size())
     return tensor
@@ -114,7 +125,10 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Overwrite ``tensor`` in place with rank ``src``'s."""
     if is_distributed():
-        dist.broadcast(tensor, src=src)
+        moved = _communicable(tensor)
+        dist.broadcast(moved, src=src)
+        if moved is not tensor:
+            tensor.copy_(moved)
     return tensor
 
 
@@ -141,10 +155,10 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """The global batch: every rank's ``tensor`` concatenated along dim 0 in rank order."""
     if not is_distributed():
         return tensor.detach()
-    tensor = tensor.detach().contiguous()
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor)
-    return torch.cat(parts)
+    moved = _communicable(tensor.detach().contiguous())
+    parts = [torch.empty_like(moved) for _ in range(world_size())]
+    dist.all_gather(parts, moved)
+    return torch.cat(parts).to(tensor.device)
 
 
 def global_mean(tensor: torch.Tensor) -> torch.Tensor:

@@ -267,7 +267,7 @@ def runner_for_launch(cfg: Any) -> type[TrainingRunner]:
     Raises ``ConfigError`` for a config that cannot be split over the ranks."""
     from sae_adaptive_plugin.training import ConfigError
 
-    env = distributed.init_from_env()
+    env = distributed.init_from_env(cuda=str(cfg.device).startswith("cuda"))
     if cfg.resume_from_checkpoint is not None:
         check_resume_world_size(Path(cfg.resume_from_checkpoint), env.world_size)
     if env.world_size == 1:

@@ -466,8 +466,8 @@ def run_training(
     from sae_adaptive_plugin.distributed_runner import runner_for_launch
     from sae_adaptive_plugin.outputs import refuse_existing
 
-    runner_cls = runner_for_launch(cfg)  # under torchrun: this rank's process group and config
     check_devices(cfg)
+    runner_cls = runner_for_launch(cfg)  # under torchrun: this rank's process group and config
     if cfg.output_path is not None:
         refuse_existing(cfg.output_path, overwrite, "output_path")
 
