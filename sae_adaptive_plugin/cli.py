@@ -18,9 +18,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sae_adaptive_plugin.hub",
     "sae_adaptive_plugin.training",
     "sae_adaptive_plugin.evaluation",
-    "sae_adaptive_plugin.probe_cli",
-    "sae_adaptive_plugin.bench",
-    "sae_adaptive_plugin.compare",
+    "sae_adaptive_plugin.probe.fit_from_model",
+    "sae_adaptive_plugin.experiments.bench",
+    "sae_adaptive_plugin.experiments.compare",
 )
 
 #: name -> (help, add_arguments(parser), run(args) -> exit code)
@@ -64,7 +64,7 @@ def _plugins_arguments(parser: argparse.ArgumentParser) -> None:
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from sae_lens import registry
 
-    from sae_adaptive_plugin.loader import load_plugins
+    from sae_adaptive_plugin.registration.loader import load_plugins
 
     reports = load_plugins()
     if not reports:

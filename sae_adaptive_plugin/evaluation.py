@@ -226,7 +226,7 @@ def evaluate_paths(
     dataset: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate each saved SAE; the model/dataset default to those in each SAE's metadata."""
-    from sae_adaptive_plugin import local_lm
+    from sae_adaptive_plugin.data import local_lm
     from sae_adaptive_plugin.hub import load_sae_folder
 
     models: dict[str, Any] = {}
@@ -329,11 +329,11 @@ def per_token_k_on_text(
 
     Tokenised with ``model.to_tokens`` when the model has a tokenizer (token strings from
     ``to_str_tokens``); a tokenizer-less local model uses the byte-level fallback of
-    :func:`sae_adaptive_plugin.local_lm.texts_to_token_lists` and token ids as labels.
+    :func:`sae_adaptive_plugin.data.local_lm.texts_to_token_lists` and token ids as labels.
     """
     import torch
 
-    from sae_adaptive_plugin import local_lm
+    from sae_adaptive_plugin.data import local_lm
 
     if prepend_bos is None:
         prepend_bos = bool(sae.cfg.metadata.prepend_bos)

@@ -357,7 +357,7 @@ def test_kstar_scale_dataset_uses_one_threshold_row_uses_each_rows_variance():
 
 
 def test_kstar_labels_scale():
-    from sae_adaptive_plugin.labels import kstar_labels
+    from sae_adaptive_plugin.probe.labels import kstar_labels
 
     sae = _training_sae(k_min=1, k_max=12)
     x = torch.randn(64, 16) * torch.linspace(0.2, 3.0, 64)[:, None]

@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 from test_hub import D_IN, hub, random_sae  # noqa: F401
 from test_loader import _DemoConfig, _DemoSAE, _module_plugin, isolated  # noqa: F401
 
-from sae_adaptive_plugin import loader
 from sae_adaptive_plugin.cli import main
-from sae_adaptive_plugin.hookspecs import Architecture
+from sae_adaptive_plugin.registration import loader
+from sae_adaptive_plugin.registration.hookspecs import Architecture
 from sae_adaptive_plugin.saes.input_checks import K_NOT_FINITE
 
 OURS = ("adaptivek", "softsae", "hierarchical_topk")

@@ -64,7 +64,7 @@ def _nan_model_and_data(tmp_path: Path) -> tuple[Path, Path]:
     ``n_checkpoints=2`` are written), then NaN rows come."""
     from tiny_lm import tiny_model, tiny_token_dataset
 
-    from sae_adaptive_plugin.local_lm import save_local_model
+    from sae_adaptive_plugin.data.local_lm import save_local_model
 
     model = tiny_model()
     with torch.no_grad():
@@ -190,7 +190,7 @@ def test_empty_dataset_and_folder_as_config_are_named(tmp_path, local, capsys): 
 
 
 def test_nan_is_not_a_finite_lr_in_python_either():
-    from sae_adaptive_plugin.training import ConfigError, _check_ranges
+    from sae_adaptive_plugin.training.config import ConfigError, _check_ranges
 
     with pytest.raises(ConfigError, match="'lr'"):
         _check_ranges("", {"lr": math.nan})

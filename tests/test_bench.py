@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from sae_adaptive_plugin import bench
 from sae_adaptive_plugin.cli import main
-from sae_adaptive_plugin.plugin import ARCHITECTURE_MODULES
+from sae_adaptive_plugin.experiments import bench
+from sae_adaptive_plugin.registration.plugin import ARCHITECTURE_MODULES
 
 TINY = {"d_in": 16, "d_sae": 64, "k": 4, "batch": 32, "steps": 2, "warmup": 1, "threads": 1}
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sae_adaptive_plugin import cli
-from sae_adaptive_plugin.synthetic import (
+from sae_adaptive_plugin.experiments.synthetic import (
     ALL_ARCHITECTURES,
     RESULT_KEYS,
     CompareConfig,
@@ -147,7 +147,7 @@ def test_compare_rejects_bad_flags_with_the_field_name(tmp_path, capsys):
 
 
 def test_unregistered_architecture_is_skipped_with_a_reason(tmp_path, monkeypatch):
-    from sae_adaptive_plugin import synthetic
+    from sae_adaptive_plugin.experiments import synthetic
 
     monkeypatch.setattr(synthetic, "registered_training_architectures", lambda: {"topk"})
     cfg = CompareConfig(
@@ -165,8 +165,8 @@ def test_unregistered_architecture_is_skipped_with_a_reason(tmp_path, monkeypatc
 
 
 def test_seeds_are_aggregated_as_mean_and_std_per_row():
-    from sae_adaptive_plugin.compare import markdown_table
-    from sae_adaptive_plugin.synthetic import CompareResult, aggregate_seeds
+    from sae_adaptive_plugin.experiments.compare import markdown_table
+    from sae_adaptive_plugin.experiments.synthetic import CompareResult, aggregate_seeds
 
     def result(seed, ev, name_extra):
         rows = [

@@ -15,15 +15,15 @@ import sae_lens  # noqa: F401  (first: the plugin registers before our modules i
 import torch
 from sae_lens.saes.sae import TrainStepInput
 
-from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors, threshold_for_median_kstar
-from sae_adaptive_plugin.saes.adaptivek import AdaptiveKTrainingSAE, AdaptiveKTrainingSAEConfig
-from sae_adaptive_plugin.saes.softsae import SoftSAETrainingConfig, SoftSAETrainingSAE
-from sae_adaptive_plugin.synthetic import (
+from sae_adaptive_plugin.experiments.synthetic import (
     CompareConfig,
     VariableComplexityConfig,
     VariableComplexitySource,
     run_compare,
 )
+from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors, threshold_for_median_kstar
+from sae_adaptive_plugin.saes.adaptivek import AdaptiveKTrainingSAE, AdaptiveKTrainingSAEConfig
+from sae_adaptive_plugin.saes.softsae import SoftSAETrainingConfig, SoftSAETrainingSAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

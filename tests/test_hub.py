@@ -38,7 +38,7 @@ from sae_adaptive_plugin.hub import (
     load_from_hub,
     push_to_hub,
 )
-from sae_adaptive_plugin.plugin import ARCHITECTURE_MODULES
+from sae_adaptive_plugin.registration.plugin import ARCHITECTURE_MODULES
 
 D_IN, D_SAE = 16, 64
 REPO = "tester/adaptive-saes"

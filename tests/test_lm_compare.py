@@ -11,8 +11,8 @@ import pytest
 import torch
 from tiny_lm import LLAMA_D_MODEL, tiny_llama_folder, tiny_llama_gguf, write_text_corpus
 
-from sae_adaptive_plugin import corpus, local_lm
-from sae_adaptive_plugin.lm_compare import (
+from sae_adaptive_plugin.data import corpus, local_lm
+from sae_adaptive_plugin.experiments.lm_benchmark import (
     RESULT_KEYS,
     cache_key,
     cached_activations,

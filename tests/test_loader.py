@@ -17,8 +17,8 @@ from sae_lens.saes.topk_sae import (
     TopKTrainingSAEConfig,
 )
 
-from sae_adaptive_plugin import loader, plugin
-from sae_adaptive_plugin.hookspecs import Architecture, hookimpl
+from sae_adaptive_plugin.registration import loader, plugin
+from sae_adaptive_plugin.registration.hookspecs import Architecture, hookimpl
 
 
 @dataclass
@@ -178,7 +178,7 @@ def test_invalid_architectures_are_rejected_clearly(isolated, arch, message: str
 
 def test_this_package_registers_through_its_entry_point() -> None:
     reports = {r.value: r for r in loader.load_plugins()}
-    ours = reports["sae_adaptive_plugin.plugin"]
+    ours = reports["sae_adaptive_plugin.registration.plugin"]
     assert ours.ok, ours.error
     expected = sorted(arch.name for arch in plugin.sae_lens_architectures())
     assert ours.architectures == expected
@@ -196,8 +196,8 @@ def test_importing_an_architecture_module_first_still_registers(name: str) -> No
         "import importlib, sys\n"
         f"module = importlib.import_module('sae_adaptive_plugin.saes.{name}')\n"
         "from sae_lens import registry\n"
-        "from sae_adaptive_plugin.loader import load_plugins\n"
-        "reports = [r for r in load_plugins() if r.value == 'sae_adaptive_plugin.plugin']\n"
+        "from sae_adaptive_plugin.registration.loader import load_plugins\n"
+        "reports = [r for r in load_plugins() if r.value == 'sae_adaptive_plugin.registration.plugin']\n"
         "assert reports and reports[0].ok, reports\n"
         f"assert registry.SAE_CLASS_REGISTRY[{name!r}][0] is module.ARCHITECTURE.sae_class\n"
         "print('ok')\n"

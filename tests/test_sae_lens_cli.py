@@ -9,7 +9,7 @@ import sys
 import pytest
 from sae_lens.llm_sae_training_runner import _parse_cfg_args
 
-from sae_adaptive_plugin import plugin
+from sae_adaptive_plugin.registration import plugin
 
 OURS = sorted(arch.name for arch in plugin.sae_lens_architectures())
 

@@ -343,7 +343,7 @@ def test_ground_truth_l0_tracking_beats_topk_at_matched_l0(tmp_path: Path) -> No
     synchronisation (on a loaded 2-core machine, ~20× slower)."""
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 
-    from sae_adaptive_plugin.synthetic import (
+    from sae_adaptive_plugin.experiments.synthetic import (
         CompareConfig,
         VariableComplexityConfig,
         VariableComplexitySource,

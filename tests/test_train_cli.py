@@ -31,7 +31,7 @@ def _registered() -> set[str]:
     import sae_lens  # noqa: F401
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
-    from sae_adaptive_plugin.loader import load_plugins
+    from sae_adaptive_plugin.registration.loader import load_plugins
 
     load_plugins()
     return set(SAE_TRAINING_CLASS_REGISTRY)
@@ -59,7 +59,7 @@ SAE_BLOCKS = {
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
     """A tiny model in the local format, a save_to_disk token dataset, a labelled jsonl file."""
-    from sae_adaptive_plugin.local_lm import save_local_model
+    from sae_adaptive_plugin.data.local_lm import save_local_model
 
     root = tmp_path_factory.mktemp("train_cli")
     save_local_model(tiny_model(), root / "model")
@@ -301,7 +301,7 @@ def test_fit_probe_then_adaptivek_then_eval(tmp_path, local, capsys):
 
 
 def test_fit_probe_surprisal_all_tokens(tmp_path, local):
-    from sae_adaptive_plugin.local_lm import texts_to_token_lists
+    from sae_adaptive_plugin.data.local_lm import texts_to_token_lists
     from sae_adaptive_plugin.probe import ComplexityProbe
 
     out = tmp_path / "surprisal.safetensors"

@@ -20,14 +20,14 @@ Label sources:
   fewest latents of a TopK-family SAE trained at that hook (``topk``, ``hierarchical_topk``,
   ``adaptivek``) whose prefix reconstruction error is at most ``--target-fvu`` times the mean
   variance ``‖x − mean‖²`` of the rows of its batch
-  (:func:`sae_adaptive_plugin.labels.kstar_labels`, ``scale="dataset"``); ``mean`` is the mean
+  (:func:`sae_adaptive_plugin.probe.labels.kstar_labels`, ``scale="dataset"``); ``mean`` is the mean
   activation over all collected rows, so those rows are held in memory (rows × d_in floats).
 
 With ``--positions all`` the first position is skipped when a BOS token was prepended (its
 activation is an outlier that carries no information about the text). Texts are truncated to
 ``--context-size`` tokens (default: the model's ``n_ctx``). Tokenisation is ``model.to_tokens``
 for every model with a tokenizer; the tokenizer-less local test models take token-id lists or the
-byte-level fallback of :func:`sae_adaptive_plugin.local_lm.texts_to_token_lists`.
+byte-level fallback of :func:`sae_adaptive_plugin.data.local_lm.texts_to_token_lists`.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def fit_probe_from_texts(
     ``scores`` are the per-text labels; ``None`` selects surprisal labels, or ``k*`` labels under
     ``kstar_sae`` when that is given.
     """
-    from sae_adaptive_plugin import labels
+    from sae_adaptive_plugin.probe import labels
 
     if scores is not None:
         missing = [i for i, v in enumerate(scores) if v is None]
@@ -193,7 +193,7 @@ def _kstar_batches(sae: Any, hook: str, make_batches: Any, target_fvu: float):
     """Relabel activation batches with ``k*`` under ``sae`` (rows held in memory for the mean)."""
     import torch
 
-    from sae_adaptive_plugin.labels import kstar_labels
+    from sae_adaptive_plugin.probe.labels import kstar_labels
 
     if sae.cfg.metadata.hook_name not in (None, hook):
         raise ValueError(
@@ -233,7 +233,7 @@ def read_texts(
     """
     import itertools
 
-    from sae_adaptive_plugin import local_lm
+    from sae_adaptive_plugin.data import local_lm
 
     hint = "" if score_column is None else " (or use --labels surprisal / kstar)"
     if local_lm.is_local_dataset(dataset) or max_texts is None:
@@ -308,7 +308,7 @@ def _fit_probe_arguments(parser: argparse.ArgumentParser) -> None:
     arguments=_fit_probe_arguments,
 )
 def _cmd_fit_probe(args: argparse.Namespace) -> int:
-    from sae_adaptive_plugin import local_lm
+    from sae_adaptive_plugin.data import local_lm
 
     for name, value, low in (
         ("--batch-size", args.batch_size, 1),

@@ -98,7 +98,7 @@ class PushResult:
 
 def _plugin_providers() -> dict[str, str]:
     """architecture name -> distribution name, for every architecture a SAELens plugin registered."""
-    from sae_adaptive_plugin.loader import load_plugins
+    from sae_adaptive_plugin.registration.loader import load_plugins
 
     providers: dict[str, str] = {}
     for report in load_plugins():
@@ -152,7 +152,7 @@ def check_architecture(cfg: dict[str, Any], source: str = "cfg.json") -> str:
     from sae_lens import registry
     from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
 
-    from sae_adaptive_plugin.loader import load_plugins
+    from sae_adaptive_plugin.registration.loader import load_plugins
 
     load_plugins()  # also where the .pth autoload did not run (python -S, --target installs)
     architecture = cfg.get("architecture")

@@ -207,7 +207,7 @@ _CORPUS_SUFFIXES = (".txt", ".cor", ".bz2")
 
 def is_local_dataset(name: str | Path) -> bool:
     """Whether ``name`` is a ``save_to_disk`` folder, a parquet/jsonl/json/csv file, or a text
-    corpus (``.txt``/``.cor``/``.bz2``, read by :func:`sae_adaptive_plugin.corpus.read_documents`
+    corpus (``.txt``/``.cor``/``.bz2``, read by :func:`sae_adaptive_plugin.data.corpus.read_documents`
     into a ``text`` column)."""
     p = Path(name)
     if p.is_file() and p.suffix.lower() in _CORPUS_SUFFIXES:
@@ -234,7 +234,7 @@ def load_local_dataset(path: str | Path, split: str = "train") -> Any:
     if p.is_file() and p.suffix.lower() in _CORPUS_SUFFIXES:
         from datasets import Dataset
 
-        from sae_adaptive_plugin.corpus import read_documents
+        from sae_adaptive_plugin.data.corpus import read_documents
 
         return _non_empty(Dataset.from_dict({"text": read_documents(p)}), p)
     builder = _FILE_BUILDERS.get(p.suffix.lower())

@@ -27,7 +27,7 @@ as a string) and an int field accepts an integral float such as ``5e6``.
 
 ``model_name`` may be a folder in this package's local model format, a ``.gguf`` file or a
 Hugging Face model folder (SAELens's ``AutoModelForCausalLM`` path, hook names such as
-``model.layers.6``), and ``dataset_path`` a local dataset (see :mod:`sae_adaptive_plugin.local_lm`); they are loaded here and handed to the runner as
+``model.layers.6``), and ``dataset_path`` a local dataset (see :mod:`sae_adaptive_plugin.data.local_lm`); they are loaded here and handed to the runner as
 ``override_model`` / ``override_dataset`` (a local dataset is memory-mapped, so ``streaming`` does
 not apply to it). Any other name goes through SAELens's loading unchanged.
 
@@ -35,7 +35,7 @@ Resume: ``--resume CHECKPOINT`` (or the ``resume_from_checkpoint`` key) resumes 
 state, SAE weights and activation-store position from a checkpoint folder written by SAELens
 (``<checkpoint_path>/<run id>/<n_samples>/``); without CONFIG the run's config is read from the
 checkpoint's ``runner_cfg.json``. The runner is
-:class:`~sae_adaptive_plugin.train_runner.TrainingRunner`: a resumed run ends where the
+:class:`~sae_adaptive_plugin.training.runner.TrainingRunner`: a resumed run ends where the
 uninterrupted one does, NaN/Inf activations or losses stop the run, and the final SAE is renamed
 into ``output_path`` only when complete (a non-empty ``output_path`` needs ``--overwrite``).
 """
@@ -212,7 +212,7 @@ def known_architectures() -> list[str]:
     import sae_lens  # noqa: F401  (importing registers the plugins)
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
-    from sae_adaptive_plugin.loader import load_plugins
+    from sae_adaptive_plugin.registration.loader import load_plugins
 
     load_plugins()
     return sorted(SAE_TRAINING_CLASS_REGISTRY)
@@ -452,7 +452,7 @@ def run_training(
     cfg: Any, model: Any = None, dataset: Any = None, overwrite: bool = False
 ) -> TrainResult:
     """Run SAELens's ``LanguageModelSAETrainingRunner`` (as
-    :class:`~sae_adaptive_plugin.train_runner.TrainingRunner`: exact resume, NaN/Inf checks, the
+    :class:`~sae_adaptive_plugin.training.runner.TrainingRunner`: exact resume, NaN/Inf checks, the
     final SAE renamed into place) on ``cfg``.
 
     ``model`` / ``dataset`` override the config's; when not given, a local ``model_name`` /
@@ -462,9 +462,9 @@ def run_training(
     """
     import torch
 
-    from sae_adaptive_plugin import local_lm
+    from sae_adaptive_plugin.data import local_lm
     from sae_adaptive_plugin.outputs import refuse_existing
-    from sae_adaptive_plugin.train_runner import TrainingRunner
+    from sae_adaptive_plugin.training.runner import TrainingRunner
 
     check_devices(cfg)
     if cfg.output_path is not None:
@@ -583,7 +583,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         return 0
     from sae_adaptive_plugin.outputs import OutputExistsError
-    from sae_adaptive_plugin.train_runner import NonFiniteTrainingError
+    from sae_adaptive_plugin.training.runner import NonFiniteTrainingError
 
     try:
         result = run_training(cfg, overwrite=args.overwrite)

@@ -1,5 +1,5 @@
 """``sae-adaptive compare --lm``: flags, table, ``results.json`` and pictures of the real-model
-comparison (:mod:`sae_adaptive_plugin.lm_compare` runs it). Nothing heavy at module level.
+comparison (:mod:`sae_adaptive_plugin.experiments.lm_benchmark` runs it). Nothing heavy at module level.
 
 Writes to ``--out`` (default ``runs/compare_lm``): ``results.json``, ``k_per_token.png`` (per-token
 L0 of the adaptive SAEs over the first held-out sequence, with surprisal), ``k_vs_surprisal.png``
@@ -80,8 +80,8 @@ def add_lm_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_lm_config(args: argparse.Namespace) -> Any:
-    """The :class:`~sae_adaptive_plugin.lm_compare.LMCompareConfig` of the flags."""
-    from sae_adaptive_plugin.lm_compare import LMCompareConfig
+    """The :class:`~sae_adaptive_plugin.experiments.lm_benchmark.LMCompareConfig` of the flags."""
+    from sae_adaptive_plugin.experiments.lm_benchmark import LMCompareConfig
 
     cfg = LMCompareConfig(
         model=args.model or default_model() or "",
@@ -184,7 +184,7 @@ def plot_ce_vs_l0(result: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10.5, 5.0), layout="constrained")
-    from sae_adaptive_plugin.compare import draw_budget_curve, draw_l0_points
+    from sae_adaptive_plugin.experiments.compare import draw_budget_curve, draw_l0_points
 
     draw_budget_curve(ax, result.rows, ("topk",), "ce_loss_score", "-s", "tab:blue", "topk (k = ")
     draw_budget_curve(
@@ -211,7 +211,11 @@ def run_lm(args: argparse.Namespace) -> int:
     """``sae-adaptive compare --lm``."""
     import torch
 
-    from sae_adaptive_plugin.lm_compare import RESULT_KEYS, config_dict, run_lm_compare
+    from sae_adaptive_plugin.experiments.lm_benchmark import (
+        RESULT_KEYS,
+        config_dict,
+        run_lm_compare,
+    )
 
     torch.set_num_threads(args.threads)
     try:

@@ -471,7 +471,7 @@ def registered_training_architectures() -> set[str]:
     import sae_lens  # noqa: F401  (import runs the plugin autoload)
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
-    from sae_adaptive_plugin.loader import load_plugins
+    from sae_adaptive_plugin.registration.loader import load_plugins
 
     load_plugins()  # idempotent; covers interpreters where the .pth autoload did not run
     return set(SAE_TRAINING_CLASS_REGISTRY)

@@ -157,7 +157,7 @@ class _Row:
 def _registered(architecture: str) -> bool:
     from sae_lens import registry
 
-    from sae_adaptive_plugin.loader import load_plugins
+    from sae_adaptive_plugin.registration.loader import load_plugins
 
     load_plugins()
     return architecture in registry.SAE_TRAINING_CLASS_REGISTRY

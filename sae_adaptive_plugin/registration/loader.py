@@ -21,7 +21,7 @@ from typing import Any
 
 import pluggy
 
-from sae_adaptive_plugin.hookspecs import (
+from sae_adaptive_plugin.registration.hookspecs import (
     ENTRY_POINT_GROUP,
     PROJECT_NAME,
     Architecture,

@@ -35,7 +35,7 @@ class LMCompareConfig:
     Attributes:
         model: a ``.gguf`` file, a Hugging Face model folder, or a Hub name.
         layer: decoder layer whose output (residual stream) the SAEs read.
-        text: training corpus file (see :mod:`sae_adaptive_plugin.corpus`).
+        text: training corpus file (see :mod:`sae_adaptive_plugin.data.corpus`).
         heldout_text: a different corpus for evaluation.
         train_tokens: training tokens cached (BOS excluded).
         heldout_tokens: held-out tokens cached and evaluated (BOS excluded).
@@ -74,7 +74,7 @@ class LMCompareConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field."""
-        from sae_adaptive_plugin.synthetic import ALL_ARCHITECTURES
+        from sae_adaptive_plugin.experiments.synthetic import ALL_ARCHITECTURES
 
         for name in ("model", "text", "heldout_text"):
             if not getattr(self, name):
@@ -501,7 +501,7 @@ class LMCompareResult:
 
 def load_causal_lm(name: str, device: str) -> tuple[Any, Any]:
     """``(hf_model, tokenizer)`` for a ``.gguf`` file, a model folder or a Hub name."""
-    from sae_adaptive_plugin.local_lm import hf_model_and_tokenizer
+    from sae_adaptive_plugin.data.local_lm import hf_model_and_tokenizer
 
     model, tokenizer = hf_model_and_tokenizer(name, device=device)
     model.eval()
@@ -515,8 +515,8 @@ def run_lm_compare(
     model_and_tokenizer: tuple[Any, Any] | None = None,
 ) -> LMCompareResult:
     """Cache, train every requested architecture, evaluate; SAEs go to ``out_dir/saes/<name>``."""
-    from sae_adaptive_plugin.corpus import read_documents
-    from sae_adaptive_plugin.synthetic import (
+    from sae_adaptive_plugin.data.corpus import read_documents
+    from sae_adaptive_plugin.experiments.synthetic import (
         ADAPTIVE_ARCHITECTURES,
         ALL_ARCHITECTURES,
         HIERARCHICAL_ARCHITECTURE,

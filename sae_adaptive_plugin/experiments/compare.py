@@ -2,7 +2,7 @@
 
 Trains SAELens's ``topk``, ``batchtopk``, ``matryoshka_batchtopk`` and this package's
 ``softsae``, ``adaptivek``, ``hierarchical_topk`` (whichever are registered) on one synthetic
-stream (:mod:`sae_adaptive_plugin.synthetic`), then writes to ``--out``:
+stream (:mod:`sae_adaptive_plugin.experiments.synthetic`), then writes to ``--out``:
 
 - ``results.json``: the settings, the true-L0 statistics, skipped architectures and one entry per
   SAE (HierarchicalTopK: one per evaluated budget ``k'``);
@@ -280,14 +280,14 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="tiny problem and budget (seconds per SAE; for tests)"
     )
-    from sae_adaptive_plugin.compare_lm import add_lm_arguments
+    from sae_adaptive_plugin.experiments.lm_report import add_lm_arguments
 
     add_lm_arguments(parser)
 
 
 def build_config(args: argparse.Namespace) -> Any:
     """The :class:`CompareConfig` for the command's flags (``--quick`` = a tiny problem)."""
-    from sae_adaptive_plugin.synthetic import CompareConfig, VariableComplexityConfig
+    from sae_adaptive_plugin.experiments.synthetic import CompareConfig, VariableComplexityConfig
 
     if args.quick:
         source = VariableComplexityConfig(
@@ -346,14 +346,18 @@ def run(args: argparse.Namespace) -> int:
     # effective when torch is not imported yet (the console script).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.lm:
-        from sae_adaptive_plugin.compare_lm import run_lm
+        from sae_adaptive_plugin.experiments.lm_report import run_lm
 
         return run_lm(args)
 
     import torch
 
+    from sae_adaptive_plugin.experiments.synthetic import (
+        aggregate_seeds,
+        iter_finite_problems,
+        run_compare,
+    )
     from sae_adaptive_plugin.outputs import OutputExistsError, refuse_existing, replacing_dir
-    from sae_adaptive_plugin.synthetic import aggregate_seeds, iter_finite_problems, run_compare
 
     torch.set_num_threads(args.threads)
     if args.seeds < 1:
