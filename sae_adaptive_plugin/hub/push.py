@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sae_adaptive_plugin.cli import command
 from sae_adaptive_plugin.provenance import (
     PACKAGE_NAME,
     PROVIDER_METADATA_KEY,
@@ -688,27 +687,7 @@ def push_to_hub(
 # ------------------------------------------------------------------------------------------------
 
 
-def _push_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", metavar="PATH", help="SAELens SAE folder (or training checkpoint)")
-    parser.add_argument("--repo-id", required=True, metavar="USER/REPO", help="Hub model repo")
-    parser.add_argument(
-        "--sae-id", required=True, metavar="ID", help="folder in the repo (the sae_id to load)"
-    )
-    parser.add_argument(
-        "--private", action="store_true", help="create the repo private (if it is new)"
-    )
-    parser.add_argument(
-        "--revision", default=None, metavar="R", help="branch to commit to (default main)"
-    )
-    parser.add_argument("--commit-message", default=None, help="commit message")
-
-
-@command(
-    "push",
-    "publish a trained SAE folder to the Hugging Face Hub with a model card",
-    arguments=_push_arguments,
-)
-def _cmd_push(args: argparse.Namespace) -> int:
+def push_command(args: argparse.Namespace) -> int:
     try:
         result = push_to_hub(
             args.path,

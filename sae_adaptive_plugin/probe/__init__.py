@@ -1,19 +1,24 @@
-"""The AdaptiveK complexity probe: ridge fit, the probe, label sources, activation collection."""
+"""The AdaptiveK complexity probe: ridge fit, the probe, label sources, activation collection.
 
-from sae_adaptive_plugin.probe.complexity_probe import (
-    DEFAULT_LAMBDAS,
-    MAX_EXTENDED_LAMBDA,
-    ComplexityProbe,
-    ProbeReport,
-    RidgeAccumulator,
-    spearman_corr,
-)
+The names below are imported on first use, so the light modules of this package (e.g. the
+``fit-probe`` flags' choices) can be imported without torch.
+"""
 
-__all__ = [
-    "DEFAULT_LAMBDAS",
-    "MAX_EXTENDED_LAMBDA",
-    "ComplexityProbe",
-    "ProbeReport",
-    "RidgeAccumulator",
-    "spearman_corr",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DEFAULT_LAMBDAS": "complexity_probe",
+    "MAX_EXTENDED_LAMBDA": "complexity_probe",
+    "ComplexityProbe": "complexity_probe",
+    "ProbeReport": "complexity_probe",
+    "RidgeAccumulator": "complexity_probe",
+    "spearman_corr": "complexity_probe",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

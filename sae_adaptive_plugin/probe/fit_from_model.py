@@ -38,8 +38,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sae_adaptive_plugin.cli import command
-
 LABEL_SOURCES = ("column", "surprisal", "kstar")
 POSITIONS = ("last", "all")
 
@@ -261,53 +259,7 @@ def read_texts(
     return texts, scores
 
 
-def _fit_probe_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model name or local model folder")
-    parser.add_argument("--hook", required=True, help="hook name, e.g. blocks.3.hook_resid_post")
-    parser.add_argument(
-        "--dataset", required=True, help="Hub dataset name, or local parquet/jsonl/csv/folder"
-    )
-    parser.add_argument("--split", default="train", help="dataset split (default train)")
-    parser.add_argument("--text-column", default="text", help="default 'text'")
-    parser.add_argument(
-        "--score-column", default="score", help="label column for --labels column (default 'score')"
-    )
-    parser.add_argument("--labels", choices=LABEL_SOURCES, default="column")
-    parser.add_argument(
-        "--sae",
-        help="for --labels kstar: a saved TopK-family SAE (topk/hierarchical_topk/adaptivek)",
-    )
-    parser.add_argument(
-        "--target-fvu", type=float, default=0.1, help="for --labels kstar (default 0.1)"
-    )
-    parser.add_argument("--positions", choices=POSITIONS, default="last")
-    parser.add_argument("--context-size", type=int, help="truncate texts (default: model n_ctx)")
-    parser.add_argument(
-        "--max-texts", type=int, help="use the first N texts (a Hub dataset is then streamed)"
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="texts per forward (default 8)")
-    bos = parser.add_mutually_exclusive_group()
-    bos.add_argument("--prepend-bos", dest="prepend_bos", action="store_true", default=None)
-    bos.add_argument("--no-prepend-bos", dest="prepend_bos", action="store_false")
-    parser.add_argument("--n-folds", type=int, default=5, help="CV folds (default 5)")
-    parser.add_argument(
-        "--lambdas", type=float, nargs="+", help="ridge grid (default 1e-2 … 1e3, half decades)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", required=True, help="probe file to write (.safetensors)")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace --out (and --json) if they exist"
-    )
-    parser.add_argument("--json", dest="json_out", help="also write the report as JSON here")
-
-
-@command(
-    "fit-probe",
-    "fit an AdaptiveK complexity probe on a model's activations over labelled texts or surprisal",
-    arguments=_fit_probe_arguments,
-)
-def _cmd_fit_probe(args: argparse.Namespace) -> int:
+def fit_probe_command(args: argparse.Namespace) -> int:
     from sae_adaptive_plugin.data import local_lm
 
     for name, value, low in (

@@ -54,8 +54,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sae_adaptive_plugin.cli import command
-
 
 class ConfigError(ValueError):
     """A training config key or value that SAELens's runner config cannot take."""
@@ -537,42 +535,7 @@ def train_from_yaml(
     return run_training(build_runner_config(raw), model=model, dataset=dataset, overwrite=overwrite)
 
 
-def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "config",
-        nargs="?",
-        help="YAML training config (LanguageModelSAERunnerConfig fields + an sae: block); "
-        "optional with --resume",
-    )
-    parser.add_argument(
-        "--resume",
-        metavar="CHECKPOINT",
-        help="resume from a SAELens checkpoint folder (<checkpoint_path>/<run id>/<n_samples>)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, dotted for blocks (e.g. --set sae.k=64 --set device=cuda)",
-    )
-    parser.add_argument(
-        "--print-config", action="store_true", help="validate, print the resolved config, exit"
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a non-empty output_path (the new SAE is renamed into place when complete)",
-    )
-
-
-@command(
-    "train",
-    "train an SAE of any registered architecture with SAELens's runner from a YAML config",
-    arguments=_train_arguments,
-)
-def _cmd_train(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace) -> int:
     try:
         raw = load_config_mapping(args.config, args.overrides, args.resume)
         cfg = build_runner_config(raw)
