@@ -35,12 +35,13 @@ def main() -> None:
         train_sae,
     )
     from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors
-    from sae_adaptive_plugin.probe import ComplexityProbe, spearman_corr
+    from sae_adaptive_plugin.probe import ComplexityProbe
     from sae_adaptive_plugin.saes.adaptivek import (
         KSTAR_SCALES,
         AdaptiveKTrainingSAE,
         AdaptiveKTrainingSAEConfig,
     )
+    from sae_adaptive_plugin.stats import spearman
 
     src_cfg = VariableComplexityConfig(seed=args.seed)
     source = VariableComplexitySource(src_cfg)
@@ -82,7 +83,7 @@ def main() -> None:
             assert fit is not None and fit_log is not None
             print(
                 f"target_fvu={tau} kstar_scale={scale}: at k_max {(ks == k_max).float().mean():.3f}"
-                f"  spearman(k*, true L0) {spearman_corr(ks, true_l0):.3f}"
+                f"  spearman(k*, true L0) {spearman(ks, true_l0):.3f}"
                 f"  probe R2 {fit.r2:.3f} spearman {fit.spearman:.3f} lambda {fit.lam:g}"
                 f"  | log k* probe R2 {fit_log.r2:.3f} spearman {fit_log.spearman:.3f}"
                 f"  | median k* per band {[int(ks[s].median()) for s in sel]}"

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
+
+from sae_adaptive_plugin import reporting
 
 #: quantiles of per-token L0 reported in ``k_distribution``.
 K_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -184,32 +185,17 @@ TABLE_COLUMNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     """One row per SAE (keyed by its name/path) with :data:`TABLE_COLUMNS`."""
-    header = ["SAE", *(c[0] for c in TABLE_COLUMNS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for name, metrics in results.items():
-        row = [name]
-        for _, path, fmt in TABLE_COLUMNS:
-            v: Any = metrics
-            for p in path:
-                v = v.get(p) if isinstance(v, dict) else None
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                row.append("–")
-            else:
-                row.append(fmt.format(v))
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+        row = {"SAE": name}
+        for title, path, _ in TABLE_COLUMNS:
+            value: Any = metrics
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            row[title] = value
+        rows.append(row)
+    columns = [("SAE", "SAE", "{}"), *((title, title, fmt) for title, _, fmt in TABLE_COLUMNS)]
+    return reporting.markdown_table(rows, columns)
 
 
 def evaluate_paths(
@@ -295,7 +281,7 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.json_out:
         out = Path(args.json_out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_jsonable(results), indent=2))
+        out.write_text(json.dumps(reporting.jsonable(results), indent=2))
         print(f"wrote {out}")
     return 0
 

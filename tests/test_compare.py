@@ -17,8 +17,8 @@ from sae_adaptive_plugin.experiments.synthetic import (
     VariableComplexitySource,
     iter_finite_problems,
     registered_training_architectures,
-    spearman,
 )
+from sae_adaptive_plugin.stats import spearman
 
 torch.set_num_threads(1)
 

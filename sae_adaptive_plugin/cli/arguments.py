@@ -76,7 +76,8 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def fit_probe_arguments(parser: argparse.ArgumentParser) -> None:
-    from sae_adaptive_plugin.probe.fit_from_model import LABEL_SOURCES, POSITIONS
+    from sae_adaptive_plugin.probe.activations import POSITIONS
+    from sae_adaptive_plugin.probe.fit_from_model import LABEL_SOURCES
 
     parser.add_argument("--model", required=True, help="model name or local model folder")
     parser.add_argument("--hook", required=True, help="hook name, e.g. blocks.3.hook_resid_post")

@@ -21,10 +21,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
+
+from sae_adaptive_plugin import reporting
+from sae_adaptive_plugin.experiments.plots import plot_ev_vs_l0, plot_l0_vs_true
+from sae_adaptive_plugin.reporting import format_cell
 
 RESULTS_FILENAME = "results.json"
 L0_PLOT_FILENAME = "l0_vs_true_l0.png"
@@ -57,9 +60,7 @@ _WITH_STD = (
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    if row.get(key) is None:
-        return "–"
-    text = fmt.format(row[key])
+    text = format_cell(row, key, fmt)
     if key in _WITH_STD and row.get("n_seeds", 1) > 1 and f"{key}_std" in row:
         text += " ± " + fmt.format(row[f"{key}_std"]).lstrip("+")
     return text
@@ -67,162 +68,7 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The result rows as a GitHub Markdown table (``mean ± std`` over seeds where present)."""
-    header = "| " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " |"
-    align = "|" + "|".join(":---" if k == "name" else "---:" for _, k, _ in TABLE_COLUMNS) + "|"
-    lines = [header, align]
-    for row in rows:
-        cells = [_cell(row, key, fmt) for _, key, fmt in TABLE_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _short(name: str) -> str:
-    return name.replace("hierarchical_topk", "HTopK").replace("matryoshka_batchtopk", "matryoshka")
-
-
-def plot_l0_vs_true(result: Any, path: Path) -> None:
-    """One hexbin panel per SAE: its per-sample L0 against the sample's true L0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in result.rows if r["architecture"] not in ("hierarchical_topk", "topk_sweep")]
-    hier = [r for r in result.rows if r["architecture"] == "hierarchical_topk"]
-    if hier:  # the HierarchicalTopK budget closest to the fixed-k baselines
-        rows.append(min(hier, key=lambda r: abs(r["k_eval"] - result.fixed_k)))
-    n = max(1, len(rows))
-    ncols = min(3, n)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(
-        nrows,
-        ncols,
-        figsize=(4.0 * ncols + 1.2, 3.6 * nrows + 0.6),
-        squeeze=False,
-        layout="constrained",
-    )
-    true_l0 = result.true_l0.numpy()
-    top = max([float(true_l0.max())] + [float(result.sae_l0[r["name"]].max()) for r in rows])
-    image = None
-    for ax, row in zip(axes.flat, rows):
-        sae_l0 = result.sae_l0[row["name"]].numpy()
-        image = ax.hexbin(
-            true_l0,
-            sae_l0,
-            gridsize=30,
-            extent=(0, top + 1, 0, top + 1),
-            mincnt=1,
-            bins="log",
-            cmap="viridis",
-        )
-        ax.plot([0, top + 1], [0, top + 1], "r--", lw=1, label="SAE L0 = true L0")
-        ax.set_title(
-            f"{_short(row['name'])}\nSpearman {row['l0_spearman_vs_true']:.2f}", fontsize=10
-        )
-        ax.set_xlabel("true L0 (active true features)")
-        ax.set_ylabel("SAE L0 (active latents)")
-        ax.set_aspect("equal")
-        ax.legend(loc="upper left", fontsize=8)
-    for ax in list(axes.flat)[len(rows) :]:
-        ax.set_visible(False)
-    if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="samples per bin (log)")
-    fig.suptitle(f"Per-sample SAE L0 vs true L0 ({len(true_l0)} held-out samples)", fontsize=12)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-#: Marker of each architecture drawn as a point in the ``… vs L0`` pictures.
-L0_POINT_MARKERS = {
-    "topk": "s",
-    "batchtopk": "D",
-    "matryoshka_batchtopk": "v",
-    "softsae": "o",
-    "adaptivek": "^",
-}
-
-
-def draw_budget_curve(
-    ax: Any,
-    rows: list[dict[str, Any]],
-    architectures: tuple[str, ...],
-    metric: str,
-    style: str,
-    color: str,
-    label: str,
-    alpha: float = 1.0,
-) -> None:
-    """One line through the rows of ``architectures`` (one per budget ``k``), sorted by mean L0;
-    nothing when fewer than two. ``label`` is followed by the budgets and ``)``."""
-    curve = sorted(
-        (r for r in rows if r["architecture"] in architectures), key=lambda r: r["l0_mean"]
-    )
-    if len(curve) < 2:
-        return
-    ax.plot(
-        [r["l0_mean"] for r in curve],
-        [r[metric] for r in curve],
-        style,
-        color=color,
-        ms=4,
-        alpha=alpha,
-        label=label + ", ".join(str(r["k_eval"]) for r in curve) + ")",
-    )
-
-
-def draw_l0_points(ax: Any, rows: list[dict[str, Any]], metric: str, ms: int = 8) -> None:
-    """Each row as a point at its mean L0, with ± the L0 std over samples as error bar."""
-    for row in rows:
-        ax.errorbar(
-            row["l0_mean"],
-            row[metric],
-            xerr=row["l0_std"],
-            fmt=L0_POINT_MARKERS.get(row["architecture"], "x"),
-            ms=ms,
-            capsize=3,
-            label=f"{row['name']} (L0 {row['l0_mean']:.1f} ± {row['l0_std']:.1f})",
-        )
-
-
-def plot_ev_vs_l0(result: Any, path: Path) -> None:
-    """Explained variance against mean L0; HierarchicalTopK as a curve over its budgets."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10.5, 5.0), layout="constrained")
-    draw_budget_curve(
-        ax,
-        result.rows,
-        ("hierarchical_topk",),
-        "explained_variance",
-        "-o",
-        "tab:gray",
-        "hierarchical_topk (one SAE, k' = ",
-    )
-    draw_budget_curve(
-        ax,
-        result.rows,
-        ("topk_sweep", "topk"),
-        "explained_variance",
-        "--s",
-        "tab:blue",
-        "topk (one SAE per k = ",
-        alpha=0.6,
-    )
-    fixed_budget = ("hierarchical_topk", "topk_sweep")
-    draw_l0_points(
-        ax, [r for r in result.rows if r["architecture"] not in fixed_budget], "explained_variance"
-    )
-    ax.axvline(result.info["true_l0_mean"], color="k", ls=":", lw=1, label="mean true L0")
-    ax.set_xlabel("mean L0 per sample (error bar: ± std over samples)")
-    ax.set_ylabel("explained variance (held-out)")
-    ax.set_title("Reconstruction vs sparsity on variable-complexity ground truth")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    return reporting.markdown_table(rows, TABLE_COLUMNS, cell=_cell)
 
 
 def build_config(args: argparse.Namespace) -> Any:

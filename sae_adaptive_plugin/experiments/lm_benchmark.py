@@ -521,9 +521,9 @@ def run_lm_compare(
         ALL_ARCHITECTURES,
         HIERARCHICAL_ARCHITECTURE,
         registered_training_architectures,
-        spearman,
         to_inference_sae,
     )
+    from sae_adaptive_plugin.stats import spearman
 
     cfg.validate()
     out_dir = Path(out_dir)

@@ -16,6 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sae_adaptive_plugin import reporting
+from sae_adaptive_plugin.experiments.plots import (
+    plot_ce_vs_l0,
+    plot_k_per_token,
+    plot_k_vs_surprisal,
+)
+
 RESULTS_FILENAME = "results.json"
 K_PER_TOKEN_PNG = "k_per_token.png"
 K_VS_SURPRISAL_PNG = "k_vs_surprisal.png"
@@ -40,13 +47,7 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The result rows as a GitHub Markdown table."""
-    lines = [
-        "| " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " |",
-        "|" + "|".join(":---" if k == "name" else "---:" for _, k, _ in TABLE_COLUMNS) + "|",
-    ]
-    for row in rows:
-        lines.append("| " + " | ".join(f.format(row[k]) for _, k, f in TABLE_COLUMNS) + " |")
-    return "\n".join(lines)
+    return reporting.markdown_table(rows, TABLE_COLUMNS)
 
 
 def default_model() -> str | None:
@@ -93,97 +94,6 @@ def build_lm_config(args: argparse.Namespace) -> Any:
     if args.architectures:
         cfg.architectures = tuple(a.strip() for a in args.architectures.split(",") if a.strip())
     return cfg
-
-
-def _variable_rows(result: Any) -> list[dict[str, Any]]:
-    return [r for r in result.rows if r["architecture"] not in ("topk", "hierarchical_topk")]
-
-
-def plot_k_per_token(result: Any, path: Path, n_tokens: int = 60) -> None:
-    """Per-token L0 of the variable-k SAEs over the first held-out sequence, surprisal below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = min(n_tokens, len(result.sample_tokens))
-    fig, (ax, ax_s) = plt.subplots(
-        2, 1, figsize=(14, 6.5), sharex=True, height_ratios=[2, 1], layout="constrained"
-    )
-    rows = _variable_rows(result)
-    for row in rows:
-        ax.plot(range(n), result.l0[row["name"]][:n].numpy(), "-o", ms=3, label=row["name"])
-    ax.set_ylabel("L0 (active latents)")
-    if rows:
-        ax.legend(fontsize=8, loc="upper right")
-    ax.grid(alpha=0.3)
-    ax_s.bar(range(n), result.surprisal[:n].numpy(), color="tab:gray")
-    ax_s.set_ylabel("surprisal (nats)")
-    ax_s.set_xticks(range(n))
-    ax_s.set_xticklabels([repr(t)[1:-1] for t in result.sample_tokens[:n]], rotation=90, fontsize=7)
-    fig.suptitle("Per-token k on the first held-out sequence (BOS omitted)")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_k_vs_surprisal(result: Any, path: Path) -> None:
-    """One hexbin panel per variable-k SAE: per-token L0 against surprisal, binned mean in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    rows = _variable_rows(result)
-    n = max(1, len(rows))
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.9), squeeze=False, layout="constrained")
-    s = result.surprisal.numpy()
-    edges = np.quantile(s, np.linspace(0, 1, 11))
-    for ax, row in zip(axes.flat, rows):
-        l0 = result.l0[row["name"]].numpy()
-        ax.hexbin(s, l0, gridsize=35, bins="log", mincnt=1, cmap="viridis")
-        which = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, len(edges) - 2)
-        centers = [s[which == b].mean() for b in range(len(edges) - 1) if (which == b).any()]
-        means = [l0[which == b].mean() for b in range(len(edges) - 1) if (which == b).any()]
-        ax.plot(centers, means, "r-o", ms=3, label="mean per surprisal decile")
-        ax.set_title(f"{row['name']}\nSpearman {row['spearman_l0_surprisal']:.2f}", fontsize=10)
-        ax.set_xlabel("surprisal of the token (nats)")
-        ax.set_ylabel("L0")
-        ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"Per-token L0 vs model surprisal ({len(s)} held-out tokens)")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_ce_vs_l0(result: Any, path: Path) -> None:
-    """CE-loss score against mean L0; TopK sweep and HierarchicalTopK as curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10.5, 5.0), layout="constrained")
-    from sae_adaptive_plugin.experiments.compare import draw_budget_curve, draw_l0_points
-
-    draw_budget_curve(ax, result.rows, ("topk",), "ce_loss_score", "-s", "tab:blue", "topk (k = ")
-    draw_budget_curve(
-        ax,
-        result.rows,
-        ("hierarchical_topk",),
-        "ce_loss_score",
-        "--o",
-        "tab:gray",
-        "hierarchical_topk (k = ",
-    )
-    draw_l0_points(ax, _variable_rows(result), "ce_loss_score", ms=9)
-    ax.set_xscale("log")
-    ax.set_xlabel("mean L0 per token (log; error bar ± std over tokens)")
-    ax.set_ylabel("CE-loss score (1 = clean model, 0 = zero ablation)")
-    ax.set_title("Downstream loss recovered vs sparsity (held-out text, reconstruction spliced in)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def run_lm(args: argparse.Namespace) -> int:

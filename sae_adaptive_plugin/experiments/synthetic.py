@@ -36,6 +36,8 @@ from sae_lens.synthetic import (
     orthogonal_initializer,
 )
 
+from sae_adaptive_plugin.stats import spearman
+
 # --------------------------------------------------------------------------------------------
 # Ground-truth source
 # --------------------------------------------------------------------------------------------
@@ -296,17 +298,6 @@ RESULT_KEYS: tuple[str, ...] = (
     "l0_spearman_vs_true",
     "train_seconds",
 )
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation; 0.0 when either side is constant (no ranking to agree with)."""
-    from scipy.stats import spearmanr
-
-    a_np = a.detach().double().cpu().numpy()
-    b_np = b.detach().double().cpu().numpy()
-    if a_np.std() == 0 or b_np.std() == 0:
-        return 0.0
-    return float(spearmanr(a_np, b_np).statistic)
 
 
 @torch.no_grad()

@@ -7,15 +7,19 @@ The names below are imported on first use, so the light modules of this package 
 import importlib
 from typing import Any
 
+from sae_adaptive_plugin.stats import spearman
+
 _EXPORTS = {
     "DEFAULT_LAMBDAS": "complexity_probe",
     "MAX_EXTENDED_LAMBDA": "complexity_probe",
     "ComplexityProbe": "complexity_probe",
     "ProbeReport": "complexity_probe",
     "RidgeAccumulator": "complexity_probe",
-    "spearman_corr": "complexity_probe",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [*sorted(_EXPORTS), "spearman_corr"]
+
+#: The package-wide Spearman correlation (:func:`sae_adaptive_plugin.stats.spearman`).
+spearman_corr = spearman
 
 
 def __getattr__(name: str) -> Any:

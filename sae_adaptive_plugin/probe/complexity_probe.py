@@ -49,6 +49,9 @@ from typing import Any
 
 import torch
 
+from sae_adaptive_plugin.reporting import jsonable
+from sae_adaptive_plugin.stats import spearman as rank_correlation
+
 #: Default ridge grid: 1e-2 … 1e3 in half-decade steps.
 DEFAULT_LAMBDAS: tuple[float, ...] = tuple(float(10.0 ** (e / 2)) for e in range(-4, 7))
 
@@ -89,7 +92,7 @@ class ProbeReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (non-finite numbers become ``None``)."""
-        return {k: _json_number(v) for k, v in asdict(self).items()}
+        return jsonable(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeReport:
@@ -107,14 +110,6 @@ class ProbeReport:
             n_folds=int(data["n_folds"]),
             n_spearman=int(data.get("n_spearman", 0)),
         )
-
-
-def _json_number(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, list):
-        return [_json_number(x) for x in v]
-    return v
 
 
 def _check_lambdas(lambdas: Sequence[float] | None) -> list[float]:
@@ -572,7 +567,7 @@ class ComplexityProbe:
             if preds:
                 ph, ly = torch.cat(preds), torch.cat(labels)
                 n_sp = int(ph.shape[0])
-                spearman = spearman_corr(ph, ly)
+                spearman = rank_correlation(ph, ly)
         report = ProbeReport(
             lam=lam,
             lambdas=lams,
@@ -662,35 +657,9 @@ class ComplexityProbe:
         )
 
 
-def spearman_corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN when a side is constant."""
-    a = a.detach().double().cpu().reshape(-1)
-    b = b.detach().double().cpu().reshape(-1)
-    if a.numel() != b.numel():
-        raise ValueError(f"spearman_corr needs equal lengths, got {a.numel()} and {b.numel()}")
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / den if den > 0 else float("nan")
-
-
-def _average_ranks(v: torch.Tensor) -> torch.Tensor:
-    order = torch.argsort(v, stable=True)
-    sorted_v = v[order]
-    ranks = torch.empty_like(v)
-    ranks[order] = torch.arange(v.numel(), dtype=v.dtype)
-    # average over tie groups
-    _, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    avg = starts.to(v.dtype) + (counts.to(v.dtype) - 1) / 2
-    ranks[order] = avg[inverse]
-    return ranks
-
-
 __all__ = [
     "DEFAULT_LAMBDAS",
     "ComplexityProbe",
     "ProbeReport",
     "RidgeAccumulator",
-    "spearman_corr",
 ]

@@ -22,7 +22,7 @@ Sources (docs/METHODS.md §3):
   (:func:`kstar_labels`, from :func:`~sae_adaptive_plugin.ops.hierarchical.
   prefix_reconstruction_errors`). Needs no model, so it works on synthetic activations too.
 
-(a) and (b) run a ``HookedTransformer`` through :func:`sae_adaptive_plugin.probe.fit_from_model.
+(a) and (b) run a ``HookedTransformer`` through :func:`sae_adaptive_plugin.probe.activations.
 collect_activations` (the code behind ``sae-adaptive fit-probe``; folds are per text there, so a
 text's tokens never sit on both sides of a split).
 """
@@ -90,7 +90,7 @@ class _TextSource:
 
     def batches(self) -> Iterator[LabelledBatch]:
         from sae_adaptive_plugin.data import local_lm
-        from sae_adaptive_plugin.probe.fit_from_model import collect_activations
+        from sae_adaptive_plugin.probe.activations import collect_activations
 
         _, n_ctx, default_bos = local_lm.model_limits(self.model)
         prepend_bos = default_bos if self.prepend_bos is None else self.prepend_bos
