@@ -14,7 +14,7 @@ import torch
 
 from sae_adaptive_plugin.cli import main
 from sae_adaptive_plugin.experiments import bench
-from sae_adaptive_plugin.registration.plugin import ARCHITECTURE_MODULES
+from sae_adaptive_plugin.registration.plugin import PACKAGE_ARCHITECTURES
 
 TINY = {"d_in": 16, "d_sae": 64, "k": 4, "batch": 32, "steps": 2, "warmup": 1, "threads": 1}
 
@@ -48,13 +48,8 @@ def _positive(value: object) -> bool:
 
 
 @pytest.fixture(scope="module")
-def result() -> dict:
-    torch.set_num_threads(1)
-    try:
-        out = bench.run_bench(bench.BenchConfig(**TINY), progress=False)
-    finally:
-        torch.set_num_threads(2)
-    return out
+def result(one_thread) -> dict:
+    return bench.run_bench(bench.BenchConfig(**TINY), progress=False)
 
 
 def test_schema_and_machine(result: dict) -> None:
@@ -72,7 +67,7 @@ def test_schema_and_machine(result: dict) -> None:
 
 
 def test_registered_architectures_are_measured(result: dict) -> None:
-    registered = {"topk", *ARCHITECTURE_MODULES}
+    registered = {"topk", *PACKAGE_ARCHITECTURES}
     for row in result["rows"]:
         assert row["status"] != "error", row
         if row["architecture"] in registered:

@@ -20,8 +20,6 @@ from sae_adaptive_plugin.experiments.synthetic import (
 )
 from sae_adaptive_plugin.stats import spearman
 
-torch.set_num_threads(1)
-
 SMALL = {"num_features": 64, "hidden_dim": 16, "orthogonalize_steps": 0}
 
 

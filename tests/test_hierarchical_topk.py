@@ -32,8 +32,6 @@ from sae_adaptive_plugin.saes.hierarchical_topk import (
     metric_budgets,
 )
 
-torch.set_num_threads(1)
-
 
 def _training_sae(rescale: bool = True, k: int = 6, seed: int = 0, **kw):
     torch.manual_seed(seed)

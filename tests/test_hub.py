@@ -38,7 +38,7 @@ from sae_adaptive_plugin.hub import (
     load_from_hub,
     push_to_hub,
 )
-from sae_adaptive_plugin.registration.plugin import ARCHITECTURE_MODULES
+from sae_adaptive_plugin.registration.plugin import PACKAGE_ARCHITECTURES
 
 D_IN, D_SAE = 16, 64
 REPO = "tester/adaptive-saes"
@@ -87,7 +87,7 @@ def _plugin_architectures(half: str) -> list[str]:
     """Architectures this package registers (read from the plugin's module list) with that half."""
     archs = [
         importlib.import_module(f"sae_adaptive_plugin.saes.{module}").ARCHITECTURE
-        for module in ARCHITECTURE_MODULES
+        for module in PACKAGE_ARCHITECTURES
     ]
     return [arch.name for arch in archs if getattr(arch, half) is not None]
 

@@ -177,17 +177,22 @@ def test_invalid_architectures_are_rejected_clearly(isolated, arch, message: str
 
 
 def test_this_package_registers_through_its_entry_point() -> None:
+    """The one check that every architecture of the package is registered, both halves."""
     reports = {r.value: r for r in loader.load_plugins()}
     ours = reports["sae_adaptive_plugin.registration.plugin"]
     assert ours.ok, ours.error
-    expected = sorted(arch.name for arch in plugin.sae_lens_architectures())
-    assert ours.architectures == expected
-    for name in expected:
-        assert name in registry.SAE_CLASS_REGISTRY
-        assert name in registry.SAE_TRAINING_CLASS_REGISTRY
+    architectures = plugin.sae_lens_architectures()
+    assert ours.architectures == sorted(plugin.PACKAGE_ARCHITECTURES)
+    assert sorted(arch.name for arch in architectures) == sorted(plugin.PACKAGE_ARCHITECTURES)
+    for arch in architectures:
+        assert registry.SAE_CLASS_REGISTRY[arch.name] == (arch.sae_class, arch.sae_config_class)
+        assert registry.SAE_TRAINING_CLASS_REGISTRY[arch.name] == (
+            arch.training_sae_class,
+            arch.training_sae_config_class,
+        )
 
 
-@pytest.mark.parametrize("name", sorted(plugin.ARCHITECTURE_MODULES))
+@pytest.mark.parametrize("name", sorted(plugin.PACKAGE_ARCHITECTURES))
 def test_importing_an_architecture_module_first_still_registers(name: str) -> None:
     """The first ``import sae_lens`` may come from inside one of our architecture modules."""
     import subprocess

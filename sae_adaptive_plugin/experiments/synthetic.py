@@ -36,6 +36,10 @@ from sae_lens.synthetic import (
     orthogonal_initializer,
 )
 
+from sae_adaptive_plugin.registration.plugin import (
+    ADAPTIVE_ARCHITECTURES,
+    HIERARCHICAL_ARCHITECTURE,
+)
 from sae_adaptive_plugin.stats import spearman
 
 # --------------------------------------------------------------------------------------------
@@ -351,9 +355,7 @@ def evaluate_sae(
 # Compare runner
 # --------------------------------------------------------------------------------------------
 
-ADAPTIVE_ARCHITECTURES: tuple[str, ...] = ("softsae", "adaptivek")
 FIXED_K_ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "matryoshka_batchtopk")
-HIERARCHICAL_ARCHITECTURE = "hierarchical_topk"
 #: Training order: the adaptive SAEs first, so the fixed-k baselines can match their mean L0.
 ALL_ARCHITECTURES: tuple[str, ...] = (
     *ADAPTIVE_ARCHITECTURES,
@@ -567,7 +569,7 @@ def run_compare(
     registered = registered_training_architectures()
     skipped = {
         a: "not registered in SAELens (its sae_adaptive_plugin module is not in "
-        "ARCHITECTURE_MODULES yet)"
+        "PACKAGE_ARCHITECTURES yet)"
         for a in cfg.architectures
         if a not in registered
     }

@@ -39,9 +39,9 @@ from sae_adaptive_plugin.provenance import (
     PROVIDER_METADATA_KEY,
     PROVIDER_VERSION_METADATA_KEY,
 )
+from sae_adaptive_plugin.registration.plugin import PACKAGE_ARCHITECTURES
 
 #: Architectures provided by this package (also when it is not installed, to name it in errors).
-PACKAGE_ARCHITECTURES = ("adaptivek", "softsae", "hierarchical_topk")
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"

@@ -11,13 +11,17 @@ import importlib
 
 from sae_adaptive_plugin.registration.hookspecs import Architecture, hookimpl
 
-#: Architecture modules of this package, in :mod:`sae_adaptive_plugin.saes`.
-ARCHITECTURE_MODULES: tuple[str, ...] = ("hierarchical_topk", "adaptivek", "softsae")
+#: The package's architectures that choose k per row (sparsity adapts to the input).
+ADAPTIVE_ARCHITECTURES: tuple[str, ...] = ("softsae", "adaptivek")
+#: The package's architecture trained for every budget ``k' <= k`` at once.
+HIERARCHICAL_ARCHITECTURE = "hierarchical_topk"
+#: The one list of this package's architectures; each is the module of that name in ``saes/``.
+PACKAGE_ARCHITECTURES: tuple[str, ...] = (HIERARCHICAL_ARCHITECTURE, *ADAPTIVE_ARCHITECTURES)
 
 
 @hookimpl
 def sae_lens_architectures() -> list[Architecture]:
     return [
         importlib.import_module(f"sae_adaptive_plugin.saes.{name}").ARCHITECTURE
-        for name in ARCHITECTURE_MODULES
+        for name in PACKAGE_ARCHITECTURES
     ]
