@@ -1,8 +1,6 @@
-"""Publishing and loading SAE folders: Hub push with a model card, architecture checks, loading."""
+"""Publishing and loading SAE folders: checks and loading, the model card, the Hub push."""
 
-from sae_adaptive_plugin.hub.push import (
-    HubPushError,
-    PushResult,
+from sae_adaptive_plugin.hub.load import (
     UnknownArchitectureError,
     architecture_provider,
     check_architecture,
@@ -12,10 +10,9 @@ from sae_adaptive_plugin.hub.push import (
     load_from_hub,
     load_sae_folder,
     missing_architecture_hint,
-    model_card,
-    push_to_hub,
-    training_summary,
 )
+from sae_adaptive_plugin.hub.model_card import model_card, training_summary
+from sae_adaptive_plugin.hub.push import HubPushError, PushResult, push_to_hub
 from sae_adaptive_plugin.provenance import PACKAGE_NAME, PROVIDER_METADATA_KEY
 
 __all__ = [

@@ -10,11 +10,11 @@ from typing import Any
 from sae_adaptive_plugin.stats import spearman
 
 _EXPORTS = {
-    "DEFAULT_LAMBDAS": "complexity_probe",
+    "DEFAULT_LAMBDAS": "ridge",
     "MAX_EXTENDED_LAMBDA": "complexity_probe",
     "ComplexityProbe": "complexity_probe",
-    "ProbeReport": "complexity_probe",
-    "RidgeAccumulator": "complexity_probe",
+    "ProbeReport": "ridge",
+    "RidgeAccumulator": "ridge",
 }
 __all__ = [*sorted(_EXPORTS), "spearman_corr"]
 
