@@ -19,8 +19,8 @@ from sae_adaptive_plugin.experiments.synthetic import (
     CompareConfig,
     VariableComplexityConfig,
     VariableComplexitySource,
-    run_compare,
 )
+from sae_adaptive_plugin.experiments.synthetic_compare import run_compare
 from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors, threshold_for_median_kstar
 from sae_adaptive_plugin.saes.adaptivek import AdaptiveKTrainingSAE, AdaptiveKTrainingSAEConfig
 from sae_adaptive_plugin.saes.softsae import SoftSAETrainingConfig, SoftSAETrainingSAE

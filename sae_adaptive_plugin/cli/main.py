@@ -33,7 +33,7 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None], str],
         "train",
         "train an SAE of any registered architecture with SAELens's runner from a YAML config",
         arguments.train_arguments,
-        "sae_adaptive_plugin.training.config:train_command",
+        "sae_adaptive_plugin.training.run:train_command",
     ),
     (
         "eval",

@@ -132,7 +132,7 @@ def compare_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from sae_adaptive_plugin.experiments.synthetic import (
+    from sae_adaptive_plugin.experiments.synthetic_compare import (
         aggregate_seeds,
         iter_finite_problems,
         run_compare,

@@ -2,14 +2,12 @@
 
 from sae_adaptive_plugin.training.config import (
     ConfigError,
-    TrainResult,
     build_runner_config,
     check_devices,
     known_architectures,
-    load_config_mapping,
-    run_training,
-    train_from_yaml,
 )
+from sae_adaptive_plugin.training.config_sources import load_config_mapping
+from sae_adaptive_plugin.training.run import TrainResult, run_training, train_from_yaml
 
 __all__ = [
     "ConfigError",
