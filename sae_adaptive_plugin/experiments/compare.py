@@ -82,22 +82,20 @@ def build_config(args: argparse.Namespace) -> Any:
         cfg = CompareConfig(source=source, steps=60, batch_size=128, eval_samples=1024)
     else:
         cfg = CompareConfig()
-    if args.features is not None:
-        cfg.source.num_features = args.features
-    if args.hidden_dim is not None:
-        cfg.source.hidden_dim = args.hidden_dim
-    if args.min_l0 is not None:
-        cfg.source.min_l0 = args.min_l0
-    if args.max_l0 is not None:
-        cfg.source.max_l0 = args.max_l0
-    if args.shared_component is not None:
-        cfg.source.shared_component = args.shared_component
-    if args.complexity is not None:
-        cfg.source.complexity = args.complexity
-    if args.steps is not None:
-        cfg.steps = args.steps
-    if args.batch_size is not None:
-        cfg.batch_size = args.batch_size
+    source_flags = {
+        "features": "num_features",
+        "hidden_dim": "hidden_dim",
+        "min_l0": "min_l0",
+        "max_l0": "max_l0",
+        "shared_component": "shared_component",
+        "complexity": "complexity",
+    }
+    for flag, name in source_flags.items():
+        if getattr(args, flag) is not None:
+            setattr(cfg.source, name, getattr(args, flag))
+    for flag in ("steps", "batch_size"):
+        if getattr(args, flag) is not None:
+            setattr(cfg, flag, getattr(args, flag))
     cfg.seed = args.seed
     cfg.source.seed = args.seed
     cfg.device = args.device
