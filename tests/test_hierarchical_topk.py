@@ -70,6 +70,7 @@ def _decode_prefix_errors(sae, x):
 # ----------------------------------------------------------------------------------- registry
 
 
+@pytest.mark.slow
 def test_registered_in_sae_lens_on_plain_import_in_new_process():
     code = textwrap.dedent(
         """

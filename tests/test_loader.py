@@ -6,7 +6,6 @@ import logging
 import sys
 import types
 from dataclasses import dataclass
-from importlib import metadata
 
 import pytest
 from sae_lens import registry
@@ -63,36 +62,6 @@ def _module_plugin(name: str, architectures: list[Architecture]) -> types.Module
 
     module.sae_lens_architectures = sae_lens_architectures  # type: ignore[attr-defined]
     return module
-
-
-@pytest.fixture
-def isolated(monkeypatch: pytest.MonkeyPatch):
-    """Fresh loader state and copies of SAELens's registries; returns a function installing
-    fake entry points ``{name: module}`` (a module of None means: import fails)."""
-    monkeypatch.setattr(loader, "_reports", {})
-    monkeypatch.setattr(loader, "_manager", None)
-    monkeypatch.setattr(registry, "SAE_CLASS_REGISTRY", dict(registry.SAE_CLASS_REGISTRY))
-    monkeypatch.setattr(
-        registry, "SAE_TRAINING_CLASS_REGISTRY", dict(registry.SAE_TRAINING_CLASS_REGISTRY)
-    )
-    for table in (registry.SAE_CLASS_REGISTRY, registry.SAE_TRAINING_CLASS_REGISTRY):
-        table.pop("demo_arch", None)
-
-    def install(plugins: dict[str, types.ModuleType | None]) -> None:
-        eps = []
-        for name, module in plugins.items():
-            module_name = f"_fake_sae_plugin_{name}"
-            if module is not None:
-                monkeypatch.setitem(sys.modules, module_name, module)
-            eps.append(metadata.EntryPoint(name, module_name, loader.ENTRY_POINT_GROUP))
-
-        def entry_points(group: str):
-            assert group == loader.ENTRY_POINT_GROUP
-            return eps
-
-        monkeypatch.setattr(loader.metadata, "entry_points", entry_points)
-
-    return install
 
 
 def test_registers_architectures_in_both_registries(isolated) -> None:
@@ -192,6 +161,7 @@ def test_this_package_registers_through_its_entry_point() -> None:
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(plugin.PACKAGE_ARCHITECTURES))
 def test_importing_an_architecture_module_first_still_registers(name: str) -> None:
     """The first ``import sae_lens`` may come from inside one of our architecture modules."""

@@ -24,6 +24,7 @@ def test_sae_lens_cli_parses_our_architecture(name: str) -> None:
     assert cfg.sae.d_in == 64
 
 
+@pytest.mark.slow
 def test_sae_lens_cli_help_lists_our_architectures_in_a_fresh_process() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "sae_lens.llm_sae_training_runner", "--help"],

@@ -11,103 +11,32 @@ model loader and a local data-files folder. Commands run in-process through ``cl
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
-from tiny_lm import CONTEXT_SIZE, D_MODEL, HOOK_NAME, tiny_model, tiny_token_dataset
+from tiny_lm import (
+    BATCH,
+    CONTEXT_SIZE,
+    D_MODEL,
+    HOOK_NAME,
+    SAE_BLOCKS,
+    STEPS,
+    tiny_model,
+    tiny_token_dataset,
+    train_config,
+    write_yaml,
+)
 
 from sae_adaptive_plugin.cli import main
 from sae_adaptive_plugin.registration.plugin import PACKAGE_ARCHITECTURES
 
-STEPS = 16
-BATCH = 64
-
-
-#: a small sae: block per architecture (fields of each architecture's training config).
-SAE_BLOCKS = {
-    "topk": {"k": 4},
-    "hierarchical_topk": {"k": 8},
-    # random-weight model: its activations carry no complexity a probe could learn
-    "adaptivek": {"k_min": 2, "k_max": 8, "probe_warmup_steps": 6, "probe_min_r2": -1.0e9},
-    "softsae": {
-        "k": 4,
-        "k_max": 8,
-        "k_estimator_hidden": 16,
-        "alpha_anneal_steps": 6,
-        "k_anneal_steps": 2,
-        "hard_topk_start_step": 12,
-    },
-}
-
-
-@pytest.fixture(scope="module")
-def local(tmp_path_factory):
-    """A tiny model in the local format, a save_to_disk token dataset, a labelled jsonl file."""
-    from sae_adaptive_plugin.data.local_lm import save_local_model
-
-    root = tmp_path_factory.mktemp("train_cli")
-    save_local_model(tiny_model(), root / "model")
-    tiny_token_dataset(n_rows=128).save_to_disk(str(root / "tokens"))
-    rng = random.Random(0)
-    words = [
-        "a",
-        "cat",
-        "sat",
-        "on",
-        "the",
-        "mat",
-        "notwithstanding",
-        "heterogeneous",
-        "epistemology",
-    ]
-    rows = []
-    for _ in range(60):
-        text = " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
-        rows.append({"text": text, "score": sum(map(len, text.split())) / len(text.split())})
-    (root / "labelled.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return root
-
-
-def _config(local: Path, out: Path, arch: str, **sae_extra) -> dict:
-    return {
-        "model_name": str(local / "model"),
-        "hook_name": HOOK_NAME,
-        "dataset_path": str(local / "tokens"),
-        "is_dataset_tokenized": True,
-        "streaming": False,
-        "context_size": CONTEXT_SIZE,
-        "prepend_bos": False,
-        "training_tokens": BATCH * STEPS,
-        "train_batch_size_tokens": BATCH,
-        "store_batch_size_prompts": 8,
-        "n_batches_in_buffer": 4,
-        "lr": "1e-3",  # YAML 1.1 reads this as a string: the loader must accept it for a float
-        "seed": 0,
-        "verbose": False,
-        "checkpoint_path": str(out / "checkpoints"),
-        "output_path": str(out / "final"),
-        "sae": {
-            "architecture": arch,
-            "d_in": D_MODEL,
-            "d_sae": 64,
-            **SAE_BLOCKS[arch],
-            **sae_extra,
-        },
-    }
-
-
-def _write(path: Path, cfg: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
 
 def _train(tmp_path: Path, local: Path, arch: str, *extra: str, **sae_extra) -> Path:
-    cfg_path = _write(tmp_path / f"{arch}.yaml", _config(local, tmp_path / arch, arch, **sae_extra))
+    cfg_path = write_yaml(
+        tmp_path / f"{arch}.yaml", train_config(local, tmp_path / arch, arch, **sae_extra)
+    )
     assert main(["train", str(cfg_path), *extra]) == 0
     return tmp_path / arch / "final"
 
@@ -337,9 +266,9 @@ def test_hub_names_go_through_sae_lens_loading(tmp_path, local, monkeypatch):
     data_dir.mkdir()
     tiny_token_dataset(n_rows=64).to_parquet(str(data_dir / "train.parquet"))
 
-    cfg = _config(local, tmp_path / "hub", "topk")
+    cfg = train_config(local, tmp_path / "hub", "topk")
     cfg.update(model_name="EleutherAI/pythia-70m-deduped", dataset_path=str(data_dir))
-    assert main(["train", str(_write(tmp_path / "hub.yaml", cfg))]) == 0
+    assert main(["train", str(write_yaml(tmp_path / "hub.yaml", cfg))]) == 0
     assert calls[0] == ("HookedTransformer", "EleutherAI/pythia-70m-deduped", [HOOK_NAME])
     out = tmp_path / "hub" / "final"
     assert SAE.load_from_disk(str(out)).cfg.metadata.dataset_path == str(data_dir)
@@ -380,7 +309,7 @@ def test_hub_names_go_through_sae_lens_loading(tmp_path, local, monkeypatch):
     ],
 )
 def test_config_errors_name_the_key(override, message, tmp_path, local, capsys):
-    cfg_path = _write(tmp_path / "c.yaml", _config(local, tmp_path, "topk"))
+    cfg_path = write_yaml(tmp_path / "c.yaml", train_config(local, tmp_path, "topk"))
     assert main(["train", str(cfg_path), "--set", override]) == 2
     err = capsys.readouterr().err
     for part in message:
@@ -389,9 +318,9 @@ def test_config_errors_name_the_key(override, message, tmp_path, local, capsys):
 
 
 def test_missing_required_sae_keys(tmp_path, local, capsys):
-    cfg = _config(local, tmp_path, "topk")
+    cfg = train_config(local, tmp_path, "topk")
     del cfg["sae"]["d_in"]
-    assert main(["train", str(_write(tmp_path / "c.yaml", cfg))]) == 2
+    assert main(["train", str(write_yaml(tmp_path / "c.yaml", cfg))]) == 2
     assert "'sae.d_in'" in capsys.readouterr().err
 
 

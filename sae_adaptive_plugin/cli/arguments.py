@@ -197,7 +197,7 @@ def lm_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from sae_adaptive_plugin.experiments.bench import DTYPES, ROW_NAMES, BenchConfig
+    from sae_adaptive_plugin.experiments.bench_setup import DTYPES, ROW_NAMES, BenchConfig
 
     d = BenchConfig()
     parser.add_argument(

@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from sae_adaptive_plugin.experiments.bench_report import (
-    SCHEMA,  # noqa: F401  (re-exported with format_table)
     _result,
     format_table,
 )
 from sae_adaptive_plugin.experiments.bench_setup import (
-    DTYPES,  # noqa: F401  (the --dtype choices; re-exported)
     BenchConfig,
     _build_rows,
     _describe,
