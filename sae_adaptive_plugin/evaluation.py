@@ -92,7 +92,7 @@ def k_distribution(l0: Any, fired: Any) -> dict[str, float]:
     return out
 
 
-def evaluate_sae(
+def sae_lens_evals(
     sae: Any,
     model: Any,
     dataset: Any,
@@ -244,7 +244,7 @@ def evaluate_paths(
                 if local_lm.is_local_dataset(ds_name)
                 else ds_name
             )
-        results[str(path)] = evaluate_sae(
+        results[str(path)] = sae_lens_evals(
             sae,
             m,
             ds,

@@ -34,6 +34,7 @@ from sae_adaptive_plugin.experiments.lm_activations import (
     load_causal_lm,
     splice_scores,
 )
+from sae_adaptive_plugin.experiments.registry_saes import RESULT_ROW_HEAD
 
 
 @dataclass
@@ -175,12 +176,7 @@ def train_on_cache(sae: Any, acts: torch.Tensor, cfg: LMCompareConfig) -> float:
 # --------------------------------------------------------------------------------------------
 
 RESULT_KEYS: tuple[str, ...] = (
-    "name",
-    "architecture",
-    "k_eval",
-    "explained_variance",
-    "mse",
-    "cosine_similarity",
+    *RESULT_ROW_HEAD,
     "ce_loss_score",
     "ce_loss",
     "kl_div",

@@ -15,6 +15,17 @@ from typing import Any
 
 import torch
 
+#: The first keys of every experiment's result row: which SAE, at which evaluated budget ``k_eval``
+#: (``None`` for an SAE with one budget), and how well it reconstructs.
+RESULT_ROW_HEAD: tuple[str, ...] = (
+    "name",
+    "architecture",
+    "k_eval",
+    "explained_variance",
+    "mse",
+    "cosine_similarity",
+)
+
 
 def registered_training_architectures() -> set[str]:
     """Architectures SAELens can train right now (ours appear once their module registers)."""

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from sae_adaptive_plugin.experiments.registry_saes import (
+    RESULT_ROW_HEAD,
     build_training_sae,
     registered_training_architectures,
     to_inference_sae,
@@ -41,12 +42,7 @@ from sae_adaptive_plugin.stats import spearman
 #: Keys every result entry carries (``results.json`` schema); all values are finite numbers
 #: except ``architecture``/``name`` (str) and ``k_eval`` (int or null).
 RESULT_KEYS: tuple[str, ...] = (
-    "name",
-    "architecture",
-    "k_eval",
-    "explained_variance",
-    "mse",
-    "cosine_similarity",
+    *RESULT_ROW_HEAD,
     "l0_mean",
     "l0_std",
     "l0_p90",
