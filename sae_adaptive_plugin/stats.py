@@ -11,7 +11,7 @@ from typing import Any
 
 
 def spearman(a: Any, b: Any) -> float:
-    """Spearman correlation of two equal-length 1-D tensors or arrays; ``0.0`` if one is constant."""
+    """Spearman correlation of two equal-length tensors or arrays; ``0.0`` if one is constant."""
     import numpy as np
     from scipy.stats import spearmanr
 

@@ -1,5 +1,6 @@
-"""``sae-adaptive compare --lm``: flags, table, ``results.json`` and pictures of the real-model
-comparison (:mod:`sae_adaptive_plugin.experiments.lm_benchmark` runs it). Nothing heavy at module level.
+"""``sae-adaptive compare --lm``: its config, table, ``results.json`` and pictures of the real-model
+comparison (:mod:`sae_adaptive_plugin.experiments.lm_benchmark` runs it). Nothing heavy at module
+level.
 
 Writes to ``--out`` (default ``runs/compare_lm``): ``results.json``, ``k_per_token.png`` (per-token
 L0 of the adaptive SAEs over the first held-out sequence, with surprisal), ``k_vs_surprisal.png``

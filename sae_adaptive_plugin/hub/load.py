@@ -82,7 +82,7 @@ def missing_architecture_hint(architecture: str, cfg: dict[str, Any] | None = No
     return hint
 
 
-def check_architecture(cfg: dict[str, Any], source: str = "cfg.json") -> str:
+def check_architecture(cfg: dict[str, Any], source: str = SAE_CFG_FILENAME) -> str:
     """Return ``cfg``'s architecture name, or raise :class:`UnknownArchitectureError` naming the
     package to install when SAELens has no inference class registered for it."""
     from sae_lens import registry

@@ -1,8 +1,9 @@
 """This package's own SAELens plugin: registers its architectures through the public hook.
 
 It goes through exactly the path a third-party plugin would: the ``sae_lens.plugins`` entry point
-``sae_adaptive_plugin = "sae_adaptive_plugin.registration.plugin"`` and the ``sae_lens_architectures`` hook.
-Each architecture module under :mod:`sae_adaptive_plugin.saes` exposes ``ARCHITECTURE``.
+``sae_adaptive_plugin = "sae_adaptive_plugin.registration.plugin"`` and the
+``sae_lens_architectures`` hook. Each architecture module under :mod:`sae_adaptive_plugin.saes`
+exposes ``ARCHITECTURE``.
 """
 
 from __future__ import annotations
