@@ -317,6 +317,7 @@ def test_model_card_parses_and_carries_metadata(hub, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_offline_mode_loads_from_cache_in_a_fresh_interpreter(hub, tmp_path):
     from sae_lens import SAE
 
