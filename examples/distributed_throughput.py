@@ -34,7 +34,7 @@ def _prepare(out: Path, n_rows: int) -> None:
     from datasets import Dataset
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from sae_adaptive_plugin.local_lm import save_local_model
+    from sae_adaptive_plugin.data.local_lm import save_local_model
 
     if (out / "tokens").is_dir():
         return

@@ -54,6 +54,7 @@ def _training_sae(d_in=16, d_sae=48, k_min=2, k_max=12, dtype="float32", **kw):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_runner_trains_with_warmup_saves_reloads_and_evals(tmp_path):
     from sae_lens import SAE
     from sae_lens.saes.sae import TrainingSAEConfig
@@ -357,7 +358,7 @@ def test_kstar_scale_dataset_uses_one_threshold_row_uses_each_rows_variance():
 
 
 def test_kstar_labels_scale():
-    from sae_adaptive_plugin.labels import kstar_labels
+    from sae_adaptive_plugin.probe.labels import kstar_labels
 
     sae = _training_sae(k_min=1, k_max=12)
     x = torch.randn(64, 16) * torch.linspace(0.2, 3.0, 64)[:, None]
@@ -446,6 +447,7 @@ def _explained_variance_and_l0(sae, x: torch.Tensor) -> tuple[float, torch.Tenso
     return float(ev), (feats != 0).sum(-1)
 
 
+@pytest.mark.slow
 def test_synthetic_ground_truth_probe_l0_tracking_and_ev_vs_topk(tmp_path):
     """Probe vs k* and SAE L0 vs true L0 Spearman >= 0.85; EV at matched mean L0 >= TopK's."""
     from sae_lens import SAE, TopKTrainingSAE, TopKTrainingSAEConfig

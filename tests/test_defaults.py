@@ -15,15 +15,15 @@ import sae_lens  # noqa: F401  (first: the plugin registers before our modules i
 import torch
 from sae_lens.saes.sae import TrainStepInput
 
-from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors, threshold_for_median_kstar
-from sae_adaptive_plugin.saes.adaptivek import AdaptiveKTrainingSAE, AdaptiveKTrainingSAEConfig
-from sae_adaptive_plugin.saes.softsae import SoftSAETrainingConfig, SoftSAETrainingSAE
-from sae_adaptive_plugin.synthetic import (
+from sae_adaptive_plugin.experiments.synthetic import (
     CompareConfig,
     VariableComplexityConfig,
     VariableComplexitySource,
-    run_compare,
 )
+from sae_adaptive_plugin.experiments.synthetic_compare import run_compare
+from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors, threshold_for_median_kstar
+from sae_adaptive_plugin.saes.adaptivek import AdaptiveKTrainingSAE, AdaptiveKTrainingSAEConfig
+from sae_adaptive_plugin.saes.softsae import SoftSAETrainingConfig, SoftSAETrainingSAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,25 +66,12 @@ def test_softsae_default_schedule_scales_with_the_run(total):
     assert schedule.alpha_at(schedule.alpha_anneal_steps) == pytest.approx(cfg.alpha_end)
 
 
-def test_softsae_trainer_tells_the_sae_the_run_length():
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
+def test_softsae_trainer_tells_the_sae_the_run_length(trainer_config):
     from sae_lens.training.sae_trainer import SAETrainer
 
     sae = SoftSAETrainingSAE(SoftSAETrainingConfig(d_in=32, d_sae=64, k=4))
     source = VariableComplexitySource(_small_source())
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=40 * 16,
-        train_batch_size_samples=16,
-        lr=1e-3,
-        lr_end=1e-3,
-        lr_scheduler_name="constant",
-        lr_warm_up_steps=0,
-        device="cpu",
-        dead_feature_window=10,
-        feature_sampling_window=10,
-        logger=LoggingConfig(log_to_wandb=False),
-        n_batches_for_norm_estimate=2,
-    )
+    trainer_cfg = trainer_config(40, 16, dead_feature_window=10, feature_sampling_window=10)
     SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=source.stream(16, seed=0))
     assert sae.total_training_steps == 40
     assert sae.schedule.hard_topk_start_step == 36
@@ -202,6 +189,7 @@ def test_adaptivek_default_threshold_gives_spread_labels_and_varying_k():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "complexity,steps", [("loguniform", 60), ("loguniform", 240), ("uniform", 120)]
 )

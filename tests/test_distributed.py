@@ -103,7 +103,7 @@ def runs(tmp_path_factory):
     architecture also checkpointed and resumed by 2 ranks."""
     from datasets import Dataset
 
-    from sae_adaptive_plugin.local_lm import save_local_model
+    from sae_adaptive_plugin.data.local_lm import save_local_model
 
     root = tmp_path_factory.mktemp("distributed")
     save_local_model(tiny_model(), root / "model")

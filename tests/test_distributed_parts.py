@@ -12,12 +12,12 @@ import torch
 from datasets import Dataset
 
 from sae_adaptive_plugin import distributed
-from sae_adaptive_plugin.distributed_runner import (
+from sae_adaptive_plugin.training import ConfigError
+from sae_adaptive_plugin.training.distributed_runner import (
     GlobalBatchTopK,
     check_resume_world_size,
     shard_activations_store,
 )
-from sae_adaptive_plugin.training import ConfigError
 
 
 @pytest.mark.parametrize(

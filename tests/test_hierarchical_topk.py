@@ -32,8 +32,6 @@ from sae_adaptive_plugin.saes.hierarchical_topk import (
     metric_budgets,
 )
 
-torch.set_num_threads(1)
-
 
 def _training_sae(rescale: bool = True, k: int = 6, seed: int = 0, **kw):
     torch.manual_seed(seed)
@@ -72,6 +70,7 @@ def _decode_prefix_errors(sae, x):
 # ----------------------------------------------------------------------------------- registry
 
 
+@pytest.mark.slow
 def test_registered_in_sae_lens_on_plain_import_in_new_process():
     code = textwrap.dedent(
         """
@@ -235,6 +234,7 @@ def test_budget_out_of_range_is_a_clear_error(saved):
         sae.set_k(3).to_topk_sae(8)
 
 
+@pytest.mark.slow
 def test_export_to_plain_topk_gives_identical_outputs(saved, tmp_path):
     _, path = saved
     sae = load_at_budget(path, k=4)
@@ -303,6 +303,7 @@ def _explained_variance(errors: torch.Tensor, x: torch.Tensor) -> float:
     return float(1 - errors.mean() / (x - x.mean(0)).pow(2).sum(-1).mean())
 
 
+@pytest.mark.slow
 def test_synthetic_ev_rises_with_budget_and_matches_topk_at_half_budget(tmp_path):
     """After training on SAELens synthetic data (128 true features in 32 dims, mean true L0 12),
     a HierarchicalTopK SAE with K = 16 has explained variance rising strictly with k', and at
@@ -361,6 +362,7 @@ def test_synthetic_ev_rises_with_budget_and_matches_topk_at_half_budget(tmp_path
 # ------------------------------------------------------------------ real SAELens runner, reload
 
 
+@pytest.mark.slow
 def test_runner_training_save_reload_in_new_process_and_run_evals(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny_lm import (

@@ -65,6 +65,7 @@ def test_registered_in_sae_lens() -> None:
     assert get_sae_class("softsae") == (SoftSAE, SoftSAEConfig)
 
 
+@pytest.mark.slow
 def test_runner_train_save_reload_and_evals(tmp_path: Path) -> None:
     cfg = SoftSAETrainingConfig(
         d_in=D_MODEL,
@@ -334,6 +335,7 @@ def test_config_defaults_and_inference_config() -> None:
     assert again == cfg
 
 
+@pytest.mark.slow
 def test_ground_truth_l0_tracking_beats_topk_at_matched_l0(tmp_path: Path) -> None:
     """Acceptance on SAELens synthetic activations with a per-sample density gate (true L0 ≈
     2–50): SoftSAE's per-sample L0 follows the true L0 (Spearman ≥ 0.85) and its explained
@@ -343,7 +345,7 @@ def test_ground_truth_l0_tracking_beats_topk_at_matched_l0(tmp_path: Path) -> No
     synchronisation (on a loaded 2-core machine, ~20× slower)."""
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 
-    from sae_adaptive_plugin.synthetic import (
+    from sae_adaptive_plugin.experiments.synthetic import (
         CompareConfig,
         VariableComplexityConfig,
         VariableComplexitySource,

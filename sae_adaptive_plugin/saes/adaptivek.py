@@ -34,7 +34,6 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE
 from typing_extensions import override
 
 from sae_adaptive_plugin.distributed import gather_rows
-from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.adaptive_k import (
     complexity_to_k,
     kstar_from_prefix_errors,
@@ -52,6 +51,7 @@ from sae_adaptive_plugin.ops.variable_topk import (
 )
 from sae_adaptive_plugin.probe import ComplexityProbe, RidgeAccumulator
 from sae_adaptive_plugin.provenance import stamp_provider
+from sae_adaptive_plugin.registration.hookspecs import Architecture
 from sae_adaptive_plugin.saes.input_checks import (
     check_width,
     finite_rows,

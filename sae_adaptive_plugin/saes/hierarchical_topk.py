@@ -45,7 +45,6 @@ from sae_lens.saes.topk_sae import (
 )
 from typing_extensions import override
 
-from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
 from sae_adaptive_plugin.ops.variable_topk import decode_topk, topk_encode
 from sae_adaptive_plugin.provenance import (
@@ -53,6 +52,7 @@ from sae_adaptive_plugin.provenance import (
     PROVIDER_VERSION_METADATA_KEY,
     stamp_provider,
 )
+from sae_adaptive_plugin.registration.hookspecs import Architecture
 from sae_adaptive_plugin.saes.input_checks import (
     check_width,
     mark_not_finite,

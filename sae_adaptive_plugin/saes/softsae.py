@@ -36,7 +36,6 @@ from sae_lens.saes.topk_sae import (
 from torch import nn
 
 from sae_adaptive_plugin.distributed import gather_rows, global_mean
-from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
 from sae_adaptive_plugin.ops.variable_topk import (
@@ -47,6 +46,7 @@ from sae_adaptive_plugin.ops.variable_topk import (
     variable_topk,
 )
 from sae_adaptive_plugin.provenance import stamp_provider
+from sae_adaptive_plugin.registration.hookspecs import Architecture
 from sae_adaptive_plugin.saes.input_checks import check_width, mark_not_finite, nan_where_not_finite
 from sae_adaptive_plugin.saes.per_row_topk import PerRowTopK
 from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error

@@ -1,6 +1,6 @@
 """SAELens's runner and trainer, data-parallel over a ``torch.distributed`` process group.
 
-:class:`DistributedTrainingRunner` is :class:`~sae_adaptive_plugin.train_runner.TrainingRunner`
+:class:`DistributedTrainingRunner` is :class:`~sae_adaptive_plugin.training.runner.TrainingRunner`
 with these changes, made in the runner's override points and on the trainer instance before
 ``fit`` (SAELens's own loop runs unchanged):
 
@@ -35,7 +35,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae_adaptive_plugin import distributed
-from sae_adaptive_plugin.train_runner import TrainingRunner
+from sae_adaptive_plugin.training.config import ConfigError
+from sae_adaptive_plugin.training.runner import TrainingRunner
 
 
 class DistributedTrainingRunner(TrainingRunner):
@@ -68,8 +69,6 @@ class DistributedTrainingRunner(TrainingRunner):
     def _load_rank_position(self, checkpoint: str | Path) -> None:
         state_file = self.resume_state_file(Path(checkpoint))
         if not state_file.is_file():
-            from sae_adaptive_plugin.training import ConfigError
-
             raise ConfigError(
                 f"config key 'resume_from_checkpoint': {checkpoint} has no {state_file.name}: "
                 f"it was not written by a {self.world_size}-process run of sae-adaptive train"
@@ -265,8 +264,6 @@ def runner_for_launch(cfg: Any) -> type[TrainingRunner]:
     group, adapt ``cfg`` to this rank (its CUDA device, rank 0's checkpoint run id, wandb on rank
     0 only) and return :class:`DistributedTrainingRunner`; otherwise :class:`TrainingRunner`.
     Raises ``ConfigError`` for a config that cannot be split over the ranks."""
-    from sae_adaptive_plugin.training import ConfigError
-
     env = distributed.init_from_env(cuda=str(cfg.device).startswith("cuda"))
     if cfg.resume_from_checkpoint is not None:
         check_resume_world_size(Path(cfg.resume_from_checkpoint), env.world_size)
@@ -298,8 +295,6 @@ def check_resume_world_size(checkpoint: Path, world_size: int) -> None:
     import json
 
     from sae_lens.constants import SAE_CFG_FILENAME
-
-    from sae_adaptive_plugin.training import ConfigError
 
     cfg_file = checkpoint / SAE_CFG_FILENAME
     saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
