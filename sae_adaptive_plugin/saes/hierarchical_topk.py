@@ -75,9 +75,14 @@ class _Budgets(TopKFamilyMixin):
     """One budget for every row; prefix errors of every budget up to the trained ``K``."""
 
     @property
+    def trained_k(self) -> int:
+        """The largest budget ``K`` the SAE was (is being) trained with."""
+        return self.cfg.trained_k
+
+    @property
     def k_max(self) -> int:
-        """The largest trained budget ``K``: the width of the selection."""
-        return self.trained_k  # type: ignore[attr-defined]
+        """The width of the selection: the largest trained budget ``K``."""
+        return self.trained_k
 
     def current_k(self) -> int:
         """The budget used now (raises ``ValueError`` outside ``[1, K]``)."""
@@ -132,12 +137,6 @@ class HierarchicalTopKSAE(_Budgets, TopKFamilySAE):
     """Inference HierarchicalTopK SAE: a SAELens ``TopKSAE`` whose budget ``cfg.k`` may change."""
 
     cfg: HierarchicalTopKSAEConfig  # type: ignore[assignment]
-
-    @property
-    def trained_k(self) -> int:
-        """The largest budget ``K`` the SAE was trained with."""
-        assert self.cfg.trained_k is not None
-        return self.cfg.trained_k
 
     def set_k(self, k: int) -> HierarchicalTopKSAE:
         """Set the inference budget (``1 ≤ k ≤ trained_k``); returns ``self``."""
@@ -239,10 +238,6 @@ class HierarchicalTopKTrainingSAE(_Budgets, TopKFamilyTrainingSAE):
     """SAELens ``TopKTrainingSAE`` trained with the HierarchicalTopK all-prefix loss."""
 
     cfg: HierarchicalTopKTrainingSAEConfig  # type: ignore[assignment]
-
-    @property
-    def trained_k(self) -> int:
-        return self.cfg.k
 
     @property
     def prefix_loss_chunk_size(self) -> int | None:
