@@ -95,6 +95,9 @@ def test_hook_on_acts_post_changes_what_the_step_decodes_and_trains_on(architect
         hooked.sae_out.detach() - b_dec, 0.5 * (plain.sae_out.detach() - b_dec)
     )
     assert not torch.isclose(hooked.losses["mse_loss"], plain.losses["mse_loss"])
+    for name, value in plain.losses.items():  # the extras that read the code read the hooked one
+        if name.startswith("prefix_") and value.item() != 0:
+            assert not torch.isclose(hooked.losses[name], value), name
     hooked.loss.backward()  # the hooked step trains
 
 

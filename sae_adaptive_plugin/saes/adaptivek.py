@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from sae_lens.saes.sae import SAEConfig, TrainCoefficientConfig, TrainingSAEConfig
+from sae_lens.saes.sae import SAEConfig, TrainingSAEConfig
 from typing_extensions import override
 
 from sae_adaptive_plugin.hookspecs import Architecture
@@ -274,10 +274,6 @@ class AdaptiveKTrainingSAE(AdaptiveKWarmup, _ProbeK, TopKFamilyTrainingSAE):
         self.start_warmup()
         if cfg.probe_path is not None and str(cfg.device) != "meta":
             self.set_probe(ComplexityProbe.load(cfg.probe_path))
-
-    @override
-    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
-        return {}
 
 
 ARCHITECTURE = Architecture(

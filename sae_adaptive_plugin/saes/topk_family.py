@@ -129,7 +129,7 @@ class TopKFamilyMixin:
     def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
         return self.center_input(self.read_input(sae_in))
 
-    def rows_k(self, x_in: torch.Tensor, sae_in: torch.Tensor) -> torch.Tensor:
+    def selection_k(self, x_in: torch.Tensor, sae_in: torch.Tensor) -> torch.Tensor:
         """:meth:`k_for_rows`, with ``k_max`` for a row holding NaN/Inf (its output is NaN)."""
         k = self.k_for_rows(x_in, sae_in)
         return torch.where(finite_rows(x_in), k, torch.full_like(k, self.k_max))
@@ -139,7 +139,7 @@ class TopKFamilyMixin:
         """The number of latents each row of ``x`` keeps: long ``x.shape[:-1]`` (after hook_z
         merging); ``K_NOT_FINITE`` (−1) for a row holding NaN/Inf."""
         x_in = self.read_input(x)
-        return mark_not_finite(self.rows_k(x_in, self.center_input(x_in)), x_in)
+        return mark_not_finite(self.selection_k(x_in, self.center_input(x_in)), x_in)
 
     # -- encode ---------------------------------------------------------------------------------
 
@@ -168,7 +168,7 @@ class TopKFamilyMixin:
         """``x`` through the encoder: each row's top-k, as a dense code and a compact selection."""
         x_in = self.read_input(x)
         sae_in = self.center_input(x_in)
-        k = self.rows_k(x_in, sae_in)
+        k = self.selection_k(x_in, sae_in)
         hidden_pre, selection = self.select_top_k(sae_in, k)
         # a row holding NaN/Inf encodes to NaN (as SAELens's topk), never to a clean code
         selection = selection._replace(values=nan_where_not_finite(selection.values, x_in))
