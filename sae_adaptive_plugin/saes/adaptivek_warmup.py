@@ -43,6 +43,7 @@ WARMUP_FRACTION = 0.25
 class AdaptiveKWarmup:
     """The warm-up half of :class:`~sae_adaptive_plugin.saes.adaptivek.AdaptiveKTrainingSAE`."""
 
+    # provided by the probe mixin and the TopK-family base it is combined with
     cfg: Any
     probe_weight: torch.Tensor
     probe_fitted: torch.Tensor
@@ -51,6 +52,7 @@ class AdaptiveKWarmup:
     prefix_errors_of: Any
 
     def start_warmup(self) -> None:
+        """No statistics yet; the ``k*`` threshold is ``target_fvu`` (None: chosen later)."""
         self._acc: RidgeAccumulator | None = None
         self._pending_report: dict[str, float] | None = None
         self._kstar_tau: float | None = self.cfg.target_fvu

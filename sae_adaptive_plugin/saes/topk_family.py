@@ -7,13 +7,11 @@ Each row ``x`` keeps its top ``k(x) ≤ k_max`` ReLU'd pre-activations::
     selection  = sorted top-k_max of hidden_pre, first k(x) kept      (TopKResult, [..., k_max])
     x̂          = Σ_i values_i / s_i · W_dec[indices_i] + b_dec
 
-An architecture says how ``k(x)`` is chosen (:meth:`TopKFamilyMixin.k_for_rows`) and, in training,
-its extra losses and metrics. Encoding is one fused op (backward over the selected latents only)
-unless ``hook_sae_acts_pre`` has forward hooks, decoding reads the compact selection unless
-``hook_sae_acts_post`` has forward hooks; with hooks, SAELens's plain path runs, so the hooks see and
-change what the step trains on. Training losses in every architecture and phase: ``mse_loss``
-(``‖x − x̂‖²``) and ``auxiliary_reconstruction_loss`` (SAELens's AuxK), plus named extras; the
-step's loss is their sum.
+An architecture gives ``k(x)`` (:meth:`TopKFamilyMixin.k_for_rows`) and its training extras.
+Encoding is one fused op unless ``hook_sae_acts_pre`` has forward hooks; decoding reads the compact
+selection unless ``hook_sae_acts_post`` has them (then SAELens's plain path runs, so hooks change
+what the step trains on). Losses, every architecture and phase: ``mse_loss``,
+``auxiliary_reconstruction_loss`` (AuxK) and named extras; the step's loss is their sum.
 """
 
 from __future__ import annotations
