@@ -101,14 +101,15 @@ class SoftSAE(_KEstimator, TopKFamilySAE):
 
 @dataclass
 class SoftEncoding(StepEncoding):
-    """A soft-phase batch: ``code = hook_sae_acts_post(z ⊙ m)`` (what is decoded), the LapSum
-    mask ``m``, ``k̂`` with its gradient, and the step's (unscaled) ``α``. ``feature_acts`` are the
-    code's latents with ``m > ½``, what SAELens counts as firing."""
+    """A soft-phase batch, encoded and decoded in one pass (:meth:`SoftSAETrainingSAE.soft_decode`):
+    ``sae_out``, ``k̂`` with its gradient, the step's (unscaled) ``α``, and per row the number of
+    latents with any weight in the code ``z ⊙ m``. ``feature_acts``: the code's latents with
+    ``m > ½``, what SAELens counts as firing."""
 
-    code: torch.Tensor
-    mask: torch.Tensor
+    sae_out: torch.Tensor
     k_hat: torch.Tensor
     alpha: float
+    soft_l0: torch.Tensor
 
 
 class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
@@ -188,12 +189,30 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         return self.soft_encoding(step_input.sae_in, step)
 
     def soft_encoding(self, x: torch.Tensor, step: int) -> SoftEncoding:
-        """The soft phase's code ``z ⊙ m`` of a batch at ``step``."""
+        """The soft phase at ``step``: pre-activations and ``k̂`` of the batch, then
+        :meth:`soft_decode`."""
         sae_in = self.process_sae_in(x)
         hidden_pre = self.plain_hidden_pre(sae_in)
         k_hat = self.estimate_k_from_sae_in(sae_in)
-        z = hidden_pre.relu()
         alpha = self.schedule.alpha_at(step)
+        sae_out, feature_acts, soft_l0 = self.soft_decode(hidden_pre, k_hat, alpha)
+        return SoftEncoding(
+            hidden_pre=hidden_pre,
+            feature_acts=feature_acts,
+            k=k_hat.detach(),
+            sae_out=sae_out,
+            k_hat=k_hat,
+            alpha=alpha,
+            soft_l0=soft_l0,
+        )
+
+    def soft_decode(
+        self, hidden_pre: torch.Tensor, k_hat: torch.Tensor, alpha: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(sae_out, feature_acts, latents with weight per row)`` of the code
+        ``hook_sae_acts_post(z ⊙ m)``, ``z = ReLU(hidden_pre)``, ``m`` the LapSum mask
+        (``Σ m = k̂``) at scale α; ``feature_acts`` keeps the latents with ``m > ½``."""
+        z = hidden_pre.relu()
         scaled_alpha = alpha * self._alpha_unit(z) if self.cfg.alpha_relative else alpha
         # τ is solved from each row's top 2·k_max + 2 pre-activations
         mask = lapsum_topk(z, k_hat, scaled_alpha, k_max=self.cfg.k_max)
@@ -201,15 +220,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         # SAELens counts firings (dead latents → AuxK, logged L0) from feature_acts: report
         # the latents the soft top-k selects (m > ½), not every latent with a tiny weight
         feature_acts = torch.where(mask > 0.5, code, torch.zeros((), dtype=code.dtype))
-        return SoftEncoding(
-            hidden_pre=hidden_pre,
-            feature_acts=feature_acts,
-            k=k_hat.detach(),
-            code=code,
-            mask=mask,
-            k_hat=k_hat,
-            alpha=alpha,
-        )
+        return self.decode(code), feature_acts, (code.detach() != 0).sum(dim=-1)
 
     @staticmethod
     def _alpha_unit(z: torch.Tensor) -> torch.Tensor:
@@ -217,13 +228,9 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         return z.detach().amax(dim=-1).mean().clamp(min=torch.finfo(z.dtype).tiny)
 
     def training_decode(self, encoding: StepEncoding) -> torch.Tensor:
-        if isinstance(encoding, SoftEncoding):
-            return self.decode_soft_code(encoding)
+        if isinstance(encoding, SoftEncoding):  # decoded with its code
+            return encoding.sae_out
         return super().training_decode(encoding)
-
-    def decode_soft_code(self, encoding: SoftEncoding) -> torch.Tensor:
-        """``decode`` of the soft code (dense: every latent may carry a little weight)."""
-        return self.decode(encoding.code)
 
     def batch_mean_k_hat(self, k_hat: torch.Tensor) -> torch.Tensor:
         """The batch's mean ``k̂``: what the penalty holds near its target (rows are free)."""
@@ -243,7 +250,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         if not isinstance(encoding, SoftEncoding):
             return {}
         return {
-            "soft_l0": (encoding.code.detach() != 0).sum(dim=-1).float().mean(),
+            "soft_l0": encoding.soft_l0.float().mean(),
             "alpha": encoding.alpha,
             "k_target": self.schedule.k_target_at(step_input.n_training_steps),
         }
