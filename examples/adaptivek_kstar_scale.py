@@ -53,7 +53,9 @@ def main() -> None:
             d_sae=src_cfg.num_features,
             k_min=1,
             k_max=k_max,
-            probe_warmup_steps=2**40,  # warm-up only
+            # warm-up until the last step (the run must fit a probe; it is not used here)
+            probe_warmup_steps=args.steps - 1,
+            probe_min_r2=float("-inf"),
         )
     )
     run = CompareConfig(
@@ -66,8 +68,10 @@ def main() -> None:
     errors, xs = [], x.split(256)
     with torch.no_grad():
         for xb in xs:
-            top, _, _, _, sae_in = sae._select(xb)
-            errors.append(sae.prefix_errors_from_selection(top, sae_in))
+            x_in = sae.read_input(xb)  # the prefixes of every row's top k_max, as in the warm-up
+            every_row_k_max = torch.full(x_in.shape[:-1], k_max)
+            _, selection = sae.select_top_k(sae.center_input(x_in), every_row_k_max)
+            errors.append(sae.prefix_errors_from_selection(x_in, selection))
     err = torch.cat(errors)
     row_var = torch.cat([(xb - xb.mean(0)).pow(2).sum(-1) for xb in xs])
     mean_var = torch.cat([(xb - xb.mean(0)).pow(2).sum(-1).mean().expand(len(xb)) for xb in xs])

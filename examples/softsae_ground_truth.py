@@ -25,9 +25,9 @@ import torch
 
 def softsae_config(d_in: int, d_sae: int, k: int, k_max: int, steps: int, alpha_end: float = 0.02):
     """The SoftSAE settings used by the acceptance test and this script (step budget ``steps``)."""
-    from sae_adaptive_plugin.saes.softsae import SoftSAETrainingConfig
+    from sae_adaptive_plugin.saes.softsae import SoftSAETrainingSAEConfig
 
-    return SoftSAETrainingConfig(
+    return SoftSAETrainingSAEConfig(
         d_in=d_in,
         d_sae=d_sae,
         k=k,

@@ -131,7 +131,7 @@ def test_warmup_switch_is_recorded_and_resumes(tmp_path):
     for step in range(5):  # warm-up, statistics gathered from step 4
         out = _step(sae, batches[step], step)
         assert float(out.metrics["mean_k"]) == 12 and float(out.metrics["std_k"]) == 0
-        assert "hierarchical_mse_loss" in out.losses
+        assert out.losses["prefix_excess_loss"].item() != 0  # the all-prefix warm-up loss
     sae.save_model(tmp_path / "mid")  # checkpoint in the middle of the gathering phase
     mid = load_file(str(tmp_path / "mid" / "sae_weights.safetensors"))
     assert any(k.startswith(ACC_PREFIX) for k in mid) and int(mid["probe_fitted"]) == 0
@@ -142,7 +142,7 @@ def test_warmup_switch_is_recorded_and_resumes(tmp_path):
         a, b = _step(sae, batches[step], step), _step(resumed, batches[step], step)
     assert sae.is_adaptive and resumed.is_adaptive
     assert torch.equal(sae.probe_weight, resumed.probe_weight)
-    assert "probe_spearman" in a.metrics and "mse_loss" in a.losses
+    assert "probe_spearman" in a.metrics and float(a.losses["prefix_excess_loss"]) == 0
     assert torch.equal(a.metrics["mean_k"], b.metrics["mean_k"])
 
     sae.save_model(tmp_path / "after")
@@ -153,7 +153,7 @@ def test_warmup_switch_is_recorded_and_resumes(tmp_path):
     assert torch.equal(after.k_per_sample(x), sae.k_per_sample(x))
     out = _step(after, x, 9)
     assert float(out.metrics["mean_k"]) == pytest.approx(float(sae.k_per_sample(x).float().mean()))
-    assert "mse_loss" in out.losses and "hierarchical_mse_loss" not in out.losses
+    assert "mse_loss" in out.losses and float(out.losses["prefix_excess_loss"]) == 0
 
 
 def test_probe_path_sets_k_from_the_start(tmp_path):

@@ -143,7 +143,7 @@ def test_training_loss_is_mean_of_decode_prefix_errors_with_same_gradients(resca
     x = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
     sae = _training_sae(rescale=rescale)
     out = sae.training_forward_pass(_step(sae, x))
-    loss = out.losses["hierarchical_mse_loss"]
+    loss = out.losses["mse_loss"] + out.losses["prefix_excess_loss"]  # the all-prefix mean
     grads = torch.autograd.grad(loss, [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec])
 
     ref_sae = _training_sae(rescale=rescale)
@@ -179,7 +179,10 @@ def test_training_metrics_at_budgets_and_aux_loss():
     assert out.metrics["mean_k"] == 8 and out.metrics["std_k"] == 0
     assert out.losses["auxiliary_reconstruction_loss"] > 0
     torch.testing.assert_close(
-        out.loss, out.losses["hierarchical_mse_loss"] + out.losses["auxiliary_reconstruction_loss"]
+        out.loss,
+        out.losses["mse_loss"]
+        + out.losses["prefix_excess_loss"]
+        + out.losses["auxiliary_reconstruction_loss"],
     )
     assert torch.equal(sae.k_per_sample(x), torch.full((16,), 8))
 
