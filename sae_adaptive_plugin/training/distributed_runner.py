@@ -1,27 +1,15 @@
 """SAELens's runner and trainer, data-parallel over a ``torch.distributed`` process group.
 
 :class:`DistributedTrainingRunner` is :class:`~sae_adaptive_plugin.training.runner.TrainingRunner`
-with these changes, made in the runner's override points and on the trainer instance before
-``fit`` (SAELens's own loop runs unchanged):
-
-- **Data.** Each rank reads a disjoint contiguous shard of the token dataset (or of SAELens's
-  cached-activation dataset): ``datasets.distributed.split_dataset_by_node``. The config's
-  ``train_batch_size_tokens`` and ``training_tokens`` are global: each rank trains on
-  ``train_batch_size_tokens / world_size`` rows per step and the trainer counts global samples,
-  so schedules, checkpoints and the stopping point are those of a one-process run.
-- **Parameters and gradients.** Parameters and buffers are broadcast from rank 0 before training;
-  each gradient is averaged over the ranks in a post-accumulate-grad hook, i.e. before SAELens
-  clips the gradient norm and steps Adam, so every rank takes the same step.
-- **Statistics.** After each step the firing counts are summed and the steps-since-fired counters
-  take the minimum over ranks (a latent is dead only if it fired on no rank); the norm-scaling
-  estimate averages the ranks' mean norms. SAELens's BatchTopK and Matryoshka select over the
-  global batch and update their threshold from its smallest selected activation.
-- **Files.** The checkpoint run id is rank 0's; rank 0 writes the checkpoints and the final SAE,
-  every rank writes its own data state (``resume_state.rank<R>.safetensors``: buffer, RNG, dataset
-  position), and the ranks meet at a barrier after each save. A resume restores every rank from
-  its own file. The saved ``cfg.json`` records ``metadata.world_size`` and
-  ``metadata.tokens_per_rank``.
-- **NaN/Inf.** The batch and loss checks are agreed by all ranks, so all stop at the same step.
+changed in the runner's override points and on the trainer instance before ``fit`` (SAELens's own
+loop runs unchanged): each rank reads a contiguous shard of the data and trains on
+``train_batch_size_tokens / world_size`` rows per step while the trainer counts global samples;
+parameters are broadcast from rank 0 and each gradient is averaged in a post-accumulate-grad hook
+(before SAELens's clipping and Adam); firing counts are summed and steps-since-fired take the
+minimum over ranks; the norm estimate averages the ranks'; BatchTopK-family selection and
+threshold use the global batch; rank 0 writes checkpoints and the final SAE while every rank
+writes its own data state (``resume_state.rank<R>.safetensors``); NaN/Inf checks are agreed by all
+ranks. Semantics and measurements: docs/distributed.md.
 """
 
 from __future__ import annotations
