@@ -20,6 +20,7 @@ from step_parity import assert_steps_match, loss_and_grads
 
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
 from sae_adaptive_plugin.saes.softsae import (
+    K_PENALTY_COEFFICIENT,
     SoftSAE,
     SoftSAEConfig,
     SoftSAETrainingSAE,
@@ -136,7 +137,8 @@ def test_k_penalty_follows_annealed_target() -> None:
     for step in (0, 5, 10):
         out = _step(sae, x, step)
         mean_k = sae.estimate_k_from_sae_in(sae.process_sae_in(x)).mean()
-        expected = torch.nn.functional.softplus(mean_k - schedule.k_target_at(step), beta=5.0)
+        excess = mean_k - schedule.k_target_at(step)
+        expected = K_PENALTY_COEFFICIENT * torch.nn.functional.softplus(excess, beta=5.0)
         torch.testing.assert_close(out.losses["k_penalty"], expected)
 
 
