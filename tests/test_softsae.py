@@ -149,6 +149,8 @@ def test_hard_phase_exact_zeros_and_frozen_estimator() -> None:
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for step in (3, 4, 5):
         out = _step(sae, x, step, dead=torch.ones(48, dtype=torch.bool))
+        if step == 3:  # the hard phase starts: c₀ alone is re-centred, once
+            before["k_est_b_out"] = sae.k_est_b_out.detach().clone()
         assert float(out.losses["k_penalty"]) == 0 and "soft_l0" not in out.metrics
         k = sae.k_per_sample(x)
         nonzero = out.feature_acts != 0

@@ -176,7 +176,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
 
         def mean_kept(shift: float) -> float:
             k = (k_max * torch.sigmoid(logit + shift)).clamp(1.0, k_max).floor()
-            return float(self.batch_mean_k_hat(torch.minimum(k, positive)))
+            return float(torch.minimum(k, positive).mean())
 
         shift = shift_for_target_mean(
             mean_kept, float(self.cfg.k), -MAX_K_SHIFT, MAX_K_SHIFT, increasing=True, n_iter=50
@@ -264,8 +264,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         return super().training_decode(encoding)
 
     def batch_mean_k_hat(self, k_hat: torch.Tensor) -> torch.Tensor:
-        """The batch's mean ``k̂``: what the penalty holds near its target (rows are free) and
-        what :meth:`recentre_k_estimator` sets to ``k``."""
+        """The batch's mean ``k̂``: what the penalty holds near its target (rows are free)."""
         return k_hat.float().mean()
 
     def extra_losses(
