@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from sae_adaptive_plugin.ops.shift_search import shift_for_target_mean
-
 
 def complexity_to_k(
     c: torch.Tensor,
@@ -92,4 +90,11 @@ def shift_for_mean_k(
             complexity_to_k(c.clamp(lo, hi), lo, hi, k_min, k_max, steepness).float().mean()
         )
 
-    return shift_for_target_mean(mean_k, target, -span, span, increasing=False, n_iter=n_iter)
+    lo_d, hi_d = -span, span
+    for _ in range(n_iter):
+        mid = 0.5 * (lo_d + hi_d)
+        if mean_k(mid) > target:
+            lo_d = mid
+        else:
+            hi_d = mid
+    return 0.5 * (lo_d + hi_d)

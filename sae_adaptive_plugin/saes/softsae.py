@@ -6,9 +6,8 @@ A k-estimator ``k̂(x) = clamp(k_max · σ(v · ReLU(U (x − b_dec) + c) + c₀
 - soft phase: code ``z ⊙ m`` with ``z = ReLU(pre-acts)`` and the LapSum soft top-k mask ``m``
   (``Σ m = k̂`` per row) at scale ``α_t``; losses ``mse_loss``, AuxK and
   ``k_penalty = softplus_β(mean k̂ − K_t)``, the target ``K_t`` annealed from ``d_in`` to ``k``;
-- hard phase (the last 10% of the run by default): ``c₀`` shifted once so the batch keeps ``k``
-  latents on average, then per-row hard top-``⌊k̂⌋`` with the estimator frozen (``k_penalty``
-  0) — what the saved inference SAE (:class:`SoftSAE`) computes.
+- hard phase (the last 10% of the run by default): per-row hard top-``⌊k̂⌋`` with the estimator
+  frozen (``k_penalty`` 0) — what the saved inference SAE (:class:`SoftSAE`) computes.
 
 Schedules are pure functions of SAELens's step count; unset step fields are fractions of the run
 (``bind_run_length``). Design and measurements: docs/METHODS.md §2, docs/notes_saes.md.
@@ -27,7 +26,6 @@ from sae_lens.saes.sae import TrainStepInput
 from torch import nn
 
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
-from sae_adaptive_plugin.ops.shift_search import shift_for_target_mean
 from sae_adaptive_plugin.registration.hookspecs import Architecture
 from sae_adaptive_plugin.saes.per_row_topk import PerRowTopK
 from sae_adaptive_plugin.saes.softsae_config import (
@@ -45,9 +43,7 @@ from sae_adaptive_plugin.saes.topk_family import (
 
 #: softplus sharpness β and weight λ_k of the penalty on the batch-mean k̂ (docs/METHODS.md §2).
 K_PENALTY_BETA = 5.0
-K_PENALTY_COEFFICIENT = 0.1
-#: Range of the shift of ``c₀`` searched when the hard phase starts (logit units).
-MAX_K_SHIFT = 20.0
+K_PENALTY_COEFFICIENT = 1.0
 #: Below this std/mean of k̂ at the start of the hard phase the estimator has collapsed (warned).
 MIN_K_SPREAD = 0.1
 
@@ -159,32 +155,6 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         self.k_est_w_out.copy_(v / spread)
         self.k_est_b_out.fill_(math.log(p / (1 - p)) - float(logit.mean()) / spread)
 
-    @torch.no_grad()
-    def recentre_k_estimator(self, sae_in: torch.Tensor) -> float:
-        """Shift ``c₀`` (run once, when the hard phase starts) so that the batch's mean number of
-        latents kept, ``min(⌊k̂⌋, positive pre-activations)`` per row, is ``k``; returns the
-        shift. The soft phase's penalty holds mean ``k̂`` near ``k`` only loosely (a weak penalty
-        keeps ``k̂`` varying across inputs); the frozen hard phase then keeps ``k`` on average."""
-        sae_in = sae_in.reshape(-1, self.cfg.d_in)
-        sae_in = sae_in[sae_in.isfinite().all(dim=-1)]
-        if sae_in.shape[0] == 0:
-            return 0.0
-        h = torch.relu(sae_in @ self.k_est_W_enc + self.k_est_b_enc)
-        logit = (h @ self.k_est_w_out + self.k_est_b_out[0]).float()
-        positive = (self.plain_hidden_pre(sae_in) > 0).sum(dim=-1).float()
-        k_max = float(self.cfg.k_max)
-
-        def mean_kept(shift: float) -> float:
-            k = (k_max * torch.sigmoid(logit + shift)).clamp(1.0, k_max).floor()
-            return float(torch.minimum(k, positive).mean())
-
-        shift = shift_for_target_mean(
-            mean_kept, float(self.cfg.k), -MAX_K_SHIFT, MAX_K_SHIFT, increasing=True, n_iter=50
-        )
-        self.k_est_b_out.add_(shift)
-        self.cfg.metadata.softsae_k_shift_at_hard_phase = shift
-        return shift
-
     def _check_k_spread(self, k_hat: torch.Tensor) -> None:
         """Warn when the frozen estimator gives (nearly) every input the same k."""
         k = k_hat.detach().float().reshape(-1)
@@ -209,9 +179,8 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             self.calibrate_k_estimator(self.process_sae_in(step_input.sae_in).detach())
         elif step == self.schedule.hard_topk_start_step:
             with torch.no_grad():
-                sae_in = self.process_sae_in(step_input.sae_in)
-                self.recentre_k_estimator(sae_in)
-                self._check_k_spread(self.estimate_k_from_sae_in(sae_in))
+                k_hat = self.estimate_k_from_sae_in(self.process_sae_in(step_input.sae_in))
+            self._check_k_spread(k_hat)
 
     def training_encoding(self, step_input: TrainStepInput) -> StepEncoding:
         step = step_input.n_training_steps
