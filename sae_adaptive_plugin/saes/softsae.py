@@ -38,6 +38,7 @@ from torch import nn
 from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
+from sae_adaptive_plugin.ops.lapsum_decode import lapsum_decode
 from sae_adaptive_plugin.ops.variable_topk import (
     TopKResult,
     decode_topk,
@@ -269,6 +270,9 @@ class _KEstimatorMixin:
     #: Hard top-k through :func:`~sae_adaptive_plugin.ops.variable_topk.topk_encode` (sparse
     #: backward) unless ``hook_sae_acts_pre`` has forward hooks; False = matmul + variable_topk.
     fused_encode: bool = True
+    #: Soft phase through the blocked :func:`~sae_adaptive_plugin.ops.lapsum_decode.lapsum_decode`
+    #: (False: the plain composition, its reference).
+    fused_soft: bool = True
 
     def _init_k_estimator(self) -> None:
         """``U`` starts as a copy of the encoder's first ``k_estimator_hidden`` columns (the
@@ -449,9 +453,10 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
         return self._schedule
 
     @staticmethod
-    def _alpha_unit(z: torch.Tensor) -> torch.Tensor:
-        """The batch's mean largest pre-activation (detached; ``alpha_relative``)."""
-        return z.detach().amax(dim=-1).mean().clamp(min=torch.finfo(z.dtype).tiny)
+    def _alpha_unit(hidden_pre: torch.Tensor) -> torch.Tensor:
+        """The batch's mean largest ReLU'd pre-activation (detached; ``alpha_relative``)."""
+        top = hidden_pre.detach().amax(dim=-1).clamp(min=0)  # max ReLU(h) = ReLU(max h)
+        return top.mean().clamp(min=torch.finfo(hidden_pre.dtype).tiny)
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference behaviour (hard per-row top-``⌊k̂⌋``), used by ``encode``/``forward``."""
@@ -466,6 +471,51 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
         sae_out_pre = self.hook_sae_recons(sae_out_pre)
         sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
         return self.reshape_fn_out(sae_out_pre, self.d_head)
+
+    def _soft_decode(
+        self, hidden_pre: torch.Tensor, k_hat: torch.Tensor, alpha: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Soft phase: ``(sae_out, feature_acts, nonzero code entries per row)`` of the code
+        ``z ⊙ m`` (``z = ReLU(hidden_pre)``, ``m`` the LapSum mask, ``Σ m = k̂``). One blocked op
+        (:func:`~sae_adaptive_plugin.ops.lapsum_decode.lapsum_decode`, no ``[B, d_sae]`` code,
+        mask or their gradients held) unless ``fused_soft`` is False, ``hook_sae_acts_post``
+        has hooks, autocast is on or the dtype is not float32/64: then the plain composition.
+        ``feature_acts`` holds the latents the soft top-k selects (``m > ½``): SAELens counts
+        firings (dead latents → AuxK, logged L0) from it."""
+        scaled_alpha = alpha * self._alpha_unit(hidden_pre) if self.cfg.alpha_relative else alpha
+        dec_scale = 1 / self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        blocked = (
+            self.fused_soft
+            and not self.hook_sae_acts_post._forward_hooks
+            and not torch.is_autocast_enabled(hidden_pre.device.type)
+            and hidden_pre.dtype in (torch.float32, torch.float64)
+        )
+        if blocked:
+            # τ is solved from each row's top 2·k_max + 2 pre-activations
+            res = lapsum_decode(
+                hidden_pre.reshape(-1, self.cfg.d_sae),
+                k_hat.reshape(-1),
+                scaled_alpha,
+                self.W_dec,
+                k_max=self.cfg.k_max,
+                dec_scale=dec_scale,
+            )
+            sae_out_pre = self.hook_sae_recons(
+                res.out.reshape(*hidden_pre.shape[:-1], -1) + self.b_dec
+            )
+            sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
+            sae_out = self.reshape_fn_out(sae_out_pre, self.d_head)
+            return (
+                sae_out,
+                res.feature_acts.reshape(hidden_pre.shape),
+                res.nonzero.reshape(k_hat.shape),
+            )
+        z = hidden_pre.relu()
+        mask = lapsum_topk(z, k_hat, scaled_alpha, k_max=self.cfg.k_max)
+        code = self.hook_sae_acts_post(z * mask)
+        sae_out = self.decode(code)
+        feature_acts = torch.where(mask > 0.5, code, torch.zeros((), dtype=code.dtype))
+        return sae_out, feature_acts, (code.detach() != 0).sum(dim=-1)
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         step = step_input.n_training_steps
@@ -487,21 +537,13 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
             alpha = schedule.alpha_at(step)
             hidden_pre = self._hidden_pre(sae_in)
             k_hat = self.estimate_k_from_sae_in(sae_in)
-            z = hidden_pre.relu()
-            scaled_alpha = alpha * self._alpha_unit(z) if self.cfg.alpha_relative else alpha
-            # τ is solved from each row's top 2·k_max + 2 pre-activations
-            mask = lapsum_topk(z, k_hat, scaled_alpha, k_max=self.cfg.k_max)
-            code = self.hook_sae_acts_post(z * mask)
-            sae_out = self.decode(code)
-            # SAELens counts firings (dead latents → AuxK, logged L0) from feature_acts: report
-            # the latents the soft top-k selects (m > ½), not every latent with a tiny weight
-            feature_acts = torch.where(mask > 0.5, code, torch.zeros((), dtype=code.dtype))
+            sae_out, feature_acts, soft_l0 = self._soft_decode(hidden_pre, k_hat, alpha)
             k_used = k_hat.detach().float()
             k_target = schedule.k_target_at(step)
             penalty = K_PENALTY_COEFFICIENT * F.softplus(
                 k_hat.float().mean() - k_target, beta=K_PENALTY_BETA
             )
-            metrics["soft_l0"] = (code.detach() != 0).sum(dim=-1).float().mean()
+            metrics["soft_l0"] = soft_l0.float().mean()
             metrics["alpha"] = alpha
             metrics["k_target"] = k_target
         metrics["mean_k"] = k_used.mean()
