@@ -39,6 +39,7 @@ from sae_adaptive_plugin.hookspecs import Architecture
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
 from sae_adaptive_plugin.ops.lapsum_decode import lapsum_decode
+from sae_adaptive_plugin.ops.shifted_linear import shifted_linear
 from sae_adaptive_plugin.ops.variable_topk import (
     TopKResult,
     decode_topk,
@@ -294,7 +295,11 @@ class _KEstimatorMixin:
 
     def estimate_k_from_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
         """Continuous ``k̂ ∈ [1, k_max]``, shape ``sae_in.shape[:-1]``."""
-        h = torch.relu(sae_in @ self.k_est_W_enc + self.k_est_b_enc)
+        return self._k_hat(sae_in @ self.k_est_W_enc + self.k_est_b_enc)
+
+    def _k_hat(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``k̂`` from the estimator's hidden layer before its ReLU, ``U·sae_in + c``."""
+        h = torch.relu(hidden)
         logit = h @ self.k_est_w_out + self.k_est_b_out[0]
         return (self.cfg.k_max * torch.sigmoid(logit)).clamp(1.0, float(self.cfg.k_max))
 
@@ -315,7 +320,10 @@ class _KEstimatorMixin:
         return mark_not_finite(self._k_from_k_hat(self.estimate_k_from_sae_in(sae_in)), sae_in)
 
     def _hidden_pre(self, sae_in: torch.Tensor) -> torch.Tensor:
-        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)  # type: ignore[attr-defined]
+        return self._hooked_hidden_pre(sae_in @ self.W_enc + self.b_enc)
+
+    def _hooked_hidden_pre(self, pre: torch.Tensor) -> torch.Tensor:
+        hidden_pre = self.hook_sae_acts_pre(pre)  # type: ignore[attr-defined]
         if self.cfg.rescale_acts_by_decoder_norm:
             hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
         return hidden_pre
@@ -472,6 +480,39 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
         sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
         return self.reshape_fn_out(sae_out_pre, self.d_head)
 
+    def _sae_in_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``process_sae_in(x) = x_in − shift`` as ``(x_in, shift)``, ``shift = b_dec ·
+        apply_b_dec_to_input``: SAELens's steps up to that subtraction."""
+        check_width(self, self.reshape_fn_in(x))
+        x_in = self.reshape_fn_in(x.to(self.dtype))
+        x_in = self.run_time_activation_norm_fn_in(self.hook_sae_input(x_in))
+        return x_in, self.b_dec * self.cfg.apply_b_dec_to_input
+
+    def _soft_blocked(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether the soft phase takes the blocked ops (see :meth:`_soft_decode`)."""
+        return (
+            self.fused_soft
+            and not self.hook_sae_acts_post._forward_hooks
+            and not torch.is_autocast_enabled(device.type)
+            and dtype in (torch.float32, torch.float64)
+        )
+
+    def _soft_encode(
+        self, x_in: torch.Tensor, shift: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft phase: ``(hidden_pre, k̂)`` of ``sae_in = x_in − shift``. The blocked path reads
+        ``x_in − shift`` through :func:`~sae_adaptive_plugin.ops.shifted_linear.shifted_linear`
+        in the encoder and the estimator (``∂L/∂b_dec`` from a vector product, not from two
+        ``[B, d_in]`` input gradients); else the plain composition."""
+        if not self._soft_blocked(x_in.dtype, x_in.device):
+            sae_in = x_in - shift
+            return self._hidden_pre(sae_in), self.estimate_k_from_sae_in(sae_in)
+        flat = x_in.reshape(-1, self.cfg.d_in)
+        lead = x_in.shape[:-1]
+        pre = shifted_linear(flat, shift, self.W_enc, self.b_enc).reshape(*lead, -1)
+        hidden = shifted_linear(flat, shift, self.k_est_W_enc, self.k_est_b_enc)
+        return self._hooked_hidden_pre(pre), self._k_hat(hidden.reshape(*lead, -1))
+
     def _soft_decode(
         self, hidden_pre: torch.Tensor, k_hat: torch.Tensor, alpha: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -484,13 +525,7 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
         firings (dead latents → AuxK, logged L0) from it."""
         scaled_alpha = alpha * self._alpha_unit(hidden_pre) if self.cfg.alpha_relative else alpha
         dec_scale = 1 / self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
-        blocked = (
-            self.fused_soft
-            and not self.hook_sae_acts_post._forward_hooks
-            and not torch.is_autocast_enabled(hidden_pre.device.type)
-            and hidden_pre.dtype in (torch.float32, torch.float64)
-        )
-        if blocked:
+        if self._soft_blocked(hidden_pre.dtype, hidden_pre.device):
             # τ is solved from each row's top 2·k_max + 2 pre-activations
             res = lapsum_decode(
                 hidden_pre.reshape(-1, self.cfg.d_sae),
@@ -520,7 +555,8 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         step = step_input.n_training_steps
         schedule = self.schedule
-        sae_in = self.process_sae_in(step_input.sae_in)
+        x_in, shift = self._sae_in_parts(step_input.sae_in)
+        sae_in = x_in - shift  # process_sae_in(step_input.sae_in)
         if step == 0:
             self.calibrate_k_estimator(sae_in.detach())
         metrics: dict[str, Any] = {}
@@ -535,8 +571,7 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
             penalty = None
         else:
             alpha = schedule.alpha_at(step)
-            hidden_pre = self._hidden_pre(sae_in)
-            k_hat = self.estimate_k_from_sae_in(sae_in)
+            hidden_pre, k_hat = self._soft_encode(x_in, shift)
             sae_out, feature_acts, soft_l0 = self._soft_decode(hidden_pre, k_hat, alpha)
             k_used = k_hat.detach().float()
             k_target = schedule.k_target_at(step)
