@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import sae_adaptive_plugin.ops.lapsum_decode as lapsum_decode_module
 from sae_adaptive_plugin.ops.lapsum_decode import lapsum_decode, lapsum_decode_reference
 
 
@@ -32,7 +33,12 @@ def _run(fn, h, k_hat, W_dec, scale, upstream, **kwargs):
 @pytest.mark.parametrize("alpha", [2.0, 0.3, 1e-2, 1e-4])
 @pytest.mark.parametrize("k_max", [10, None])
 @pytest.mark.parametrize("block_rows", [1, 5, None])
-def test_matches_plain_composition_float64(alpha: float, k_max, block_rows) -> None:
+@pytest.mark.parametrize("matmul_elements", [1, 40 * 10, None])  # matmul blocks: 1, 2 or all
+def test_matches_plain_composition_float64(
+    alpha: float, k_max, block_rows, matmul_elements, monkeypatch
+) -> None:
+    if matmul_elements is not None:
+        monkeypatch.setattr(lapsum_decode_module, "MATMUL_ELEMENTS", matmul_elements)
     problem = _problem()
     fused, g1 = _run(lapsum_decode, *problem, alpha=alpha, k_max=k_max, block_rows=block_rows)
     plain, g0 = _run(lapsum_decode_reference, *problem, alpha=alpha, k_max=k_max)

@@ -28,8 +28,10 @@ import torch
 
 from sae_adaptive_plugin.ops.lapsum import _compute_dtype, lapsum_threshold, lapsum_topk
 
-#: Rows per block: about this many elements of ``[rows, F]`` temporaries (≈ 16 MiB in float32).
-BLOCK_ELEMENTS = 1 << 22
+#: Rows per elementwise block: about this many elements of ``[rows, F]`` temporaries (1 MiB
+#: in float32); the decoder matmuls take several such blocks at once, about ``MATMUL_ELEMENTS``.
+BLOCK_ELEMENTS = 1 << 18
+MATMUL_ELEMENTS = 1 << 23
 
 
 class SoftDecode(NamedTuple):
@@ -58,9 +60,14 @@ def lapsum_decode_reference(
     return SoftDecode(scaled @ W_dec, feature_acts, (code.detach() != 0).sum(dim=-1))
 
 
-def _blocks(n_rows: int, n_cols: int, block_rows: int | None) -> list[slice]:
+def _blocks(n_rows: int, rows: int, start: int = 0) -> list[slice]:
+    return [slice(i, min(i + rows, start + n_rows)) for i in range(start, start + n_rows, rows)]
+
+
+def _block_sizes(n_cols: int, block_rows: int | None) -> tuple[int, int]:
+    """(rows per elementwise block, rows per matmul block: a multiple of the first)."""
     rows = block_rows or max(1, BLOCK_ELEMENTS // max(n_cols, 1))
-    return [slice(i, min(i + rows, n_rows)) for i in range(0, n_rows, rows)]
+    return rows, rows * max(1, MATMUL_ELEMENTS // max(n_cols * rows, 1))
 
 
 def _block_code(
@@ -75,7 +82,8 @@ def _block_code(
 
 
 class _LapSumDecode(torch.autograd.Function):
-    """See :func:`lapsum_decode`. Outputs ``out``, ``feature_acts``, ``nonzero``."""
+    """See :func:`lapsum_decode`. Outputs ``out``, ``feature_acts``, ``nonzero``. Rows go in
+    matmul blocks (one matmul each way per block), each split into elementwise blocks."""
 
     @staticmethod
     def forward(ctx, hidden_pre, k_hat, W_dec, dec_scale, alpha, k_max, block_rows):  # type: ignore[override]
@@ -86,15 +94,21 @@ class _LapSumDecode(torch.autograd.Function):
         feature_acts = torch.empty_like(h)
         nonzero = torch.empty(n, dtype=torch.long, device=h.device)
         zero = torch.zeros((), dtype=h.dtype, device=h.device)
-        for rows in _blocks(n, f, block_rows):
-            z = h[rows].relu()
-            tau[rows] = lapsum_threshold(z, k_hat[rows].detach().to(h.dtype), alpha, k_max)
-            _, m, c = _block_code(z, tau[rows], alpha)
-            torch.where(m > 0.5, c, zero, out=feature_acts[rows])
-            nonzero[rows] = (c != 0).sum(dim=-1)
-            if dec_scale is not None:
-                c = c * dec_scale
-            torch.mm(c, W_dec, out=out[rows])
+        rows_ew, rows_mm = _block_sizes(f, block_rows)
+        for outer in _blocks(n, rows_mm):
+            scaled = h.new_empty((outer.stop - outer.start, f))  # c ⊙ s of the block
+            for rows in _blocks(outer.stop - outer.start, rows_ew, outer.start):
+                z = h[rows].relu()
+                tau[rows] = lapsum_threshold(z, k_hat[rows].detach().to(h.dtype), alpha, k_max)
+                _, m, c = _block_code(z, tau[rows], alpha)
+                torch.where(m > 0.5, c, zero, out=feature_acts[rows])
+                nonzero[rows] = (c != 0).sum(dim=-1)
+                local = slice(rows.start - outer.start, rows.stop - outer.start)
+                if dec_scale is not None:
+                    torch.mul(c, dec_scale, out=scaled[local])
+                else:
+                    scaled[local] = c
+            torch.mm(scaled, W_dec, out=out[outer])
         ctx.save_for_backward(hidden_pre, tau, W_dec, dec_scale)
         ctx.alpha, ctx.block_rows, ctx.k_dtype = alpha, block_rows, k_hat.dtype
         ctx.mark_non_differentiable(feature_acts, nonzero)
@@ -115,27 +129,36 @@ class _LapSumDecode(torch.autograd.Function):
         grad_w = torch.zeros_like(W_dec) if need_w else None
         grad_s = torch.zeros_like(dec_scale) if need_s else None
         zero = torch.zeros((), dtype=h_all.dtype, device=h_all.device)
-        for rows in _blocks(n, f, ctx.block_rows):
-            z = h_all[rows].relu()
-            u, m, c = _block_code(z, tau[rows], alpha)
-            g_out = grad_out[rows]
-            grad_c = g_out @ W_dec.t()  # ∂L/∂(c ⊙ s)
-            if dec_scale is not None:
-                if need_s:
-                    grad_s += (c * grad_c).sum(dim=0)
-                c = c * dec_scale
-                grad_c = grad_c * dec_scale  # ∂L/∂c
+        rows_ew, rows_mm = _block_sizes(f, ctx.block_rows)
+        for outer in _blocks(n, rows_mm):
+            g_out = grad_out[outer]
+            grad_cs = g_out @ W_dec.t()  # ∂L/∂(c ⊙ s) of the block
+            scaled = h_all.new_empty(grad_cs.shape) if need_w else None  # c ⊙ s
+            for rows in _blocks(outer.stop - outer.start, rows_ew, outer.start):
+                local = slice(rows.start - outer.start, rows.stop - outer.start)
+                z = h_all[rows].relu()
+                u, m, c = _block_code(z, tau[rows], alpha)
+                grad_c = grad_cs[local]
+                if dec_scale is not None:
+                    if need_s:
+                        grad_s += (c * grad_c).sum(dim=0)
+                    grad_c.mul_(dec_scale)  # ∂L/∂c
+                if need_w:
+                    if dec_scale is not None:
+                        torch.mul(c, dec_scale, out=scaled[local])
+                    else:
+                        scaled[local] = c
+                neg_abs = u.abs_().neg_()
+                g = grad_c * z  # ∂L/∂m
+                w = torch.softmax(neg_abs, dim=-1)  # q / Σ q
+                gk = (g * w).sum(dim=-1)
+                grad_k[rows] = gk
+                if need_h:
+                    q = neg_abs.exp_().mul_(0.5 / alpha)
+                    grad_z = grad_c.mul_(m).add_(q.mul_(g.sub_(gk.unsqueeze(-1))))
+                    torch.where(z > 0, grad_z, zero, out=grad_h[rows])
             if need_w:
-                grad_w.addmm_(c.t(), g_out)
-            neg_abs = -u.abs()
-            g = grad_c * z  # ∂L/∂m
-            w = torch.softmax(neg_abs, dim=-1)  # q / Σ q
-            gk = (g * w).sum(dim=-1)
-            grad_k[rows] = gk
-            if need_h:
-                q = torch.exp(neg_abs).mul_(0.5 / alpha)
-                grad_z = grad_c.mul_(m).add_(q.mul_(g.sub_(gk.unsqueeze(-1))))
-                torch.where(z > 0, grad_z, zero, out=grad_h[rows])
+                grad_w.addmm_(scaled.t(), g_out)
         return (
             grad_h,
             grad_k.to(ctx.k_dtype) if need_k else None,
@@ -157,8 +180,9 @@ def lapsum_decode(
     block_rows: int | None = None,
 ) -> SoftDecode:
     """The soft code of ``hidden_pre`` ``[B, F]`` (float32 or float64) decoded through ``W_dec``
-    ``[F, d_out]`` (see the module docstring), computed ``block_rows`` rows at a time (default:
-    about ``BLOCK_ELEMENTS / F``). Values and gradients (to ``hidden_pre``, ``k_hat``, ``W_dec``,
+    ``[F, d_out]`` (see the module docstring), elementwise ``block_rows`` rows at a time
+    (default: about ``BLOCK_ELEMENTS / F``), the decoder matmuls about ``MATMUL_ELEMENTS / F``
+    rows at a time. Values and gradients (to ``hidden_pre``, ``k_hat``, ``W_dec``,
     ``dec_scale``) equal :func:`lapsum_decode_reference`'s to float rounding. ``k_max``, ``alpha``
     and ``k_hat`` as in :func:`~sae_adaptive_plugin.ops.lapsum.lapsum_topk` (``k̂ ≤ k_max``
     checked). Double backward is not supported."""
