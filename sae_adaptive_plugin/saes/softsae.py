@@ -320,10 +320,7 @@ class _KEstimatorMixin:
         return mark_not_finite(self._k_from_k_hat(self.estimate_k_from_sae_in(sae_in)), sae_in)
 
     def _hidden_pre(self, sae_in: torch.Tensor) -> torch.Tensor:
-        return self._hooked_hidden_pre(sae_in @ self.W_enc + self.b_enc)
-
-    def _hooked_hidden_pre(self, pre: torch.Tensor) -> torch.Tensor:
-        hidden_pre = self.hook_sae_acts_pre(pre)  # type: ignore[attr-defined]
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)  # type: ignore[attr-defined]
         if self.cfg.rescale_acts_by_decoder_norm:
             hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
         return hidden_pre
@@ -492,6 +489,7 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
         """Whether the soft phase takes the blocked ops (see :meth:`_soft_decode`)."""
         return (
             self.fused_soft
+            and not self.hook_sae_acts_pre._forward_hooks
             and not self.hook_sae_acts_post._forward_hooks
             and not torch.is_autocast_enabled(device.type)
             and dtype in (torch.float32, torch.float64)
@@ -502,16 +500,18 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft phase: ``(hidden_pre, k̂)`` of ``sae_in = x_in − shift``. The blocked path reads
         ``x_in − shift`` through :func:`~sae_adaptive_plugin.ops.shifted_linear.shifted_linear`
-        in the encoder and the estimator (``∂L/∂b_dec`` from a vector product, not from two
-        ``[B, d_in]`` input gradients); else the plain composition."""
+        in the encoder (with the decoder-norm rescale) and the estimator: ``∂L/∂b_dec`` from a
+        vector product, not from two ``[B, d_in]`` input gradients, and no unscaled copy of the
+        pre-activations kept; else the plain composition."""
         if not self._soft_blocked(x_in.dtype, x_in.device):
             sae_in = x_in - shift
             return self._hidden_pre(sae_in), self.estimate_k_from_sae_in(sae_in)
         flat = x_in.reshape(-1, self.cfg.d_in)
         lead = x_in.shape[:-1]
-        pre = shifted_linear(flat, shift, self.W_enc, self.b_enc).reshape(*lead, -1)
+        scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        hidden_pre = shifted_linear(flat, shift, self.W_enc, self.b_enc, scale)
         hidden = shifted_linear(flat, shift, self.k_est_W_enc, self.k_est_b_enc)
-        return self._hooked_hidden_pre(pre), self._k_hat(hidden.reshape(*lead, -1))
+        return hidden_pre.reshape(*lead, -1), self._k_hat(hidden.reshape(*lead, -1))
 
     def _soft_decode(
         self, hidden_pre: torch.Tensor, k_hat: torch.Tensor, alpha: float
@@ -519,8 +519,9 @@ class SoftSAETrainingSAE(_KEstimatorMixin, TopKTrainingSAE):
         """Soft phase: ``(sae_out, feature_acts, nonzero code entries per row)`` of the code
         ``z ⊙ m`` (``z = ReLU(hidden_pre)``, ``m`` the LapSum mask, ``Σ m = k̂``). One blocked op
         (:func:`~sae_adaptive_plugin.ops.lapsum_decode.lapsum_decode`, no ``[B, d_sae]`` code,
-        mask or their gradients held) unless ``fused_soft`` is False, ``hook_sae_acts_post``
-        has hooks, autocast is on or the dtype is not float32/64: then the plain composition.
+        mask or their gradients held) unless ``fused_soft`` is False, ``hook_sae_acts_pre`` or
+        ``hook_sae_acts_post`` has forward hooks, autocast is on or the dtype is not
+        float32/64: then the plain composition.
         ``feature_acts`` holds the latents the soft top-k selects (``m > ½``): SAELens counts
         firings (dead latents → AuxK, logged L0) from it."""
         scaled_alpha = alpha * self._alpha_unit(hidden_pre) if self.cfg.alpha_relative else alpha
