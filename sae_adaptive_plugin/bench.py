@@ -46,8 +46,9 @@ What is measured:
 - ``*_ratio``: the row's value over the ``topk`` row's (step time, peak step memory, inference
   tokens/s).
 
-Use: ``sae-adaptive bench --d-in 768 --d-sae 16384 --k 64 --batch 4096 --threads 2 --json out.json``
-or :func:`run_bench` / :func:`format_table` from Python. Nothing here is asserted on timings.
+Use: ``sae-adaptive bench --d-in 768 --d-sae 16384 --k 64 --batch 4096 --threads 1,2 --json
+out.json`` (one run per thread count, then :func:`format_threads_summary` of the ratios) or
+:func:`run_bench` / :func:`format_table` from Python. Nothing here is asserted on timings.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ from typing import Any
 from sae_adaptive_plugin.cli import command
 
 SCHEMA = "sae-adaptive-bench/1"
+#: JSON of a run at several thread counts: ``{"schema": RUNS_SCHEMA, "runs": [result, ...]}``.
+RUNS_SCHEMA = "sae-adaptive-bench-runs/1"
 #: Row names in table order; ``topk`` (the reference) must come first.
 ROW_NAMES = ("topk", "hierarchical_topk", "softsae_soft", "softsae_hard", "adaptivek")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -670,6 +673,41 @@ def _result(cfg: BenchConfig, rows: list[_Row], encoder_s: float | None) -> dict
     }
 
 
+def format_threads_summary(results: list[dict[str, Any]]) -> str:
+    """A Markdown table of each row's step ratio to TopK (wall and CPU time) and memory ratio,
+    one column group per thread count (results of :func:`run_bench` at several ``threads``)."""
+    threads = [r["config"]["threads"] for r in results]
+    head = "| architecture | phase | " + " | ".join(
+        f"step / TopK ({t} thr) | CPU time ({t} thr) | mem / TopK ({t} thr)" for t in threads
+    )
+    lines = [head + " |", "|---|---|" + "---|---|---|" * len(threads)]
+    for i, row in enumerate(results[0]["rows"]):
+        cells = []
+        for result in results:
+            other = result["rows"][i]
+            cells += [
+                _fmt(other["step_ratio"], ".2f"),
+                _fmt(other["step_cpu_ratio"], ".2f"),
+                _fmt(other["memory_ratio"], ".2f"),
+            ]
+        lines.append(
+            f"| {row['architecture']} | {row['phase'] or ''} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def _thread_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(
+            f"threads must be a comma-separated list of ints >= 1 (e.g. 1,2), got {text!r}"
+        )
+    return counts
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
@@ -730,7 +768,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         help="untimed steps per row first (default %(default)s)",
     )
     parser.add_argument(
-        "--threads", type=int, default=d.threads, help="torch.set_num_threads (default %(default)s)"
+        "--threads",
+        type=_thread_counts,
+        default=[1, 2],
+        help="torch.set_num_threads; a comma-separated list runs the bench once per count "
+        "(default 1,2)",
     )
     parser.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
     parser.add_argument(
@@ -758,7 +800,38 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     arguments=_arguments,
 )
 def _cmd_bench(args: argparse.Namespace) -> int:
-    cfg = BenchConfig(
+    configs = [_config_from_args(args, threads) for threads in args.threads]
+    try:
+        for cfg in configs:
+            cfg.validate()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = []
+    for cfg in configs:
+        result = run_bench(cfg, progress=not args.no_progress)
+        m = result["machine"]
+        print(
+            f"d_in={cfg.d_in} d_sae={cfg.d_sae} k={cfg.k} batch={cfg.batch} dtype={cfg.dtype} "
+            f"device={cfg.device} ({m['device_name']}) threads={cfg.threads} steps={cfg.steps} "
+            f"warmup={cfg.warmup}; torch {m['torch']}, sae_lens {m['sae_lens']}"
+        )
+        print(format_table(result))
+        print()
+        results.append(result)
+    if len(results) > 1:
+        print(format_threads_summary(results))
+    if args.json is not None:
+        data = results[0] if len(results) == 1 else {"schema": RUNS_SCHEMA, "runs": results}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(data, indent=2))
+        print(f"wrote {args.json}")
+    failed = any(r["status"] == "error" for result in results for r in result["rows"])
+    return 1 if failed else 0
+
+
+def _config_from_args(args: argparse.Namespace, threads: int) -> BenchConfig:
+    return BenchConfig(
         d_in=args.d_in,
         d_sae=args.d_sae,
         k=args.k,
@@ -767,28 +840,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         device=args.device,
         steps=args.steps,
         warmup=args.warmup,
-        threads=args.threads,
+        threads=threads,
         seed=args.seed,
         dead_fraction=args.dead_fraction,
         rows=tuple(args.rows),
         memory=not args.no_memory,
         inference=not args.no_inference,
     )
-    try:
-        cfg.validate()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = run_bench(cfg, progress=not args.no_progress)
-    m = result["machine"]
-    print(
-        f"d_in={cfg.d_in} d_sae={cfg.d_sae} k={cfg.k} batch={cfg.batch} dtype={cfg.dtype} "
-        f"device={cfg.device} ({m['device_name']}) threads={cfg.threads} steps={cfg.steps} "
-        f"warmup={cfg.warmup}; torch {m['torch']}, sae_lens {m['sae_lens']}"
-    )
-    print(format_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
-    return 1 if any(r["status"] == "error" for r in result["rows"]) else 0
