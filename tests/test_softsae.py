@@ -541,3 +541,28 @@ def test_blocked_soft_phase_matches_plain_composition_float64(
         outs[False],
         required_grads=("W_enc", "b_enc", "W_dec", "b_dec", "k_est_W_enc", "k_est_w_out"),
     )
+
+
+def test_soft_phase_hooks_take_the_plain_composition() -> None:
+    """A forward hook on ``hook_sae_acts_pre`` or ``hook_sae_acts_post`` sees and changes the
+    soft phase's tensors: those steps take the plain composition."""
+    sae = SoftSAETrainingSAE(_cfg(rescale_acts_by_decoder_norm=False))
+    sae.calibrate_k_estimator = lambda sae_in: None
+    x = torch.randn(20, 16)
+    fired = _step(sae, x, 3).feature_acts.ne(0).sum(dim=0)  # blocked path
+    j = int(fired.argmax())
+    assert fired[j] > 0
+
+    def silence_j(_module, _inputs, out):
+        out = out.clone()
+        out[..., j] = 0.0
+        return out
+
+    for hook in (sae.hook_sae_acts_pre, sae.hook_sae_acts_post):
+        handle = hook.register_forward_hook(silence_j)
+        try:
+            out = _step(sae, x, 3)
+        finally:
+            handle.remove()
+        assert out.feature_acts.requires_grad  # the plain composition ran
+        assert torch.all(out.feature_acts[:, j] == 0)
