@@ -20,7 +20,13 @@ import time
 
 import torch
 
-from sae_adaptive_plugin.bench import BenchConfig, _build_rows, _cpu_peak_bytes, _prepare, _train_step
+from sae_adaptive_plugin.bench import (
+    BenchConfig,
+    _build_rows,
+    _cpu_peak_bytes,
+    _prepare,
+    _train_step,
+)
 
 
 def main() -> None:
