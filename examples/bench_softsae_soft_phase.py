@@ -20,13 +20,8 @@ import time
 
 import torch
 
-from sae_adaptive_plugin.bench import (
-    BenchConfig,
-    _build_rows,
-    _cpu_peak_bytes,
-    _prepare,
-    _train_step,
-)
+from sae_adaptive_plugin.experiments.bench import _cpu_peak_bytes, _prepare, _train_step
+from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, _build_rows
 
 
 def main() -> None:

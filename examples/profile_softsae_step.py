@@ -22,7 +22,8 @@ import torch
 from sae_lens.saes.sae import TrainStepInput
 from torch.profiler import ProfilerActivity, profile
 
-from sae_adaptive_plugin.bench import ROW_NAMES, BenchConfig, _build_rows, _prepare, _train_step
+from sae_adaptive_plugin.experiments.bench import _prepare, _train_step
+from sae_adaptive_plugin.experiments.bench_setup import ROW_NAMES, BenchConfig, _build_rows
 
 
 def _profiled(fn: Callable[[], Any]) -> tuple[Any, list[tuple[str, float, int]], float]:

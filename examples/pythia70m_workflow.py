@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
     from sae_lens import SAE
 
-    from sae_adaptive_plugin import local_lm
+    from sae_adaptive_plugin.data import local_lm
     from sae_adaptive_plugin.evaluation import per_token_k_on_text
 
     model = local_lm.load_model(args.model, device=args.device, hook_names=[args.hook])

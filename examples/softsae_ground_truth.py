@@ -1,6 +1,6 @@
 """SoftSAE vs. SAELens TopK and BatchTopK on variable-complexity synthetic ground truth.
 
-Data: ``sae_adaptive_plugin.synthetic.VariableComplexitySource`` (SAELens ``FeatureDictionary`` +
+Data: ``sae_adaptive_plugin.experiments.synthetic.VariableComplexitySource`` (SAELens ``FeatureDictionary`` +
 ``ActivationGenerator`` with a per-sample density gate; true L0 ≈ 2–50 per sample). SoftSAE is
 trained first; TopK and BatchTopK are then trained with ``k`` = SoftSAE's measured mean L0 (matched
 mean L0) and the same step budget, stream, optimiser and learning rate, all through SAELens's
@@ -25,9 +25,9 @@ import torch
 
 def softsae_config(d_in: int, d_sae: int, k: int, k_max: int, steps: int, alpha_end: float = 0.02):
     """The SoftSAE settings used by the acceptance test and this script (step budget ``steps``)."""
-    from sae_adaptive_plugin.saes.softsae import SoftSAETrainingConfig
+    from sae_adaptive_plugin.saes.softsae import SoftSAETrainingSAEConfig
 
-    return SoftSAETrainingConfig(
+    return SoftSAETrainingSAEConfig(
         d_in=d_in,
         d_sae=d_sae,
         k=k,
@@ -49,8 +49,7 @@ def run(steps: int, seed: int, alpha_end: float = 0.02, log=print) -> dict[str, 
         TopKTrainingSAEConfig,
     )
 
-    from sae_adaptive_plugin.saes.softsae import SoftSAETrainingSAE
-    from sae_adaptive_plugin.synthetic import (
+    from sae_adaptive_plugin.experiments.synthetic import (
         CompareConfig,
         VariableComplexityConfig,
         VariableComplexitySource,
@@ -59,6 +58,7 @@ def run(steps: int, seed: int, alpha_end: float = 0.02, log=print) -> dict[str, 
         to_inference_sae,
         train_sae,
     )
+    from sae_adaptive_plugin.saes.softsae import SoftSAETrainingSAE
 
     src_cfg = VariableComplexityConfig(  # every field pinned: the numbers depend on them
         num_features=128,

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from sae_adaptive_plugin.bench import BenchConfig, _build_rows
+from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, _build_rows
 from sae_adaptive_plugin.ops.lapsum import lapsum_threshold
 
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import os
 
-from sae_adaptive_plugin.hookspecs import Architecture, hookimpl
-from sae_adaptive_plugin.loader import ArchitectureClashError, PluginReport, load_plugins
+from sae_adaptive_plugin.registration.hookspecs import Architecture, hookimpl
+from sae_adaptive_plugin.registration.loader import (
+    ArchitectureClashError,
+    PluginReport,
+    load_plugins,
+)
 
 __version__ = "0.1.0"
 AUTOLOAD_OPT_OUT_ENV = "SAE_ADAPTIVE_PLUGIN_NO_AUTOLOAD"

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from sae_adaptive_plugin.cli import command
+from sae_adaptive_plugin import reporting
 
 #: quantiles of per-token L0 reported in ``k_distribution``.
 K_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -93,7 +92,7 @@ def k_distribution(l0: Any, fired: Any) -> dict[str, float]:
     return out
 
 
-def evaluate_sae(
+def sae_lens_evals(
     sae: Any,
     model: Any,
     dataset: Any,
@@ -186,32 +185,17 @@ TABLE_COLUMNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     """One row per SAE (keyed by its name/path) with :data:`TABLE_COLUMNS`."""
-    header = ["SAE", *(c[0] for c in TABLE_COLUMNS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for name, metrics in results.items():
-        row = [name]
-        for _, path, fmt in TABLE_COLUMNS:
-            v: Any = metrics
-            for p in path:
-                v = v.get(p) if isinstance(v, dict) else None
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                row.append("–")
-            else:
-                row.append(fmt.format(v))
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+        row = {"SAE": name}
+        for title, path, _ in TABLE_COLUMNS:
+            value: Any = metrics
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            row[title] = value
+        rows.append(row)
+    columns = [("SAE", "SAE", "{}"), *((title, title, fmt) for title, _, fmt in TABLE_COLUMNS)]
+    return reporting.markdown_table(rows, columns)
 
 
 def evaluate_paths(
@@ -226,7 +210,7 @@ def evaluate_paths(
     dataset: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate each saved SAE; the model/dataset default to those in each SAE's metadata."""
-    from sae_adaptive_plugin import local_lm
+    from sae_adaptive_plugin.data import local_lm
     from sae_adaptive_plugin.hub import load_sae_folder
 
     models: dict[str, Any] = {}
@@ -260,7 +244,7 @@ def evaluate_paths(
                 if local_lm.is_local_dataset(ds_name)
                 else ds_name
             )
-        results[str(path)] = evaluate_sae(
+        results[str(path)] = sae_lens_evals(
             sae,
             m,
             ds,
@@ -272,27 +256,7 @@ def evaluate_paths(
     return results
 
 
-def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("saes", nargs="+", metavar="SAE_DIR", help="saved SAE folder(s)")
-    parser.add_argument("--model", help="model name or local model folder (default: SAE metadata)")
-    parser.add_argument(
-        "--dataset", help="dataset name or local dataset (default: SAE metadata's dataset_path)"
-    )
-    parser.add_argument("--n-batches", type=int, default=10, help="eval batches (default 10)")
-    parser.add_argument(
-        "--batch-size-prompts", type=int, default=8, help="prompts per batch (default 8)"
-    )
-    parser.add_argument("--context-size", type=int, help="default: SAE metadata's context_size")
-    parser.add_argument("--device", default="cpu", help="default cpu")
-    parser.add_argument("--json", dest="json_out", help="write all metrics to this JSON file")
-
-
-@command(
-    "eval",
-    "SAELens run_evals (explained variance, CE/KL scores, L0) + per-token k distribution",
-    arguments=_eval_arguments,
-)
-def _cmd_eval(args: argparse.Namespace) -> int:
+def eval_command(args: argparse.Namespace) -> int:
     for name, value in (
         ("--n-batches", args.n_batches),
         ("--batch-size-prompts", args.batch_size_prompts),
@@ -317,7 +281,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json_out:
         out = Path(args.json_out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_jsonable(results), indent=2))
+        out.write_text(json.dumps(reporting.jsonable(results), indent=2))
         print(f"wrote {out}")
     return 0
 
@@ -329,11 +293,11 @@ def per_token_k_on_text(
 
     Tokenised with ``model.to_tokens`` when the model has a tokenizer (token strings from
     ``to_str_tokens``); a tokenizer-less local model uses the byte-level fallback of
-    :func:`sae_adaptive_plugin.local_lm.texts_to_token_lists` and token ids as labels.
+    :func:`sae_adaptive_plugin.data.local_lm.texts_to_token_lists` and token ids as labels.
     """
     import torch
 
-    from sae_adaptive_plugin import local_lm
+    from sae_adaptive_plugin.data import local_lm
 
     if prepend_bos is None:
         prepend_bos = bool(sae.cfg.metadata.prepend_bos)

@@ -54,6 +54,7 @@ def _training_sae(d_in=16, d_sae=48, k_min=2, k_max=12, dtype="float32", **kw):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_runner_trains_with_warmup_saves_reloads_and_evals(tmp_path):
     from sae_lens import SAE
     from sae_lens.saes.sae import TrainingSAEConfig
@@ -130,7 +131,7 @@ def test_warmup_switch_is_recorded_and_resumes(tmp_path):
     for step in range(5):  # warm-up, statistics gathered from step 4
         out = _step(sae, batches[step], step)
         assert float(out.metrics["mean_k"]) == 12 and float(out.metrics["std_k"]) == 0
-        assert "hierarchical_mse_loss" in out.losses
+        assert out.losses["prefix_excess_loss"].item() != 0  # the all-prefix warm-up loss
     sae.save_model(tmp_path / "mid")  # checkpoint in the middle of the gathering phase
     mid = load_file(str(tmp_path / "mid" / "sae_weights.safetensors"))
     assert any(k.startswith(ACC_PREFIX) for k in mid) and int(mid["probe_fitted"]) == 0
@@ -141,7 +142,7 @@ def test_warmup_switch_is_recorded_and_resumes(tmp_path):
         a, b = _step(sae, batches[step], step), _step(resumed, batches[step], step)
     assert sae.is_adaptive and resumed.is_adaptive
     assert torch.equal(sae.probe_weight, resumed.probe_weight)
-    assert "probe_spearman" in a.metrics and "mse_loss" in a.losses
+    assert "probe_spearman" in a.metrics and float(a.losses["prefix_excess_loss"]) == 0
     assert torch.equal(a.metrics["mean_k"], b.metrics["mean_k"])
 
     sae.save_model(tmp_path / "after")
@@ -152,7 +153,7 @@ def test_warmup_switch_is_recorded_and_resumes(tmp_path):
     assert torch.equal(after.k_per_sample(x), sae.k_per_sample(x))
     out = _step(after, x, 9)
     assert float(out.metrics["mean_k"]) == pytest.approx(float(sae.k_per_sample(x).float().mean()))
-    assert "mse_loss" in out.losses and "hierarchical_mse_loss" not in out.losses
+    assert "mse_loss" in out.losses and float(out.losses["prefix_excess_loss"]) == 0
 
 
 def test_probe_path_sets_k_from_the_start(tmp_path):
@@ -357,7 +358,7 @@ def test_kstar_scale_dataset_uses_one_threshold_row_uses_each_rows_variance():
 
 
 def test_kstar_labels_scale():
-    from sae_adaptive_plugin.labels import kstar_labels
+    from sae_adaptive_plugin.probe.labels import kstar_labels
 
     sae = _training_sae(k_min=1, k_max=12)
     x = torch.randn(64, 16) * torch.linspace(0.2, 3.0, 64)[:, None]
@@ -446,6 +447,7 @@ def _explained_variance_and_l0(sae, x: torch.Tensor) -> tuple[float, torch.Tenso
     return float(ev), (feats != 0).sum(-1)
 
 
+@pytest.mark.slow
 def test_synthetic_ground_truth_probe_l0_tracking_and_ev_vs_topk(tmp_path):
     """Probe vs k* and SAE L0 vs true L0 Spearman >= 0.85; EV at matched mean L0 >= TopK's."""
     from sae_lens import SAE, TopKTrainingSAE, TopKTrainingSAEConfig

@@ -17,12 +17,12 @@ import torch
 from hub_server import HubServer
 from sae_lens import registry
 from safetensors.torch import save_file
-from test_hub import D_IN, hub, random_sae  # noqa: F401
-from test_loader import _DemoConfig, _DemoSAE, _module_plugin, isolated  # noqa: F401
+from test_hub import D_IN, random_sae
+from test_loader import _DemoConfig, _DemoSAE, _module_plugin
 
-from sae_adaptive_plugin import loader
 from sae_adaptive_plugin.cli import main
-from sae_adaptive_plugin.hookspecs import Architecture
+from sae_adaptive_plugin.registration import loader
+from sae_adaptive_plugin.registration.hookspecs import Architecture
 from sae_adaptive_plugin.saes.input_checks import K_NOT_FINITE
 
 OURS = ("adaptivek", "softsae", "hierarchical_topk")
@@ -154,7 +154,7 @@ def _break_architecture(folder: Path) -> str:
 )
 def test_push_refuses_a_broken_folder_and_uploads_nothing(
     damage,
-    hub: HubServer,  # noqa: F811
+    hub: HubServer,
     tmp_path,
     capsys,
 ):
@@ -275,7 +275,7 @@ def test_compare_refuses_an_existing_results_folder_and_owns_it_with_overwrite(t
 
 
 def test_a_plugin_calling_sys_exit_at_import_is_reported_and_skipped(
-    isolated,  # noqa: F811
+    isolated,
     tmp_path,
     monkeypatch,
 ):
@@ -288,7 +288,7 @@ def test_a_plugin_calling_sys_exit_at_import_is_reported_and_skipped(
     assert reports["good"].ok and "demo_arch" in registry.SAE_CLASS_REGISTRY
 
 
-def test_a_name_clash_skips_only_the_clashing_architecture(isolated):  # noqa: F811
+def test_a_name_clash_skips_only_the_clashing_architecture(isolated):
     from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
     class _TopKThief(TopKSAE):

@@ -1,6 +1,6 @@
 """``sae-adaptive train`` on bad input: exact resume, NaN/Inf batches, existing outputs, configs.
 
-Runs the command in-process on the tiny local model of ``test_train_cli`` (its ``local`` fixture).
+Runs the command in-process on the tiny local model of the ``local`` fixture (conftest).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_cli import BATCH, SAE_BLOCKS, STEPS, _config, _write, local  # noqa: F401
+from tiny_lm import BATCH, STEPS, train_config, write_yaml
 
 from sae_adaptive_plugin.cli import main
 
@@ -24,12 +24,12 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_resume_from_any_checkpoint_ends_with_the_uninterrupted_weights(arch, tmp_path, local):  # noqa: F811
+def test_resume_from_any_checkpoint_ends_with_the_uninterrupted_weights(arch, tmp_path, local):
     """Two mid-run checkpoints (SAELens stores n_training_steps one behind in them, and keeps
     no mixing buffer): resuming from each ends where the uninterrupted run ends."""
-    cfg = _config(local, tmp_path / "full", arch)
+    cfg = train_config(local, tmp_path / "full", arch)
     cfg["n_checkpoints"] = 2
-    cfg_path = _write(tmp_path / "full.yaml", cfg)
+    cfg_path = write_yaml(tmp_path / "full.yaml", cfg)
     assert main(["train", str(cfg_path)]) == 0
     full = _weights(tmp_path / "full" / "final")
     ckpts = sorted(
@@ -64,7 +64,7 @@ def _nan_model_and_data(tmp_path: Path) -> tuple[Path, Path]:
     ``n_checkpoints=2`` are written), then NaN rows come."""
     from tiny_lm import tiny_model, tiny_token_dataset
 
-    from sae_adaptive_plugin.local_lm import save_local_model
+    from sae_adaptive_plugin.data.local_lm import save_local_model
 
     model = tiny_model()
     with torch.no_grad():
@@ -83,13 +83,13 @@ def _nan_model_and_data(tmp_path: Path) -> tuple[Path, Path]:
 def test_nan_activations_stop_training_with_the_step_and_the_kept_checkpoint(
     arch,
     tmp_path,
-    local,  # noqa: F811
+    local,
     capsys,
 ):
     model, tokens = _nan_model_and_data(tmp_path)
-    cfg = _config(local, tmp_path / arch, arch)
+    cfg = train_config(local, tmp_path / arch, arch)
     cfg.update(model_name=str(model), dataset_path=str(tokens), n_checkpoints=2)
-    cfg_path = _write(tmp_path / f"{arch}.yaml", cfg)
+    cfg_path = write_yaml(tmp_path / f"{arch}.yaml", cfg)
     rc = main(["train", str(cfg_path)])
     err = capsys.readouterr().err
     assert rc == 1
@@ -103,8 +103,8 @@ def test_nan_activations_stop_training_with_the_step_and_the_kept_checkpoint(
     assert not (tmp_path / arch / "final").exists()
 
 
-def test_train_refuses_an_output_path_holding_a_saved_sae(tmp_path, local, capsys):  # noqa: F811
-    cfg_path = _write(tmp_path / "c.yaml", _config(local, tmp_path / "run", "topk"))
+def test_train_refuses_an_output_path_holding_a_saved_sae(tmp_path, local, capsys):
+    cfg_path = write_yaml(tmp_path / "c.yaml", train_config(local, tmp_path / "run", "topk"))
     assert main(["train", str(cfg_path)]) == 0
     final = tmp_path / "run" / "final"
     before = _weights(final)
@@ -122,10 +122,10 @@ def test_train_refuses_an_output_path_holding_a_saved_sae(tmp_path, local, capsy
     assert [p.name for p in final.parent.iterdir() if p.name.startswith(".")] == []
 
 
-def test_an_interrupted_overwrite_leaves_the_old_sae_whole(tmp_path, local, monkeypatch):  # noqa: F811
+def test_an_interrupted_overwrite_leaves_the_old_sae_whole(tmp_path, local, monkeypatch):
     from sae_lens import LanguageModelSAETrainingRunner
 
-    cfg_path = _write(tmp_path / "c.yaml", _config(local, tmp_path / "run", "topk"))
+    cfg_path = write_yaml(tmp_path / "c.yaml", train_config(local, tmp_path / "run", "topk"))
     assert main(["train", str(cfg_path)]) == 0
     final = tmp_path / "run" / "final"
     before = _weights(final)
@@ -152,22 +152,22 @@ def test_an_interrupted_overwrite_leaves_the_old_sae_whole(tmp_path, local, monk
         ("sae.d_sae=-1", "config key 'sae.d_sae': must be an integer > 0, got -1"),
     ],
 )
-def test_values_that_defeat_training_are_config_errors(override, message, tmp_path, local, capsys):  # noqa: F811
-    cfg_path = _write(tmp_path / "c.yaml", _config(local, tmp_path / "run", "softsae"))
+def test_values_that_defeat_training_are_config_errors(override, message, tmp_path, local, capsys):
+    cfg_path = write_yaml(tmp_path / "c.yaml", train_config(local, tmp_path / "run", "softsae"))
     assert main(["train", str(cfg_path), "--set", override, "--print-config"]) == 2
     assert message in capsys.readouterr().err
 
 
-def test_cuda_device_without_cuda_is_named(tmp_path, local, capsys, monkeypatch):  # noqa: F811
+def test_cuda_device_without_cuda_is_named(tmp_path, local, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cfg_path = _write(tmp_path / "c.yaml", _config(local, tmp_path / "run", "topk"))
+    cfg_path = write_yaml(tmp_path / "c.yaml", train_config(local, tmp_path / "run", "topk"))
     assert main(["train", str(cfg_path), "--set", "device=cuda"]) == 2
     err = capsys.readouterr().err
     assert "config key 'device': device 'cuda' is not available" in err
     assert "use 'cpu'" in err
 
 
-def test_empty_dataset_and_folder_as_config_are_named(tmp_path, local, capsys):  # noqa: F811
+def test_empty_dataset_and_folder_as_config_are_named(tmp_path, local, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -179,9 +179,9 @@ def test_empty_dataset_and_folder_as_config_are_named(tmp_path, local, capsys): 
         (empty_file, "the file is empty (it has no rows)"),
         (no_rows, "could not be read as parquet"),
     ):
-        cfg = _config(local, tmp_path / "run", "topk")
+        cfg = train_config(local, tmp_path / "run", "topk")
         cfg["dataset_path"] = str(dataset)
-        cfg_path = _write(tmp_path / "c.yaml", cfg)
+        cfg_path = write_yaml(tmp_path / "c.yaml", cfg)
         assert main(["train", str(cfg_path)]) == 2
         assert f"config key 'dataset_path': dataset {dataset}: {message}" in capsys.readouterr().err
 
@@ -190,7 +190,7 @@ def test_empty_dataset_and_folder_as_config_are_named(tmp_path, local, capsys): 
 
 
 def test_nan_is_not_a_finite_lr_in_python_either():
-    from sae_adaptive_plugin.training import ConfigError, _check_ranges
+    from sae_adaptive_plugin.training.config import ConfigError, _check_ranges
 
     with pytest.raises(ConfigError, match="'lr'"):
         _check_ranges("", {"lr": math.nan})

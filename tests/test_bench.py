@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from sae_adaptive_plugin import bench
 from sae_adaptive_plugin.cli import main
-from sae_adaptive_plugin.plugin import ARCHITECTURE_MODULES
+from sae_adaptive_plugin.experiments import bench, bench_report, bench_setup
+from sae_adaptive_plugin.registration.plugin import PACKAGE_ARCHITECTURES
 
 TINY = {"d_in": 16, "d_sae": 64, "k": 4, "batch": 32, "steps": 2, "warmup": 1, "threads": 1}
 
@@ -48,31 +48,26 @@ def _positive(value: object) -> bool:
 
 
 @pytest.fixture(scope="module")
-def result() -> dict:
-    torch.set_num_threads(1)
-    try:
-        out = bench.run_bench(bench.BenchConfig(**TINY), progress=False)
-    finally:
-        torch.set_num_threads(2)
-    return out
+def result(one_thread) -> dict:
+    return bench.run_bench(bench_setup.BenchConfig(**TINY), progress=False)
 
 
 def test_schema_and_machine(result: dict) -> None:
-    assert result["schema"] == bench.SCHEMA
+    assert result["schema"] == bench_report.SCHEMA
     assert result["config"]["d_sae"] == TINY["d_sae"]
-    assert result["config"]["rows"] == list(bench.ROW_NAMES)
+    assert result["config"]["rows"] == list(bench_setup.ROW_NAMES)
     assert result["machine"]["torch"] == torch.__version__
     assert result["machine"]["torch_threads"] == 1
     assert "profile_memory" in result["memory_method"]
     assert _positive(result["encoder_bound_tokens_per_s"])
-    assert [r["name"] for r in result["rows"]] == list(bench.ROW_NAMES)
+    assert [r["name"] for r in result["rows"]] == list(bench_setup.ROW_NAMES)
     for row in result["rows"]:
         assert set(row) == ROW_KEYS
     json.dumps(result)  # JSON-ready
 
 
 def test_registered_architectures_are_measured(result: dict) -> None:
-    registered = {"topk", *ARCHITECTURE_MODULES}
+    registered = {"topk", *PACKAGE_ARCHITECTURES}
     for row in result["rows"]:
         assert row["status"] != "error", row
         if row["architecture"] in registered:
@@ -104,7 +99,7 @@ def test_measurements_finite_positive(result: dict) -> None:
 
 
 def test_table_lists_every_row(result: dict) -> None:
-    table = bench.format_table(result)
+    table = bench_report.format_table(result)
     lines = table.splitlines()
     assert lines[0].startswith("| architecture |")
     body = [line for line in lines[2:] if line.startswith("| ")]
@@ -148,7 +143,7 @@ def test_cli_runs_each_thread_count(tmp_path, capsys) -> None:
         torch.set_num_threads(2)
     assert code == 0
     data = json.loads(out.read_text())
-    assert data["schema"] == bench.RUNS_SCHEMA
+    assert data["schema"] == bench_report.RUNS_SCHEMA
     assert [run["machine"]["torch_threads"] for run in data["runs"]] == [1, 2]
     assert all([r["name"] for r in run["rows"]] == rows for run in data["runs"])
     printed = capsys.readouterr().out
@@ -172,6 +167,6 @@ def test_cli_rejects_bad_thread_list(capsys) -> None:
     ],
 )
 def test_bad_config_names_the_field(field: str, value: object, needle: str) -> None:
-    cfg = bench.BenchConfig(**{**TINY, field: value})
+    cfg = bench_setup.BenchConfig(**{**TINY, field: value})
     with pytest.raises(ValueError, match=needle):
         cfg.validate()

@@ -9,18 +9,15 @@ import pytest
 import torch
 
 from sae_adaptive_plugin import cli
-from sae_adaptive_plugin.synthetic import (
+from sae_adaptive_plugin.experiments.registry_saes import registered_training_architectures
+from sae_adaptive_plugin.experiments.synthetic import (
     ALL_ARCHITECTURES,
-    RESULT_KEYS,
     CompareConfig,
     VariableComplexityConfig,
     VariableComplexitySource,
-    iter_finite_problems,
-    registered_training_architectures,
-    spearman,
 )
-
-torch.set_num_threads(1)
+from sae_adaptive_plugin.experiments.synthetic_compare import RESULT_KEYS, iter_finite_problems
+from sae_adaptive_plugin.stats import spearman
 
 SMALL = {"num_features": 64, "hidden_dim": 16, "orthogonalize_steps": 0}
 
@@ -147,9 +144,9 @@ def test_compare_rejects_bad_flags_with_the_field_name(tmp_path, capsys):
 
 
 def test_unregistered_architecture_is_skipped_with_a_reason(tmp_path, monkeypatch):
-    from sae_adaptive_plugin import synthetic
+    from sae_adaptive_plugin.experiments import synthetic_compare
 
-    monkeypatch.setattr(synthetic, "registered_training_architectures", lambda: {"topk"})
+    monkeypatch.setattr(synthetic_compare, "registered_training_architectures", lambda: {"topk"})
     cfg = CompareConfig(
         source=VariableComplexityConfig(
             num_features=32, hidden_dim=16, max_l0=8, **{"orthogonalize_steps": 0}
@@ -159,14 +156,14 @@ def test_unregistered_architecture_is_skipped_with_a_reason(tmp_path, monkeypatc
         eval_samples=64,
         architectures=("softsae", "topk"),
     )
-    result = synthetic.run_compare(cfg, tmp_path, log=lambda _: None)
+    result = synthetic_compare.run_compare(cfg, tmp_path, log=lambda _: None)
     assert [r["architecture"] for r in result.rows] == ["topk"]
     assert "not registered" in result.skipped["softsae"]
 
 
 def test_seeds_are_aggregated_as_mean_and_std_per_row():
-    from sae_adaptive_plugin.compare import markdown_table
-    from sae_adaptive_plugin.synthetic import CompareResult, aggregate_seeds
+    from sae_adaptive_plugin.experiments.compare import markdown_table
+    from sae_adaptive_plugin.experiments.synthetic_compare import CompareResult, aggregate_seeds
 
     def result(seed, ev, name_extra):
         rows = [

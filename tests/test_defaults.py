@@ -15,15 +15,15 @@ import sae_lens  # noqa: F401  (first: the plugin registers before our modules i
 import torch
 from sae_lens.saes.sae import TrainStepInput
 
-from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors, threshold_for_median_kstar
-from sae_adaptive_plugin.saes.adaptivek import AdaptiveKTrainingSAE, AdaptiveKTrainingSAEConfig
-from sae_adaptive_plugin.saes.softsae import SoftSAETrainingConfig, SoftSAETrainingSAE
-from sae_adaptive_plugin.synthetic import (
+from sae_adaptive_plugin.experiments.synthetic import (
     CompareConfig,
     VariableComplexityConfig,
     VariableComplexitySource,
-    run_compare,
 )
+from sae_adaptive_plugin.experiments.synthetic_compare import run_compare
+from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors, threshold_for_median_kstar
+from sae_adaptive_plugin.saes.adaptivek import AdaptiveKTrainingSAE, AdaptiveKTrainingSAEConfig
+from sae_adaptive_plugin.saes.softsae import SoftSAETrainingSAE, SoftSAETrainingSAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,7 +58,7 @@ def _step(sae, x: torch.Tensor, step: int):
 
 @pytest.mark.parametrize("total", [30, 300, 30_000])
 def test_softsae_default_schedule_scales_with_the_run(total):
-    cfg = SoftSAETrainingConfig(d_in=16, d_sae=48, k=4)
+    cfg = SoftSAETrainingSAEConfig(d_in=16, d_sae=48, k=4)
     schedule = cfg.schedule(total)
     assert schedule.hard_topk_start_step == round(0.9 * total) < total
     assert schedule.alpha_anneal_steps == round(total / 3) <= schedule.hard_topk_start_step
@@ -66,25 +66,12 @@ def test_softsae_default_schedule_scales_with_the_run(total):
     assert schedule.alpha_at(schedule.alpha_anneal_steps) == pytest.approx(cfg.alpha_end)
 
 
-def test_softsae_trainer_tells_the_sae_the_run_length():
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
+def test_softsae_trainer_tells_the_sae_the_run_length(trainer_config):
     from sae_lens.training.sae_trainer import SAETrainer
 
-    sae = SoftSAETrainingSAE(SoftSAETrainingConfig(d_in=32, d_sae=64, k=4))
+    sae = SoftSAETrainingSAE(SoftSAETrainingSAEConfig(d_in=32, d_sae=64, k=4))
     source = VariableComplexitySource(_small_source())
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=40 * 16,
-        train_batch_size_samples=16,
-        lr=1e-3,
-        lr_end=1e-3,
-        lr_scheduler_name="constant",
-        lr_warm_up_steps=0,
-        device="cpu",
-        dead_feature_window=10,
-        feature_sampling_window=10,
-        logger=LoggingConfig(log_to_wandb=False),
-        n_batches_for_norm_estimate=2,
-    )
+    trainer_cfg = trainer_config(40, 16, dead_feature_window=10, feature_sampling_window=10)
     SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=source.stream(16, seed=0))
     assert sae.total_training_steps == 40
     assert sae.schedule.hard_topk_start_step == 36
@@ -92,23 +79,23 @@ def test_softsae_trainer_tells_the_sae_the_run_length():
 
 
 def test_softsae_without_a_run_length_names_the_fields():
-    sae = SoftSAETrainingSAE(SoftSAETrainingConfig(d_in=16, d_sae=48, k=4))
+    sae = SoftSAETrainingSAE(SoftSAETrainingSAEConfig(d_in=16, d_sae=48, k=4))
     with pytest.raises(RuntimeError, match=r"hard_topk_start_step.*bind_run_length"):
         _step(sae, torch.randn(8, 16), 0)
 
 
 def test_softsae_hard_phase_after_the_end_is_refused_at_start():
     sae = SoftSAETrainingSAE(
-        SoftSAETrainingConfig(d_in=16, d_sae=48, k=4, hard_topk_start_step=500)
+        SoftSAETrainingSAEConfig(d_in=16, d_sae=48, k=4, hard_topk_start_step=500)
     )
     with pytest.raises(ValueError, match=r"hard_topk_start_step=500 is at or after the end"):
         sae.bind_run_length(500)
     with pytest.raises(ValueError, match=r"hard_topk_start_step must be an integer in \[1,"):
-        SoftSAETrainingConfig(d_in=16, d_sae=48, k=4, hard_topk_start_step=0)
+        SoftSAETrainingSAEConfig(d_in=16, d_sae=48, k=4, hard_topk_start_step=0)
 
 
 def test_softsae_alpha_still_annealing_at_the_hard_phase_warns():
-    cfg = SoftSAETrainingConfig(
+    cfg = SoftSAETrainingSAEConfig(
         d_in=16, d_sae=48, k=4, alpha_anneal_steps=2500, hard_topk_start_step=100
     )
     with pytest.warns(UserWarning, match="alpha_anneal_steps=2500 ends after the hard phase"):
@@ -202,6 +189,7 @@ def test_adaptivek_default_threshold_gives_spread_labels_and_varying_k():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "complexity,steps", [("loguniform", 60), ("loguniform", 240), ("uniform", 120)]
 )
@@ -228,7 +216,7 @@ def test_defaults_train_good_adaptive_saes(tmp_path, complexity, steps):
 
 
 def test_softsae_warns_when_k_hat_no_longer_varies_at_the_hard_phase():
-    sae = SoftSAETrainingSAE(SoftSAETrainingConfig(d_in=16, d_sae=48, k=4))
+    sae = SoftSAETrainingSAE(SoftSAETrainingSAEConfig(d_in=16, d_sae=48, k=4))
     sae.bind_run_length(100)
     with torch.no_grad():
         sae.k_est_w_out.zero_()  # every input gets the same k̂

@@ -32,8 +32,6 @@ from sae_adaptive_plugin.saes.hierarchical_topk import (
     metric_budgets,
 )
 
-torch.set_num_threads(1)
-
 
 def _training_sae(rescale: bool = True, k: int = 6, seed: int = 0, **kw):
     torch.manual_seed(seed)
@@ -72,6 +70,7 @@ def _decode_prefix_errors(sae, x):
 # ----------------------------------------------------------------------------------- registry
 
 
+@pytest.mark.slow
 def test_registered_in_sae_lens_on_plain_import_in_new_process():
     code = textwrap.dedent(
         """
@@ -144,7 +143,7 @@ def test_training_loss_is_mean_of_decode_prefix_errors_with_same_gradients(resca
     x = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
     sae = _training_sae(rescale=rescale)
     out = sae.training_forward_pass(_step(sae, x))
-    loss = out.losses["hierarchical_mse_loss"]
+    loss = out.losses["mse_loss"] + out.losses["prefix_excess_loss"]  # the all-prefix mean
     grads = torch.autograd.grad(loss, [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec])
 
     ref_sae = _training_sae(rescale=rescale)
@@ -180,7 +179,10 @@ def test_training_metrics_at_budgets_and_aux_loss():
     assert out.metrics["mean_k"] == 8 and out.metrics["std_k"] == 0
     assert out.losses["auxiliary_reconstruction_loss"] > 0
     torch.testing.assert_close(
-        out.loss, out.losses["hierarchical_mse_loss"] + out.losses["auxiliary_reconstruction_loss"]
+        out.loss,
+        out.losses["mse_loss"]
+        + out.losses["prefix_excess_loss"]
+        + out.losses["auxiliary_reconstruction_loss"],
     )
     assert torch.equal(sae.k_per_sample(x), torch.full((16,), 8))
 
@@ -235,6 +237,7 @@ def test_budget_out_of_range_is_a_clear_error(saved):
         sae.set_k(3).to_topk_sae(8)
 
 
+@pytest.mark.slow
 def test_export_to_plain_topk_gives_identical_outputs(saved, tmp_path):
     _, path = saved
     sae = load_at_budget(path, k=4)
@@ -303,6 +306,7 @@ def _explained_variance(errors: torch.Tensor, x: torch.Tensor) -> float:
     return float(1 - errors.mean() / (x - x.mean(0)).pow(2).sum(-1).mean())
 
 
+@pytest.mark.slow
 def test_synthetic_ev_rises_with_budget_and_matches_topk_at_half_budget(tmp_path):
     """After training on SAELens synthetic data (128 true features in 32 dims, mean true L0 12),
     a HierarchicalTopK SAE with K = 16 has explained variance rising strictly with k', and at
@@ -361,6 +365,7 @@ def test_synthetic_ev_rises_with_budget_and_matches_topk_at_half_budget(tmp_path
 # ------------------------------------------------------------------ real SAELens runner, reload
 
 
+@pytest.mark.slow
 def test_runner_training_save_reload_in_new_process_and_run_evals(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny_lm import (

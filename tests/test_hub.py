@@ -25,8 +25,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from hub_server import HubServer
-from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 
 from sae_adaptive_plugin import __version__, cli
@@ -38,56 +36,22 @@ from sae_adaptive_plugin.hub import (
     load_from_hub,
     push_to_hub,
 )
-from sae_adaptive_plugin.plugin import ARCHITECTURE_MODULES
+from sae_adaptive_plugin.registration.plugin import PACKAGE_ARCHITECTURES
 
 D_IN, D_SAE = 16, 64
 REPO = "tester/adaptive-saes"
 
 
 # ------------------------------------------------------------------------------------------------
-# fixtures and helpers
+# helpers (the `hub` fixture is in conftest.py)
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A running local Hub; huggingface_hub in this process and in subprocesses points at it."""
-    server = HubServer(tmp_path / "hub-server").start()
-    home = tmp_path / "hf-home"
-    cache = home / "hub"
-    cache.mkdir(parents=True)
-    env = {
-        "HF_ENDPOINT": server.endpoint,
-        "HF_HOME": str(home),
-        "HF_HUB_CACHE": str(cache),
-        "HF_HUB_OFFLINE": "0",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_XET": "1",  # weights go through the git LFS API the test server speaks
-        "HF_TOKEN": "",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    patches = {
-        "ENDPOINT": server.endpoint,
-        "HUGGINGFACE_CO_URL_TEMPLATE": server.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
-        "HF_HOME": str(home),
-        "HF_HUB_CACHE": str(cache),
-        "HF_HUB_OFFLINE": False,
-        "HF_HUB_DISABLE_XET": True,
-        "HF_TOKEN_PATH": str(home / "token"),
-        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
-    }
-    for key, value in patches.items():
-        monkeypatch.setattr(hf_constants, key, value)
-    yield server
-    server.stop()
 
 
 def _plugin_architectures(half: str) -> list[str]:
     """Architectures this package registers (read from the plugin's module list) with that half."""
     archs = [
         importlib.import_module(f"sae_adaptive_plugin.saes.{module}").ARCHITECTURE
-        for module in ARCHITECTURE_MODULES
+        for module in PACKAGE_ARCHITECTURES
     ]
     return [arch.name for arch in archs if getattr(arch, half) is not None]
 
@@ -353,6 +317,7 @@ def test_model_card_parses_and_carries_metadata(hub, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_offline_mode_loads_from_cache_in_a_fresh_interpreter(hub, tmp_path):
     from sae_lens import SAE
 

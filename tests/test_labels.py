@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_lm import D_MODEL, HOOK_NAME, tiny_model
 
-from sae_adaptive_plugin.labels import (
+from sae_adaptive_plugin.probe.labels import (
     KStarLabels,
     SurprisalLabels,
     TextScoreLabels,

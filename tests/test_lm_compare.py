@@ -11,15 +11,15 @@ import pytest
 import torch
 from tiny_lm import LLAMA_D_MODEL, tiny_llama_folder, tiny_llama_gguf, write_text_corpus
 
-from sae_adaptive_plugin import corpus, local_lm
-from sae_adaptive_plugin.lm_compare import (
-    RESULT_KEYS,
+from sae_adaptive_plugin.data import corpus, local_lm
+from sae_adaptive_plugin.experiments.lm_activations import (
     cache_key,
     cached_activations,
     documents_to_sequences,
     layer_activations,
     splice_scores,
 )
+from sae_adaptive_plugin.experiments.lm_benchmark import RESULT_KEYS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

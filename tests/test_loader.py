@@ -6,7 +6,6 @@ import logging
 import sys
 import types
 from dataclasses import dataclass
-from importlib import metadata
 
 import pytest
 from sae_lens import registry
@@ -17,8 +16,8 @@ from sae_lens.saes.topk_sae import (
     TopKTrainingSAEConfig,
 )
 
-from sae_adaptive_plugin import loader, plugin
-from sae_adaptive_plugin.hookspecs import Architecture, hookimpl
+from sae_adaptive_plugin.registration import loader, plugin
+from sae_adaptive_plugin.registration.hookspecs import Architecture, hookimpl
 
 
 @dataclass
@@ -63,36 +62,6 @@ def _module_plugin(name: str, architectures: list[Architecture]) -> types.Module
 
     module.sae_lens_architectures = sae_lens_architectures  # type: ignore[attr-defined]
     return module
-
-
-@pytest.fixture
-def isolated(monkeypatch: pytest.MonkeyPatch):
-    """Fresh loader state and copies of SAELens's registries; returns a function installing
-    fake entry points ``{name: module}`` (a module of None means: import fails)."""
-    monkeypatch.setattr(loader, "_reports", {})
-    monkeypatch.setattr(loader, "_manager", None)
-    monkeypatch.setattr(registry, "SAE_CLASS_REGISTRY", dict(registry.SAE_CLASS_REGISTRY))
-    monkeypatch.setattr(
-        registry, "SAE_TRAINING_CLASS_REGISTRY", dict(registry.SAE_TRAINING_CLASS_REGISTRY)
-    )
-    for table in (registry.SAE_CLASS_REGISTRY, registry.SAE_TRAINING_CLASS_REGISTRY):
-        table.pop("demo_arch", None)
-
-    def install(plugins: dict[str, types.ModuleType | None]) -> None:
-        eps = []
-        for name, module in plugins.items():
-            module_name = f"_fake_sae_plugin_{name}"
-            if module is not None:
-                monkeypatch.setitem(sys.modules, module_name, module)
-            eps.append(metadata.EntryPoint(name, module_name, loader.ENTRY_POINT_GROUP))
-
-        def entry_points(group: str):
-            assert group == loader.ENTRY_POINT_GROUP
-            return eps
-
-        monkeypatch.setattr(loader.metadata, "entry_points", entry_points)
-
-    return install
 
 
 def test_registers_architectures_in_both_registries(isolated) -> None:
@@ -177,17 +146,23 @@ def test_invalid_architectures_are_rejected_clearly(isolated, arch, message: str
 
 
 def test_this_package_registers_through_its_entry_point() -> None:
+    """The one check that every architecture of the package is registered, both halves."""
     reports = {r.value: r for r in loader.load_plugins()}
-    ours = reports["sae_adaptive_plugin.plugin"]
+    ours = reports["sae_adaptive_plugin.registration.plugin"]
     assert ours.ok, ours.error
-    expected = sorted(arch.name for arch in plugin.sae_lens_architectures())
-    assert ours.architectures == expected
-    for name in expected:
-        assert name in registry.SAE_CLASS_REGISTRY
-        assert name in registry.SAE_TRAINING_CLASS_REGISTRY
+    architectures = plugin.sae_lens_architectures()
+    assert ours.architectures == sorted(plugin.PACKAGE_ARCHITECTURES)
+    assert sorted(arch.name for arch in architectures) == sorted(plugin.PACKAGE_ARCHITECTURES)
+    for arch in architectures:
+        assert registry.SAE_CLASS_REGISTRY[arch.name] == (arch.sae_class, arch.sae_config_class)
+        assert registry.SAE_TRAINING_CLASS_REGISTRY[arch.name] == (
+            arch.training_sae_class,
+            arch.training_sae_config_class,
+        )
 
 
-@pytest.mark.parametrize("name", sorted(plugin.ARCHITECTURE_MODULES))
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(plugin.PACKAGE_ARCHITECTURES))
 def test_importing_an_architecture_module_first_still_registers(name: str) -> None:
     """The first ``import sae_lens`` may come from inside one of our architecture modules."""
     import subprocess
@@ -196,8 +171,8 @@ def test_importing_an_architecture_module_first_still_registers(name: str) -> No
         "import importlib, sys\n"
         f"module = importlib.import_module('sae_adaptive_plugin.saes.{name}')\n"
         "from sae_lens import registry\n"
-        "from sae_adaptive_plugin.loader import load_plugins\n"
-        "reports = [r for r in load_plugins() if r.value == 'sae_adaptive_plugin.plugin']\n"
+        "from sae_adaptive_plugin.registration.loader import load_plugins\n"
+        "reports = [r for r in load_plugins() if r.value == 'sae_adaptive_plugin.registration.plugin']\n"
         "assert reports and reports[0].ok, reports\n"
         f"assert registry.SAE_CLASS_REGISTRY[{name!r}][0] is module.ARCHITECTURE.sae_class\n"
         "print('ok')\n"

@@ -13,8 +13,6 @@ from sae_adaptive_plugin.ops.hierarchical import (
     prefix_reconstruction_errors_naive,
 )
 
-torch.set_num_threads(1)
-
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 

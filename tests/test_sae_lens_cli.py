@@ -9,7 +9,7 @@ import sys
 import pytest
 from sae_lens.llm_sae_training_runner import _parse_cfg_args
 
-from sae_adaptive_plugin import plugin
+from sae_adaptive_plugin.registration import plugin
 
 OURS = sorted(arch.name for arch in plugin.sae_lens_architectures())
 
@@ -24,6 +24,7 @@ def test_sae_lens_cli_parses_our_architecture(name: str) -> None:
     assert cfg.sae.d_in == 64
 
 
+@pytest.mark.slow
 def test_sae_lens_cli_help_lists_our_architectures_in_a_fresh_process() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "sae_lens.llm_sae_training_runner", "--help"],

@@ -11,125 +11,37 @@ model loader and a local data-files folder. Commands run in-process through ``cl
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
-from tiny_lm import CONTEXT_SIZE, D_MODEL, HOOK_NAME, tiny_model, tiny_token_dataset
+from tiny_lm import (
+    BATCH,
+    CONTEXT_SIZE,
+    D_MODEL,
+    HOOK_NAME,
+    SAE_BLOCKS,
+    STEPS,
+    tiny_model,
+    tiny_token_dataset,
+    train_config,
+    write_yaml,
+)
 
 from sae_adaptive_plugin.cli import main
-
-OURS = ("adaptivek", "softsae", "hierarchical_topk")
-STEPS = 16
-BATCH = 64
-
-
-def _registered() -> set[str]:
-    import sae_lens  # noqa: F401
-    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
-
-    from sae_adaptive_plugin.loader import load_plugins
-
-    load_plugins()
-    return set(SAE_TRAINING_CLASS_REGISTRY)
-
-
-REGISTERED = [a for a in OURS if a in _registered()]
-
-#: a small sae: block per architecture (fields of each architecture's training config).
-SAE_BLOCKS = {
-    "topk": {"k": 4},
-    "hierarchical_topk": {"k": 8},
-    # random-weight model: its activations carry no complexity a probe could learn
-    "adaptivek": {"k_min": 2, "k_max": 8, "probe_warmup_steps": 6, "probe_min_r2": -1.0e9},
-    "softsae": {
-        "k": 4,
-        "k_max": 8,
-        "k_estimator_hidden": 16,
-        "alpha_anneal_steps": 6,
-        "k_anneal_steps": 2,
-        "hard_topk_start_step": 12,
-    },
-}
-
-
-@pytest.fixture(scope="module")
-def local(tmp_path_factory):
-    """A tiny model in the local format, a save_to_disk token dataset, a labelled jsonl file."""
-    from sae_adaptive_plugin.local_lm import save_local_model
-
-    root = tmp_path_factory.mktemp("train_cli")
-    save_local_model(tiny_model(), root / "model")
-    tiny_token_dataset(n_rows=128).save_to_disk(str(root / "tokens"))
-    rng = random.Random(0)
-    words = [
-        "a",
-        "cat",
-        "sat",
-        "on",
-        "the",
-        "mat",
-        "notwithstanding",
-        "heterogeneous",
-        "epistemology",
-    ]
-    rows = []
-    for _ in range(60):
-        text = " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
-        rows.append({"text": text, "score": sum(map(len, text.split())) / len(text.split())})
-    (root / "labelled.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return root
-
-
-def _config(local: Path, out: Path, arch: str, **sae_extra) -> dict:
-    return {
-        "model_name": str(local / "model"),
-        "hook_name": HOOK_NAME,
-        "dataset_path": str(local / "tokens"),
-        "is_dataset_tokenized": True,
-        "streaming": False,
-        "context_size": CONTEXT_SIZE,
-        "prepend_bos": False,
-        "training_tokens": BATCH * STEPS,
-        "train_batch_size_tokens": BATCH,
-        "store_batch_size_prompts": 8,
-        "n_batches_in_buffer": 4,
-        "lr": "1e-3",  # YAML 1.1 reads this as a string: the loader must accept it for a float
-        "seed": 0,
-        "verbose": False,
-        "checkpoint_path": str(out / "checkpoints"),
-        "output_path": str(out / "final"),
-        "sae": {
-            "architecture": arch,
-            "d_in": D_MODEL,
-            "d_sae": 64,
-            **SAE_BLOCKS[arch],
-            **sae_extra,
-        },
-    }
-
-
-def _write(path: Path, cfg: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from sae_adaptive_plugin.registration.plugin import PACKAGE_ARCHITECTURES
 
 
 def _train(tmp_path: Path, local: Path, arch: str, *extra: str, **sae_extra) -> Path:
-    cfg_path = _write(tmp_path / f"{arch}.yaml", _config(local, tmp_path / arch, arch, **sae_extra))
+    cfg_path = write_yaml(
+        tmp_path / f"{arch}.yaml", train_config(local, tmp_path / arch, arch, **sae_extra)
+    )
     assert main(["train", str(cfg_path), *extra]) == 0
     return tmp_path / arch / "final"
 
 
-def test_our_three_architectures_are_registered():
-    missing = set(OURS) - _registered()
-    assert not missing, f"architectures not registered in SAELens: {sorted(missing)}"
-
-
-@pytest.mark.parametrize("arch", REGISTERED)
+@pytest.mark.parametrize("arch", PACKAGE_ARCHITECTURES)
 def test_train_each_architecture_from_yaml(arch, tmp_path, local):
     from sae_lens import SAE
 
@@ -160,7 +72,7 @@ def test_resume_from_checkpoint(tmp_path, local):
     reproduces the checkpoint's weights exactly; a longer one continues from there."""
     from sae_adaptive_plugin.training import train_from_yaml
 
-    arch = "hierarchical_topk" if "hierarchical_topk" in REGISTERED else "topk"
+    arch = "hierarchical_topk"
     # no decoder-norm folding at save, so saved weights compare directly with the checkpoint's
     _train(tmp_path, local, arch, "--set", "n_checkpoints=1", rescale_acts_by_decoder_norm=False)
     (ckpt,) = [p for p in (tmp_path / arch / "checkpoints").glob("*/*") if p.is_dir()]
@@ -261,11 +173,10 @@ def test_fit_probe_then_adaptivek_then_eval(tmp_path, local, capsys):
     assert kstar_probe.report.n_samples == len(scores)
     assert 1 <= kstar_probe.label_min <= kstar_probe.label_max <= SAE_BLOCKS["topk"]["k"]
     assert float(kstar_probe.label_min).is_integer() and float(kstar_probe.label_max).is_integer()
-    if "adaptivek" in REGISTERED:
-        ak = _train(tmp_path, local, "adaptivek", probe_path=str(probe_path))
-        saved = load_file(str(ak / "sae_weights.safetensors"))
-        torch.testing.assert_close(saved["probe_weight"], probe.weight)
-        saes.append(ak)
+    ak = _train(tmp_path, local, "adaptivek", probe_path=str(probe_path))
+    saved = load_file(str(ak / "sae_weights.safetensors"))
+    torch.testing.assert_close(saved["probe_weight"], probe.weight)
+    saes.append(ak)
 
     from sae_adaptive_plugin.evaluation import per_token_k_on_text
 
@@ -301,7 +212,7 @@ def test_fit_probe_then_adaptivek_then_eval(tmp_path, local, capsys):
 
 
 def test_fit_probe_surprisal_all_tokens(tmp_path, local):
-    from sae_adaptive_plugin.local_lm import texts_to_token_lists
+    from sae_adaptive_plugin.data.local_lm import texts_to_token_lists
     from sae_adaptive_plugin.probe import ComplexityProbe
 
     out = tmp_path / "surprisal.safetensors"
@@ -355,9 +266,9 @@ def test_hub_names_go_through_sae_lens_loading(tmp_path, local, monkeypatch):
     data_dir.mkdir()
     tiny_token_dataset(n_rows=64).to_parquet(str(data_dir / "train.parquet"))
 
-    cfg = _config(local, tmp_path / "hub", "topk")
+    cfg = train_config(local, tmp_path / "hub", "topk")
     cfg.update(model_name="EleutherAI/pythia-70m-deduped", dataset_path=str(data_dir))
-    assert main(["train", str(_write(tmp_path / "hub.yaml", cfg))]) == 0
+    assert main(["train", str(write_yaml(tmp_path / "hub.yaml", cfg))]) == 0
     assert calls[0] == ("HookedTransformer", "EleutherAI/pythia-70m-deduped", [HOOK_NAME])
     out = tmp_path / "hub" / "final"
     assert SAE.load_from_disk(str(out)).cfg.metadata.dataset_path == str(data_dir)
@@ -398,7 +309,7 @@ def test_hub_names_go_through_sae_lens_loading(tmp_path, local, monkeypatch):
     ],
 )
 def test_config_errors_name_the_key(override, message, tmp_path, local, capsys):
-    cfg_path = _write(tmp_path / "c.yaml", _config(local, tmp_path, "topk"))
+    cfg_path = write_yaml(tmp_path / "c.yaml", train_config(local, tmp_path, "topk"))
     assert main(["train", str(cfg_path), "--set", override]) == 2
     err = capsys.readouterr().err
     for part in message:
@@ -407,9 +318,9 @@ def test_config_errors_name_the_key(override, message, tmp_path, local, capsys):
 
 
 def test_missing_required_sae_keys(tmp_path, local, capsys):
-    cfg = _config(local, tmp_path, "topk")
+    cfg = train_config(local, tmp_path, "topk")
     del cfg["sae"]["d_in"]
-    assert main(["train", str(_write(tmp_path / "c.yaml", cfg))]) == 2
+    assert main(["train", str(write_yaml(tmp_path / "c.yaml", cfg))]) == 2
     assert "'sae.d_in'" in capsys.readouterr().err
 
 
@@ -427,7 +338,7 @@ def test_example_configs_validate():
         else:
             assert cfg.sae.d_in == 512 and cfg.hook_name == "blocks.3.hook_resid_post"
         archs.add(cfg.sae.architecture())
-    assert {*OURS, "topk"} <= archs
+    assert {*PACKAGE_ARCHITECTURES, "topk"} <= archs
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from sae_adaptive_plugin import plugin
+from sae_adaptive_plugin.registration import plugin
+
+#: builds the wheel and a fresh virtual environment: minutes
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = sorted(arch.name for arch in plugin.sae_lens_architectures())

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 D_MODEL = 32
 HOOK_NAME = "blocks.0.hook_resid_post"
@@ -322,3 +323,63 @@ def tiny_llama_gguf(hf_dir: Path, path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+# ---- the runs of `sae-adaptive train` in the tests
+
+STEPS = 16
+BATCH = 64
+
+
+#: a small sae: block per architecture (fields of each architecture's training config).
+SAE_BLOCKS = {
+    "topk": {"k": 4},
+    "hierarchical_topk": {"k": 8},
+    # random-weight model: its activations carry no complexity a probe could learn
+    "adaptivek": {"k_min": 2, "k_max": 8, "probe_warmup_steps": 6, "probe_min_r2": -1.0e9},
+    "softsae": {
+        "k": 4,
+        "k_max": 8,
+        "k_estimator_hidden": 16,
+        "alpha_anneal_steps": 6,
+        "k_anneal_steps": 2,
+        "hard_topk_start_step": 12,
+    },
+}
+
+
+def train_config(local: Path, out: Path, arch: str, **sae_extra) -> dict:
+    """A ``sae-adaptive train`` YAML mapping: the ``local`` fixture's model and tokens, ``STEPS``
+    steps of ``BATCH`` tokens, outputs under ``out``, the ``sae:`` block of ``arch``."""
+    return {
+        "model_name": str(local / "model"),
+        "hook_name": HOOK_NAME,
+        "dataset_path": str(local / "tokens"),
+        "is_dataset_tokenized": True,
+        "streaming": False,
+        "context_size": CONTEXT_SIZE,
+        "prepend_bos": False,
+        "training_tokens": BATCH * STEPS,
+        "train_batch_size_tokens": BATCH,
+        "store_batch_size_prompts": 8,
+        "n_batches_in_buffer": 4,
+        "lr": "1e-3",  # YAML 1.1 reads this as a string: the loader must accept it for a float
+        "seed": 0,
+        "verbose": False,
+        "checkpoint_path": str(out / "checkpoints"),
+        "output_path": str(out / "final"),
+        "sae": {
+            "architecture": arch,
+            "d_in": D_MODEL,
+            "d_sae": 64,
+            **SAE_BLOCKS[arch],
+            **sae_extra,
+        },
+    }
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    """Write ``cfg`` as YAML to ``path`` (parents created); returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -1,4 +1,6 @@
-"""The three SAELens architectures of sae-adaptive-plugin, one module each (see ``plugin.py``).
+"""The three SAELens architectures of sae-adaptive-plugin (see ``plugin.py``) on one TopK-family
+base (``topk_family``): ``adaptivek`` (+ ``adaptivek_warmup``), ``softsae`` (+ ``softsae_config``),
+``hierarchical_topk``.
 
 ``sae_lens`` is imported here, before any architecture module runs: its first import triggers the
 plugin registration, which imports every architecture module, and that must not happen while one

@@ -1,31 +1,12 @@
-"""HierarchicalTopK for SAELens: one SAE trained for every sparsity budget ``k' ≤ K`` (docs/METHODS.md §1).
+"""HierarchicalTopK for SAELens (``hierarchical_topk``): one SAE trained for every budget ``k' ≤ K``.
 
-Architecture name ``hierarchical_topk``. Training (:class:`HierarchicalTopKTrainingSAE`, a SAELens
-``TopKTrainingSAE``) selects the sorted top-``K`` latents (``K = cfg.k``) and minimises the mean over
-all prefixes ``j = 1..K`` of ``‖x − x̂_j‖²`` (:func:`~sae_adaptive_plugin.ops.hierarchical.
-prefix_reconstruction_errors`, exact ``B×K×K`` form), plus SAELens's TopK AuxK loss. Encoder and
-selection run as one op whose backward touches only the selected latents
-(:func:`~sae_adaptive_plugin.ops.variable_topk.topk_encode`), and the step's ``sae_out`` is decoded
-from the compact top-K; forward hooks on ``hook_sae_acts_pre``/``_post`` switch back to the dense
-path. The prefix coefficients are exactly what ``decode`` uses: with
-``rescale_acts_by_decoder_norm`` (SAELens's training default) the selection is made on
-``hidden_pre·‖W_dec‖`` and decoding divides by ``‖W_dec‖``, so the loss does the same and its
-gradient reaches the norms.
-
-Inference (:class:`HierarchicalTopKSAE`, a SAELens ``TopKSAE``) encodes with ``cfg.k`` read at every
-call, so any budget ``1 ≤ k' ≤ cfg.trained_k`` can be set after loading::
-
-    sae = SAE.load_from_disk(path)      # plugin autoloaded with sae_lens
-    sae.set_k(16)                       # or sae.cfg.k = 16; checked at the next encode
-    sae = load_at_budget(path, k=16)    # the same at load time
-
-The saved inference weights have the decoder norms folded in (like SAELens's TopK). A trained SAE
-exports to a plain SAELens ``topk`` SAE at a chosen ``k'`` (:meth:`HierarchicalTopKSAE.to_topk_sae`,
-:func:`export_topk`), loadable by SAELens without this package.
-
-Training metrics (``TrainStepOutput.metrics`` → ``metrics/…`` in SAELens's log): for the budgets
-``K/4, K/2, K``: ``mse_at_k{j}`` (summed over ``d``, mean over the batch) and
-``explained_variance_at_k{j}`` (SAELens's definition); and ``mean_k``/``std_k`` (``K``, ``0``).
+Training selects the sorted top-``K`` latents (``K = cfg.k``) of each row and minimises the mean over
+all prefixes of their reconstruction error, ``mean_{j=1..K} ‖x − x̂_j‖²`` (exact ``B×K×K`` form,
+:func:`~sae_adaptive_plugin.ops.hierarchical.prefix_reconstruction_errors`), logged as ``mse_loss``
+(``j = K``) plus ``prefix_excess_loss``, with SAELens's AuxK. Inference is SAELens's ``TopKSAE`` at
+a budget ``cfg.k`` that may change after loading (:meth:`HierarchicalTopKSAE.set_k`,
+:func:`load_at_budget`); a trained SAE exports to a plain SAELens ``topk`` SAE at a chosen budget
+(:func:`export_topk`). Usage and metrics: docs/notes_saes.md; design: docs/METHODS.md §1.
 """
 
 from __future__ import annotations
@@ -36,27 +17,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens.saes.sae import SAEMetadata, TrainStepInput, TrainStepOutput
+from sae_lens.saes.sae import SAEMetadata, TrainStepInput
 from sae_lens.saes.topk_sae import (
     TopKSAE,
     TopKSAEConfig,
-    TopKTrainingSAE,
     TopKTrainingSAEConfig,
 )
 from typing_extensions import override
 
-from sae_adaptive_plugin.hookspecs import Architecture
-from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
-from sae_adaptive_plugin.ops.variable_topk import decode_topk, topk_encode
-from sae_adaptive_plugin.provenance import (
-    PROVIDER_METADATA_KEY,
-    PROVIDER_VERSION_METADATA_KEY,
-    stamp_provider,
-)
-from sae_adaptive_plugin.saes.input_checks import (
-    check_width,
-    mark_not_finite,
-    nan_where_not_finite,
+from sae_adaptive_plugin.provenance import PROVIDER_METADATA_KEY, PROVIDER_VERSION_METADATA_KEY
+from sae_adaptive_plugin.registration.hookspecs import Architecture
+from sae_adaptive_plugin.saes.topk_family import (
+    PREFIX_EXCESS_LOSS,
+    StepEncoding,
+    TopKEncoding,
+    TopKFamilyMixin,
+    TopKFamilySAE,
+    TopKFamilyTrainingSAE,
+    prefix_excess,
 )
 
 NAME = "hierarchical_topk"
@@ -93,9 +71,37 @@ def metric_budgets(k_max: int) -> list[int]:
     return sorted({max(1, k_max // 4), max(1, k_max // 2), k_max})
 
 
-# ---------------------------------------------------------------------------------------------
-# Inference
-# ---------------------------------------------------------------------------------------------
+class _Budgets(TopKFamilyMixin):
+    """One budget for every row; prefix errors of every budget up to the trained ``K``."""
+
+    @property
+    def trained_k(self) -> int:
+        """The largest budget ``K`` the SAE was (is being) trained with."""
+        return self.cfg.trained_k
+
+    @property
+    def k_max(self) -> int:
+        """The width of the selection: the largest trained budget ``K``."""
+        return self.trained_k
+
+    def current_k(self) -> int:
+        """The budget used now (raises ``ValueError`` outside ``[1, K]``)."""
+        return _check_budget(self.cfg.k, self.k_max, self.cfg.d_sae)
+
+    def k_for_rows(self, x_in: torch.Tensor, sae_in: torch.Tensor) -> torch.Tensor:
+        return torch.full(x_in.shape[:-1], self.current_k(), dtype=torch.long, device=x_in.device)
+
+    @torch.no_grad()
+    def prefix_errors(self, x: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
+        """``‖x − x̂_j‖²`` for every budget ``j = 1..K`` at once: ``[N, K]``; column ``j−1`` is
+        the squared error of the forward pass at ``cfg.k = j`` (``x`` flattened to ``[N, d_in]``)."""
+        _check_normalization(self.cfg.normalize_activations)
+        if self.cfg.reshape_activations != "none":
+            raise ValueError("prefix_errors supports reshape_activations='none' only")
+        x_in = self.read_input(x.reshape(-1, self.cfg.d_in))
+        every_budget = torch.full(x_in.shape[:-1], self.k_max, device=x_in.device)
+        _, selection = self.select_top_k(self.center_input(x_in), every_budget)
+        return self.prefix_errors_from_selection(x_in, selection, chunk_size)
 
 
 @dataclass
@@ -127,24 +133,10 @@ class HierarchicalTopKSAEConfig(TopKSAEConfig):
         return NAME
 
 
-class HierarchicalTopKSAE(TopKSAE):
+class HierarchicalTopKSAE(_Budgets, TopKFamilySAE):
     """Inference HierarchicalTopK SAE: a SAELens ``TopKSAE`` whose budget ``cfg.k`` may change."""
 
     cfg: HierarchicalTopKSAEConfig  # type: ignore[assignment]
-
-    def __init__(self, cfg: HierarchicalTopKSAEConfig, use_error_term: bool = False):
-        stamp_provider(cfg)
-        super().__init__(cfg, use_error_term)
-
-    @property
-    def trained_k(self) -> int:
-        """The largest budget ``K`` the SAE was trained with."""
-        assert self.cfg.trained_k is not None
-        return self.cfg.trained_k
-
-    def current_k(self) -> int:
-        """``cfg.k``, checked against ``[1, trained_k]`` (raises ``ValueError`` otherwise)."""
-        return _check_budget(self.cfg.k, self.trained_k, self.cfg.d_sae)
 
     def set_k(self, k: int) -> HierarchicalTopKSAE:
         """Set the inference budget (``1 ≤ k ≤ trained_k``); returns ``self``."""
@@ -153,31 +145,10 @@ class HierarchicalTopKSAE(TopKSAE):
         return self
 
     @override
-    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
-        check_width(self, self.reshape_fn_in(sae_in))
-        return super().process_sae_in(sae_in)
-
-    @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        # SAELens's own TopK encode, so that a plain topk export gives bit-identical outputs
         self.activation_fn.k = self.current_k()
-        return super().encode(x)
-
-    def k_per_sample(self, x: torch.Tensor) -> torch.Tensor:
-        """The budget used for each row of ``x`` (constant ``cfg.k``): long tensor
-        ``x.shape[:-1]``; ``K_NOT_FINITE`` (−1) for a row holding NaN/Inf."""
-        x_in = self.reshape_fn_in(x)
-        check_width(self, x_in)
-        k = torch.full(x_in.shape[:-1], self.current_k(), dtype=torch.long, device=x.device)
-        return mark_not_finite(k, x_in)
-
-    @torch.no_grad()
-    def prefix_errors(self, x: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
-        """``‖x − x̂_j‖²`` for every budget ``j = 1..trained_k`` at once: ``[N, trained_k]``.
-
-        Column ``j−1`` equals the squared error of this SAE's forward pass at ``cfg.k = j``
-        (``x`` flattened to ``[N, d_in]``).
-        """
-        return _prefix_errors(self, x, self.trained_k, chunk_size)
+        return TopKSAE.encode(self, x)
 
     def to_topk_sae(self, k: int | None = None) -> TopKSAE:
         """A plain SAELens ``TopKSAE`` with the same weights at budget ``k`` (default ``cfg.k``)."""
@@ -226,11 +197,6 @@ def export_topk(source: str | Path | HierarchicalTopKSAE, path: str | Path, k: i
     return sae.export_topk(path, k)
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclass
 class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     """Training config of a HierarchicalTopK SAE.
@@ -268,159 +234,33 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
         return NAME
 
 
-class HierarchicalTopKTrainingSAE(TopKTrainingSAE):
+class HierarchicalTopKTrainingSAE(_Budgets, TopKFamilyTrainingSAE):
     """SAELens ``TopKTrainingSAE`` trained with the HierarchicalTopK all-prefix loss."""
 
     cfg: HierarchicalTopKTrainingSAEConfig  # type: ignore[assignment]
-    #: Encode through :func:`~sae_adaptive_plugin.ops.variable_topk.topk_encode` (sparse
-    #: backward) and decode the training output from the compact top-K
-    #: (:func:`~sae_adaptive_plugin.ops.variable_topk.decode_topk`), each unless a forward hook
-    #: sits on ``hook_sae_acts_pre`` / ``hook_sae_acts_post``; False = the plain dense path.
-    fused_encode: bool = True
-
-    def __init__(self, cfg: HierarchicalTopKTrainingSAEConfig, use_error_term: bool = False):
-        stamp_provider(cfg)
-        super().__init__(cfg, use_error_term)
 
     @property
-    def trained_k(self) -> int:
-        return self.cfg.k
+    def prefix_loss_chunk_size(self) -> int | None:
+        return self.cfg.loss_chunk_size
 
-    @override
-    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
-        check_width(self, self.reshape_fn_in(sae_in))
-        return super().process_sae_in(sae_in)
-
-    def _select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(values, indices, hidden_pre)``: the sorted (descending) ReLU'd top-K of each row."""
-        sae_in = self.process_sae_in(x)
-        scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
-        if self.fused_encode and not self.hook_sae_acts_pre._forward_hooks:
-            # one op: encoder, selection, and a backward over the selected latents only
-            hidden_pre, top = topk_encode(
-                sae_in, self.W_enc, self.b_enc, self.cfg.k, self.cfg.k, scale=scale
-            )
-            values = nan_where_not_finite(top.values, sae_in)  # NaN in, NaN out (as topk)
-            return values, top.indices, self.hook_sae_acts_pre(hidden_pre)
-        # a forward hook on hook_sae_acts_pre may change what is selected: select after it
-        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
-        if scale is not None:
-            hidden_pre = hidden_pre * scale
-        values, indices = hidden_pre.topk(self.cfg.k, dim=-1, sorted=True)
-        return values.relu(), indices, hidden_pre
-
-    def _decode_selection(
-        self, feature_acts: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
-    ) -> torch.Tensor:
-        """``decode(feature_acts)``, from the compact top-K unless ``hook_sae_acts_post`` has
-        forward hooks (they may change ``feature_acts``; then the dense ``decode`` runs)."""
-        if not self.fused_encode or self.hook_sae_acts_post._forward_hooks:
-            return self.decode(feature_acts)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            values = values / self.W_dec.norm(dim=-1)[indices]
-        out = self.hook_sae_recons(decode_topk(values, indices, self.W_dec) + self.b_dec)
-        out = self.run_time_activation_norm_fn_out(out)
-        return self.reshape_fn_out(out, self.d_head)
-
-    def _feature_acts(self, values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor):
-        acts = torch.zeros_like(like).scatter(-1, indices, values)
-        if self.cfg.use_sparse_activations:
-            acts = acts.to_sparse()
-        return self.hook_sae_acts_post(acts)
-
-    @override
-    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        values, indices, hidden_pre = self._select(x)
-        return self._feature_acts(values, indices, hidden_pre), hidden_pre
-
-    def prefix_errors_from_selection(
-        self, sae_in: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
-    ) -> torch.Tensor:
-        """``[N, K]`` prefix errors of the (flattened) rows, with gradients; what the loss uses."""
-        x = sae_in.to(self.dtype).reshape(-1, self.cfg.d_in)
-        values = values.reshape(-1, values.shape[-1])
-        indices = indices.reshape(-1, indices.shape[-1])
-        if self.cfg.rescale_acts_by_decoder_norm:
-            values = values / self.W_dec.norm(dim=-1)[indices]
-        return prefix_reconstruction_errors(
-            x - self.b_dec, values, self.W_dec, indices, chunk_size=self.cfg.loss_chunk_size
-        )
-
-    @override
-    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        sae_in = step_input.sae_in
-        values, indices, hidden_pre = self._select(sae_in)
-        feature_acts = self._feature_acts(values, indices, hidden_pre)
-        sae_out = self._decode_selection(feature_acts, values, indices)
-
-        errors = self.prefix_errors_from_selection(sae_in, values, indices)  # [B, K]
-        hierarchical_mse = errors.mean()
-        aux_losses = self.calculate_aux_loss(
-            step_input=step_input,
-            feature_acts=feature_acts,
-            hidden_pre=hidden_pre,
-            sae_out=sae_out,
-        )
-        losses: dict[str, torch.Tensor] = {"hierarchical_mse_loss": hierarchical_mse, **aux_losses}
-        total = hierarchical_mse
-        for value in aux_losses.values():
-            total = total + value
-
-        with torch.no_grad():
-            x = sae_in.to(errors.dtype).reshape(-1, self.cfg.d_in)
-            total_variance = (x - x.mean(0)).pow(2).sum(-1).mean()
-            metrics: dict[str, Any] = {
-                "mean_k": float(self.cfg.k),
-                "std_k": 0.0,
-            }
-            mean_errors = errors.detach().mean(0)
-            for j in metric_budgets(self.cfg.k):
-                metrics[f"mse_at_k{j}"] = mean_errors[j - 1]
-                metrics[f"explained_variance_at_k{j}"] = 1 - mean_errors[j - 1] / total_variance
-
-        return TrainStepOutput(
-            sae_in=sae_in,
-            sae_out=sae_out,
-            feature_acts=feature_acts,
-            hidden_pre=hidden_pre,
-            loss=total,
-            losses=losses,
-            metrics=metrics,
-        )
-
-    def k_per_sample(self, x: torch.Tensor) -> torch.Tensor:
-        """The budget used for each row of ``x`` (constant ``K``): long tensor ``x.shape[:-1]``;
-        ``K_NOT_FINITE`` (−1) for a row holding NaN/Inf."""
-        x_in = self.reshape_fn_in(x)
-        check_width(self, x_in)
-        k = torch.full(x_in.shape[:-1], self.cfg.k, dtype=torch.long, device=x.device)
-        return mark_not_finite(k, x_in)
+    def extra_losses(
+        self, step_input: TrainStepInput, encoding: StepEncoding
+    ) -> dict[str, torch.Tensor]:
+        assert isinstance(encoding, TopKEncoding)
+        return {PREFIX_EXCESS_LOSS: prefix_excess(self.prefix_errors_of(encoding))}
 
     @torch.no_grad()
-    def prefix_errors(self, x: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
-        """``‖x − x̂_j‖²`` for every budget ``j = 1..K``: ``[N, K]`` (see the inference method)."""
-        return _prefix_errors(self, x, self.cfg.k, chunk_size)
-
-
-def _prefix_errors(
-    sae: TopKSAE | TopKTrainingSAE, x: torch.Tensor, k_max: int, chunk_size: int | None
-) -> torch.Tensor:
-    _check_normalization(sae.cfg.normalize_activations)
-    if sae.cfg.reshape_activations != "none":
-        raise ValueError("prefix_errors supports reshape_activations='none' only")
-    x = x.to(sae.dtype).reshape(-1, sae.cfg.d_in)
-    sae_in = sae.process_sae_in(x)
-    hidden_pre = sae_in @ sae.W_enc + sae.b_enc
-    norms = sae.W_dec.norm(dim=-1)
-    if sae.cfg.rescale_acts_by_decoder_norm:
-        hidden_pre = hidden_pre * norms
-    values, indices = hidden_pre.topk(k_max, dim=-1, sorted=True)
-    values = values.relu()
-    if sae.cfg.rescale_acts_by_decoder_norm:
-        values = values / norms[indices]
-    return prefix_reconstruction_errors(
-        x - sae.b_dec, values, sae.W_dec, indices, chunk_size=chunk_size
-    )
+    def extra_metrics(self, step_input: TrainStepInput, encoding: StepEncoding) -> dict[str, Any]:
+        """``mse_at_k{j}`` and ``explained_variance_at_k{j}`` at the budgets ``K/4, K/2, K``."""
+        assert isinstance(encoding, TopKEncoding)
+        errors = self.prefix_errors_of(encoding).detach().mean(0)
+        x = step_input.sae_in.to(errors.dtype).reshape(-1, self.cfg.d_in)
+        total_variance = (x - x.mean(0)).pow(2).sum(-1).mean()
+        metrics: dict[str, Any] = {}
+        for j in metric_budgets(self.cfg.k):
+            metrics[f"mse_at_k{j}"] = errors[j - 1]
+            metrics[f"explained_variance_at_k{j}"] = 1 - errors[j - 1] / total_variance
+        return metrics
 
 
 ARCHITECTURE = Architecture(

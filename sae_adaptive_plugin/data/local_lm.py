@@ -1,30 +1,11 @@
 """Where a language model and a dataset come from: local folders/files, or the Hub through SAELens.
 
-Used by ``sae-adaptive train``, ``eval`` and ``fit-probe``. A name that is not a local path goes
-through SAELens's own loading code unchanged (``sae_lens.load_model.load_model`` for models, the
-``datasets`` loader inside ``ActivationsStore`` / ``datasets.load_dataset`` for data), so Hub names
-such as ``pythia-70m-deduped`` and ``NeelNanda/pile-10k`` behave exactly as in SAELens.
-
-Local model format (``save_local_model`` writes it, ``load_local_model`` reads it) — a folder::
-
-    <dir>/hooked_transformer.json   {"format": "sae-adaptive-hooked-transformer", "version": 1,
-                                     "config": {HookedTransformerConfig fields; dtype as a string}}
-    <dir>/model.safetensors         HookedTransformer.state_dict()
-    <dir>/tokenizer/                optional: a tokenizer saved with ``save_pretrained``
-
-It exists so that the commands can run offline on tiny random models in tests; any
-``HookedTransformer`` (including a processed Hub model) can be saved this way. Without a
-``tokenizer/`` folder the model has no tokenizer: datasets must then be pre-tokenized
-(``tokens``/``input_ids`` columns), and ``fit-probe`` falls back to byte-level ids
-(see :func:`texts_to_token_lists`).
-
-Local datasets: a folder written by ``datasets.Dataset.save_to_disk`` (or ``DatasetDict``; the
-requested split is taken), a ``.parquet``, ``.jsonl``/``.json`` or ``.csv`` file, or a text corpus
-(``.txt``/``.cor`` one document per line, ``.bz2`` incl. a MediaWiki dump) as a ``text`` column.
-
-Hugging Face models: a ``.gguf`` file (loaded from its folder with ``gguf_file``, the tokenizer
-too), a model folder, or a Hub name with ``model_class_name="AutoModelForCausalLM"`` become
-SAELens's ``HookedProxyLM``, whose hook names are module names (``model.layers.6``).
+A name that is not a local path goes through SAELens's own loading unchanged. Local models are a
+folder written by :func:`save_local_model` (``hooked_transformer.json`` + ``model.safetensors`` +
+an optional ``tokenizer/``), a ``.gguf`` file or a Hugging Face model folder (SAELens's
+``HookedProxyLM``, hook names such as ``model.layers.6``); local datasets a ``save_to_disk``
+folder, a ``.parquet``/``.jsonl``/``.json``/``.csv`` file or a text corpus as a ``text`` column.
+The formats are described in ``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -207,7 +188,7 @@ _CORPUS_SUFFIXES = (".txt", ".cor", ".bz2")
 
 def is_local_dataset(name: str | Path) -> bool:
     """Whether ``name`` is a ``save_to_disk`` folder, a parquet/jsonl/json/csv file, or a text
-    corpus (``.txt``/``.cor``/``.bz2``, read by :func:`sae_adaptive_plugin.corpus.read_documents`
+    corpus (``.txt``/``.cor``/``.bz2``, read by :func:`sae_adaptive_plugin.data.corpus.read_documents`
     into a ``text`` column)."""
     p = Path(name)
     if p.is_file() and p.suffix.lower() in _CORPUS_SUFFIXES:
@@ -234,7 +215,7 @@ def load_local_dataset(path: str | Path, split: str = "train") -> Any:
     if p.is_file() and p.suffix.lower() in _CORPUS_SUFFIXES:
         from datasets import Dataset
 
-        from sae_adaptive_plugin.corpus import read_documents
+        from sae_adaptive_plugin.data.corpus import read_documents
 
         return _non_empty(Dataset.from_dict({"text": read_documents(p)}), p)
     builder = _FILE_BUILDERS.get(p.suffix.lower())

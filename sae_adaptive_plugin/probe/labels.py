@@ -1,30 +1,13 @@
 """Complexity label sources for the AdaptiveK probe, behind one small interface.
 
-A label source is anything with ``batches()`` yielding ``(X [N, d_in], y [N], fold)`` — activations,
-their complexity labels, and the cross-validation fold of each row (a ``[N]`` long tensor, or
-``None`` for a random assignment) — which is exactly what
-:meth:`RidgeAccumulator.update <sae_adaptive_plugin.probe.RidgeAccumulator.update>` takes;
-:func:`fit_probe` streams any source into a :class:`~sae_adaptive_plugin.probe.ComplexityProbe`.
-
-Sources (docs/METHODS.md §3):
-
-- :class:`TextScoreLabels` — (a) user scores: texts with one score each (e.g. a 0–10 judge score,
-  as in the paper); the probe input is the last token's activation (``positions="last"``, the
-  paper's setting) or every token's (``"all"``, each labelled with its text's score).
-- :class:`SurprisalLabels` — (b) the model's own surprisal ``−log p(x_t | x_<t)`` from its logits:
-  per token with ``positions="all"``, a text's mean with ``"last"``.
-- :class:`KStarLabels` — (c) ``k*`` per activation: the fewest latents of a TopK-family SAE
-  (SAELens ``topk``, ``hierarchical_topk``, ``adaptivek`` at its ``k_max``) whose prefix
-  reconstruction error is at most ``target_fvu`` times the batch's mean variance
-  ``mean_rows ‖x − mean‖²`` (``scale="dataset"``, default) or the row's own ``‖x − mean‖²``
-  (``scale="row"``; non-monotone in complexity on anisotropic data — see
-  :meth:`~sae_adaptive_plugin.saes.adaptivek.AdaptiveKTrainingSAE.kstar_from_errors`)
-  (:func:`kstar_labels`, from :func:`~sae_adaptive_plugin.ops.hierarchical.
-  prefix_reconstruction_errors`). Needs no model, so it works on synthetic activations too.
-
-(a) and (b) run a ``HookedTransformer`` through :func:`sae_adaptive_plugin.probe_cli.
-collect_activations` (the code behind ``sae-adaptive fit-probe``; folds are per text there, so a
-text's tokens never sit on both sides of a split).
+A label source is anything with ``batches()`` yielding ``(X [N, d_in], y [N], fold)``: activations,
+their complexity labels and each row's cross-validation fold (``None``: random), what
+:meth:`~sae_adaptive_plugin.probe.ridge.RidgeAccumulator.update` takes; :func:`fit_probe` streams
+a source into a :class:`~sae_adaptive_plugin.probe.ComplexityProbe`. Sources (docs/METHODS.md §3):
+:class:`TextScoreLabels` (a score per text), :class:`SurprisalLabels` (the model's own
+``−log p(x_t | x_<t)``) and :class:`KStarLabels` (``k*``: the fewest latents of a TopK-family SAE
+whose prefix reconstruction error is at most ``target_fvu`` times the batch's mean variance
+``mean_rows ‖x − mean‖²``, or the row's own with ``scale="row"``). Details: ``docs/probe.md``.
 """
 
 from __future__ import annotations
@@ -89,8 +72,8 @@ class _TextSource:
         raise NotImplementedError
 
     def batches(self) -> Iterator[LabelledBatch]:
-        from sae_adaptive_plugin import local_lm
-        from sae_adaptive_plugin.probe_cli import collect_activations
+        from sae_adaptive_plugin.data import local_lm
+        from sae_adaptive_plugin.probe.activations import collect_activations
 
         _, n_ctx, default_bos = local_lm.model_limits(self.model)
         prepend_bos = default_bos if self.prepend_bos is None else self.prepend_bos

@@ -4,7 +4,7 @@ Project name ``sae_lens_plugins``; plugins are discovered from the entry-point g
 ``sae_lens.plugins``. A plugin is any importable object (usually a module) with a function
 decorated by :data:`hookimpl` that returns the architectures it provides::
 
-    from sae_adaptive_plugin.hookspecs import Architecture, hookimpl
+    from sae_adaptive_plugin.registration.hookspecs import Architecture, hookimpl
 
     @hookimpl
     def sae_lens_architectures():

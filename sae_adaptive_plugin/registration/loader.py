@@ -21,7 +21,7 @@ from typing import Any
 
 import pluggy
 
-from sae_adaptive_plugin.hookspecs import (
+from sae_adaptive_plugin.registration.hookspecs import (
     ENTRY_POINT_GROUP,
     PROJECT_NAME,
     Architecture,
@@ -246,3 +246,34 @@ def _plugin_manager() -> pluggy.PluginManager:
         _manager = pluggy.PluginManager(PROJECT_NAME)
         _manager.add_hookspecs(SAELensPluginSpec)
     return _manager
+
+
+def plugins_command(args: Any) -> int:
+    """``sae-adaptive plugins``: print each installed plugin and what it registered."""
+    from sae_lens import registry
+
+    reports = load_plugins()
+    if not reports:
+        print("no SAELens plugins installed (entry-point group 'sae_lens.plugins')")
+    for report in reports:
+        print(f"{report.name}  ({report.distribution or 'unknown distribution'}; {report.value})")
+        if report.error:
+            print(f"  FAILED: {report.error}")
+        for name in report.architectures:
+            kinds = [
+                kind
+                for kind, table in (
+                    ("inference", registry.SAE_CLASS_REGISTRY),
+                    ("training", registry.SAE_TRAINING_CLASS_REGISTRY),
+                )
+                if name in table
+            ]
+            print(f"  {name:<24} {' + '.join(kinds)}")
+    if args.all:
+        from_plugins = {name for r in reports for name in r.architectures}
+        builtin = sorted(
+            (set(registry.SAE_CLASS_REGISTRY) | set(registry.SAE_TRAINING_CLASS_REGISTRY))
+            - from_plugins
+        )
+        print("SAELens built-in: " + ", ".join(builtin))
+    return 1 if any(not r.ok for r in reports) else 0

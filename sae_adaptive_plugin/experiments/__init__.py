@@ -1,0 +1,1 @@
+"""Experiments: the synthetic comparison, the real-model benchmark, and the speed/memory bench."""

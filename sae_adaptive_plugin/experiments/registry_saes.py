@@ -1,0 +1,104 @@
+"""SAEs of any architecture SAELens has registered, as the experiments build and measure them.
+
+:func:`build_training_sae` makes a fresh training SAE from SAELens's registry: the experiment's
+settings that the architecture's config has, then per-architecture overrides (each must be a
+field). :func:`reconstruction_metrics` measures an inference SAE on held-out activations:
+explained variance (SAELens's ``ExplainedVarianceCalculator``), squared error summed over
+dimensions and averaged over rows (as in ``run_evals``), cosine similarity, L0 mean / std / p90
+and dead latents over the held-out set (SAELens's ``DeadLatentsCalculator``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: The first keys of every experiment's result row: which SAE, at which evaluated budget ``k_eval``
+#: (``None`` for an SAE with one budget), and how well it reconstructs.
+RESULT_ROW_HEAD: tuple[str, ...] = (
+    "name",
+    "architecture",
+    "k_eval",
+    "explained_variance",
+    "mse",
+    "cosine_similarity",
+)
+
+
+def registered_training_architectures() -> set[str]:
+    """Architectures SAELens can train right now (ours appear once their module registers)."""
+    import sae_lens  # noqa: F401  (import runs the plugin autoload)
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+    from sae_adaptive_plugin.registration.loader import load_plugins
+
+    load_plugins()  # idempotent; covers interpreters where the .pth autoload did not run
+    return set(SAE_TRAINING_CLASS_REGISTRY)
+
+
+def build_training_sae(
+    architecture: str,
+    settings: dict[str, Any],
+    overrides: dict[str, dict[str, Any]],
+    **base: Any,
+) -> Any:
+    """A training SAE of ``architecture``: ``base`` fields (d_in, d_sae, device), the
+    ``settings`` its config has, then ``overrides[architecture]`` (a non-field is an error)."""
+    from sae_lens.registry import get_sae_training_class
+    from sae_lens.util import filter_valid_dataclass_fields
+
+    sae_class, cfg_class = get_sae_training_class(architecture)
+    extra = overrides.get(architecture, {})
+    valid = filter_valid_dataclass_fields(extra, cfg_class)
+    for key in extra:
+        if key not in valid:
+            raise ValueError(
+                f"overrides[{architecture!r}]: {key!r} is not a field of {cfg_class.__name__}"
+            )
+    kwargs = {**filter_valid_dataclass_fields(settings, cfg_class), **valid}
+    return sae_class(cfg_class(**base, **kwargs))
+
+
+def to_inference_sae(training_sae: Any, path: Path) -> Any:
+    """Save the inference form (safetensors + JSON) and load it back through SAELens."""
+    from sae_lens import SAE
+
+    training_sae.save_inference_model(str(path))
+    return SAE.load_from_disk(str(path), device=str(training_sae.device))
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    sae: Any, acts: torch.Tensor, batch_size: int = 4096
+) -> tuple[dict[str, float], torch.Tensor]:
+    """``(metrics, per-row L0)`` of an inference SAE on held-out activations ``acts [N, d_in]``."""
+    from sae_lens.evals import ExplainedVarianceCalculator
+    from sae_lens.synthetic import DeadLatentsCalculator
+
+    sae.eval()
+    ev = ExplainedVarianceCalculator()
+    dead = DeadLatentsCalculator(sae.cfg.d_sae)
+    l0_rows, sq_err, cos = [], [], []
+    device = sae.W_dec.device
+    for start in range(0, acts.shape[0], batch_size):
+        x = acts[start : start + batch_size].to(device)
+        latents = sae.encode(x)
+        x_hat = sae.decode(latents)
+        ev.add_batch(x_hat, x)
+        dead.add_batch(latents)
+        l0_rows.append((latents != 0).sum(dim=-1).float().cpu())
+        sq_err.append((x - x_hat).pow(2).sum(dim=-1).cpu())
+        cos.append(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1, eps=1e-8).cpu())
+    l0 = torch.cat(l0_rows)
+    metrics = {
+        "explained_variance": float(ev.compute()),
+        "mse": float(torch.cat(sq_err).mean()),
+        "cosine_similarity": float(torch.cat(cos).mean()),
+        "l0_mean": float(l0.mean()),
+        "l0_std": float(l0.std()) if l0.numel() > 1 else 0.0,
+        "l0_p90": float(l0.quantile(0.9)),
+        "dead_latents": int(dead.compute()),
+    }
+    return metrics, l0

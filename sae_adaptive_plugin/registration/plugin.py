@@ -1,0 +1,28 @@
+"""This package's own SAELens plugin: registers its architectures through the public hook.
+
+It goes through exactly the path a third-party plugin would: the ``sae_lens.plugins`` entry point
+``sae_adaptive_plugin = "sae_adaptive_plugin.registration.plugin"`` and the
+``sae_lens_architectures`` hook. Each architecture module under :mod:`sae_adaptive_plugin.saes`
+exposes ``ARCHITECTURE``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from sae_adaptive_plugin.registration.hookspecs import Architecture, hookimpl
+
+#: The package's architectures that choose k per row (sparsity adapts to the input).
+ADAPTIVE_ARCHITECTURES: tuple[str, ...] = ("softsae", "adaptivek")
+#: The package's architecture trained for every budget ``k' <= k`` at once.
+HIERARCHICAL_ARCHITECTURE = "hierarchical_topk"
+#: The one list of this package's architectures; each is the module of that name in ``saes/``.
+PACKAGE_ARCHITECTURES: tuple[str, ...] = (HIERARCHICAL_ARCHITECTURE, *ADAPTIVE_ARCHITECTURES)
+
+
+@hookimpl
+def sae_lens_architectures() -> list[Architecture]:
+    return [
+        importlib.import_module(f"sae_adaptive_plugin.saes.{name}").ARCHITECTURE
+        for name in PACKAGE_ARCHITECTURES
+    ]

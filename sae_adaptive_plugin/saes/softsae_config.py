@@ -1,0 +1,217 @@
+"""SoftSAE's configs (inference and training) and its schedules as functions of the step.
+
+``α_t`` falls linearly from ``alpha_start`` to ``alpha_end`` over ``alpha_anneal_steps``; the
+penalty's target ``K_t`` falls linearly from ``d_in`` to ``k`` over ``k_anneal_steps``; from
+``hard_topk_start_step`` on, training uses hard top-``⌊k̂⌋`` with the estimator frozen. Step fields
+left ``None`` are fractions of the run (α over the first third, the k target over the first 1%,
+the hard phase over the last 10%), resolved when SAELens's trainer tells the run length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAEConfig
+
+from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
+
+
+def _check_int(name: str, value: Any, lo: int, hi: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        upper = "inf)" if hi == math.inf else f"{int(hi)}]"
+        raise ValueError(f"{name} must be an integer in [{lo}, {upper}, got {value!r}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (value > 0 and math.isfinite(value))
+    ):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _validate_common(cfg: Any) -> None:
+    """Checks shared by the inference and training configs (fields resolved to ints)."""
+    _check_int("d_sae", cfg.d_sae, 1)
+    _check_int("k_max", cfg.k_max, 1, cfg.d_sae)
+    _check_int("k", cfg.k, 1, cfg.k_max)
+    _check_int("k_estimator_hidden", cfg.k_estimator_hidden, 1)
+
+
+@dataclass
+class SoftSAEConfig(TopKSAEConfig):
+    """Inference config of ``softsae``.
+
+    Args:
+        k: the target mean number of active latents the SAE was trained for (informational;
+            each row uses its own ``⌊k̂(x)⌋``).
+        k_max: upper bound of ``k̂(x)``; ``1 ≤ k ≤ k_max ≤ d_sae``.
+        k_estimator_hidden: hidden width of the k-estimator.
+        rescale_acts_by_decoder_norm: as SAELens's TopK (selection on pre-acts × ‖W_dec‖).
+    """
+
+    k_max: int = 200
+    k_estimator_hidden: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _validate_common(self)
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "softsae"
+
+
+#: Default schedules, as fractions of the run's training steps (``bind_run_length``).
+ALPHA_ANNEAL_FRACTION = 1 / 3
+K_ANNEAL_FRACTION = 0.01
+HARD_PHASE_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class SoftSAESchedule:
+    """SoftSAE's schedules with every step count resolved (pure functions of the step)."""
+
+    alpha_start: float
+    alpha_end: float
+    alpha_anneal_steps: int
+    k_start: float
+    k: float
+    k_anneal_steps: int
+    hard_topk_start_step: int
+
+    def alpha_at(self, step: int) -> float:
+        """LapSum scale α at ``step``."""
+        n = self.alpha_anneal_steps
+        frac = 1.0 if n == 0 else min(step / n, 1.0)
+        return self.alpha_start + (self.alpha_end - self.alpha_start) * frac
+
+    def k_target_at(self, step: int) -> float:
+        """Target ``K_t`` of the batch-mean k̂ at ``step``."""
+        n = self.k_anneal_steps
+        frac = 1.0 if n == 0 else min(step / n, 1.0)
+        return self.k_start + (self.k - self.k_start) * frac
+
+    def is_hard_phase(self, step: int) -> bool:
+        """Whether ``step`` trains with hard top-``⌊k̂⌋`` and a frozen estimator."""
+        return step >= self.hard_topk_start_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
+    """Training config of ``softsae`` (fields beyond SAELens's TopK training config).
+
+    Step-keyed fields left ``None`` are fractions of the run, which SAELens's trainer tells the
+    SAE (``bind_run_length``): ``alpha_anneal_steps`` 1/3, ``k_anneal_steps`` 1%,
+    ``hard_topk_start_step`` 90% of the training steps.
+
+    Args:
+        k: target mean number of active latents (``1 ≤ k ≤ k_max``).
+        k_max: upper bound of ``k̂(x)``; default ``min(2k, d_sae)``; at most ``d_sae``.
+        k_estimator_hidden: hidden width of the k-estimator; default ``d_sae`` (the reference).
+        alpha_start, alpha_end: LapSum scale at step 0 and after ``alpha_anneal_steps`` (> 0).
+        alpha_relative: α is in units of the batch's mean largest pre-activation (so the same
+            values suit activations of any scale); False: in units of the pre-activations (the
+            reference).
+        alpha_anneal_steps: steps of the linear α schedule (≥ 0; 0 = ``alpha_end`` throughout).
+        k_anneal_steps: steps over which the penalty's target falls linearly from ``d_in`` to
+            ``k`` (≥ 0; 0 = ``k`` throughout).
+        hard_topk_start_step: first step of the hard phase (≥ 1, before the end of the run: the
+            saved SAE always uses hard top-``⌊k̂⌋``, so the run must train it that way).
+    """
+
+    k_max: int | None = None
+    k_estimator_hidden: int | None = None
+    alpha_start: float = 0.99
+    alpha_end: float = 0.02
+    alpha_relative: bool = True
+    alpha_anneal_steps: int | None = None
+    k_anneal_steps: int | None = None
+    hard_topk_start_step: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("d_sae", self.d_sae, 1)
+        _check_int("k", self.k, 1)
+        if self.k_max is None:
+            self.k_max = min(2 * self.k, self.d_sae)
+        if self.k_estimator_hidden is None:
+            self.k_estimator_hidden = self.d_sae
+        _validate_common(self)
+        _check_positive("alpha_start", self.alpha_start)
+        _check_positive("alpha_end", self.alpha_end)
+        if self.alpha_anneal_steps is not None:
+            _check_int("alpha_anneal_steps", self.alpha_anneal_steps, 0)
+        if self.k_anneal_steps is not None:
+            _check_int("k_anneal_steps", self.k_anneal_steps, 0)
+        if self.hard_topk_start_step is not None:
+            # step 0 would freeze the k-estimator before it ever trained
+            _check_int("hard_topk_start_step", self.hard_topk_start_step, 1)
+        if self.use_sparse_activations:
+            raise ValueError("use_sparse_activations must be False for softsae (not supported)")
+        super().__post_init__()
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "softsae"
+
+    def schedule(self, total_steps: int | None = None) -> SoftSAESchedule:
+        """The schedules for a run of ``total_steps`` steps (``None``: the run length is unknown,
+        so every step-keyed field must be set). Raises ``ValueError`` when the hard phase would
+        start at or after the end of the run; warns when α or the k target are still annealing
+        when it starts."""
+        defaults = {
+            "alpha_anneal_steps": ALPHA_ANNEAL_FRACTION,
+            "k_anneal_steps": K_ANNEAL_FRACTION,
+            "hard_topk_start_step": HARD_PHASE_FRACTION,
+        }
+        missing = [name for name in defaults if getattr(self, name) is None]
+        if missing and total_steps is None:
+            raise unknown_run_length_error("softsae", missing)
+        steps = {
+            name: getattr(self, name)
+            if getattr(self, name) is not None
+            else fraction_of_run(frac, int(total_steps or 0))
+            for name, frac in defaults.items()
+        }
+        steps["hard_topk_start_step"] = max(1, steps["hard_topk_start_step"])
+        schedule = SoftSAESchedule(
+            alpha_start=float(self.alpha_start),
+            alpha_end=float(self.alpha_end),
+            k_start=float(self.d_in),
+            k=float(self.k),
+            **steps,
+        )
+        if total_steps is not None:
+            _check_schedule_fits(schedule, total_steps)
+        return schedule
+
+
+def _check_schedule_fits(schedule: SoftSAESchedule, total_steps: int) -> None:
+    hard = schedule.hard_topk_start_step
+    if hard >= total_steps:
+        raise ValueError(
+            f"softsae: hard_topk_start_step={hard} is at or after the end of the run "
+            f"({total_steps} training steps): the saved SAE uses hard top-⌊k̂⌋ but would never "
+            f"have been trained with it. Set hard_topk_start_step in [1, {total_steps - 1}] or "
+            f"leave it unset (default {HARD_PHASE_FRACTION:g} of the run)"
+        )
+    for name, value in (
+        ("alpha_anneal_steps", schedule.alpha_anneal_steps),
+        ("k_anneal_steps", schedule.k_anneal_steps),
+    ):
+        if value > hard:
+            warnings.warn(
+                f"softsae: {name}={value} ends after the hard phase starts "
+                f"(hard_topk_start_step={hard}): the soft phase stops before its schedule has "
+                f"finished; set {name} <= {hard} or leave it unset",
+                UserWarning,
+                stacklevel=3,
+            )

@@ -1,0 +1,341 @@
+"""The TopK family's shared base: SAELens TopK SAEs whose k may differ per row.
+
+Each row ``x`` keeps its top ``k(x) ≤ k_max`` ReLU'd pre-activations::
+
+    sae_in     = norm(x) − b_dec · apply_b_dec_to_input
+    hidden_pre = (sae_in W_enc + b_enc) ⊙ s        s = ‖W_dec rows‖ (rescale_acts_by_decoder_norm), else 1
+    selection  = sorted top-k_max of hidden_pre, first k(x) kept      (TopKResult, [..., k_max])
+    x̂          = Σ_i values_i / s_i · W_dec[indices_i] + b_dec
+
+An architecture gives ``k(x)`` (:meth:`TopKFamilyMixin.k_for_rows`) and its training extras.
+Encoding is one fused op unless ``hook_sae_acts_pre`` has forward hooks; decoding reads the compact
+selection unless ``hook_sae_acts_post`` has them (then SAELens's plain path runs, so hooks change
+what the step trains on). Losses, every architecture and phase: ``mse_loss``,
+``auxiliary_reconstruction_loss`` (AuxK) and named extras; the step's loss is their sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE
+
+from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
+from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
+from sae_adaptive_plugin.ops.variable_topk import (
+    TopKResult,
+    decode_topk,
+    scatter_topk,
+    topk_encode,
+    variable_topk,
+)
+from sae_adaptive_plugin.provenance import stamp_provider
+from sae_adaptive_plugin.saes.input_checks import (
+    check_width,
+    finite_rows,
+    mark_not_finite,
+    nan_where_not_finite,
+)
+
+#: Extra loss of the all-prefix objective ``mean_j e_j`` (``e_j = ‖x − x̂_j‖²``, prefixes
+#: ``j = 1..K`` of the sorted selection), written as ``mse_loss`` (``e_K``) plus this excess.
+PREFIX_EXCESS_LOSS = "prefix_excess_loss"
+
+
+@dataclass
+class StepEncoding:
+    """What a training step decodes and SAELens reads: ``hidden_pre``, ``feature_acts`` (after
+    ``hook_sae_acts_post``) and each row's k (an int, or SoftSAE's continuous ``k̂``)."""
+
+    hidden_pre: torch.Tensor
+    feature_acts: torch.Tensor
+    k: torch.Tensor
+
+
+@dataclass
+class TopKEncoding(StepEncoding):
+    """A batch through the top-k encoder. ``x_in``: the rows as read (reshaped, after
+    ``hook_sae_input``); ``sae_in``: what the encoder reads; ``selection``: the compact top-k,
+    whose values are the code's (after ``hook_sae_acts_post``); ``prefix_errors``: filled once by
+    :meth:`TopKFamilyTrainingSAE.prefix_errors_of`."""
+
+    x_in: torch.Tensor
+    sae_in: torch.Tensor
+    selection: TopKResult
+    prefix_errors: torch.Tensor | None = None
+
+
+class InputReader(NamedTuple):
+    """A second linear reader of the input, ``x_in @ weight + bias`` (AdaptiveK's probe) or
+    ``sae_in @ weight + bias`` (``reads_sae_in``; SoftSAE's k-estimator): SAELens's folds of the
+    input are folded into it too."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    reads_sae_in: bool
+
+
+def prefix_excess(errors: torch.Tensor) -> torch.Tensor:
+    """``mean_j (e_j − e_K)`` of prefix errors ``[N, K]``: what the shorter prefixes add to
+    ``e_K`` in the all-prefix objective."""
+    return errors.mean() - errors[:, -1].mean()
+
+
+class TopKFamilyMixin:
+    """Input reading, hook-aware per-row top-k encode and compact decode (inference and
+    training classes alike)."""
+
+    cfg: Any
+    W_enc: torch.nn.Parameter
+    b_enc: torch.nn.Parameter
+    W_dec: torch.nn.Parameter
+    b_dec: torch.nn.Parameter
+    hook_sae_acts_pre: Any
+    hook_sae_acts_post: Any
+    #: False: always SAELens's plain path (matmul + ``variable_topk``, dense decode) — the reference.
+    fused_encode: bool = True
+
+    @property
+    def k_max(self) -> int:
+        """Width of the selection: the most latents any row keeps."""
+        return self.cfg.k_max
+
+    def k_for_rows(self, x_in: torch.Tensor, sae_in: torch.Tensor) -> torch.Tensor:
+        """Each row's k (long, ``x_in.shape[:-1]``, in ``[1, k_max]``): the architecture's rule."""
+        raise NotImplementedError
+
+    def input_reader(self) -> InputReader | None:
+        """The architecture's second reader of the input, if any."""
+        return None
+
+    # -- input --------------------------------------------------------------------------------
+
+    def read_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the SAE's dtype, reshaped (hook_z), width-checked, through ``hook_sae_input``."""
+        x_in = self.reshape_fn_in(x.to(self.dtype))  # type: ignore[attr-defined]
+        check_width(self, x_in)  # type: ignore[arg-type]
+        return self.hook_sae_input(x_in)  # type: ignore[attr-defined]
+
+    def center_input(self, x_in: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads: ``norm(x_in) − b_dec · apply_b_dec_to_input``."""
+        normalised = self.run_time_activation_norm_fn_in(x_in)  # type: ignore[attr-defined]
+        return normalised - self.b_dec * self.cfg.apply_b_dec_to_input
+
+    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
+        return self.center_input(self.read_input(sae_in))
+
+    def selection_k(self, x_in: torch.Tensor, sae_in: torch.Tensor) -> torch.Tensor:
+        """:meth:`k_for_rows`, with ``k_max`` for a row holding NaN/Inf (its output is NaN)."""
+        k = self.k_for_rows(x_in, sae_in)
+        return torch.where(finite_rows(x_in), k, torch.full_like(k, self.k_max))
+
+    @torch.no_grad()
+    def k_per_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """The number of latents each row of ``x`` keeps: long ``x.shape[:-1]`` (after hook_z
+        merging); ``K_NOT_FINITE`` (−1) for a row holding NaN/Inf."""
+        x_in = self.read_input(x)
+        return mark_not_finite(self.selection_k(x_in, self.center_input(x_in)), x_in)
+
+    # -- encode ---------------------------------------------------------------------------------
+
+    def plain_hidden_pre(self, sae_in: torch.Tensor) -> torch.Tensor:
+        """SAELens's pre-activations: ``hook_sae_acts_pre(sae_in W_enc + b_enc)``, rescaled."""
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
+        return hidden_pre
+
+    def select_top_k(
+        self, sae_in: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, TopKResult]:
+        """``(hidden_pre, selection)``: one fused op unless ``hook_sae_acts_pre`` has forward
+        hooks, which may change what is selected (then the plain path selects after them)."""
+        if self.fused_encode and not self.hook_sae_acts_pre._forward_hooks:
+            scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+            hidden_pre, selection = topk_encode(
+                sae_in, self.W_enc, self.b_enc, k, self.k_max, scale=scale
+            )
+            return self.hook_sae_acts_pre(hidden_pre), selection
+        hidden_pre = self.plain_hidden_pre(sae_in)
+        return hidden_pre, variable_topk(hidden_pre, k, self.k_max)
+
+    def encode_selection(self, x: torch.Tensor) -> TopKEncoding:
+        """``x`` through the encoder: each row's top-k, as a dense code and a compact selection."""
+        x_in = self.read_input(x)
+        sae_in = self.center_input(x_in)
+        k = self.selection_k(x_in, sae_in)
+        hidden_pre, selection = self.select_top_k(sae_in, k)
+        # a row holding NaN/Inf encodes to NaN (as SAELens's topk), never to a clean code
+        selection = selection._replace(values=nan_where_not_finite(selection.values, x_in))
+        code = scatter_topk(selection, self.cfg.d_sae)
+        if getattr(self.cfg, "use_sparse_activations", False):
+            code = code.to_sparse()
+        feature_acts = self.hook_sae_acts_post(code)
+        if self.hook_sae_acts_post._forward_hooks:  # the hooks may have changed the code
+            hooked = feature_acts.to_dense().gather(-1, selection.indices)
+            selection = selection._replace(values=torch.where(selection.mask, hooked, 0))
+        return TopKEncoding(
+            hidden_pre=hidden_pre,
+            feature_acts=feature_acts,
+            k=k,
+            x_in=x_in,
+            sae_in=sae_in,
+            selection=selection,
+        )
+
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        encoding = self.encode_selection(x)
+        return encoding.feature_acts, encoding.hidden_pre
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode_selection(x).feature_acts
+
+    # -- decode ---------------------------------------------------------------------------------
+
+    def decoder_coefficients(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """What multiplies the selected decoder rows: ``values / ‖W_dec[indices]‖`` when
+        rescaling, else ``values``."""
+        if self.cfg.rescale_acts_by_decoder_norm:
+            return values / self.W_dec.norm(dim=-1)[indices]
+        return values
+
+    def decode_selection(self, encoding: TopKEncoding) -> torch.Tensor:
+        """``decode(feature_acts)``, from the compact selection unless ``hook_sae_acts_post``
+        has forward hooks (a hook may have activated latents outside the selection)."""
+        if not self.fused_encode or self.hook_sae_acts_post._forward_hooks:
+            return self.decode(encoding.feature_acts)  # type: ignore[attr-defined]
+        values, indices, _ = encoding.selection
+        out = decode_topk(self.decoder_coefficients(values, indices), indices, self.W_dec)
+        out = self.hook_sae_recons(out + self.b_dec)  # type: ignore[attr-defined]
+        out = self.run_time_activation_norm_fn_out(out)  # type: ignore[attr-defined]
+        return self.reshape_fn_out(out, self.d_head)  # type: ignore[attr-defined]
+
+    def prefix_errors_from_selection(
+        self, x_in: torch.Tensor, selection: TopKResult, chunk_size: int | None = None
+    ) -> torch.Tensor:
+        """``‖x − x̂_j‖²`` of every prefix ``j`` of the sorted selection, ``[N, width]``, in the
+        SAE's (normalised) input space; differentiable (exact ``B×K×K`` form)."""
+        x = self.run_time_activation_norm_fn_in(x_in).reshape(-1, self.cfg.d_in)  # type: ignore[attr-defined]
+        width = selection.values.shape[-1]
+        values = selection.values.reshape(-1, width)
+        indices = selection.indices.reshape(-1, width)
+        return prefix_reconstruction_errors(
+            x - self.b_dec,
+            self.decoder_coefficients(values, indices),
+            self.W_dec,
+            indices,
+            chunk_size=chunk_size,
+        )
+
+    # -- folds of the input (SAELens's), followed by the second reader ---------------------------
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        super().fold_activation_norm_scaling_factor(scaling_factor)  # type: ignore[misc]
+        reader = self.input_reader()
+        if reader is not None:  # it read s·x; after the fold it reads x: w ← s·w
+            reader.weight.mul_(scaling_factor)
+
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
+    ) -> None:
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)  # type: ignore[misc]
+        reader = self.input_reader()
+        if reader is not None:  # it read z = (x − mean) M: wᵀz + b = (M w)ᵀx + (b − meanᵀ M w)
+            # a reader of x − b_dec with apply_b_dec_to_input: the folded b_dec removes the mean
+            centred = reader.reads_sae_in and self.cfg.apply_b_dec_to_input
+            fold_whitening_into_reader(
+                reader.weight, reader.bias, mean, whitening_matrix, shift_bias=not centred
+            )
+
+
+class TopKFamilySAE(TopKFamilyMixin, TopKSAE):
+    """Inference base: SAELens's ``TopKSAE`` with the family's encode and provenance stamp."""
+
+    def __init__(self, cfg: Any, use_error_term: bool = False):
+        stamp_provider(cfg)
+        super().__init__(cfg, use_error_term)
+
+
+class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
+    """Training base: SAELens's TopK training step (``mse_loss``, AuxK) on the family's
+    encode and compact decode, extended by the architecture's hooks below."""
+
+    def __init__(self, cfg: Any, use_error_term: bool = False):
+        stamp_provider(cfg)
+        super().__init__(cfg, use_error_term)
+
+    # -- what an architecture may add -----------------------------------------------------------
+
+    def prepare_training_step(self, step_input: TrainStepInput) -> None:
+        """Run before the step's forward pass (e.g. a phase switch). Default: nothing."""
+
+    def training_encoding(self, step_input: TrainStepInput) -> StepEncoding:
+        """The step's encoding. Default: :meth:`encode_selection` of the batch."""
+        return self.encode_selection(step_input.sae_in)
+
+    def training_decode(self, encoding: StepEncoding) -> torch.Tensor:
+        """The step's ``sae_out``. Default: :meth:`decode_selection`."""
+        assert isinstance(encoding, TopKEncoding)
+        return self.decode_selection(encoding)
+
+    def extra_losses(
+        self, step_input: TrainStepInput, encoding: StepEncoding
+    ) -> dict[str, torch.Tensor]:
+        """Named losses added to the step's loss; the same names in every phase (zero when a
+        phase has no such term). Default: none."""
+        return {}
+
+    def record_training_step(self, step_input: TrainStepInput, encoding: StepEncoding) -> None:
+        """Statistics gathered from the step after its losses. Default: nothing."""
+
+    def extra_metrics(self, step_input: TrainStepInput, encoding: StepEncoding) -> dict[str, Any]:
+        """Metrics beyond ``mean_k``/``std_k``. Default: none."""
+        return {}
+
+    # -- the step --------------------------------------------------------------------------------
+
+    @property
+    def prefix_loss_chunk_size(self) -> int | None:
+        """Rows gathered at once by :meth:`prefix_errors_of` (memory only; None = automatic)."""
+        return None
+
+    def prefix_errors_of(self, encoding: TopKEncoding) -> torch.Tensor:
+        """:meth:`prefix_errors_from_selection` of the step's encoding, computed once per step."""
+        if encoding.prefix_errors is None:
+            encoding.prefix_errors = self.prefix_errors_from_selection(
+                encoding.x_in, encoding.selection, self.prefix_loss_chunk_size
+            )
+        return encoding.prefix_errors
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        self.prepare_training_step(step_input)
+        encoding = self.training_encoding(step_input)
+        sae_out = self.training_decode(encoding)
+        losses = {"mse_loss": self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()}
+        losses.update(
+            self.calculate_aux_loss(
+                step_input=step_input,
+                feature_acts=encoding.feature_acts,
+                hidden_pre=encoding.hidden_pre,
+                sae_out=sae_out,
+            )
+        )
+        losses.update(self.extra_losses(step_input, encoding))
+        self.record_training_step(step_input, encoding)
+        k = encoding.k.detach().float()
+        metrics = {"mean_k": k.mean(), "std_k": k.std(correction=0)}
+        metrics.update(self.extra_metrics(step_input, encoding))
+        return TrainStepOutput(
+            sae_in=step_input.sae_in,
+            sae_out=sae_out,
+            feature_acts=encoding.feature_acts,
+            hidden_pre=encoding.hidden_pre,
+            loss=sum(losses.values(), torch.zeros((), device=sae_out.device)),
+            losses=losses,
+            metrics=metrics,
+        )

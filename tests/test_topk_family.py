@@ -1,0 +1,116 @@
+"""Tests of the TopK family's shared training step, in every architecture and phase: a forward
+hook on ``hook_sae_acts_post`` changes what the step decodes and trains on, and the loss keys are
+SAELens's (``mse_loss``, ``auxiliary_reconstruction_loss``) plus the same named extras throughout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import sae_lens  # noqa: F401  (first: the plugin registers before our modules import)
+import torch
+from sae_lens.saes.sae import TrainStepInput
+
+from sae_adaptive_plugin.probe import ComplexityProbe
+from sae_adaptive_plugin.saes.adaptivek import AdaptiveKTrainingSAE, AdaptiveKTrainingSAEConfig
+from sae_adaptive_plugin.saes.hierarchical_topk import (
+    HierarchicalTopKTrainingSAE,
+    HierarchicalTopKTrainingSAEConfig,
+)
+from sae_adaptive_plugin.saes.softsae import SoftSAETrainingSAE, SoftSAETrainingSAEConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+D_IN, D_SAE = 16, 48
+HARD_PHASE_START = 8
+#: (architecture, phase) -> the step at which that phase is trained.
+PHASES = {
+    ("adaptivek", "warmup"): 0,
+    ("adaptivek", "adaptive"): 0,
+    ("softsae", "soft"): 1,  # step 0 also calibrates the estimator, changing the SAE
+    ("softsae", "hard"): HARD_PHASE_START + 1,
+    ("hierarchical_topk", "all_prefixes"): 0,
+}
+
+
+def _sae(architecture: str, phase: str, dead_latents: bool = False):
+    torch.manual_seed(0)
+    if architecture == "adaptivek":
+        cfg = AdaptiveKTrainingSAEConfig(
+            d_in=D_IN, d_sae=D_SAE, k_min=2, k_max=12, probe_warmup_steps=1000
+        )
+        sae = AdaptiveKTrainingSAE(cfg)
+        if phase == "adaptive":  # after the warm-up switch: a fitted probe sets each row's k
+            sae.set_probe(ComplexityProbe(torch.randn(D_IN), 0.3, -2.0, 2.0))
+    elif architecture == "softsae":
+        cfg = SoftSAETrainingSAEConfig(
+            d_in=D_IN,
+            d_sae=D_SAE,
+            k=4,
+            k_estimator_hidden=12,
+            alpha_anneal_steps=6,
+            k_anneal_steps=2,
+            hard_topk_start_step=HARD_PHASE_START,
+        )
+        sae = SoftSAETrainingSAE(cfg)
+    else:
+        cfg = HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=6)
+        sae = HierarchicalTopKTrainingSAE(cfg)
+    with torch.no_grad():  # non-trivial biases and decoder norms
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.2)
+        sae.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)
+    return sae
+
+
+def _train_step(sae, architecture: str, phase: str, x: torch.Tensor):
+    dead = torch.arange(D_SAE) % 3 == 0  # some dead latents: AuxK is non-zero
+    return sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=dead,
+            n_training_steps=PHASES[(architecture, phase)],
+            is_logging_step=False,
+        )
+    )
+
+
+def _halve(_module, _inputs, acts):
+    return acts * 0.5
+
+
+@pytest.mark.parametrize(("architecture", "phase"), list(PHASES))
+def test_hook_on_acts_post_changes_what_the_step_decodes_and_trains_on(architecture, phase):
+    x = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(1))
+    sae = _sae(architecture, phase)
+    plain = _train_step(sae, architecture, phase, x)
+    handle = sae.hook_sae_acts_post.register_forward_hook(_halve)
+    try:
+        hooked = _train_step(sae, architecture, phase, x)
+    finally:
+        handle.remove()
+    # decoding is linear in the code: halving the code halves the reconstruction around b_dec
+    b_dec = sae.b_dec.detach()
+    torch.testing.assert_close(
+        hooked.sae_out.detach() - b_dec, 0.5 * (plain.sae_out.detach() - b_dec)
+    )
+    assert not torch.isclose(hooked.losses["mse_loss"], plain.losses["mse_loss"])
+    for name, value in plain.losses.items():  # the extras that read the code read the hooked one
+        if name.startswith("prefix_") and value.item() != 0:
+            assert not torch.isclose(hooked.losses[name], value), name
+    hooked.loss.backward()  # the hooked step trains
+
+
+@pytest.mark.parametrize("architecture", ["adaptivek", "softsae", "hierarchical_topk"])
+def test_loss_keys_are_the_same_in_every_phase_and_sum_to_the_loss(architecture):
+    x = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(2))
+    keys = set()
+    for arch, phase in PHASES:
+        if arch != architecture:
+            continue
+        out = _train_step(_sae(arch, phase), arch, phase, x)
+        assert {"mse_loss", "auxiliary_reconstruction_loss"} <= set(out.losses), phase
+        assert out.losses["auxiliary_reconstruction_loss"].item() > 0, phase
+        torch.testing.assert_close(out.loss, sum(out.losses.values()))
+        keys.add(frozenset(out.losses))
+    assert len(keys) == 1, keys
