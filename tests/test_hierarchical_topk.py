@@ -70,39 +70,6 @@ def _decode_prefix_errors(sae, x):
 # ----------------------------------------------------------------------------------- registry
 
 
-@pytest.mark.slow
-def test_registered_in_sae_lens_on_plain_import_in_new_process():
-    code = textwrap.dedent(
-        """
-        import sys
-        import sae_lens
-        from sae_lens.registry import get_sae_class, get_sae_training_class
-        cls, cfg_cls = get_sae_class("hierarchical_topk")
-        tcls, tcfg_cls = get_sae_training_class("hierarchical_topk")
-        print(cls.__name__, cfg_cls.__name__, tcls.__name__, tcfg_cls.__name__)
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "SAE_ADAPTIVE_PLUGIN_NO_AUTOLOAD"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == [
-        "HierarchicalTopKSAE",
-        "HierarchicalTopKSAEConfig",
-        "HierarchicalTopKTrainingSAE",
-        "HierarchicalTopKTrainingSAEConfig",
-    ]
-
-
-def test_subclasses_sae_lens_topk():
-    assert issubclass(HierarchicalTopKSAE, TopKSAE)
-    assert issubclass(HierarchicalTopKTrainingSAE, TopKTrainingSAE)
-    assert issubclass(HierarchicalTopKTrainingSAEConfig, TopKTrainingSAEConfig)
-    assert HierarchicalTopKTrainingSAEConfig.architecture() == "hierarchical_topk"
-    assert HierarchicalTopKSAEConfig.architecture() == "hierarchical_topk"
-
-
 # ------------------------------------------------------------------------------------ configs
 
 

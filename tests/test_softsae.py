@@ -13,7 +13,6 @@ from sae_lens import (
     SAE,
 )
 from sae_lens.config import LoggingConfig, SAETrainerConfig
-from sae_lens.registry import get_sae_class, get_sae_training_class
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
 from step_parity import assert_steps_match, loss_and_grads
@@ -58,11 +57,6 @@ def _step(sae, x: torch.Tensor, step: int, dead: torch.Tensor | None = None):
             is_logging_step=False,
         )
     )
-
-
-def test_registered_in_sae_lens() -> None:
-    assert get_sae_training_class("softsae") == (SoftSAETrainingSAE, SoftSAETrainingSAEConfig)
-    assert get_sae_class("softsae") == (SoftSAE, SoftSAEConfig)
 
 
 @pytest.mark.slow
