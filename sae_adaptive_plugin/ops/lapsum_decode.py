@@ -11,13 +11,10 @@ Backward, with ``G = (∂L/∂out @ W_decᵀ) ⊙ s`` (``∂L/∂c``), ``g = G �
     ∂L/∂h = 1[h > 0] ⊙ (G ⊙ m + q ⊙ (g − ḡ)),   ∂L/∂W_dec = (c ⊙ s)ᵀ @ ∂L/∂out,
     ∂L/∂s = Σ_rows c ⊙ (∂L/∂out @ W_decᵀ).
 
-The plain composition (:func:`lapsum_decode_reference`: ``lapsum_topk``, a product, a matmul)
-holds the code, the mask, ``u`` and their gradients as ``[B, F]`` tensors. :func:`lapsum_decode`
-computes the same values (to float rounding) one block of rows at a time: the forward keeps only
-``τ`` per row (the threshold solve is per row), the backward recomputes ``u``, ``m`` and ``c`` of a
-block from ``h`` and multiplies by the decoder block by block. The only ``[B, F]`` tensors it
-creates are the gradient of ``h`` and the ``feature_acts`` (``c`` where ``m > ½``, no gradient) that
-SAELens's trainer counts firings from.
+:func:`lapsum_decode` computes what the plain composition (:func:`lapsum_decode_reference`) does,
+to float rounding, a block of rows at a time: it keeps only ``τ`` per row and recomputes ``u``,
+``m`` and ``c`` of a block in the backward, so its only ``[B, F]`` tensors are ``∂L/∂h`` and the
+``feature_acts`` (``c`` where ``m > ½``, no gradient) that SAELens counts firings from.
 """
 
 from __future__ import annotations
