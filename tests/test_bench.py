@@ -132,6 +132,31 @@ def test_cli_writes_json(tmp_path, capsys) -> None:
     assert "| topk |" in capsys.readouterr().out
 
 
+def test_cli_runs_each_thread_count(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "threads"]
+    rows = ["topk", "softsae_soft"]
+    try:
+        flags = ["--no-progress", "--no-memory", "--no-inference", "--json", str(out)]
+        code = main(["bench", *args, "--threads", "1,2", "--rows", *rows, *flags])
+    finally:
+        torch.set_num_threads(2)
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["schema"] == bench_report.RUNS_SCHEMA
+    assert [run["machine"]["torch_threads"] for run in data["runs"]] == [1, 2]
+    assert all([r["name"] for r in run["rows"]] == rows for run in data["runs"])
+    printed = capsys.readouterr().out
+    assert "step / TopK (1 thr)" in printed and "step / TopK (2 thr)" in printed
+    assert printed.count("| softsae | soft |") == 3  # one table per count, then the summary
+
+
+def test_cli_rejects_bad_thread_list(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--threads", "1,x"])
+    assert "threads must be a comma-separated list" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("field", "value", "needle"),
     [

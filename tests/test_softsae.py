@@ -479,6 +479,7 @@ def test_soft_phase_top_m_threshold_matches_full_sort_float64(monkeypatch) -> No
 
     torch.manual_seed(4)
     sae = SoftSAETrainingSAE(_cfg(d_sae=96, k=4, k_max=8, dtype="float64"))  # m = 18 < 96
+    sae.fused_soft = False  # the plain composition calls lapsum_topk
     x = torch.randn(32, 16, dtype=torch.float64)
     seen = []
 
@@ -500,3 +501,64 @@ def test_soft_phase_top_m_threshold_matches_full_sort_float64(monkeypatch) -> No
         grad_rtol=1e-8,
         grad_atol=1e-11,
     )
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("auxk", [False, True])
+@pytest.mark.parametrize("step", [0, 3, 7])  # α annealing, α at its end
+def test_blocked_soft_phase_matches_plain_composition_float64(
+    rescale: bool, auxk: bool, step: int
+) -> None:
+    """The soft phase through ``lapsum_decode`` (blocked) is the plain LapSum step: same losses,
+    outputs, metrics and gradients (estimator included) in float64."""
+    torch.manual_seed(5)
+    sae = SoftSAETrainingSAE(
+        _cfg(d_sae=96, k=4, k_max=8, dtype="float64", rescale_acts_by_decoder_norm=rescale)
+    )
+    with torch.no_grad():  # non-trivial decoder norms and biases
+        sae.W_dec.mul_(torch.rand(96, 1, dtype=torch.float64) * 2 + 0.3)
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    dead = (torch.arange(96) % 3 == 0) if auxk else None
+    outs = {}
+    for fused in (True, False):
+        sae.fused_soft = fused
+        sae.calibrate_k_estimator = lambda sae_in: None  # same estimator in both runs
+        outs[fused] = loss_and_grads(sae, x, step, dead)
+    (o1, _), (o0, _) = outs[True], outs[False]
+    assert not o1.feature_acts.requires_grad and o0.feature_acts.requires_grad  # two paths ran
+    assert "k_penalty" in o1.losses and set(o1.metrics) == set(o0.metrics)
+    assert bool(o1.losses["auxiliary_reconstruction_loss"] > 0) == auxk
+    for name in ("soft_l0", "mean_k", "std_k"):
+        torch.testing.assert_close(o1.metrics[name], o0.metrics[name], rtol=1e-12, atol=0)
+    assert_steps_match(
+        outs[True],
+        outs[False],
+        required_grads=("W_enc", "b_enc", "W_dec", "b_dec", "k_est_W_enc", "k_est_w_out"),
+    )
+
+
+def test_soft_phase_hooks_take_the_plain_composition() -> None:
+    """A forward hook on ``hook_sae_acts_pre`` or ``hook_sae_acts_post`` sees and changes the
+    soft phase's tensors: those steps take the plain composition."""
+    sae = SoftSAETrainingSAE(_cfg(rescale_acts_by_decoder_norm=False))
+    sae.calibrate_k_estimator = lambda sae_in: None
+    x = torch.randn(20, 16)
+    fired = _step(sae, x, 3).feature_acts.ne(0).sum(dim=0)  # blocked path
+    j = int(fired.argmax())
+    assert fired[j] > 0
+
+    def silence_j(_module, _inputs, out):
+        out = out.clone()
+        out[..., j] = 0.0
+        return out
+
+    for hook in (sae.hook_sae_acts_pre, sae.hook_sae_acts_post):
+        handle = hook.register_forward_hook(silence_j)
+        try:
+            out = _step(sae, x, 3)
+        finally:
+            handle.remove()
+        assert out.feature_acts.requires_grad  # the plain composition ran
+        assert torch.all(out.feature_acts[:, j] == 0)

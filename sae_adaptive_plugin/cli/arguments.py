@@ -196,6 +196,19 @@ def lm_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", default="runs/lm_cache", help="activation cache folder")
 
 
+def thread_counts(text: str) -> list[int]:
+    """``--threads 1,2``: the thread counts, each an int ≥ 1."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(
+            f"threads must be a comma-separated list of ints >= 1 (e.g. 1,2), got {text!r}"
+        )
+    return counts
+
+
 def bench_arguments(parser: argparse.ArgumentParser) -> None:
     from sae_adaptive_plugin.experiments.bench_setup import DTYPES, ROW_NAMES, BenchConfig
 
@@ -225,7 +238,11 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="untimed steps per row first (default %(default)s)",
     )
     parser.add_argument(
-        "--threads", type=int, default=d.threads, help="torch.set_num_threads (default %(default)s)"
+        "--threads",
+        type=thread_counts,
+        default=[1, 2],
+        help="torch.set_num_threads; a comma-separated list runs the bench once per count "
+        "(default 1,2)",
     )
     parser.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
     parser.add_argument(

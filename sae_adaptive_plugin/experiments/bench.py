@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from sae_adaptive_plugin.experiments.bench_report import (
+    RUNS_SCHEMA,
     _result,
     format_table,
+    format_threads_summary,
 )
 from sae_adaptive_plugin.experiments.bench_setup import (
     BenchConfig,
@@ -278,7 +280,40 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    cfg = BenchConfig(
+    """``sae-adaptive bench``: one run per thread count of ``--threads``, a table each, then a
+    summary of the ratios per count when there are several."""
+    configs = [_config_from_args(args, threads) for threads in args.threads]
+    try:
+        for cfg in configs:
+            cfg.validate()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = []
+    for cfg in configs:
+        result = run_bench(cfg, progress=not args.no_progress)
+        m = result["machine"]
+        print(
+            f"d_in={cfg.d_in} d_sae={cfg.d_sae} k={cfg.k} batch={cfg.batch} dtype={cfg.dtype} "
+            f"device={cfg.device} ({m['device_name']}) threads={cfg.threads} steps={cfg.steps} "
+            f"warmup={cfg.warmup}; torch {m['torch']}, sae_lens {m['sae_lens']}"
+        )
+        print(format_table(result))
+        print()
+        results.append(result)
+    if len(results) > 1:
+        print(format_threads_summary(results))
+    if args.json is not None:
+        data = results[0] if len(results) == 1 else {"schema": RUNS_SCHEMA, "runs": results}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(data, indent=2))
+        print(f"wrote {args.json}")
+    failed = any(r["status"] == "error" for result in results for r in result["rows"])
+    return 1 if failed else 0
+
+
+def _config_from_args(args: argparse.Namespace, threads: int) -> BenchConfig:
+    return BenchConfig(
         d_in=args.d_in,
         d_sae=args.d_sae,
         k=args.k,
@@ -287,28 +322,10 @@ def bench_command(args: argparse.Namespace) -> int:
         device=args.device,
         steps=args.steps,
         warmup=args.warmup,
-        threads=args.threads,
+        threads=threads,
         seed=args.seed,
         dead_fraction=args.dead_fraction,
         rows=tuple(args.rows),
         memory=not args.no_memory,
         inference=not args.no_inference,
     )
-    try:
-        cfg.validate()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = run_bench(cfg, progress=not args.no_progress)
-    m = result["machine"]
-    print(
-        f"d_in={cfg.d_in} d_sae={cfg.d_sae} k={cfg.k} batch={cfg.batch} dtype={cfg.dtype} "
-        f"device={cfg.device} ({m['device_name']}) threads={cfg.threads} steps={cfg.steps} "
-        f"warmup={cfg.warmup}; torch {m['torch']}, sae_lens {m['sae_lens']}"
-    )
-    print(format_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
-    return 1 if any(r["status"] == "error" for r in result["rows"]) else 0

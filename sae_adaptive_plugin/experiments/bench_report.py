@@ -12,6 +12,8 @@ from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, _Row
 from sae_adaptive_plugin.reporting import format_cell, markdown_table
 
 SCHEMA = "sae-adaptive-bench/1"
+#: JSON of a run at several thread counts: ``{"schema": RUNS_SCHEMA, "runs": [result, ...]}``.
+RUNS_SCHEMA = "sae-adaptive-bench-runs/1"
 MIB = float(1 << 20)
 
 
@@ -139,3 +141,23 @@ def format_table(result: dict[str, Any]) -> str:
     if bound:
         table += f"\n\nEncoder-matmul bound (x @ W_enc alone): {bound:.0f} tokens/s."
     return table
+
+
+def format_threads_summary(results: list[dict[str, Any]]) -> str:
+    """A Markdown table of each row's step ratio to TopK (wall and CPU time) and memory ratio,
+    one column group per thread count (results of ``run_bench`` at several ``threads``)."""
+    columns = [("architecture", "architecture", "{}"), ("phase", "phase", "{}")]
+    merged = [
+        {"architecture": r["architecture"], "phase": r["phase"] or ""} for r in results[0]["rows"]
+    ]
+    for result in results:
+        t = result["config"]["threads"]
+        for header, key in (
+            (f"step / TopK ({t} thr)", "step_ratio"),
+            (f"CPU time ({t} thr)", "step_cpu_ratio"),
+            (f"mem / TopK ({t} thr)", "memory_ratio"),
+        ):
+            columns.append((header, f"{key}_{t}", "{:.2f}"))
+            for row, other in zip(merged, result["rows"]):
+                row[f"{key}_{t}"] = other[key]
+    return markdown_table(merged, columns)

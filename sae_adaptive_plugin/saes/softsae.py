@@ -27,6 +27,8 @@ from torch import nn
 
 from sae_adaptive_plugin.distributed import gather_rows, global_mean
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
+from sae_adaptive_plugin.ops.lapsum_decode import lapsum_decode
+from sae_adaptive_plugin.ops.shifted_linear import shifted_linear
 from sae_adaptive_plugin.registration.hookspecs import Architecture
 from sae_adaptive_plugin.saes.per_row_topk import PerRowTopK
 from sae_adaptive_plugin.saes.softsae_config import (
@@ -81,7 +83,11 @@ class _KEstimator(TopKFamilyMixin):
 
     def estimate_k_from_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
         """Continuous ``k̂ ∈ [1, k_max]``, shape ``sae_in.shape[:-1]``."""
-        h = torch.relu(sae_in @ self.k_est_W_enc + self.k_est_b_enc)
+        return self._k_hat(sae_in @ self.k_est_W_enc + self.k_est_b_enc)
+
+    def _k_hat(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``k̂`` from the estimator's hidden layer before its ReLU, ``U·sae_in + c``."""
+        h = torch.relu(hidden)
         logit = h @ self.k_est_w_out + self.k_est_b_out[0]
         return (self.cfg.k_max * torch.sigmoid(logit)).clamp(1.0, float(self.cfg.k_max))
 
@@ -117,6 +123,9 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
     """Training SoftSAE: LapSum soft phase, then hard phase (see the module docstring)."""
 
     cfg: SoftSAETrainingSAEConfig  # type: ignore[assignment]
+    #: Soft phase through the blocked ops (:meth:`soft_decode`); False: the plain composition,
+    #: their reference.
+    fused_soft: bool = True
 
     def __init__(self, cfg: SoftSAETrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -190,11 +199,11 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         return self.soft_encoding(step_input.sae_in, step)
 
     def soft_encoding(self, x: torch.Tensor, step: int) -> SoftEncoding:
-        """The soft phase at ``step``: pre-activations and ``k̂`` of the batch, then
-        :meth:`soft_decode`."""
-        sae_in = self.process_sae_in(x)
-        hidden_pre = self.plain_hidden_pre(sae_in)
-        k_hat = self.estimate_k_from_sae_in(sae_in)
+        """The soft phase at ``step``: pre-activations and ``k̂`` of the batch
+        (:meth:`soft_encode`), then :meth:`soft_decode`."""
+        x_in = self.run_time_activation_norm_fn_in(self.read_input(x))
+        shift = self.b_dec * self.cfg.apply_b_dec_to_input  # process_sae_in(x) = x_in − shift
+        hidden_pre, k_hat = self.soft_encode(x_in, shift)
         alpha = self.schedule.alpha_at(step)
         sae_out, feature_acts, soft_l0 = self.soft_decode(hidden_pre, k_hat, alpha)
         return SoftEncoding(
@@ -207,15 +216,63 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             soft_l0=soft_l0,
         )
 
+    def soft_blocked(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether the soft phase takes the blocked ops: ``fused_soft``, no forward hooks on
+        ``hook_sae_acts_pre``/``hook_sae_acts_post``, no autocast, float32/64."""
+        return (
+            self.fused_soft
+            and not self.hook_sae_acts_pre._forward_hooks
+            and not self.hook_sae_acts_post._forward_hooks
+            and not torch.is_autocast_enabled(device.type)
+            and dtype in (torch.float32, torch.float64)
+        )
+
+    def soft_encode(
+        self, x_in: torch.Tensor, shift: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden_pre, k̂)`` of ``sae_in = x_in − shift``. Blocked: the encoder (with the
+        decoder-norm rescale) and the estimator read ``x_in − shift`` through
+        :func:`~sae_adaptive_plugin.ops.shifted_linear.shifted_linear` (``∂L/∂b_dec`` from a
+        vector product, not two ``[B, d_in]`` input gradients); else the plain composition."""
+        if not self.soft_blocked(x_in.dtype, x_in.device):
+            sae_in = x_in - shift
+            return self.plain_hidden_pre(sae_in), self.estimate_k_from_sae_in(sae_in)
+        flat = x_in.reshape(-1, self.cfg.d_in)
+        lead = x_in.shape[:-1]
+        scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        hidden_pre = shifted_linear(flat, shift, self.W_enc, self.b_enc, scale)
+        hidden = shifted_linear(flat, shift, self.k_est_W_enc, self.k_est_b_enc)
+        return hidden_pre.reshape(*lead, -1), self._k_hat(hidden.reshape(*lead, -1))
+
     def soft_decode(
         self, hidden_pre: torch.Tensor, k_hat: torch.Tensor, alpha: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(sae_out, feature_acts, latents with weight per row)`` of the code
         ``hook_sae_acts_post(z ⊙ m)``, ``z = ReLU(hidden_pre)``, ``m`` the LapSum mask
-        (``Σ m = k̂``) at scale α; ``feature_acts`` keeps the latents with ``m > ½``."""
-        z = hidden_pre.relu()
-        scaled_alpha = alpha * self._alpha_unit(z) if self.cfg.alpha_relative else alpha
+        (``Σ m = k̂``) at scale α; ``feature_acts`` keeps the latents with ``m > ½``. Blocked
+        (:meth:`soft_blocked`): one op, :func:`~sae_adaptive_plugin.ops.lapsum_decode.lapsum_decode`,
+        that holds no ``[B, d_sae]`` mask, code or their gradients."""
+        scaled_alpha = alpha * self._alpha_unit(hidden_pre) if self.cfg.alpha_relative else alpha
         # τ is solved from each row's top 2·k_max + 2 pre-activations
+        if self.soft_blocked(hidden_pre.dtype, hidden_pre.device):
+            dec_scale = (
+                1 / self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+            )
+            res = lapsum_decode(
+                hidden_pre.reshape(-1, self.cfg.d_sae),
+                k_hat.reshape(-1),
+                scaled_alpha,
+                self.W_dec,
+                k_max=self.cfg.k_max,
+                dec_scale=dec_scale,
+            )
+            out = res.out.reshape(*hidden_pre.shape[:-1], -1) + self.b_dec
+            sae_out = self.reshape_fn_out(
+                self.run_time_activation_norm_fn_out(self.hook_sae_recons(out)), self.d_head
+            )
+            feature_acts = res.feature_acts.reshape(hidden_pre.shape)
+            return sae_out, feature_acts, res.nonzero.reshape(k_hat.shape)
+        z = hidden_pre.relu()
         mask = lapsum_topk(z, k_hat, scaled_alpha, k_max=self.cfg.k_max)
         code = self.hook_sae_acts_post(z * mask)
         # SAELens counts firings (dead latents → AuxK, logged L0) from feature_acts: report
@@ -224,10 +281,11 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         return self.decode(code), feature_acts, (code.detach() != 0).sum(dim=-1)
 
     @staticmethod
-    def _alpha_unit(z: torch.Tensor) -> torch.Tensor:
-        """The batch's mean largest pre-activation (detached; ``alpha_relative``; the global
+    def _alpha_unit(hidden_pre: torch.Tensor) -> torch.Tensor:
+        """The batch's mean largest ReLU'd pre-activation (detached; ``alpha_relative``; the global
         batch under data parallelism, as are the k̂ penalty and the estimator's calibration)."""
-        return global_mean(z.detach().amax(dim=-1)).clamp(min=torch.finfo(z.dtype).tiny)
+        top = hidden_pre.detach().amax(dim=-1).clamp(min=0)  # max ReLU(h) = ReLU(max h)
+        return global_mean(top).clamp(min=torch.finfo(hidden_pre.dtype).tiny)
 
     def training_decode(self, encoding: StepEncoding) -> torch.Tensor:
         if isinstance(encoding, SoftEncoding):  # decoded with its code

@@ -1,0 +1,87 @@
+"""SoftSAE's soft phase before and after the blocked ops, against SAELens's TopK, in one process.
+
+Builds the bench's ``topk`` and ``softsae_soft`` rows (``sae-adaptive bench``'s shapes and
+soft-phase step) and times full training steps (forward, backward, grad clip, Adam) of TopK, the
+soft phase through the blocked ops (``fused_soft = True``, the default) and through the plain
+composition (``fused_soft = False``, what the soft phase computed before), in alternating rounds.
+Reports the median process CPU time per step (``time.process_time``: far less sensitive than wall
+time to other jobs on a shared CPU), its ratio to TopK, and the peak step memory measured as the
+bench does (``torch.profiler`` allocator events).
+
+Usage: ``python examples/bench_softsae_soft_phase.py --d-in 768 --d-sae 16384 --batch 1024
+--threads 1 --steps 3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from sae_adaptive_plugin.experiments.bench import _cpu_peak_bytes, _prepare, _train_step
+from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, _build_rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--d-in", type=int, default=768)
+    parser.add_argument("--d-sae", type=int, default=16384)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    cfg = BenchConfig(
+        d_in=args.d_in,
+        d_sae=args.d_sae,
+        k=args.k,
+        batch=args.batch,
+        threads=args.threads,
+        rows=("topk", "softsae_soft"),
+        inference=False,
+    )
+    cfg.validate()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    x = torch.randn(cfg.batch, cfg.d_in, generator=torch.Generator().manual_seed(cfg.seed))
+    dead = torch.zeros(cfg.d_sae, dtype=torch.bool)
+    topk, soft = _build_rows(cfg, x)
+    for row in (topk, soft):
+        _prepare(row, cfg, x)
+    variants = {"topk": (topk, None), "softsae soft, blocked": (soft, True)}
+    variants["softsae soft, plain (before)"] = (soft, False)
+
+    def step(name: str) -> None:
+        row, fused = variants[name]
+        if fused is not None:
+            row.train_sae.fused_soft = fused
+        _train_step(row, x, dead)
+
+    for name in variants:  # warm-up
+        step(name)
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.steps):
+        for name in variants:
+            start = time.process_time()
+            step(name)
+            cpu[name].append(time.process_time() - start)
+    peak = {name: _cpu_peak_bytes(lambda name=name: step(name)) / 2**20 for name in variants}
+    print(
+        f"d_in={cfg.d_in} d_sae={cfg.d_sae} k={cfg.k} batch={cfg.batch} threads={cfg.threads}, "
+        f"median of {args.steps} steps, torch {torch.__version__}\n"
+    )
+    print("| row | step CPU time (ms) | / TopK | peak step mem (MiB) | / TopK |")
+    print("|---|---|---|---|---|")
+    ref_cpu, ref_mem = statistics.median(cpu["topk"]), peak["topk"]
+    for name in variants:
+        t = statistics.median(cpu[name])
+        print(
+            f"| {name} | {1000 * t:.0f} | {t / ref_cpu:.2f} | {peak[name]:.0f} "
+            f"| {peak[name] / ref_mem:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
