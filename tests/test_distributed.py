@@ -23,6 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from tiny_lm import CONTEXT_SIZE, D_MODEL, HOOK_NAME, tiny_model, tiny_token_dataset
+from tiny_lm import SAE_BLOCKS as TINY_SAE_BLOCKS
 
 from sae_adaptive_plugin.cli import main
 
@@ -42,19 +43,10 @@ ARCHITECTURES = (
 )
 #: warm-up switch at step 6 (labels gathered from step 3); soft phase until step 12.
 SAE_BLOCKS = {
+    **TINY_SAE_BLOCKS,
     "topk": {"k": 4, "normalize_activations": "expected_average_only_in"},
     "batchtopk": {"k": 4},
     "matryoshka_batchtopk": {"k": 4, "matryoshka_widths": [16, 64]},
-    "hierarchical_topk": {"k": 8},
-    "adaptivek": {"k_min": 2, "k_max": 8, "probe_warmup_steps": 6, "probe_min_r2": -1.0e9},
-    "softsae": {
-        "k": 4,
-        "k_max": 8,
-        "k_estimator_hidden": 16,
-        "alpha_anneal_steps": 6,
-        "k_anneal_steps": 2,
-        "hard_topk_start_step": 12,
-    },
 }
 #: a checkpoint after 5 of 16 steps: AdaptiveK is inside its label-gathering window.
 RESUMED = "adaptivek"
