@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sae_adaptive_plugin import distributed
 from sae_adaptive_plugin.training.config import ConfigError
@@ -71,8 +71,7 @@ class DistributedTrainingRunner(TrainingRunner):
         if distributed.is_main():
             super().save_checkpoint(checkpoint_path)  # SAELens's files and rank 0's data state
         elif checkpoint_path is not None:
-            save_file(self.resume_state(), str(self.resume_state_file(Path(checkpoint_path))))
-            self.last_checkpoint = Path(checkpoint_path)
+            self.save_resume_state(Path(checkpoint_path))
 
     def save_final_sae(self, sae: Any, output_path: str, log_feature_sparsity: Any = None):
         sae.cfg.metadata.world_size = self.world_size

@@ -105,10 +105,13 @@ class TrainingRunner(LanguageModelSAETrainingRunner):
 
     def save_checkpoint(self, checkpoint_path: Path | None) -> None:
         super().save_checkpoint(checkpoint_path)
-        if checkpoint_path is None:
-            return
-        save_file(self.resume_state(), str(self.resume_state_file(Path(checkpoint_path))))
-        self.last_checkpoint = Path(checkpoint_path)
+        if checkpoint_path is not None:
+            self.save_resume_state(Path(checkpoint_path))
+
+    def save_resume_state(self, checkpoint: Path) -> None:
+        """Write :meth:`resume_state` into the checkpoint folder and remember the folder."""
+        save_file(self.resume_state(), str(self.resume_state_file(checkpoint)))
+        self.last_checkpoint = checkpoint
 
     def resume_state(self) -> dict[str, torch.Tensor]:
         """This process's data state: the mixing buffer's contents and the torch RNG state."""
