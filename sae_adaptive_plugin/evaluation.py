@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_adaptive_plugin import reporting
+from sae_adaptive_plugin.outputs import OutputExistsError, refuse_existing, replacing_file
 
 #: quantiles of per-token L0 reported in ``k_distribution``.
 K_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -265,6 +266,8 @@ def eval_command(args: argparse.Namespace) -> int:
             print(f"error: {name} must be ≥ 1, got {value}", file=sys.stderr)
             return 2
     try:
+        if args.json_out:
+            refuse_existing(args.json_out, args.overwrite, "--json")
         results = evaluate_paths(
             args.saes,
             model_name=args.model,
@@ -274,15 +277,14 @@ def eval_command(args: argparse.Namespace) -> int:
             context_size=args.context_size,
             device=args.device,
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, OutputExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown_table(results))
     if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(reporting.jsonable(results), indent=2))
-        print(f"wrote {out}")
+        with replacing_file(args.json_out) as tmp:
+            tmp.write_text(json.dumps(reporting.jsonable(results), indent=2))
+        print(f"wrote {args.json_out}")
     return 0
 
 

@@ -236,6 +236,15 @@ def test_fit_probe_refuses_an_existing_out_file_before_any_work(tmp_path, capsys
     assert out.read_bytes() == b"precious"
 
 
+def test_eval_refuses_an_existing_json_before_any_work(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    out.write_text("precious")
+    assert main(["eval", str(tmp_path / "no-sae"), "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--json {out}: the file already exists; refusing to overwrite it." in err
+    assert out.read_text() == "precious"
+
+
 def test_replacing_file_keeps_the_old_file_when_the_write_fails(tmp_path):
     from sae_adaptive_plugin.outputs import replacing_file
 

@@ -132,6 +132,18 @@ def test_cli_writes_json(tmp_path, capsys) -> None:
     assert "| topk |" in capsys.readouterr().out
 
 
+def test_cli_refuses_an_existing_json_unless_overwrite(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    out.write_text("a user's earlier results")
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    flags = ["--rows", "topk", "--no-progress", "--no-memory", "--no-inference", "--json", str(out)]
+    assert main(["bench", *args, *flags]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert out.read_text() == "a user's earlier results"
+    assert main(["bench", *args, *flags, "--overwrite"]) == 0
+    assert [r["name"] for r in json.loads(out.read_text())["rows"]] == ["topk"]
+
+
 def test_cli_runs_each_thread_count(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "threads"]

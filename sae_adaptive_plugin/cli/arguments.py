@@ -73,6 +73,7 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-size", type=int, help="default: SAE metadata's context_size")
     parser.add_argument("--device", default="cpu", help="default cpu")
     parser.add_argument("--json", dest="json_out", help="write all metrics to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
 
 def fit_probe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -262,3 +263,4 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-inference", action="store_true", help="skip inference throughput")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write results here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")

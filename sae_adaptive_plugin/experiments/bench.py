@@ -33,6 +33,7 @@ from sae_adaptive_plugin.experiments.bench_setup import (
     _describe,
     _Row,
 )
+from sae_adaptive_plugin.outputs import OutputExistsError, refuse_existing, replacing_file
 
 
 def _prepare(row: _Row, cfg: BenchConfig, x: Any) -> None:
@@ -286,7 +287,9 @@ def bench_command(args: argparse.Namespace) -> int:
     try:
         for cfg in configs:
             cfg.validate()
-    except ValueError as e:
+        if args.json is not None:
+            refuse_existing(args.json, args.overwrite, "--json")
+    except (ValueError, OutputExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = []
@@ -305,8 +308,8 @@ def bench_command(args: argparse.Namespace) -> int:
         print(format_threads_summary(results))
     if args.json is not None:
         data = results[0] if len(results) == 1 else {"schema": RUNS_SCHEMA, "runs": results}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=2))
+        with replacing_file(args.json) as tmp:
+            tmp.write_text(json.dumps(data, indent=2))
         print(f"wrote {args.json}")
     failed = any(r["status"] == "error" for result in results for r in result["rows"])
     return 1 if failed else 0
