@@ -5,8 +5,9 @@ A k-estimator ``k̂(x) = clamp(k_max · σ(v · ReLU(U (x − b_dec) + c) + c₀
 
 - soft phase: code ``z ⊙ m`` with ``z = ReLU(pre-acts)`` and the LapSum soft top-k mask ``m``
   (``Σ m = k̂`` per row) at scale ``α_t``; losses ``mse_loss``, AuxK and
-  ``k_penalty = softplus_β(mean k̂ − K_t)``, the target ``K_t`` annealed from ``d_in`` to ``k``;
-- hard phase (the last 10% of the run by default): per-row hard top-``⌊k̂⌋`` with the estimator
+  ``k_penalty = softplus_β(e) + softplus_β(−e) − 2 ln 2 / β`` with ``e = mean k̂ − K_t`` (two-sided:
+  it holds the mean at the target ``K_t``, annealed from ``d_in`` to ``k``, from above and below);
+- hard phase (the last half of the run by default): per-row hard top-``⌊k̂⌋`` with the estimator
   frozen (``k_penalty`` 0) — what the saved inference SAE (:class:`SoftSAE`) computes.
 
 Schedules are pure functions of SAELens's step count; unset step fields are fractions of the run
@@ -47,6 +48,13 @@ from sae_adaptive_plugin.saes.topk_family import (
 #: softplus sharpness β and weight λ_k of the penalty on the batch-mean k̂ (docs/METHODS.md §2).
 K_PENALTY_BETA = 5.0
 K_PENALTY_COEFFICIENT = 1.0
+
+
+def two_sided_softplus(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """``softplus_β(x) + softplus_β(−x) − 2 ln 2 / β``: 0 at ``x = 0``, about ``|x|`` beyond ``1/β``."""
+    return F.softplus(x, beta=beta) + F.softplus(-x, beta=beta) - 2 * math.log(2) / beta
+
+
 #: Below this std/mean of k̂ at the start of the hard phase the estimator has collapsed (warned).
 MIN_K_SPREAD = 0.1
 
@@ -230,18 +238,20 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
     def soft_encode(
         self, x_in: torch.Tensor, shift: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(hidden_pre, k̂)`` of ``sae_in = x_in − shift``. Blocked: the encoder (with the
-        decoder-norm rescale) and the estimator read ``x_in − shift`` through
-        :func:`~sae_adaptive_plugin.ops.shifted_linear.shifted_linear` (``∂L/∂b_dec`` from a
-        vector product, not two ``[B, d_in]`` input gradients); else the plain composition."""
+        """``(hidden_pre, k̂)`` of ``sae_in = x_in − shift``. The estimator reads ``sae_in`` with
+        ``shift`` detached: ``k̂``'s gradients (the penalty's included) train the estimator only,
+        never ``b_dec``. Blocked: the encoder (with the decoder-norm rescale) and the estimator
+        read ``x_in − shift`` through :func:`~sae_adaptive_plugin.ops.shifted_linear.shifted_linear`
+        (``∂L/∂b_dec`` from a vector product, not a ``[B, d_in]`` input gradient); else the plain
+        composition."""
         if not self.soft_blocked(x_in.dtype, x_in.device):
             sae_in = x_in - shift
-            return self.plain_hidden_pre(sae_in), self.estimate_k_from_sae_in(sae_in)
+            return self.plain_hidden_pre(sae_in), self.estimate_k_from_sae_in(sae_in.detach())
         flat = x_in.reshape(-1, self.cfg.d_in)
         lead = x_in.shape[:-1]
         scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
         hidden_pre = shifted_linear(flat, shift, self.W_enc, self.b_enc, scale)
-        hidden = shifted_linear(flat, shift, self.k_est_W_enc, self.k_est_b_enc)
+        hidden = shifted_linear(flat, shift.detach(), self.k_est_W_enc, self.k_est_b_enc)
         return hidden_pre.reshape(*lead, -1), self._k_hat(hidden.reshape(*lead, -1))
 
     def soft_decode(
@@ -304,7 +314,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         excess = self.batch_mean_k_hat(encoding.k_hat) - self.schedule.k_target_at(
             step_input.n_training_steps
         )
-        return {"k_penalty": K_PENALTY_COEFFICIENT * F.softplus(excess, beta=K_PENALTY_BETA)}
+        return {"k_penalty": K_PENALTY_COEFFICIENT * two_sided_softplus(excess, K_PENALTY_BETA)}
 
     def extra_metrics(self, step_input: TrainStepInput, encoding: StepEncoding) -> dict[str, Any]:
         if not isinstance(encoding, SoftEncoding):

@@ -4,7 +4,7 @@
 penalty's target ``K_t`` falls linearly from ``d_in`` to ``k`` over ``k_anneal_steps``; from
 ``hard_topk_start_step`` on, training uses hard top-``⌊k̂⌋`` with the estimator frozen. Step fields
 left ``None`` are fractions of the run (α over the first third, the k target over the first 1%,
-the hard phase over the last 10%), resolved when SAELens's trainer tells the run length.
+the hard phase over the last half), resolved when SAELens's trainer tells the run length.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class SoftSAEConfig(TopKSAEConfig):
 #: Default schedules, as fractions of the run's training steps (``bind_run_length``).
 ALPHA_ANNEAL_FRACTION = 1 / 3
 K_ANNEAL_FRACTION = 0.01
-HARD_PHASE_FRACTION = 0.9
+HARD_PHASE_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
 
     Step-keyed fields left ``None`` are fractions of the run, which SAELens's trainer tells the
     SAE (``bind_run_length``): ``alpha_anneal_steps`` 1/3, ``k_anneal_steps`` 1%,
-    ``hard_topk_start_step`` 90% of the training steps.
+    ``hard_topk_start_step`` half of the training steps.
 
     Args:
         k: target mean number of active latents (``1 ≤ k ≤ k_max``).
