@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from sae_adaptive_plugin.experiments.bench import _cpu_peak_bytes, _prepare, _train_step
-from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, _build_rows
+from sae_adaptive_plugin.experiments.bench import cpu_peak_bytes, prepare_row, train_step
+from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, build_rows
 
 
 def main() -> None:
@@ -47,9 +47,9 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     x = torch.randn(cfg.batch, cfg.d_in, generator=torch.Generator().manual_seed(cfg.seed))
     dead = torch.zeros(cfg.d_sae, dtype=torch.bool)
-    topk, soft = _build_rows(cfg, x)
+    topk, soft = build_rows(cfg, x)
     for row in (topk, soft):
-        _prepare(row, cfg, x)
+        prepare_row(row, cfg, x)
     variants = {"topk": (topk, None), "softsae soft, blocked": (soft, True)}
     variants["softsae soft, plain (before)"] = (soft, False)
 
@@ -57,7 +57,7 @@ def main() -> None:
         row, fused = variants[name]
         if fused is not None:
             row.train_sae.fused_soft = fused
-        _train_step(row, x, dead)
+        train_step(row, x, dead)
 
     for name in variants:  # warm-up
         step(name)
@@ -67,7 +67,7 @@ def main() -> None:
             start = time.process_time()
             step(name)
             cpu[name].append(time.process_time() - start)
-    peak = {name: _cpu_peak_bytes(lambda name=name: step(name)) / 2**20 for name in variants}
+    peak = {name: cpu_peak_bytes(lambda name=name: step(name)) / 2**20 for name in variants}
     print(
         f"d_in={cfg.d_in} d_sae={cfg.d_sae} k={cfg.k} batch={cfg.batch} threads={cfg.threads}, "
         f"median of {args.steps} steps, torch {torch.__version__}\n"

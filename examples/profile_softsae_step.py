@@ -22,8 +22,8 @@ import torch
 from sae_lens.saes.sae import TrainStepInput
 from torch.profiler import ProfilerActivity, profile
 
-from sae_adaptive_plugin.experiments.bench import _prepare, _train_step
-from sae_adaptive_plugin.experiments.bench_setup import ROW_NAMES, BenchConfig, _build_rows
+from sae_adaptive_plugin.experiments.bench import prepare_row, train_step
+from sae_adaptive_plugin.experiments.bench_setup import ROW_NAMES, BenchConfig, build_rows
 
 
 def _profiled(fn: Callable[[], Any]) -> tuple[Any, list[tuple[str, float, int]], float]:
@@ -110,11 +110,11 @@ def main() -> None:
         f"d_in={cfg.d_in} d_sae={cfg.d_sae} k={cfg.k} batch={cfg.batch} threads={cfg.threads} "
         f"device={cfg.device}, torch {torch.__version__}"
     )
-    for row in _build_rows(cfg, x):
+    for row in build_rows(cfg, x):
         if row.status != "ok":
             print(f"\n{row.name}: {row.status} {row.reason}")
             continue
-        _prepare(row, cfg, x)
+        prepare_row(row, cfg, x)
         variants = [(row.name, True)]
         if row.name == "softsae_soft" and args.plain_soft:
             variants.append(("softsae_soft, plain composition (fused_soft=False)", False))
@@ -122,7 +122,7 @@ def main() -> None:
             if hasattr(row.train_sae, "fused_soft"):
                 row.train_sae.fused_soft = fused
             for _ in range(args.warmup):
-                _train_step(row, x, dead)
+                train_step(row, x, dead)
             print(f"\n#### {name} ({cfg.threads} thread{'s' * (cfg.threads > 1)})\n")
             print(_profile_row(row, x, dead, args.top))
 

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, _build_rows
+from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, build_rows
 from sae_adaptive_plugin.ops.lapsum import lapsum_threshold
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     cfg.validate()
     torch.manual_seed(cfg.seed)
     x = torch.randn(cfg.batch, cfg.d_in, generator=torch.Generator().manual_seed(cfg.seed))
-    row = _build_rows(cfg, x)[0]
+    row = build_rows(cfg, x)[0]
     sae = row.train_sae
     with torch.no_grad():
         sae_in = sae.process_sae_in(x)

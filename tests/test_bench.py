@@ -116,7 +116,7 @@ def test_cpu_peak_counts_a_known_allocation() -> None:
         del a
         return b.sum()
 
-    peak = bench._cpu_peak_bytes(work)
+    peak = bench.cpu_peak_bytes(work)
     assert 2 * 4 * n <= peak < 4 * 4 * n
 
 

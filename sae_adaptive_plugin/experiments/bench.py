@@ -29,14 +29,14 @@ from sae_adaptive_plugin.experiments.bench_report import (
 )
 from sae_adaptive_plugin.experiments.bench_setup import (
     BenchConfig,
-    _build_rows,
+    BenchRow,
     _describe,
-    _Row,
+    build_rows,
 )
 from sae_adaptive_plugin.outputs import OutputExistsError, refuse_existing, replacing_file
 
 
-def _prepare(row: _Row, cfg: BenchConfig, x: Any) -> None:
+def prepare_row(row: BenchRow, cfg: BenchConfig, x: Any) -> None:
     """Optimizer, coefficients, inference twin and mean k of a freshly built row."""
     import torch
     from sae_lens.saes.sae import SAE
@@ -82,7 +82,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train_step(row: _Row, x: Any, dead_mask: Any) -> Any:
+def train_step(row: BenchRow, x: Any, dead_mask: Any) -> Any:
+    """One optimizer step of ``row``'s training SAE on the batch ``x`` (what the bench times)."""
     import torch
     from sae_lens.saes.sae import TrainStepInput
 
@@ -118,7 +119,7 @@ def _timed_wall_cpu(fn: Callable[[], Any], device: str) -> tuple[float, float]:
     return elapsed, cpu
 
 
-def _infer(row: _Row, x: Any) -> Any:
+def _infer(row: BenchRow, x: Any) -> Any:
     import torch
 
     with torch.inference_mode():
@@ -126,7 +127,7 @@ def _infer(row: _Row, x: Any) -> Any:
         return sae.decode(sae.encode(x))
 
 
-def _state_bytes(row: _Row) -> int:
+def _state_bytes(row: BenchRow) -> int:
     import torch
 
     total = sum(p.numel() * p.element_size() for p in row.train_sae.parameters())
@@ -137,21 +138,21 @@ def _state_bytes(row: _Row) -> int:
     return total
 
 
-def _peak_step_bytes(row: _Row, x: Any, dead_mask: Any, device: str) -> int:
+def _peak_step_bytes(row: BenchRow, x: Any, dead_mask: Any, device: str) -> int:
     import torch
 
     if device.startswith("cuda"):
         _sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        out = _train_step(row, x, dead_mask)
+        out = train_step(row, x, dead_mask)
         del out
         _sync(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
-    return _cpu_peak_bytes(lambda: _train_step(row, x, dead_mask))
+    return cpu_peak_bytes(lambda: train_step(row, x, dead_mask))
 
 
-def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak of the bytes allocated (net of frees) by torch's CPU allocator while ``fn`` runs.
 
     Read from the ``[memory]`` events of a ``torch.profiler`` trace: each carries the allocator's
@@ -207,11 +208,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     dead_mask = torch.zeros(cfg.d_sae, dtype=torch.bool, device=cfg.device)
     dead_mask[:n_dead] = True
 
-    rows = _build_rows(cfg, x)
+    rows = build_rows(cfg, x)
     active = [r for r in rows if r.status == "ok"]
     for row in active:
         try:
-            _prepare(row, cfg, x)
+            prepare_row(row, cfg, x)
         except Exception as e:
             row.status, row.reason = "error", _describe(e)
     active = [r for r in rows if r.status == "ok"]
@@ -220,7 +221,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     total = len(active) * (cfg.warmup + cfg.steps + n_infer + int(cfg.memory))
     bar = tqdm(total=total, desc="bench", file=sys.stderr, disable=not progress, leave=False)
 
-    def guarded(row: _Row, fn: Callable[[], None]) -> None:
+    def guarded(row: BenchRow, fn: Callable[[], None]) -> None:
         if row.status != "ok":
             bar.update(1)
             return
@@ -234,14 +235,14 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     for _ in range(cfg.warmup):
         for row in active:
             bar.set_postfix_str(f"warm-up {row.name}")
-            guarded(row, lambda row=row: _timed(lambda: _train_step(row, x, dead_mask), cfg.device))
+            guarded(row, lambda row=row: _timed(lambda: train_step(row, x, dead_mask), cfg.device))
     for r in range(cfg.steps):
         order = active[r % len(active) :] + active[: r % len(active)] if active else []
         for row in order:
             bar.set_postfix_str(f"step {r + 1}/{cfg.steps} {row.name}")
 
-            def measure_step(row: _Row = row) -> None:
-                wall, cpu = _timed_wall_cpu(lambda: _train_step(row, x, dead_mask), cfg.device)
+            def measure_step(row: BenchRow = row) -> None:
+                wall, cpu = _timed_wall_cpu(lambda: train_step(row, x, dead_mask), cfg.device)
                 row.step_s.append(wall)
                 row.step_cpu_s.append(cpu)
 
@@ -253,7 +254,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             for row in order:
                 bar.set_postfix_str(f"inference {row.name}")
 
-                def measure(row: _Row = row, timed: bool = i >= cfg.warmup) -> None:
+                def measure(row: BenchRow = row, timed: bool = i >= cfg.warmup) -> None:
                     t = _timed(lambda: _infer(row, x), cfg.device)
                     if timed:
                         row.infer_s.append(t)
@@ -264,7 +265,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         for row in active:
             bar.set_postfix_str(f"memory {row.name}")
 
-            def measure_memory(row: _Row = row) -> None:
+            def measure_memory(row: BenchRow = row) -> None:
                 row.peak_step_bytes = _peak_step_bytes(row, x, dead_mask, cfg.device)
 
             guarded(row, measure_memory)

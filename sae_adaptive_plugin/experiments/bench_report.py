@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, _Row
+from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, BenchRow
 from sae_adaptive_plugin.reporting import format_cell, markdown_table
 
 SCHEMA = "sae-adaptive-bench/1"
@@ -50,7 +50,7 @@ def _cpu_model() -> str | None:
     return None
 
 
-def _result(cfg: BenchConfig, rows: list[_Row], encoder_s: float | None) -> dict[str, Any]:
+def _result(cfg: BenchConfig, rows: list[BenchRow], encoder_s: float | None) -> dict[str, Any]:
     ref = next((r for r in rows if r.name == "topk" and r.status == "ok"), None)
 
     def median_ms(values: list[float]) -> float | None:

@@ -74,7 +74,7 @@ class BenchConfig:
 
 
 @dataclass
-class _Row:
+class BenchRow:
     """One benchmarked configuration: a training SAE, its optimizer and its inference twin."""
 
     name: str
@@ -107,20 +107,20 @@ def _base_kwargs(cfg: BenchConfig) -> dict[str, Any]:
     return {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype, "device": cfg.device}
 
 
-def _build_topk(cfg: BenchConfig, x: Any) -> list[_Row]:
+def _build_topk(cfg: BenchConfig, x: Any) -> list[BenchRow]:
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=cfg.k, **_base_kwargs(cfg)))
-    return [_Row("topk", "topk", None, settings={"k": cfg.k}, train_sae=sae, mean_k=cfg.k)]
+    return [BenchRow("topk", "topk", None, settings={"k": cfg.k}, train_sae=sae, mean_k=cfg.k)]
 
 
-def _build_hierarchical(cfg: BenchConfig, x: Any) -> list[_Row]:
+def _build_hierarchical(cfg: BenchConfig, x: Any) -> list[BenchRow]:
     from sae_lens.registry import get_sae_training_class
 
     sae_cls, cfg_cls = get_sae_training_class("hierarchical_topk")
     sae = sae_cls(cfg_cls(k=cfg.k, **_base_kwargs(cfg)))
     return [
-        _Row(
+        BenchRow(
             "hierarchical_topk",
             "hierarchical_topk",
             None,
@@ -131,7 +131,7 @@ def _build_hierarchical(cfg: BenchConfig, x: Any) -> list[_Row]:
     ]
 
 
-def _build_adaptivek(cfg: BenchConfig, x: Any) -> list[_Row]:
+def _build_adaptivek(cfg: BenchConfig, x: Any) -> list[BenchRow]:
     import torch
     from sae_lens.registry import get_sae_training_class
 
@@ -148,7 +148,7 @@ def _build_adaptivek(cfg: BenchConfig, x: Any) -> list[_Row]:
     std = std if std > 0 else 1.0
     sae.set_probe(ComplexityProbe(w, 0.0, mean - 2 * std, mean + 2 * std))
     settings = {"k_min": k_min, "k_max": k_max, "probe": "random direction, range mean ± 2 std"}
-    return [_Row("adaptivek", "adaptivek", None, settings=settings, train_sae=sae)]
+    return [BenchRow("adaptivek", "adaptivek", None, settings=settings, train_sae=sae)]
 
 
 def _softsae_phase_steps(sae_cfg: Any) -> tuple[int, int]:
@@ -161,7 +161,7 @@ def _softsae_phase_steps(sae_cfg: Any) -> tuple[int, int]:
     return max(0, soft), hard
 
 
-def _build_softsae(cfg: BenchConfig, x: Any) -> list[_Row]:
+def _build_softsae(cfg: BenchConfig, x: Any) -> list[BenchRow]:
     import torch
     from sae_lens.registry import get_sae_training_class
 
@@ -191,7 +191,7 @@ def _build_softsae(cfg: BenchConfig, x: Any) -> list[_Row]:
             with torch.no_grad():
                 mean_k = float(sae.estimate_k_from_sae_in(sae.process_sae_in(x)).float().mean())
         rows.append(
-            _Row(
+            BenchRow(
                 f"softsae_{phase}",
                 "softsae",
                 phase,
@@ -229,7 +229,7 @@ def _center_softsae_estimator(sae: Any, x: Any, k: float) -> None:
 
 
 #: row name -> (architecture that must be registered, builder of the rows it belongs to)
-_BUILDERS: dict[str, tuple[str, Callable[[BenchConfig, Any], list[_Row]]]] = {
+_BUILDERS: dict[str, tuple[str, Callable[[BenchConfig, Any], list[BenchRow]]]] = {
     "topk": ("topk", _build_topk),
     "hierarchical_topk": ("hierarchical_topk", _build_hierarchical),
     "softsae_soft": ("softsae", _build_softsae),
@@ -238,14 +238,15 @@ _BUILDERS: dict[str, tuple[str, Callable[[BenchConfig, Any], list[_Row]]]] = {
 }
 
 
-def _build_rows(cfg: BenchConfig, x: Any) -> list[_Row]:
-    rows: dict[str, _Row] = {}
+def build_rows(cfg: BenchConfig, x: Any) -> list[BenchRow]:
+    """A fresh, seeded training SAE for each of ``cfg.rows`` (unprepared: see ``prepare_row``)."""
+    rows: dict[str, BenchRow] = {}
     for name in ROW_NAMES:
         if name not in cfg.rows or name in rows:
             continue
         architecture, build = _BUILDERS[name]
         if not _registered(architecture):
-            rows[name] = _Row(
+            rows[name] = BenchRow(
                 name,
                 architecture,
                 None,
@@ -256,7 +257,7 @@ def _build_rows(cfg: BenchConfig, x: Any) -> list[_Row]:
         try:
             built = build(cfg, x)
         except Exception as e:  # a broken architecture is reported, the others still run
-            rows[name] = _Row(name, architecture, None, status="error", reason=_describe(e))
+            rows[name] = BenchRow(name, architecture, None, status="error", reason=_describe(e))
             continue
         for row in built:
             rows[row.name] = row
