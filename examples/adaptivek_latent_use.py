@@ -1,0 +1,101 @@
+"""How many of AdaptiveK's latents are in use, while it trains and after, on the compare's source.
+
+Every ``--every`` steps it prints how many distinct latents fire in the training batch and the
+batch's mean and std of L0; at the end, the saved SAE's metrics on held-out samples plus how many
+latents never fire (dead), fire on 1–7 samples (rare) or on 8 or more (used). Config fields can be
+overridden as JSON, and ``--dead-window`` sets SAELens's AuxK dead-feature window (steps)::
+
+    python examples/adaptivek_latent_use.py
+    python examples/adaptivek_latent_use.py --set '{"warmup_loss": "mse"}'
+    python examples/adaptivek_latent_use.py --dead-window 20
+
+Protocol as ``sae-adaptive compare`` (docs/compare.md): only ``k`` is set, plus the overrides; the
+dead-feature window is otherwise the compare's (a fifth of the steps, at most 1000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--complexity", default="loguniform", choices=("loguniform", "uniform"))
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--every", type=int, default=50, help="report every N steps")
+    parser.add_argument("--set", default="{}", help="AdaptiveK config overrides as JSON")
+    parser.add_argument("--dead-window", type=int, default=None, help="AuxK dead window (steps)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    import sae_lens.config
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from sae_adaptive_plugin.experiments.registry_saes import to_inference_sae
+    from sae_adaptive_plugin.experiments.synthetic import (
+        CompareConfig,
+        VariableComplexityConfig,
+        VariableComplexitySource,
+        evaluate_sae,
+        train_sae,
+    )
+    from sae_adaptive_plugin.experiments.synthetic_compare import build_compare_sae
+
+    if args.dead_window is not None:
+        trainer_init = sae_lens.config.SAETrainerConfig.__init__
+
+        def with_window(self, *a, **kw):
+            kw["dead_feature_window"] = args.dead_window
+            trainer_init(self, *a, **kw)
+
+        sae_lens.config.SAETrainerConfig.__init__ = with_window
+
+    cfg = CompareConfig(
+        source=VariableComplexityConfig(complexity=args.complexity),
+        steps=args.steps,
+        seed=args.seed,
+        architectures=("adaptivek",),
+        overrides={"adaptivek": json.loads(args.set)},
+    )
+    torch.manual_seed(cfg.seed)
+    source = VariableComplexitySource(cfg.source)
+    feature_acts, hidden, true_l0 = source.sample(cfg.eval_samples, seed=cfg.seed + 1)
+    target = float(true_l0.float().mean())
+    sae = build_compare_sae("adaptivek", cfg, target, round(target))
+    forward = sae.training_forward_pass
+
+    def reported(step_input):
+        out = forward(step_input=step_input)
+        if step_input.n_training_steps % args.every == 0:
+            fired = out.feature_acts.detach() != 0
+            l0 = fired.sum(-1).float()
+            print(
+                f"step {step_input.n_training_steps:5d}  latents firing in the batch "
+                f"{int(fired.any(0).sum()):4d}  L0 {float(l0.mean()):5.1f} ± {float(l0.std()):5.1f}",
+                flush=True,
+            )
+        return out
+
+    sae.training_forward_pass = reported
+    train_sae(sae, source, cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        inference = to_inference_sae(sae, Path(tmp))
+        metrics, _ = evaluate_sae(inference, hidden, feature_acts, source.true_features)
+        with torch.no_grad():
+            fires = (inference.encode(hidden) != 0).sum(0)
+    metrics["dead"] = int((fires == 0).sum())
+    metrics["rare_1_to_7"] = int(((fires > 0) & (fires < 8)).sum())
+    metrics["used_8_or_more"] = int((fires >= 8).sum())
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+
+
+if __name__ == "__main__":
+    main()
