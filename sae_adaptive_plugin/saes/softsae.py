@@ -182,9 +182,9 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             warnings.warn(
                 f"softsae: at the hard phase (hard_topk_start_step={self.schedule.hard_topk_start_step}) "
                 f"k̂ barely varies across inputs (std/mean {spread:.3f} < {MIN_K_SPREAD}, mean "
-                f"{float(k.mean()):.1f}): the per-input k is not adapting. Seen with short runs "
-                "whose lr warm-up takes a large share of the soft phase; try a longer run, a "
-                "shorter lr_warm_up_steps, or a later hard_topk_start_step",
+                f"{float(k.mean()):.1f}): the per-input k is not adapting (the estimator's "
+                "logits lost their spread in the soft phase); try a longer run, a shorter "
+                "lr_warm_up_steps, or a different hard_topk_start_step",
                 UserWarning,
                 stacklevel=4,
             )
