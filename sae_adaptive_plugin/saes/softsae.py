@@ -246,7 +246,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         composition."""
         if not self.soft_blocked(x_in.dtype, x_in.device):
             sae_in = x_in - shift
-            return self.plain_hidden_pre(sae_in), self.estimate_k_from_sae_in(sae_in.detach())
+            return self.plain_hidden_pre(sae_in), self.estimate_k_from_sae_in(x_in - shift.detach())
         flat = x_in.reshape(-1, self.cfg.d_in)
         lead = x_in.shape[:-1]
         scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
