@@ -23,31 +23,19 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from sae_adaptive_plugin.experiments.synthetic_compare import SingleRun
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--complexity", default="loguniform", choices=("loguniform", "uniform"))
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    SingleRun.add_arguments(parser)
     parser.add_argument("--every", type=int, default=50, help="report every N steps")
-    parser.add_argument("--set", default="{}", help="AdaptiveK config overrides as JSON")
     parser.add_argument("--dead-window", type=int, default=None, help="AuxK dead window (steps)")
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
     import sae_lens.config
     import torch
-
-    torch.set_num_threads(args.threads)
-    from sae_adaptive_plugin.experiments.registry_saes import to_inference_sae
-    from sae_adaptive_plugin.experiments.synthetic import (
-        CompareConfig,
-        VariableComplexityConfig,
-        VariableComplexitySource,
-        evaluate_sae,
-        train_sae,
-    )
-    from sae_adaptive_plugin.experiments.synthetic_compare import build_compare_sae
+    from sae_lens import SAE
 
     if args.dead_window is not None:
         trainer_init = sae_lens.config.SAETrainerConfig.__init__
@@ -58,18 +46,8 @@ def main() -> None:
 
         sae_lens.config.SAETrainerConfig.__init__ = with_window
 
-    cfg = CompareConfig(
-        source=VariableComplexityConfig(complexity=args.complexity),
-        steps=args.steps,
-        seed=args.seed,
-        architectures=("adaptivek",),
-        overrides={"adaptivek": json.loads(args.set)},
-    )
-    torch.manual_seed(cfg.seed)
-    source = VariableComplexitySource(cfg.source)
-    feature_acts, hidden, true_l0 = source.sample(cfg.eval_samples, seed=cfg.seed + 1)
-    target = float(true_l0.float().mean())
-    sae = build_compare_sae("adaptivek", cfg, target, round(target))
+    run = SingleRun.from_args("adaptivek", args)
+    sae = run.sae
     forward = sae.training_forward_pass
 
     def reported(step_input):
@@ -85,12 +63,11 @@ def main() -> None:
         return out
 
     sae.training_forward_pass = reported
-    train_sae(sae, source, cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        inference = to_inference_sae(sae, Path(tmp))
-        metrics, _ = evaluate_sae(inference, hidden, feature_acts, source.true_features)
+        metrics, _ = run.train_and_evaluate(Path(tmp))
         with torch.no_grad():
-            fires = (inference.encode(hidden) != 0).sum(0)
+            inference = SAE.load_from_disk(tmp)
+            fires = (inference.encode(run.hidden) != 0).sum(0)
     metrics["dead"] = int((fires == 0).sum())
     metrics["rare_1_to_7"] = int(((fires > 0) & (fires < 8)).sum())
     metrics["used_8_or_more"] = int((fires >= 8).sum())

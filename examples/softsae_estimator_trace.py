@@ -22,43 +22,21 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from sae_adaptive_plugin.experiments.synthetic_compare import SingleRun
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--complexity", default="loguniform", choices=("loguniform", "uniform"))
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    SingleRun.add_arguments(parser)
     parser.add_argument("--every", type=int, default=20, help="trace every N steps")
-    parser.add_argument("--set", default="{}", help="SoftSAE config overrides as JSON")
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
     import torch
 
-    torch.set_num_threads(args.threads)
-    from sae_adaptive_plugin.experiments.registry_saes import to_inference_sae
-    from sae_adaptive_plugin.experiments.synthetic import (
-        CompareConfig,
-        VariableComplexityConfig,
-        VariableComplexitySource,
-        evaluate_sae,
-        train_sae,
-    )
-    from sae_adaptive_plugin.experiments.synthetic_compare import build_compare_sae
     from sae_adaptive_plugin.stats import spearman
 
-    cfg = CompareConfig(
-        source=VariableComplexityConfig(complexity=args.complexity),
-        steps=args.steps,
-        seed=args.seed,
-        architectures=("softsae",),
-        overrides={"softsae": json.loads(args.set)},
-    )
-    torch.manual_seed(cfg.seed)
-    source = VariableComplexitySource(cfg.source)
-    feature_acts, hidden, true_l0 = source.sample(cfg.eval_samples, seed=cfg.seed + 1)
-    target = float(true_l0.float().mean())
-    sae = build_compare_sae("softsae", cfg, target, round(target))
+    run = SingleRun.from_args("softsae", args)
+    sae, true_l0 = run.sae, run.true_l0
     prepare = sae.prepare_training_step
 
     def traced(step_input):
@@ -78,10 +56,8 @@ def main() -> None:
         )
 
     sae.prepare_training_step = traced
-    train_sae(sae, source, cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        inference = to_inference_sae(sae, Path(tmp))
-        metrics, l0 = evaluate_sae(inference, hidden, feature_acts, source.true_features)
+        metrics, l0 = run.train_and_evaluate(Path(tmp))
     metrics["spearman_l0_vs_true_l0"] = spearman(l0.float(), true_l0.float())
     metrics["l0_p90"] = float(l0.float().quantile(0.9))
     metrics["true_l0_p90"] = float(true_l0.float().quantile(0.9))

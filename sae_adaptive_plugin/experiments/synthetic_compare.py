@@ -11,6 +11,7 @@ HierarchicalTopK is evaluated at several budgets ``k'``, each beside a TopK trai
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,8 +28,10 @@ from sae_adaptive_plugin.experiments.registry_saes import (
 )
 from sae_adaptive_plugin.experiments.synthetic import (
     ALL_ARCHITECTURES,
+    COMPLEXITY_DISTRIBUTIONS,
     FIXED_K_ARCHITECTURES,
     CompareConfig,
+    VariableComplexityConfig,
     VariableComplexitySource,
     evaluate_sae,
     train_sae,
@@ -304,3 +307,60 @@ def aggregate_seeds(results: Sequence[CompareResult]) -> CompareResult:
     return CompareResult(
         rows, first.skipped, first.true_l0, first.sae_l0, first.fixed_k, first.target_l0, info
     )
+
+
+@dataclass
+class SingleRun:
+    """One architecture set up as ``run_compare`` sets it up (for scripts that watch one SAE
+    train): the seeded source, its held-out set and a fresh SAE with only its compare settings
+    plus ``cfg.overrides``."""
+
+    cfg: CompareConfig
+    source: VariableComplexitySource
+    feature_acts: torch.Tensor
+    hidden: torch.Tensor
+    true_l0: torch.Tensor
+    sae: Any
+
+    @staticmethod
+    def add_arguments(parser: Any) -> None:
+        """``--complexity``, ``--steps``, ``--seed``, ``--set`` (config overrides as JSON) and
+        ``--threads`` on an ``argparse`` parser, for :meth:`from_args`."""
+        parser.add_argument("--complexity", default="loguniform", choices=COMPLEXITY_DISTRIBUTIONS)
+        parser.add_argument("--steps", type=int, default=1000, help="training steps")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--set", default="{}", help="config overrides as JSON")
+        parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+    @classmethod
+    def from_args(cls, architecture: str, args: Any) -> SingleRun:
+        """:meth:`build` from the arguments of :meth:`add_arguments` (sets the thread count)."""
+        torch.set_num_threads(args.threads)
+        overrides = json.loads(args.set)
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--set must be a JSON object of config fields, got {args.set!r}")
+        cfg = CompareConfig(
+            source=VariableComplexityConfig(complexity=args.complexity),
+            steps=args.steps,
+            seed=args.seed,
+            architectures=(architecture,),
+            overrides={architecture: overrides},
+        )
+        return cls.build(architecture, cfg)
+
+    @classmethod
+    def build(cls, architecture: str, cfg: CompareConfig) -> SingleRun:
+        cfg.validate()
+        torch.manual_seed(cfg.seed)
+        source = VariableComplexitySource(cfg.source, device=cfg.device)
+        feature_acts, hidden, true_l0 = source.sample(cfg.eval_samples, seed=cfg.seed + 1)
+        target = cfg.target_l0 if cfg.target_l0 is not None else float(true_l0.float().mean())
+        sae = build_compare_sae(architecture, cfg, target, max(1, round(target)))
+        return cls(cfg, source, feature_acts, hidden, true_l0, sae)
+
+    def train_and_evaluate(self, out_dir: Path) -> tuple[dict[str, float], torch.Tensor]:
+        """Train with SAELens's trainer, save to ``out_dir`` and evaluate the reloaded SAE on
+        the held-out set; returns (metrics, per-sample L0)."""
+        train_sae(self.sae, self.source, self.cfg)
+        inference = to_inference_sae(self.sae, Path(out_dir))
+        return evaluate_sae(inference, self.hidden, self.feature_acts, self.source.true_features)
