@@ -187,3 +187,24 @@ def test_seeds_are_aggregated_as_mean_and_std_per_row():
     for r in rows:
         r.update(l0_p90=1.0, dead_latents=0, mcc=0.5, l0_spearman_vs_true=0.0, train_seconds=1.0)
     assert "0.700 ± 0.100" in markdown_table(rows)
+
+
+def test_single_run_sets_up_one_sae_as_compare_does(tmp_path):
+    import argparse
+
+    from sae_adaptive_plugin.experiments.synthetic_compare import SingleRun
+
+    parser = argparse.ArgumentParser()
+    SingleRun.add_arguments(parser)
+    args = parser.parse_args(["--steps", "30", "--set", '{"k_max": 60}', "--complexity", "uniform"])
+    run = SingleRun.from_args("softsae", args)
+    assert run.cfg.source.complexity == "uniform" and run.cfg.steps == 30
+    # only k (the held-out mean true L0, rounded) and the overrides are set
+    assert run.sae.cfg.k == round(float(run.true_l0.float().mean()))
+    assert run.sae.cfg.k_max == 60
+    metrics, l0 = run.train_and_evaluate(tmp_path / "sae")
+    assert (tmp_path / "sae" / "cfg.json").exists()
+    assert l0.shape == run.true_l0.shape and math.isfinite(metrics["explained_variance"])
+    bad = parser.parse_args(["--set", "[1]"])
+    with pytest.raises(ValueError, match="--set must be a JSON object"):
+        SingleRun.from_args("softsae", bad)
