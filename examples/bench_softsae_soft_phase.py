@@ -21,32 +21,28 @@ import time
 import torch
 
 from sae_adaptive_plugin.experiments.bench import cpu_peak_bytes, prepare_row, train_step
-from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, build_rows
+from sae_adaptive_plugin.experiments.bench_setup import (
+    BenchConfig,
+    add_shape_arguments,
+    bench_inputs,
+    build_rows,
+    shape_from_args,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--d-in", type=int, default=768)
-    parser.add_argument("--d-sae", type=int, default=16384)
-    parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=1024)
+    add_shape_arguments(parser, BenchConfig(batch=1024))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     cfg = BenchConfig(
-        d_in=args.d_in,
-        d_sae=args.d_sae,
-        k=args.k,
-        batch=args.batch,
+        **shape_from_args(args),
         threads=args.threads,
         rows=("topk", "softsae_soft"),
         inference=False,
     )
-    cfg.validate()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    x = torch.randn(cfg.batch, cfg.d_in, generator=torch.Generator().manual_seed(cfg.seed))
-    dead = torch.zeros(cfg.d_sae, dtype=torch.bool)
+    x, dead = bench_inputs(cfg)
     topk, soft = build_rows(cfg, x)
     for row in (topk, soft):
         prepare_row(row, cfg, x)

@@ -23,7 +23,14 @@ from sae_lens.saes.sae import TrainStepInput
 from torch.profiler import ProfilerActivity, profile
 
 from sae_adaptive_plugin.experiments.bench import prepare_row, train_step
-from sae_adaptive_plugin.experiments.bench_setup import ROW_NAMES, BenchConfig, build_rows
+from sae_adaptive_plugin.experiments.bench_setup import (
+    ROW_NAMES,
+    BenchConfig,
+    add_shape_arguments,
+    bench_inputs,
+    build_rows,
+    shape_from_args,
+)
 
 
 def _profiled(fn: Callable[[], Any]) -> tuple[Any, list[tuple[str, float, int]], float]:
@@ -79,10 +86,7 @@ def _profile_row(row: Any, x: torch.Tensor, dead: torch.Tensor, top: int) -> str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--d-in", type=int, default=256)
-    parser.add_argument("--d-sae", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=1024)
+    add_shape_arguments(parser, BenchConfig(d_in=256, d_sae=4096, batch=1024))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -91,21 +95,13 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=10, help="ops listed per table")
     args = parser.parse_args()
     cfg = BenchConfig(
-        d_in=args.d_in,
-        d_sae=args.d_sae,
-        k=args.k,
-        batch=args.batch,
+        **shape_from_args(args),
         device=args.device,
         threads=args.threads,
         rows=tuple(args.rows),
         inference=False,
     )
-    cfg.validate()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    x = torch.randn(cfg.batch, cfg.d_in, generator=gen).to(cfg.device)
-    dead = torch.zeros(cfg.d_sae, dtype=torch.bool, device=cfg.device)
+    x, dead = bench_inputs(cfg)
     print(
         f"d_in={cfg.d_in} d_sae={cfg.d_sae} k={cfg.k} batch={cfg.batch} threads={cfg.threads} "
         f"device={cfg.device}, torch {torch.__version__}"

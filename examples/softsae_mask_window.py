@@ -15,23 +15,22 @@ import argparse
 
 import torch
 
-from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, build_rows
+from sae_adaptive_plugin.experiments.bench_setup import (
+    BenchConfig,
+    add_shape_arguments,
+    bench_inputs,
+    build_rows,
+    shape_from_args,
+)
 from sae_adaptive_plugin.ops.lapsum import lapsum_threshold
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--d-in", type=int, default=768)
-    parser.add_argument("--d-sae", type=int, default=16384)
-    parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=1024)
+    add_shape_arguments(parser, BenchConfig(batch=1024))
     args = parser.parse_args()
-    cfg = BenchConfig(
-        d_in=args.d_in, d_sae=args.d_sae, k=args.k, batch=args.batch, rows=("softsae_soft",)
-    )
-    cfg.validate()
-    torch.manual_seed(cfg.seed)
-    x = torch.randn(cfg.batch, cfg.d_in, generator=torch.Generator().manual_seed(cfg.seed))
+    cfg = BenchConfig(**shape_from_args(args), rows=("softsae_soft",))
+    x, _ = bench_inputs(cfg)
     row = build_rows(cfg, x)[0]
     sae = row.train_sae
     with torch.no_grad():

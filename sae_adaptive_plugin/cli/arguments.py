@@ -211,22 +211,15 @@ def thread_counts(text: str) -> list[int]:
 
 
 def bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from sae_adaptive_plugin.experiments.bench_setup import DTYPES, ROW_NAMES, BenchConfig
+    from sae_adaptive_plugin.experiments.bench_setup import (
+        DTYPES,
+        ROW_NAMES,
+        BenchConfig,
+        add_shape_arguments,
+    )
 
     d = BenchConfig()
-    parser.add_argument(
-        "--d-in", type=int, default=d.d_in, help="input width (default %(default)s)"
-    )
-    parser.add_argument("--d-sae", type=int, default=d.d_sae, help="latents (default %(default)s)")
-    parser.add_argument(
-        "--k",
-        type=int,
-        default=d.k,
-        help="TopK k = the adaptive SAEs' mean k (default %(default)s)",
-    )
-    parser.add_argument(
-        "--batch", type=int, default=d.batch, help="tokens per step (default %(default)s)"
-    )
+    add_shape_arguments(parser, d)
     parser.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="(default %(default)s)")
     parser.add_argument("--device", default=d.device, help="cpu or cuda[:N] (default %(default)s)")
     parser.add_argument(

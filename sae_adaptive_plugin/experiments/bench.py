@@ -31,7 +31,9 @@ from sae_adaptive_plugin.experiments.bench_setup import (
     BenchConfig,
     BenchRow,
     _describe,
+    bench_inputs,
     build_rows,
+    shape_from_args,
 )
 from sae_adaptive_plugin.outputs import OutputExistsError, refuse_existing, replacing_file
 
@@ -195,18 +197,9 @@ def _encoder_bound_s(cfg: BenchConfig, x: Any, W_enc: Any, rounds: int) -> float
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     """Run the benchmark described by ``cfg``; returns the JSON-ready result (module docstring)."""
-    import torch
     from tqdm import tqdm
 
-    cfg.validate()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    dtype = getattr(torch, cfg.dtype)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    x = torch.randn(cfg.batch, cfg.d_in, generator=gen).to(device=cfg.device, dtype=dtype)
-    n_dead = round(cfg.dead_fraction * cfg.d_sae)
-    dead_mask = torch.zeros(cfg.d_sae, dtype=torch.bool, device=cfg.device)
-    dead_mask[:n_dead] = True
+    x, dead_mask = bench_inputs(cfg)
 
     rows = build_rows(cfg, x)
     active = [r for r in rows if r.status == "ok"]
@@ -318,10 +311,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
 def _config_from_args(args: argparse.Namespace, threads: int) -> BenchConfig:
     return BenchConfig(
-        d_in=args.d_in,
-        d_sae=args.d_sae,
-        k=args.k,
-        batch=args.batch,
+        **shape_from_args(args),
         dtype=args.dtype,
         device=args.device,
         steps=args.steps,

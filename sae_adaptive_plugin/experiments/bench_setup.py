@@ -73,6 +73,51 @@ class BenchConfig:
                 raise ValueError(f"device={self.device!r} but CUDA is not available here")
 
 
+#: The shape fields of :class:`BenchConfig` that :func:`add_shape_arguments` exposes as flags.
+SHAPE_FIELDS = ("d_in", "d_sae", "k", "batch")
+
+
+def add_shape_arguments(parser: Any, defaults: BenchConfig | None = None) -> None:
+    """``--d-in``, ``--d-sae``, ``--k`` and ``--batch`` on an ``argparse`` parser, defaulting to
+    ``defaults``'s values (``BenchConfig()``'s); :func:`shape_from_args` reads them back."""
+    d = defaults if defaults is not None else BenchConfig()
+    parser.add_argument(
+        "--d-in", type=int, default=d.d_in, help="input width (default %(default)s)"
+    )
+    parser.add_argument("--d-sae", type=int, default=d.d_sae, help="latents (default %(default)s)")
+    parser.add_argument(
+        "--k",
+        type=int,
+        default=d.k,
+        help="TopK k = the adaptive SAEs' mean k (default %(default)s)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=d.batch, help="tokens per step (default %(default)s)"
+    )
+
+
+def shape_from_args(args: Any) -> dict[str, int]:
+    """The :data:`SHAPE_FIELDS` of parsed :func:`add_shape_arguments` flags, as config fields."""
+    return {name: getattr(args, name) for name in SHAPE_FIELDS}
+
+
+def bench_inputs(cfg: BenchConfig) -> tuple[Any, Any]:
+    """Validate ``cfg``, set torch's thread count and seed, and return the seeded input batch
+    ``[batch, d_in]`` (``cfg.dtype`` on ``cfg.device``) and the dead-latent mask (the first
+    ``dead_fraction · d_sae`` latents), as every bench row sees them."""
+    import torch
+
+    cfg.validate()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(cfg.batch, cfg.d_in, generator=gen)
+    x = x.to(device=cfg.device, dtype=getattr(torch, cfg.dtype))
+    dead_mask = torch.zeros(cfg.d_sae, dtype=torch.bool, device=cfg.device)
+    dead_mask[: round(cfg.dead_fraction * cfg.d_sae)] = True
+    return x, dead_mask
+
+
 @dataclass
 class BenchRow:
     """One benchmarked configuration: a training SAE, its optimizer and its inference twin."""
