@@ -205,6 +205,10 @@ def test_single_run_sets_up_one_sae_as_compare_does(tmp_path):
     metrics, l0 = run.train_and_evaluate(tmp_path / "sae")
     assert (tmp_path / "sae" / "cfg.json").exists()
     assert l0.shape == run.true_l0.shape and math.isfinite(metrics["explained_variance"])
+    from sae_adaptive_plugin.outputs import OutputExistsError
+
+    with pytest.raises(OutputExistsError, match="out_dir"):  # a saved SAE is never replaced
+        SingleRun.from_args("softsae", args).train_and_evaluate(tmp_path / "sae")
     bad = parser.parse_args(["--set", "[1]"])
     with pytest.raises(ValueError, match="--set must be a JSON object"):
         SingleRun.from_args("softsae", bad)

@@ -36,6 +36,7 @@ from sae_adaptive_plugin.experiments.synthetic import (
     evaluate_sae,
     train_sae,
 )
+from sae_adaptive_plugin.outputs import refuse_existing
 from sae_adaptive_plugin.registration.plugin import (
     ADAPTIVE_ARCHITECTURES,
     HIERARCHICAL_ARCHITECTURE,
@@ -359,8 +360,10 @@ class SingleRun:
         return cls(cfg, source, feature_acts, hidden, true_l0, sae)
 
     def train_and_evaluate(self, out_dir: Path) -> tuple[dict[str, float], torch.Tensor]:
-        """Train with SAELens's trainer, save to ``out_dir`` and evaluate the reloaded SAE on
-        the held-out set; returns (metrics, per-sample L0)."""
+        """Train with SAELens's trainer, save to ``out_dir`` (refused if it already holds
+        something) and evaluate the reloaded SAE on the held-out set; returns (metrics,
+        per-sample L0)."""
+        refuse_existing(out_dir, overwrite=False, what="out_dir")
         train_sae(self.sae, self.source, self.cfg)
         inference = to_inference_sae(self.sae, Path(out_dir))
         return evaluate_sae(inference, self.hidden, self.feature_acts, self.source.true_features)
