@@ -105,6 +105,19 @@ def build_compare_sae(architecture: str, cfg: CompareConfig, target_l0: float, f
     )
 
 
+def compare_data(
+    cfg: CompareConfig,
+) -> tuple[VariableComplexitySource, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Seed torch with ``cfg.seed`` and build the comparison's source and held-out set (seed
+    ``cfg.seed + 1``); returns (source, true activations, hidden, true L0, target mean L0 — the
+    held-out mean true L0 unless ``cfg.target_l0`` is set)."""
+    torch.manual_seed(cfg.seed)
+    source = VariableComplexitySource(cfg.source, device=cfg.device)
+    feature_acts, hidden, true_l0 = source.sample(cfg.eval_samples, seed=cfg.seed + 1)
+    target_l0 = cfg.target_l0 if cfg.target_l0 is not None else float(true_l0.float().mean())
+    return source, feature_acts, hidden, true_l0, target_l0
+
+
 def run_compare(
     cfg: CompareConfig,
     out_dir: Path,
@@ -128,11 +141,8 @@ def run_compare(
     # training order is fixed (adaptive SAEs first, so the fixed-k baselines can match them)
     to_run = [a for a in ALL_ARCHITECTURES if a in cfg.architectures and a in registered]
 
-    torch.manual_seed(cfg.seed)
-    source = VariableComplexitySource(cfg.source, device=cfg.device)
-    feature_acts, hidden, true_l0 = source.sample(cfg.eval_samples, seed=cfg.seed + 1)
+    source, feature_acts, hidden, true_l0, target_l0 = compare_data(cfg)
     true_l0_f = true_l0.float()
-    target_l0 = cfg.target_l0 if cfg.target_l0 is not None else float(true_l0_f.mean())
     info = {
         "true_l0_mean": float(true_l0_f.mean()),
         "true_l0_std": float(true_l0_f.std()),
@@ -352,10 +362,7 @@ class SingleRun:
     @classmethod
     def build(cls, architecture: str, cfg: CompareConfig) -> SingleRun:
         cfg.validate()
-        torch.manual_seed(cfg.seed)
-        source = VariableComplexitySource(cfg.source, device=cfg.device)
-        feature_acts, hidden, true_l0 = source.sample(cfg.eval_samples, seed=cfg.seed + 1)
-        target = cfg.target_l0 if cfg.target_l0 is not None else float(true_l0.float().mean())
+        source, feature_acts, hidden, true_l0, target = compare_data(cfg)
         sae = build_compare_sae(architecture, cfg, target, max(1, round(target)))
         return cls(cfg, source, feature_acts, hidden, true_l0, sae)
 
