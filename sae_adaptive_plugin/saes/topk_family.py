@@ -25,6 +25,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE
 
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
+from sae_adaptive_plugin.ops.preacts_at import preacts_at
 from sae_adaptive_plugin.ops.variable_topk import (
     TopKResult,
     decode_topk,
@@ -148,12 +149,18 @@ class TopKFamilyMixin:
             hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
         return hidden_pre
 
+    @property
+    def encodes_fused(self) -> bool:
+        """Whether encoding is the fused op: unless ``hook_sae_acts_pre`` has forward hooks,
+        which may change what is selected (then the plain path selects after them)."""
+        return self.fused_encode and not self.hook_sae_acts_pre._forward_hooks
+
     def select_top_k(
         self, sae_in: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, TopKResult]:
-        """``(hidden_pre, selection)``: one fused op unless ``hook_sae_acts_pre`` has forward
-        hooks, which may change what is selected (then the plain path selects after them)."""
-        if self.fused_encode and not self.hook_sae_acts_pre._forward_hooks:
+        """``(hidden_pre, selection)``: one fused op when :attr:`encodes_fused`, else SAELens's
+        plain path (matmul, hooks, then the selection)."""
+        if self.encodes_fused:
             scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
             hidden_pre, selection = topk_encode(
                 sae_in, self.W_enc, self.b_enc, k, self.k_max, scale=scale
@@ -312,19 +319,61 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
             )
         return encoding.prefix_errors
 
-    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        self.prepare_training_step(step_input)
-        encoding = self.training_encoding(step_input)
-        sae_out = self.training_decode(encoding)
-        losses = {"mse_loss": self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()}
-        losses.update(
-            self.calculate_aux_loss(
+    def auxk_losses(
+        self, step_input: TrainStepInput, encoding: StepEncoding, sae_out: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """SAELens's AuxK loss (``auxiliary_reconstruction_loss``). On the fused encode path its
+        gradient enters the encoder at each row's ``k_aux`` chosen dead latents only
+        (:func:`preacts_at`) and the decode gathers those rows, so the step's backward stays
+        sparse; otherwise (hooks, the plain path) SAELens computes it from ``hidden_pre``."""
+        dead = step_input.dead_neuron_mask
+        if not (isinstance(encoding, TopKEncoding) and self.encodes_fused):
+            return self.calculate_aux_loss(
                 step_input=step_input,
                 feature_acts=encoding.feature_acts,
                 hidden_pre=encoding.hidden_pre,
                 sae_out=sae_out,
             )
+        if dead is None or (num_dead := int(dead.sum())) == 0:
+            return {"auxiliary_reconstruction_loss": sae_out.new_tensor(0.0)}
+        if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+            # SAELens refuses the same: the residual is in the input space, the code's is not
+            return self.calculate_aux_loss(
+                step_input=step_input,
+                feature_acts=encoding.feature_acts,
+                hidden_pre=encoding.hidden_pre,
+                sae_out=sae_out,
+            )
+        residual = (step_input.sae_in - sae_out).detach()
+        k_aux_full = self.cfg.d_in // 2  # SAELens's k_aux: half of d_in, scaled down below
+        k_aux = min(k_aux_full, num_dead)
+        d_sae = self.cfg.d_sae
+        hidden_pre = encoding.hidden_pre.detach().reshape(-1, d_sae)
+        minus_inf = torch.tensor(-torch.inf, dtype=hidden_pre.dtype, device=hidden_pre.device)
+        chosen = torch.where(dead, hidden_pre, minus_inf).topk(k_aux, dim=-1, sorted=False)
+        scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        values = preacts_at(
+            encoding.sae_in.reshape(-1, self.cfg.d_in),
+            self.W_enc,
+            self.b_enc,
+            chosen.indices,
+            chosen.values,
+            scale,
         )
+        coefficients = self.decoder_coefficients(values, chosen.indices)
+        recons = decode_topk(coefficients, chosen.indices, self.W_dec)
+        recons = recons.reshape(*encoding.hidden_pre.shape[:-1], self.cfg.d_in)
+        recons = self.reshape_fn_out(recons, self.d_head)  # type: ignore[attr-defined]
+        loss = (recons - residual).pow(2).sum(dim=-1).mean()
+        weight = self.cfg.aux_loss_coefficient * min(num_dead / k_aux_full, 1.0)
+        return {"auxiliary_reconstruction_loss": weight * loss}
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        self.prepare_training_step(step_input)
+        encoding = self.training_encoding(step_input)
+        sae_out = self.training_decode(encoding)
+        losses = {"mse_loss": self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()}
+        losses.update(self.auxk_losses(step_input, encoding, sae_out))
         losses.update(self.extra_losses(step_input, encoding))
         self.record_training_step(step_input, encoding)
         k = encoding.k.detach().float()
