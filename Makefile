@@ -9,13 +9,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sae-adaptive-installed
 
-.PHONY: install test test-fast lint format demo demo-lm lm-setup clean test-ecosystem test-sae-lens-min
+.PHONY: install test test-fast lint format demo demo-lm lm-setup clean test-ecosystem test-sae-lens-min bench-peers
 
 $(STAMP): pyproject.toml constraints.txt _sae_adaptive_plugin_autoload.py sae_adaptive_plugin-autoload.pth sae_adaptive_plugin-autoload.start
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev]"
+	$(MAKE) --no-print-directory bench-peers
 	touch $(STAMP)
+
+# The bench's peer row: EleutherAI sparsify without its dependencies (they would re-resolve torch),
+# plus the two it imports that the package does not already bring.
+bench-peers:
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps "eai-sparsify==1.3.3"
+	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt natsort schedulefree
 
 install: $(STAMP)
 
