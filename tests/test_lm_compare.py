@@ -235,3 +235,30 @@ def test_train_and_eval_from_yaml_with_a_gguf_model(tmp_path, gguf_file, corpora
     _, tokenizer = llama
     ids = local_lm.texts_to_token_lists(proxy, ["the quick fox"], prepend_bos=True)[0]
     assert ids == [tokenizer.bos_token_id, *tokenizer("the quick fox")["input_ids"]]
+
+
+@pytest.mark.slow
+def test_compare_lm_with_seeds_reports_mean_and_std(tmp_path, llama_dir, corpora, capsys):
+    from sae_adaptive_plugin.cli import main
+
+    out = tmp_path / "out"
+    args = ["compare", "--lm", "--model", str(llama_dir), "--layer", "1"]
+    args += ["--text", str(corpora[0]), "--heldout-text", str(corpora[1])]
+    args += ["--train-tokens", "1500", "--heldout-tokens", "600", "--ce-tokens", "150"]
+    args += ["--context-size", "16", "--d-sae", "48", "--k", "4", "--topk-sweep", "4"]
+    args += ["--steps", "12", "--batch-size", "64", "--threads", "1", "--seeds", "2"]
+    args += ["--architectures", "softsae,topk", "--out", str(out)]
+    args += ["--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["seeds"] == [0, 1] and len(payload["per_seed"]) == 2
+    per_seed = {run["seed"]: {r["name"]: r for r in run["results"]} for run in payload["per_seed"]}
+    merged = {r["name"]: r for r in payload["results"]}
+    row = merged["topk@k=4"]
+    evs = [per_seed[s]["topk@k=4"]["explained_variance"] for s in (0, 1)]
+    assert evs[0] != evs[1]  # the seeds really differ
+    assert row["n_seeds"] == 2
+    assert math.isclose(row["explained_variance"], sum(evs) / 2, rel_tol=1e-9)
+    assert math.isclose(row["explained_variance_std"], abs(evs[0] - evs[1]) / 2, rel_tol=1e-9)
+    assert (out / "seed0" / "saes").is_dir() and (out / "seed1" / "saes").is_dir()
+    assert " ± " in capsys.readouterr().out

@@ -154,7 +154,7 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
         "--seeds",
         type=int,
         default=1,
-        help="run seeds SEED..SEED+N-1 and report mean ± std per metric (default 1)",
+        help="run seeds SEED..SEED+N-1 and report mean ± std per metric (with --lm too; default 1)",
     )
     parser.add_argument(
         "--complexity",

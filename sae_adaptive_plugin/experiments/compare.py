@@ -27,7 +27,6 @@ from typing import Any
 
 from sae_adaptive_plugin import reporting
 from sae_adaptive_plugin.experiments.plots import plot_ev_vs_l0, plot_l0_vs_true
-from sae_adaptive_plugin.reporting import format_cell
 
 RESULTS_FILENAME = "results.json"
 L0_PLOT_FILENAME = "l0_vs_true_l0.png"
@@ -59,16 +58,9 @@ _WITH_STD = (
 )
 
 
-def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    text = format_cell(row, key, fmt)
-    if key in _WITH_STD and row.get("n_seeds", 1) > 1 and f"{key}_std" in row:
-        text += " ± " + fmt.format(row[f"{key}_std"]).lstrip("+")
-    return text
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The result rows as a GitHub Markdown table (``mean ± std`` over seeds where present)."""
-    return reporting.markdown_table(rows, TABLE_COLUMNS, cell=_cell)
+    return reporting.markdown_table(rows, TABLE_COLUMNS, cell=reporting.cell_with_std(_WITH_STD))
 
 
 def build_config(args: argparse.Namespace) -> Any:

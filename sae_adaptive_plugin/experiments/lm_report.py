@@ -11,6 +11,7 @@ against mean L0: the TopK sweep and HierarchicalTopK as curves) and ``saes/<name
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -38,7 +39,7 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("KL", "kl_div", "{:.3f}"),
     ("L0 mean", "l0_mean", "{:.1f}"),
     ("L0 std", "l0_std", "{:.1f}"),
-    ("dead", "dead_latents", "{:d}"),
+    ("dead", "dead_latents", "{:.0f}"),
     ("ρ(L0, surprisal)", "spearman_l0_surprisal", "{:.3f}"),
     ("ρ(L0, position)", "spearman_l0_position", "{:.3f}"),
     ("ρ(L0, ‖x‖)", "spearman_l0_norm", "{:.3f}"),
@@ -46,9 +47,13 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+#: Columns shown as ``mean ± std`` when the rows come from several seeds.
+_WITH_STD = ("explained_variance", "ce_loss_score", "kl_div", "l0_mean", "dead_latents")
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The result rows as a GitHub Markdown table."""
-    return reporting.markdown_table(rows, TABLE_COLUMNS)
+    """The result rows as a GitHub Markdown table (``mean ± std`` over seeds where present)."""
+    return reporting.markdown_table(rows, TABLE_COLUMNS, cell=reporting.cell_with_std(_WITH_STD))
 
 
 def default_model() -> str | None:
@@ -122,9 +127,32 @@ def run_lm(args: argparse.Namespace) -> int:
     except OutputExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.seeds < 1:
+        print(f"error: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
+        return 2
     with replacing_dir(out) as staging:  # compare owns its folder: nothing stale survives
-        result = run_lm_compare(cfg, staging)
-        payload = {"config": config_dict(cfg), "info": result.info, "results": result.rows}
+        runs, seeds = [], [cfg.seed + offset for offset in range(args.seeds)]
+        for offset in range(args.seeds):
+            seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + offset)
+            if args.seeds > 1:
+                print(f"== seed {seed_cfg.seed} ({offset + 1}/{args.seeds})")
+            seed_out = staging if args.seeds == 1 else staging / f"seed{seed_cfg.seed}"
+            runs.append(run_lm_compare(seed_cfg, seed_out))
+        result = runs[0]  # per-token pictures: the first seed's SAEs
+        if len(runs) > 1:
+            rows = reporting.aggregate_rows([run.rows for run in runs])
+            result = dataclasses.replace(result, rows=rows)
+        payload: dict[str, Any] = {
+            "config": config_dict(cfg),
+            "info": result.info,
+            "results": result.rows,
+        }
+        if len(runs) > 1:
+            payload["seeds"] = seeds
+            payload["per_seed"] = [
+                {"seed": seed, "info": run.info, "results": run.rows}
+                for seed, run in zip(seeds, runs)
+            ]
         (staging / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
         plot_k_per_token(result, staging / K_PER_TOKEN_PNG)
         plot_k_vs_surprisal(result, staging / K_VS_SURPRISAL_PNG)
@@ -137,6 +165,7 @@ def run_lm(args: argparse.Namespace) -> int:
         f"{cfg.d_sae}, {cfg.steps} steps × {cfg.batch_size}; fixed-k baselines at k = "
         f"{info['fixed_k']}; CE clean {info['ce_loss_clean']:.3f}, zero-ablated "
         f"{info['ce_loss_zero_ablation']:.3f}; {info['total_seconds']:.0f} s"
+        + (f"; mean ± std over seeds {seeds}" if len(runs) > 1 else "")
     )
     print()
     print(markdown_table(result.rows))

@@ -41,6 +41,7 @@ from sae_adaptive_plugin.registration.plugin import (
     ADAPTIVE_ARCHITECTURES,
     HIERARCHICAL_ARCHITECTURE,
 )
+from sae_adaptive_plugin.reporting import aggregate_rows
 from sae_adaptive_plugin.stats import spearman
 
 #: Keys every result entry carries (``results.json`` schema); all values are finite numbers
@@ -296,21 +297,7 @@ def aggregate_seeds(results: Sequence[CompareResult]) -> CompareResult:
     have it, with ``<key>_std`` (population std) and ``n_seeds`` beside them; per-sample data
     (L0 scatter) are the first run's."""
     first = results[0]
-    groups: dict[str, list[dict[str, Any]]] = {}  # by name, in order of first appearance
-    for result in results:
-        for row in result.rows:
-            groups.setdefault(row["name"], []).append(row)
-    rows = []
-    for group in groups.values():
-        row: dict[str, Any] = dict(group[0])
-        for key, value in group[0].items():
-            if key == "k_eval" or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            values = torch.tensor([float(r[key]) for r in group if key in r], dtype=torch.float64)
-            row[key] = float(values.mean())
-            row[f"{key}_std"] = float(values.std(correction=0))
-        row["n_seeds"] = len(group)
-        rows.append(row)
+    rows = aggregate_rows([result.rows for result in results])
     info = dict(first.info)
     for key in ("true_l0_mean", "true_l0_std", "true_l0_p90", "target_l0"):
         info[key] = float(sum(r.info[key] for r in results) / len(results))
