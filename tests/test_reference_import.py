@@ -213,11 +213,20 @@ def test_from_pretrained_with_converter_gives_the_reference_forward(hub, tmp_pat
         "softsae-ref": softsae_ref_huggingface_loader,
     }[fmt]
     sae = SAE.from_pretrained(REPO, FOLDER, converter=converter)
-    assert (
-        sae.cfg.metadata.model_name
-        == json.loads((tmp_path / "trainer_0" / "config.json").read_text())["trainer"]["lm_name"]
-    )
+    trainer = json.loads((tmp_path / "trainer_0" / "config.json").read_text())["trainer"]
+    assert sae.cfg.metadata.model_name == trainer["lm_name"]
     assert_matches_reference(sae, ckpt, fmt)
+    # a release's overrides: config fields at the top, the rest (neuronpedia id) in metadata
+    overrides = {"dtype": "float64", "neuronpedia_id": "m/3"}
+    cfg, _, _ = converter(REPO, FOLDER, cfg_overrides=overrides)
+    assert (cfg["dtype"], cfg["metadata"]["neuronpedia_id"]) == ("float64", "m/3")
+    # and `sae-adaptive import REPO --folder …` writes the same SAE
+    out = tmp_path / "imported"
+    args = ["import", REPO, "--folder", FOLDER, "--format", fmt, "--out", str(out)]
+    assert cli.main(args) == 0
+    imported = SAE.load_from_disk(out)
+    for name, value in sae.state_dict().items():
+        assert torch.equal(imported.state_dict()[name], value), name
 
 
 def test_softsae_norm_factor_is_folded_in(tmp_path):
@@ -267,7 +276,7 @@ def test_pickle_only_checkpoint_is_refused_naming_the_file(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_bad_checkpoints_are_refused_naming_the_field(tmp_path):
+def test_bad_checkpoints_are_refused_naming_the_field(tmp_path, capsys):
     write_adaptivek_checkpoint(tmp_path / "a", max_k=D_SAE + 1)
     with pytest.raises(ReferenceImportError, match=r"dict_size=64.*max_k=65"):
         SAE.load_from_disk(tmp_path / "a", converter=adaptivek_ref_disk_loader)
@@ -278,6 +287,9 @@ def test_bad_checkpoints_are_refused_naming_the_field(tmp_path):
     write_softsae_checkpoint(tmp_path / "c", k_max=D_SAE + 8)
     with pytest.raises(ReferenceImportError, match=r"k_max=72"):
         import_reference(local_files(tmp_path / "c", "softsae-ref"), "softsae-ref", "test")
+    args = ["import", str(tmp_path / "no" / "such"), "--format", "softsae-ref"]
+    assert cli.main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert "no such local path" in capsys.readouterr().out
     backup = {"step": 3, "ae": {"b_dec": torch.zeros(D_IN)}, "norm_factor": 1.0}
     torch.save(backup, tmp_path / "backup.pt")
     with pytest.raises(ReferenceImportError, match="training backup"):

@@ -34,7 +34,7 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None], str],
         "convert an SAE saved by the papers' reference code (AdaptiveK, SoftSAE) into a "
         "SAELens folder",
         arguments.import_arguments,
-        "sae_adaptive_plugin.hub.reference_import:import_command",
+        "sae_adaptive_plugin.hub.reference_import.loaders:import_command",
     ),
     (
         "train",

@@ -1,21 +1,5 @@
-"""SAEs saved by the papers' reference code, as this package's SAELens architectures.
-
-Formats (a trainer folder ``…/trainer_0/`` of ``dictionary_learning``, ``ae.pt`` or
-``ae.safetensors`` beside ``config.json``; state dicts of ``nn.Linear``, weights ``[out, in]``):
-
-- ``adaptivek-ref`` (hiyukie/adaptiveK, ``AutoEncoderDynamicTopK``): ``encoder.weight [F, D]``,
-  ``encoder.bias``, ``decoder.weight [D, F]``, ``b_dec``; the ``LinearProbe`` in ``probe.pt``
-  (``weights [D, 1]``, ``bias [1]``, scores clamped to ``[0, 10]``); ``min_k``/``max_k`` from the
-  config. → ``adaptivek``, label range ``[0, 10]``, steepness 6: the same k per row and code.
-- ``softsae-ref`` (St0pien/SoftSAE, ``SoftSAE``): the same four tensors, the buffers ``k``,
-  ``k_max``, ``alpha``, ``norm_factor`` and ``k_estimator.{0,2}.{weight,bias}``. → ``softsae``
-  (``k = ⌊k̂⌋``). The reference divides its input by ``norm_factor`` and decodes in those units;
-  the import folds ``1/norm_factor`` in (SAELens's fold): same code and k, and ``decode`` returns
-  ``norm_factor ×`` the reference's, the reconstruction of the input in its own units.
-
-What the architectures cannot express (a k range above ``dict_size``) is refused naming the field.
-Only safetensors and ``torch.load(weights_only=True)`` are read. docs/hub.md has the details.
-"""
+"""Reading the reference checkpoints and converting them to ``adaptivek`` / ``softsae``
+(the formats and their mapping: :mod:`sae_adaptive_plugin.hub.reference_import`)."""
 
 from __future__ import annotations
 
@@ -26,7 +10,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from sae_lens.saes.sae import SAE
@@ -268,14 +252,24 @@ def convert_softsae(files: ReferenceFiles, source: str) -> SoftSAE:
     return sae
 
 
-#: ``--format`` → (SAELens loader name, converter, whether a probe file belongs to it).
-FORMATS: dict[str, tuple[str, Callable[[ReferenceFiles, str], SAE[Any]], bool]] = {
-    "adaptivek-ref": ("adaptivek_ref", convert_adaptivek, True),
-    "softsae-ref": ("softsae_ref", convert_softsae, False),
+class ReferenceFormat(NamedTuple):
+    """A ``--format``: its converter, whether a probe file belongs to it, whether a config file
+    must be there."""
+
+    convert: Callable[[ReferenceFiles, str], SAE[Any]]
+    has_probe: bool
+    needs_config: bool
+
+
+#: ``--format`` → its :class:`ReferenceFormat` (AdaptiveK's config holds ``min_k``/``max_k``).
+FORMATS: dict[str, ReferenceFormat] = {
+    "adaptivek-ref": ReferenceFormat(convert_adaptivek, has_probe=True, needs_config=True),
+    "softsae-ref": ReferenceFormat(convert_softsae, has_probe=False, needs_config=False),
 }
 
 
-def _format(fmt: str) -> tuple[str, Callable[[ReferenceFiles, str], SAE[Any]], bool]:
+def reference_format(fmt: str) -> ReferenceFormat:
+    """The format named ``fmt``, or :class:`ReferenceImportError` listing the known ones."""
     if fmt not in FORMATS:
         raise ReferenceImportError(f"format must be one of {sorted(FORMATS)}, got {fmt!r}")
     return FORMATS[fmt]
@@ -284,210 +278,9 @@ def _format(fmt: str) -> tuple[str, Callable[[ReferenceFiles, str], SAE[Any]], b
 def import_reference(files: ReferenceFiles, fmt: str, source: str) -> SAE[Any]:
     """The reference checkpoint ``files`` of format ``fmt`` as this package's inference SAE
     (float32, CPU); ``source`` is recorded in ``metadata.imported_from``."""
-    _, convert, _ = _format(fmt)
-    if fmt == "adaptivek-ref" and files.config is None:
+    spec = reference_format(fmt)
+    if spec.needs_config and files.config is None:
         raise ReferenceImportError(
             f"{files.weights.parent / CONFIG_NAMES[0]}: missing; it holds min_k and max_k"
         )
-    return convert(files, source)
-
-
-# -- where the files are ---------------------------------------------------------------------------
-
-
-def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
-    return next((folder / n for n in names if (folder / n).is_file()), None)
-
-
-def local_files(path: str | Path, fmt: str) -> ReferenceFiles:
-    """The files of a local trainer folder, or of the folder of a given weights file."""
-    with_probe = _format(fmt)[2]
-    path = Path(path)
-    folder = path.parent if path.is_file() else path
-    weights = path if path.is_file() else _first_existing(folder, ("ae.safetensors", "ae.pt"))
-    if weights is None:
-        raise ReferenceImportError(f"{folder}: no ae.safetensors or ae.pt in this folder")
-    probe = _first_existing(folder, ("probe.safetensors", "probe.pt")) if with_probe else None
-    return ReferenceFiles(weights, _first_existing(folder, CONFIG_NAMES), probe)
-
-
-def hub_files(repo_id: str, folder: str, fmt: str, force_download: bool = False) -> ReferenceFiles:
-    """The files of the trainer folder ``folder`` (``""`` or ``"."``: the repo's root) of a Hub
-    repo, downloaded into the Hugging Face cache."""
-    from huggingface_hub import errors, hf_hub_download
-
-    # a file absent from the repo (not one absent from an offline cache: that error propagates)
-    not_in_repo = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
-
-    with_probe = _format(fmt)[2]
-    prefix = folder.strip("/")
-    prefix = "" if prefix in ("", ".") else prefix + "/"
-
-    def fetch(names: tuple[str, ...]) -> Path | None:
-        for name in names:
-            try:
-                return Path(hf_hub_download(repo_id, prefix + name, force_download=force_download))
-            except not_in_repo:
-                continue
-        return None
-
-    weights = fetch(("ae.safetensors", "ae.pt"))
-    if weights is None:
-        raise ReferenceImportError(f"{repo_id}: no {prefix}ae.safetensors or {prefix}ae.pt")
-    probe = fetch(("probe.safetensors", "probe.pt")) if with_probe else None
-    return ReferenceFiles(weights, fetch(CONFIG_NAMES), probe)
-
-
-# -- SAELens's loader protocols (NAMED_PRETRAINED_SAE_LOADERS and the config getters) -------------
-
-
-def _for_saelens(
-    sae: SAE[Any], device: str | None, overrides: dict[str, Any] | None
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(cfg dict, state dict)`` as SAELens's loaders return them: ``device``/``dtype`` and the
-    config's fields from ``overrides`` at the top level, other keys (``hook_name``,
-    ``neuronpedia_id``, …) into ``metadata``."""
-    cfg = sae.cfg.to_dict()
-    fields = set(cfg) - {"metadata", "architecture"}
-    for key, value in {**(overrides or {}), **({"device": device} if device else {})}.items():
-        if key in fields:
-            cfg[key] = value
-        else:
-            cfg["metadata"][key] = value
-    dtype = getattr(torch, str(cfg["dtype"]).removeprefix("torch."))
-    state = {
-        key: value.to(device=cfg["device"], dtype=dtype if value.is_floating_point() else None)
-        for key, value in sae.state_dict().items()
-    }
-    return cfg, state
-
-
-def _from_hub(fmt, repo_id, folder_name, device, force_download, cfg_overrides):
-    files = hub_files(repo_id, folder_name, fmt, force_download)
-    sae = import_reference(files, fmt, f"{repo_id}:{folder_name}")
-    return _for_saelens(sae, device, cfg_overrides)
-
-
-def adaptivek_ref_huggingface_loader(
-    repo_id: str,
-    folder_name: str,
-    device: str = "cpu",
-    force_download: bool = False,
-    cfg_overrides: dict[str, Any] | None = None,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor], None]:
-    """SAELens converter (``converter=`` / ``conversion_func: adaptivek_ref``) of a Hub folder
-    saved by hiyukie/adaptiveK."""
-    args = ("adaptivek-ref", repo_id, folder_name, device, force_download, cfg_overrides)
-    return (*_from_hub(*args), None)
-
-
-def softsae_ref_huggingface_loader(
-    repo_id: str,
-    folder_name: str,
-    device: str = "cpu",
-    force_download: bool = False,
-    cfg_overrides: dict[str, Any] | None = None,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor], None]:
-    """SAELens converter (``converter=`` / ``conversion_func: softsae_ref``) of a Hub folder
-    saved by St0pien/SoftSAE."""
-    args = ("softsae-ref", repo_id, folder_name, device, force_download, cfg_overrides)
-    return (*_from_hub(*args), None)
-
-
-def get_adaptivek_ref_config_from_hf(
-    repo_id: str,
-    folder_name: str,
-    device: str = "cpu",
-    force_download: bool = False,
-    cfg_overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """SAELens config getter of ``adaptivek_ref`` (converts the checkpoint: its k range and
-    probe decide the config)."""
-    args = ("adaptivek-ref", repo_id, folder_name, device, force_download, cfg_overrides)
-    return _from_hub(*args)[0]
-
-
-def get_softsae_ref_config_from_hf(
-    repo_id: str,
-    folder_name: str,
-    device: str = "cpu",
-    force_download: bool = False,
-    cfg_overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """SAELens config getter of ``softsae_ref`` (converts the checkpoint: ``k_max`` and
-    ``norm_factor`` live in its state dict)."""
-    args = ("softsae-ref", repo_id, folder_name, device, force_download, cfg_overrides)
-    return _from_hub(*args)[0]
-
-
-def adaptivek_ref_disk_loader(
-    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``SAE.load_from_disk(folder, converter=adaptivek_ref_disk_loader)``."""
-    sae = import_reference(local_files(path, "adaptivek-ref"), "adaptivek-ref", str(path))
-    return _for_saelens(sae, device, cfg_overrides)
-
-
-def softsae_ref_disk_loader(
-    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``SAE.load_from_disk(folder, converter=softsae_ref_disk_loader)``."""
-    sae = import_reference(local_files(path, "softsae-ref"), "softsae-ref", str(path))
-    return _for_saelens(sae, device, cfg_overrides)
-
-
-#: SAELens loader name → (Hub loader, config getter).
-SAELENS_LOADERS = {
-    "adaptivek_ref": (adaptivek_ref_huggingface_loader, get_adaptivek_ref_config_from_hf),
-    "softsae_ref": (softsae_ref_huggingface_loader, get_softsae_ref_config_from_hf),
-}
-
-
-def register_reference_loaders() -> list[str]:
-    """Add the loaders to SAELens's ``NAMED_PRETRAINED_SAE_LOADERS`` and
-    ``NAMED_PRETRAINED_SAE_CONFIG_GETTERS`` (a name already taken is left alone); returns the
-    names now mapped to these loaders."""
-    from sae_lens.loading import pretrained_sae_loaders as loaders
-
-    mine = []
-    for name, (loader, getter) in SAELENS_LOADERS.items():
-        loaders.NAMED_PRETRAINED_SAE_LOADERS.setdefault(name, loader)
-        loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS.setdefault(name, getter)
-        if loaders.NAMED_PRETRAINED_SAE_LOADERS[name] is loader:
-            mine.append(name)
-    return mine
-
-
-# -- sae-adaptive import ---------------------------------------------------------------------------
-
-
-def import_command(args: Any) -> int:
-    """``sae-adaptive import SOURCE --format F --out DIR``: a local trainer folder (or weights
-    file) or a Hub repo (``--folder`` inside it) → a SAELens folder for ``SAE.load_from_disk``."""
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        print(f"sae-adaptive import: --out {out} exists and is not empty; choose a new folder")
-        return 2
-    try:
-        if Path(args.source).exists():
-            files = local_files(args.source, args.format)
-            source = str(Path(args.source).resolve())
-        else:
-            files = hub_files(args.source, args.folder, args.format, args.force_download)
-            source = f"{args.source}:{args.folder}"
-        sae = import_reference(files, args.format, source)
-    except (ReferenceImportError, OSError) as exc:
-        print(f"sae-adaptive import: {exc}")
-        return 2
-    for key in ("hook_name", "model_name"):
-        if getattr(args, key, None):
-            sae.cfg.metadata[key] = getattr(args, key)
-    sae.save_model(out)
-    cfg = sae.cfg
-    print(
-        f"imported {args.format} {source} -> {out}: {cfg.architecture()} d_in={cfg.d_in} "
-        f"d_sae={cfg.d_sae} k in [{getattr(cfg, 'k_min', 1)}, {cfg.k_max}], "
-        f"hook {cfg.metadata.hook_name or '(unknown: pass --hook-name)'}"
-    )
-    print(f"load it with SAE.load_from_disk({str(out)!r})")
-    return 0
+    return spec.convert(files, source)
