@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 from sae_lens.saes.sae import SAE
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from sae_adaptive_plugin.saes.adaptivek import AdaptiveKSAE, AdaptiveKSAEConfig
@@ -48,7 +49,10 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A flat ``name → tensor`` dict from ``.safetensors``, or from ``.pt`` through
     ``torch.load(weights_only=True)``; anything else raises :class:`ReferenceImportError`."""
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise ReferenceImportError(f"{path}: not a readable safetensors file ({exc})") from exc
     if path.suffix not in (".pt", ".pth"):
         raise ReferenceImportError(f"{path}: not a .pt or .safetensors file")
     try:
