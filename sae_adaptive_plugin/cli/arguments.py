@@ -60,6 +60,30 @@ def push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--commit-message", default=None, help="commit message")
 
 
+def import_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source",
+        metavar="PATH_OR_REPO",
+        help="a reference trainer folder (ae.pt or ae.safetensors + config.json), a weights "
+        "file in one, or a Hub repo id",
+    )
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=("adaptivek-ref", "softsae-ref"),
+        help="adaptivek-ref: hiyukie/adaptiveK (with probe.pt); softsae-ref: St0pien/SoftSAE",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="new (or empty) SAE folder")
+    parser.add_argument(
+        "--folder", default="", metavar="SUBDIR", help="trainer folder inside a Hub repo"
+    )
+    parser.add_argument("--hook-name", default=None, help="set metadata.hook_name")
+    parser.add_argument("--model-name", default=None, help="set metadata.model_name")
+    parser.add_argument(
+        "--force-download", action="store_true", help="download again even if cached"
+    )
+
+
 def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("saes", nargs="+", metavar="SAE_DIR", help="saved SAE folder(s)")
     parser.add_argument("--model", help="model name or local model folder (default: SAE metadata)")

@@ -30,6 +30,13 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None], str],
         "sae_adaptive_plugin.hub.push:push_command",
     ),
     (
+        "import",
+        "convert an SAE saved by the papers' reference code (AdaptiveK, SoftSAE) into a "
+        "SAELens folder",
+        arguments.import_arguments,
+        "sae_adaptive_plugin.hub.reference_import.loaders:import_command",
+    ),
+    (
         "train",
         "train an SAE of any registered architecture with SAELens's runner from a YAML config",
         arguments.train_arguments,

@@ -22,7 +22,13 @@ PACKAGE_ARCHITECTURES: tuple[str, ...] = (HIERARCHICAL_ARCHITECTURE, *ADAPTIVE_A
 
 @hookimpl
 def sae_lens_architectures() -> list[Architecture]:
-    return [
+    architectures = [
         importlib.import_module(f"sae_adaptive_plugin.saes.{name}").ARCHITECTURE
         for name in PACKAGE_ARCHITECTURES
     ]
+    # also name the reference-checkpoint converters in SAELens (adaptivek_ref, softsae_ref in
+    # NAMED_PRETRAINED_SAE_LOADERS: usable as a release's conversion_func)
+    from sae_adaptive_plugin.hub.reference_import import register_reference_loaders
+
+    register_reference_loaders()
+    return architectures
