@@ -122,6 +122,35 @@ def test_train_checks_hook_and_width_before_the_first_step(
     assert not (tmp_path / "final").exists()
 
 
+def test_eval_checks_the_sae_width_against_the_model(tmp_path, local, capsys):
+    """An SAE of width 48 evaluated on the tiny model (width 32): refused before any batch."""
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    sae = TopKSAE(TopKSAEConfig(d_in=48, d_sae=64, k=4))
+    sae.cfg.metadata.hook_name = HOOK_NAME
+    sae.cfg.metadata.model_name = str(local / "model")
+    sae.cfg.metadata.dataset_path = str(local / "tokens")
+    sae.cfg.metadata.context_size = 16
+    sae.save_model(tmp_path / "wide")
+    assert main(["eval", str(tmp_path / "wide"), "--n-batches", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "the SAE's d_in: d_in=48" in err and f"are {D_MODEL} wide" in err and "--model" in err
+
+
+def test_compare_lm_names_the_nearest_hook_for_a_missing_layer(tmp_path, capsys):
+    from tiny_lm import LLAMA_LAYERS, tiny_llama_folder, write_text_corpus
+
+    model = tiny_llama_folder(tmp_path / "llama")
+    text = write_text_corpus(tmp_path / "t.txt", 4, seed=0)
+    args = ["compare", "--lm", "--model", str(model), "--layer", str(LLAMA_LAYERS + 3)]
+    args += ["--text", str(text), "--heldout-text", str(text), "--out", str(tmp_path / "o")]
+    assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert f"'model.layers.{LLAMA_LAYERS + 3}' is not a hook point" in err
+    assert f"nearest: 'model.layers.{LLAMA_LAYERS - 1}'" in err
+    assert not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize(
     ("arch", "overrides", "message"),
     [

@@ -122,13 +122,19 @@ def run_lm(args: argparse.Namespace) -> int:
     except OutputExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    with replacing_dir(out) as staging:  # compare owns its folder: nothing stale survives
-        result = run_lm_compare(cfg, staging)
-        payload = {"config": config_dict(cfg), "info": result.info, "results": result.rows}
-        (staging / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
-        plot_k_per_token(result, staging / K_PER_TOKEN_PNG)
-        plot_k_vs_surprisal(result, staging / K_VS_SURPRISAL_PNG)
-        plot_ce_vs_l0(result, staging / CE_VS_L0_PNG)
+    from sae_adaptive_plugin.training.config import ConfigError
+
+    try:
+        with replacing_dir(out) as staging:  # compare owns its folder: nothing stale survives
+            result = run_lm_compare(cfg, staging)
+            payload = {"config": config_dict(cfg), "info": result.info, "results": result.rows}
+            (staging / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
+            plot_k_per_token(result, staging / K_PER_TOKEN_PNG)
+            plot_k_vs_surprisal(result, staging / K_VS_SURPRISAL_PNG)
+            plot_ce_vs_l0(result, staging / CE_VS_L0_PNG)
+    except ConfigError as err:  # the model does not have the layer, or a stale cache's width
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     info = result.info
     print()
     print(

@@ -79,14 +79,17 @@ def check_hook_and_width(
     *,
     hook_key: str = "config key 'hook_name'",
     d_in_key: str = "config key 'sae.d_in'",
+    advice: str | None = None,
 ) -> None:
     """Raise :class:`ConfigError` unless ``model`` has ``hook_name`` and its activations there
-    are ``d_in`` wide; ``hook_key`` / ``d_in_key`` say where the values came from."""
+    are ``d_in`` wide; ``hook_key`` / ``d_in_key`` say where the values came from, ``advice``
+    what to do about a width mismatch (default: set d_in or choose another hook)."""
     if hook_name not in getattr(model, "hook_dict", {}):
         raise unknown_hook_error(model, hook_name, hook_key)
     width = hook_width(model, hook_name, hook_head_index)
     if width != d_in:
+        advice = advice or f"set d_in to {width} or choose a hook whose width is {d_in}"
         raise ConfigError(
             f"{d_in_key}: d_in={d_in} but the model's activations at hook {hook_name!r} are "
-            f"{width} wide; set d_in to {width} or choose the hook whose width is {d_in}"
+            f"{width} wide; {advice}"
         )
