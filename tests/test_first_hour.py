@@ -267,3 +267,22 @@ def _training_config_sae(arch: str):
     from sae_lens.registry import get_sae_training_class
 
     return get_sae_training_class(arch)[0](_training_config(arch, k=4))
+
+
+# ------------------------------------------------------------------------------------------------
+# bench: the output is the bench's
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bench_prints_no_training_warnings_and_no_profiler_lines(tmp_path, capfd):
+    import warnings
+
+    args = ["bench", "--d-in", "16", "--d-sae", "64", "--k", "4", "--batch", "32"]
+    args += ["--steps", "2", "--warmup", "1", "--threads", "1", "--no-progress"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*args, "--rows", "topk", "softsae_hard"]) == 0
+    out, err = capfd.readouterr()
+    assert "USDT" not in out + err
+    assert not [w for w in caught if "k̂" in str(w.message) or "softsae" in str(w.message)]
+    assert "| softsae" in out
