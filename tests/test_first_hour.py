@@ -286,3 +286,41 @@ def test_bench_prints_no_training_warnings_and_no_profiler_lines(tmp_path, capfd
     assert "USDT" not in out + err
     assert not [w for w in caught if "k̂" in str(w.message) or "softsae" in str(w.message)]
     assert "| softsae" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# help texts
+# ------------------------------------------------------------------------------------------------
+
+
+def _subparsers():
+    import argparse
+
+    from sae_adaptive_plugin.cli.main import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_flag_says_what_it_does_and_shows_its_default():
+    for name, parser in _subparsers().items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            flag = f"{name} {action.option_strings[0]}"
+            assert action.help and len(action.help) > 8, flag
+            shown = formatter._get_help_string(action)
+            switch_or_unset = action.nargs == 0 or action.default in (None, [])
+            assert switch_or_unset or "default" in shown, flag
+
+
+def test_help_texts_match_the_code():
+    parsers = _subparsers()
+    compare_k = next(a for a in parsers["compare"]._actions if "--k" in a.option_strings).help
+    assert "adaptivek" in compare_k and "softsae" in compare_k and "(default 32)" in compare_k
+    resume = next(a for a in parsers["train"]._actions if "--resume" in a.option_strings).help
+    assert "<n_tokens>" in resume and "<n_samples>" not in resume
+    fit_probe_help = " ".join(parsers["fit-probe"].format_help().split())
+    assert "seed of the folds (default 0)" in fit_probe_help
+    assert "--labels {column,surprisal,kstar} what the probe learns" in fit_probe_help
