@@ -174,8 +174,12 @@ class TrainingRunner(LanguageModelSAETrainingRunner):
             self._restore(trainer, buffer, Path(self.cfg.resume_from_checkpoint))
         self._check_non_finite(trainer)
         sae = super().run_trainer_with_interruption_handling(trainer)
-        record_heldout_l0(sae, iter(self.activations_store), HELDOUT_L0_BATCHES)
+        self.record_l0(sae)
         return sae
+
+    def record_l0(self, sae: Any) -> None:
+        """:func:`record_heldout_l0` on the next batches of this run's activation stream."""
+        record_heldout_l0(sae, iter(self.activations_store), HELDOUT_L0_BATCHES)
 
     def _restore(self, trainer: Any, buffer: ResumableMixingBuffer, ckpt: Path) -> None:
         """Step count one behind in SAELens's mid-run checkpoints; buffer and RNG state."""
