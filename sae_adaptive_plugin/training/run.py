@@ -5,6 +5,9 @@ to the runner as ``override_model`` / ``override_dataset``. The runner is
 :class:`~sae_adaptive_plugin.training.runner.TrainingRunner`: a resumed run ends where the
 uninterrupted one does, NaN/Inf activations or losses stop the run, and the final SAE is renamed
 into ``output_path`` only when complete (a non-empty ``output_path`` needs ``--overwrite``).
+Before the first step the schedules are checked against the run length and, once the model is
+loaded, the hook name and ``d_in`` against the model (:mod:`.preflight`); ``--print-config`` runs
+the checks that need no model.
 """
 
 from __future__ import annotations
