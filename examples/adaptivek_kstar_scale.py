@@ -51,6 +51,7 @@ def main() -> None:
         AdaptiveKTrainingSAEConfig(
             d_in=src_cfg.hidden_dim,
             d_sae=src_cfg.num_features,
+            k=k_max // 2,  # the target mean L0 (required; unused here, the labels set target_fvu)
             k_min=1,
             k_max=k_max,
             # warm-up until the last step (the run must fit a probe; it is not used here)

@@ -161,6 +161,7 @@ def main() -> None:
         AdaptiveKTrainingSAEConfig(
             d_in=args.hidden_dim,
             d_sae=d_sae,
+            k=(1 + k_max) // 2,  # the target mean L0 (required); k_min and k_max are set here
             k_min=1,
             k_max=k_max,
             probe_warmup_steps=args.warmup,

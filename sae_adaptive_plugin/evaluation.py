@@ -213,6 +213,7 @@ def evaluate_paths(
     """Evaluate each saved SAE; the model/dataset default to those in each SAE's metadata."""
     from sae_adaptive_plugin.data import local_lm
     from sae_adaptive_plugin.hub import load_sae_folder
+    from sae_adaptive_plugin.training.preflight import check_hook_and_width
 
     models: dict[str, Any] = {}
     results: dict[str, dict[str, Any]] = {}
@@ -235,6 +236,16 @@ def evaluate_paths(
                     hook_names=[meta.hook_name] if meta.hook_name else None,
                 )
             m = models[name]
+        if meta.hook_name:  # before any batch: the nearest hook names, or the width mismatch
+            check_hook_and_width(
+                m,
+                meta.hook_name,
+                sae.cfg.d_in,
+                meta.hook_head_index,
+                hook_key=f"{path}: metadata hook_name",
+                d_in_key=f"{path}: the SAE's d_in",
+                advice="evaluate it on the model it was trained on (--model)",
+            )
         ds = dataset
         if ds is None:
             ds_name = dataset_path or meta.dataset_path

@@ -38,6 +38,7 @@ def _random_probe(d_in: int, seed: int = 0) -> ComplexityProbe:
 
 def _training_sae(d_in=16, d_sae=48, k_min=2, k_max=12, dtype="float32", **kw):
     kw.setdefault("probe_warmup_steps", 1000)
+    kw.setdefault("k", (k_min + k_max) // 2)
     cfg = AdaptiveKTrainingSAEConfig(
         d_in=d_in, d_sae=d_sae, k_min=k_min, k_max=k_max, dtype=dtype, **kw
     )
@@ -65,6 +66,7 @@ def test_runner_trains_with_warmup_saves_reloads_and_evals(tmp_path):
             "architecture": "adaptivek",
             "d_in": D_MODEL,
             "d_sae": 64,
+            "k": 8,
             "k_min": 2,
             "k_max": 16,
             "probe_warmup_steps": 20,
@@ -300,7 +302,7 @@ def test_trainer_norm_scaling_is_folded_into_the_probe():
     ],
 )
 def test_config_errors(kwargs, match):
-    base = {"d_in": 16, "d_sae": 48, "k_min": 2, "k_max": 12}
+    base = {"d_in": 16, "d_sae": 48, "k": 4, "k_min": 2, "k_max": 12}
     with pytest.raises(ValueError, match=match):
         AdaptiveKTrainingSAEConfig(**{**base, **kwargs})
 
@@ -347,7 +349,9 @@ def test_kstar_scale_dataset_uses_one_threshold_row_uses_each_rows_variance():
     by_data = _training_sae(k_max=k_max, kstar_scale="dataset", target_fvu=0.1).kstar_from_errors(
         errors, sae_in
     )
-    assert AdaptiveKTrainingSAEConfig(d_in=4, d_sae=8, k_min=1, k_max=4).kstar_scale == "dataset"
+    assert (
+        AdaptiveKTrainingSAEConfig(d_in=4, d_sae=8, k=2, k_min=1, k_max=4).kstar_scale == "dataset"
+    )
     # dataset: equal errors -> equal k*, the first j with 100/j <= tau * mean variance
     expected = int((errors[0] <= 0.1 * row_var.mean()).nonzero()[0]) + 1
     assert by_data.tolist() == [expected] * 6
@@ -458,7 +462,9 @@ def test_synthetic_ground_truth_probe_l0_tracking_and_ev_vs_topk(tmp_path):
     assert true_l0.min() <= 2 and true_l0.max() >= 14  # strongly varying complexity
 
     ak = AdaptiveKTrainingSAE(
-        AdaptiveKTrainingSAEConfig(d_in=32, d_sae=32, k_min=1, k_max=16, probe_warmup_steps=1000)
+        AdaptiveKTrainingSAEConfig(
+            d_in=32, d_sae=32, k=8, k_min=1, k_max=16, probe_warmup_steps=1000
+        )
     )
     source.train(ak)
     report = ak.cfg.metadata.adaptivek_probe_report

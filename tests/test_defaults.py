@@ -90,7 +90,7 @@ def test_softsae_hard_phase_after_the_end_is_refused_at_start():
     )
     with pytest.raises(ValueError, match=r"hard_topk_start_step=500 is at or after the end"):
         sae.bind_run_length(500)
-    with pytest.raises(ValueError, match=r"hard_topk_start_step must be an integer in \[1,"):
+    with pytest.raises(ValueError, match=r"hard_topk_start_step=0 must lie in \[1,"):
         SoftSAETrainingSAEConfig(d_in=16, d_sae=48, k=4, hard_topk_start_step=0)
 
 
@@ -137,7 +137,7 @@ def _adaptivek_warmup(target_fvu, k_max=4, data="noise", steps=12, k=None):
     cfg = AdaptiveKTrainingSAEConfig(
         d_in=32,
         d_sae=64,
-        k=k,
+        k=k if k is not None else (1 + k_max) // 2,
         k_min=1,
         k_max=k_max,
         probe_warmup_steps=steps,

@@ -294,7 +294,8 @@ def test_model_card_parses_and_carries_metadata(hub, tmp_path):
 
     bare_section = text.split("sae-adaptive-plugin:begin bare")[1]
     expected_l0 = float((10.0 ** log_sparsity.double()).sum())
-    assert f"{expected_l0:.4g} (sum of feature firing frequencies" in bare_section
+    assert f"| training-window L0 | {expected_l0:.4g} (sum of the feature firing" in bare_section
+    assert "| L0 |" not in bare_section  # a training-window value is never the SAE's L0
     assert f"{int((log_sparsity <= -9.999).sum())}, " in bare_section
 
     # a README a person wrote is kept, front matter keys included
@@ -533,7 +534,9 @@ def test_real_training_run_checkpoint_and_final_output_publish(hub, tmp_path):
     assert "converted to the inference SAE" in card.split("begin ckpt")[1].split("end ckpt")[0]
     section = card.split("begin final")[1]
     assert "converted" not in section
-    assert f"| L0 | {meta['l0']:.4g} (from training" in section
+    # SAELens's runner records its training-window L0: published as that, never as the SAE's
+    assert f"| training-window L0 | {meta['l0']:.4g} (mean over the last" in section
+    assert "| L0 |" not in section
     assert f"| dead features | {meta['num_dead_features']}, " in section
     assert f"`{meta['model_name']}`" in section and f"`{meta['hook_name']}`" in section
     assert_same_sae(SAE.from_pretrained(REPO, "final"), SAE.load_from_disk(final))

@@ -47,6 +47,8 @@ def _sae(architecture: str, training: bool = False, **overrides):
     kwargs = {"d_in": D_IN, "d_sae": D_SAE, "dtype": "float64", **K_FIELDS[architecture]}
     if architecture == "hierarchical_topk" and not training:
         kwargs["trained_k"] = 8
+    if architecture == "adaptivek" and training:  # the target mean L0 (training config only)
+        kwargs["k"] = 8
     sae = sae_cls(cfg_cls(**{**kwargs, **overrides}))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

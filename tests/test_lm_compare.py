@@ -214,7 +214,7 @@ def test_train_and_eval_from_yaml_with_a_gguf_model(tmp_path, gguf_file, corpora
     # every other architecture trains from the same YAML (the GGUF model, loaded once here)
     proxy = local_lm.load_model(str(gguf_file), hook_names=["model.layers.1"])
     per_arch = {
-        "adaptivek": ["sae.k_min=1", "sae.k_max=8", "sae.probe_warmup_steps=4"],
+        "adaptivek": ["sae.k=4", "sae.k_min=1", "sae.k_max=8", "sae.probe_warmup_steps=4"],
         "matryoshka_batchtopk": ["sae.k=4", "sae.matryoshka_widths=[8, 16, 32]"],
     }
     for arch in ("topk", "batchtopk", "matryoshka_batchtopk", "hierarchical_topk", "adaptivek"):

@@ -16,12 +16,18 @@ OURS = sorted(arch.name for arch in plugin.sae_lens_architectures())
 
 @pytest.mark.parametrize("name", OURS)
 def test_sae_lens_cli_parses_our_architecture(name: str) -> None:
-    cfg = _parse_cfg_args(
-        ["--architecture", name, "--model_name", "tiny", "--dataset_path", "local", "--d_in", "64"]
-    )
+    args = ["--architecture", name, "--model_name", "tiny", "--dataset_path", "local"]
+    cfg = _parse_cfg_args([*args, "--d_in", "64", "--k", "16"])
     assert type(cfg.sae).architecture() == name
     assert type(cfg.sae).__module__.startswith("sae_adaptive_plugin.saes.")
-    assert cfg.sae.d_in == 64
+    assert cfg.sae.d_in == 64 and cfg.sae.k == 16
+
+
+@pytest.mark.parametrize("name", ["adaptivek", "softsae"])
+def test_sae_lens_cli_refuses_an_adaptive_sae_without_its_target_k(name: str) -> None:
+    args = ["--architecture", name, "--model_name", "tiny", "--dataset_path", "local"]
+    with pytest.raises(ValueError, match=f"{name}: k is not set"):
+        _parse_cfg_args([*args, "--d_in", "64"])
 
 
 @pytest.mark.slow

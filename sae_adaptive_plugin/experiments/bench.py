@@ -13,11 +13,15 @@ Details and measured results: ``docs/bench.md``. Nothing here is asserted on tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +158,27 @@ def _peak_step_bytes(row: BenchRow, x: Any, dead_mask: Any, device: str) -> int:
     return cpu_peak_bytes(lambda: train_step(row, x, dead_mask))
 
 
+@contextlib.contextmanager
+def _without_profiler_usdt_lines() -> Iterator[None]:
+    """Drop the ``USDT:`` lines torch's profiler (Kineto) writes to file descriptor 2 at each
+    start and stop; everything else written to stderr meanwhile is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace")
+            kept = [ln for ln in text.splitlines(keepends=True) if not ln.startswith("USDT:")]
+            if kept:
+                sys.stderr.write("".join(kept))
+
+
 def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak of the bytes allocated (net of frees) by torch's CPU allocator while ``fn`` runs.
 
@@ -161,11 +186,12 @@ def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     running total of bytes allocated since profiling began (frees of tensors allocated before
     are not subtracted; the caller makes sure ``fn`` frees none it did not allocate).
     """
-    import tempfile
-
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _without_profiler_usdt_lines(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         result = fn()
         del result
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,7 +222,15 @@ def _encoder_bound_s(cfg: BenchConfig, x: Any, W_enc: Any, rounds: int) -> float
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the benchmark described by ``cfg``; returns the JSON-ready result (module docstring)."""
+    """Run the benchmark described by ``cfg``; returns the JSON-ready result (module docstring).
+    The architectures' training warnings (e.g. SoftSAE's on k̂'s spread, meaningless for a few
+    timed steps of random data) are silenced: the output is the bench's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return _run_bench(cfg, progress)
+
+
+def _run_bench(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
     x, dead_mask = bench_inputs(cfg)

@@ -185,7 +185,8 @@ def _build_adaptivek(cfg: BenchConfig, x: Any) -> list[BenchRow]:
     k_min = max(1, cfg.k // 4)
     k_max = 2 * cfg.k - k_min
     sae_cls, cfg_cls = get_sae_training_class("adaptivek")
-    sae = sae_cls(cfg_cls(k_min=k_min, k_max=k_max, probe_warmup_steps=1, **_base_kwargs(cfg)))
+    sae_cfg = cfg_cls(k=cfg.k, k_min=k_min, k_max=k_max, probe_warmup_steps=1, **_base_kwargs(cfg))
+    sae = sae_cls(sae_cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     w = torch.randn(cfg.d_in, generator=gen) / math.sqrt(cfg.d_in)
     c = x.detach().float().cpu() @ w

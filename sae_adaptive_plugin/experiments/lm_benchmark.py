@@ -221,6 +221,7 @@ def run_lm_compare(
         HIERARCHICAL_ARCHITECTURE,
     )
     from sae_adaptive_plugin.stats import spearman
+    from sae_adaptive_plugin.training.config import ConfigError
 
     cfg.validate()
     out_dir = Path(out_dir)
@@ -231,8 +232,10 @@ def run_lm_compare(
     hf_model, tokenizer = model_and_tokenizer or load_causal_lm(cfg.model, cfg.device)
     n_layers = len(decoder_layers(hf_model))
     if cfg.layer >= n_layers:
-        raise ValueError(
-            f"layer must be < {n_layers} (the model's decoder layers), got {cfg.layer}"
+        raise ConfigError(
+            f"layer must be < {n_layers} (the model's decoder layers), got {cfg.layer}: hook "
+            f"{hook_name(cfg.layer)!r} is not a hook point of the model (nearest: "
+            f"{hook_name(n_layers - 1)!r}; hooks {hook_name(0)!r} … {hook_name(n_layers - 1)!r})"
         )
     log(f"model {cfg.model}: {n_layers} layers, loaded in {time.perf_counter() - t0:.0f}s")
 
@@ -264,6 +267,14 @@ def run_lm_compare(
     surprisal, positions = held.surprisal, held.positions.float()
     norms = held_acts.norm(dim=-1)
     d_in = held_acts.shape[1]
+    width = getattr(getattr(hf_model, "config", None), "hidden_size", d_in)
+    for cache in caches.values():  # before any training: a cache of another model's width
+        if cache.acts.shape[1] != width:
+            raise ConfigError(
+                f"activation cache {cache.path}: rows are {cache.acts.shape[1]} wide but the "
+                f"model's activations at hook {hook_name(cfg.layer)!r} are {width} wide; delete "
+                "the file or use another --cache-dir"
+            )
 
     rows: list[dict[str, Any]] = []
     l0s: dict[str, torch.Tensor] = {}

@@ -130,33 +130,39 @@ def run_lm(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         print(f"error: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
         return 2
-    with replacing_dir(out) as staging:  # compare owns its folder: nothing stale survives
-        runs, seeds = [], [cfg.seed + offset for offset in range(args.seeds)]
-        for offset in range(args.seeds):
-            seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + offset)
-            if args.seeds > 1:
-                print(f"== seed {seed_cfg.seed} ({offset + 1}/{args.seeds})")
-            seed_out = staging if args.seeds == 1 else staging / f"seed{seed_cfg.seed}"
-            runs.append(run_lm_compare(seed_cfg, seed_out))
-        result = runs[0]  # per-token pictures: the first seed's SAEs
-        if len(runs) > 1:
-            rows = reporting.aggregate_rows([run.rows for run in runs])
-            result = dataclasses.replace(result, rows=rows)
-        payload: dict[str, Any] = {
-            "config": config_dict(cfg),
-            "info": result.info,
-            "results": result.rows,
-        }
-        if len(runs) > 1:
-            payload["seeds"] = seeds
-            payload["per_seed"] = [
-                {"seed": seed, "info": run.info, "results": run.rows}
-                for seed, run in zip(seeds, runs)
-            ]
-        (staging / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
-        plot_k_per_token(result, staging / K_PER_TOKEN_PNG)
-        plot_k_vs_surprisal(result, staging / K_VS_SURPRISAL_PNG)
-        plot_ce_vs_l0(result, staging / CE_VS_L0_PNG)
+    from sae_adaptive_plugin.training.config import ConfigError
+
+    try:
+        with replacing_dir(out) as staging:  # compare owns its folder: nothing stale survives
+            runs, seeds = [], [cfg.seed + offset for offset in range(args.seeds)]
+            for offset in range(args.seeds):
+                seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + offset)
+                if args.seeds > 1:
+                    print(f"== seed {seed_cfg.seed} ({offset + 1}/{args.seeds})")
+                seed_out = staging if args.seeds == 1 else staging / f"seed{seed_cfg.seed}"
+                runs.append(run_lm_compare(seed_cfg, seed_out))
+            result = runs[0]  # per-token pictures: the first seed's SAEs
+            if len(runs) > 1:
+                rows = reporting.aggregate_rows([run.rows for run in runs])
+                result = dataclasses.replace(result, rows=rows)
+            payload: dict[str, Any] = {
+                "config": config_dict(cfg),
+                "info": result.info,
+                "results": result.rows,
+            }
+            if len(runs) > 1:
+                payload["seeds"] = seeds
+                payload["per_seed"] = [
+                    {"seed": seed, "info": run.info, "results": run.rows}
+                    for seed, run in zip(seeds, runs)
+                ]
+            (staging / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
+            plot_k_per_token(result, staging / K_PER_TOKEN_PNG)
+            plot_k_vs_surprisal(result, staging / K_VS_SURPRISAL_PNG)
+            plot_ce_vs_l0(result, staging / CE_VS_L0_PNG)
+    except ConfigError as err:  # the model does not have the layer, or a stale cache's width
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     info = result.info
     print()
     print(

@@ -62,7 +62,18 @@ def training_summary(
         if key not in settings and (key == "k" or key.startswith("k_") or "_k" in key):
             settings[key] = value
     summary["settings"] = settings
-    summary["l0"], summary["l0_source"] = meta.get("l0"), "from training, final sparsity window"
+    # metadata.l0 is the saved SAE's own only where it was measured after training (held-out
+    # tokens, sae-adaptive train); otherwise it is SAELens's training-window mean (shown as such)
+    heldout = meta.get("l0_heldout_tokens")
+    if heldout and meta.get("l0") is not None:
+        summary["l0"] = meta["l0"]
+        summary["l0_source"] = f"the saved SAE on {heldout} held-out tokens after training"
+        window = meta.get("l0_training_window")
+    else:
+        summary["l0"], summary["l0_source"] = None, None
+        window = meta.get("l0")
+    summary["l0_training_window"] = window
+    summary["l0_window_source"] = "mean over the last feature-sparsity window of training"
     summary["dead_features"] = meta.get("num_dead_features")
     summary["dead_source"] = "from training: not fired within the dead-feature window"
     if sparsity_path is not None and Path(sparsity_path).is_file():
@@ -71,9 +82,12 @@ def training_summary(
         log_sparsity = load_file(str(sparsity_path)).get("sparsity")
         if log_sparsity is not None:
             freq = 10.0 ** log_sparsity.double()
-            if summary["l0"] is None:
-                summary["l0"] = float(freq.sum())
-                summary["l0_source"] = "sum of feature firing frequencies in sparsity.safetensors"
+            if summary["l0_training_window"] is None:
+                summary["l0_training_window"] = float(freq.sum())
+                summary["l0_window_source"] = (
+                    "sum of the feature firing frequencies of the last training window "
+                    "(sparsity.safetensors)"
+                )
             if summary["dead_features"] is None:
                 summary["dead_features"] = int((log_sparsity <= -9.999).sum())
                 summary["dead_source"] = "zero firing frequency in sparsity.safetensors"
@@ -104,6 +118,10 @@ def _section(repo_id: str, sae_id: str, summary: dict[str, Any], provider: str |
         rows.append(("settings (k …)", settings))
     if summary.get("l0") is not None:
         rows.append(("L0", f"{_fmt(float(summary['l0']))} ({summary['l0_source']})"))
+    if summary.get("l0_training_window") is not None:
+        window = _fmt(float(summary["l0_training_window"]))
+        note = f"{summary['l0_window_source']}; not the saved SAE's L0"
+        rows.append(("training-window L0", f"{window} ({note})"))
     if summary.get("dead_features") is not None:
         dead = int(summary["dead_features"])
         share = f", {100.0 * dead / summary['d_sae']:.2f}%" if summary.get("d_sae") else ""

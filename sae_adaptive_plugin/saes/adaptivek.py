@@ -27,6 +27,7 @@ from sae_adaptive_plugin.probe import ComplexityProbe
 from sae_adaptive_plugin.registration.hookspecs import Architecture
 from sae_adaptive_plugin.saes.adaptivek_warmup import ACC_PREFIX as ACC_PREFIX
 from sae_adaptive_plugin.saes.adaptivek_warmup import WARMUP_FRACTION, AdaptiveKWarmup
+from sae_adaptive_plugin.saes.config_checks import check_int, missing_k_error, resolve_sizes
 from sae_adaptive_plugin.saes.per_row_topk import PerRowTopK
 from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
 from sae_adaptive_plugin.saes.topk_family import (
@@ -44,24 +45,21 @@ _TRAINER_SIDE_NORMALIZATION = ("expected_average_only_in", "covariance_whitening
 _WARMUP_LOSSES = ("hierarchical", "mse")
 #: Scales of the ``k*`` threshold (see ``AdaptiveKTrainingSAEConfig.kstar_scale``).
 KSTAR_SCALES = ("dataset", "row")
-#: The reference's k range, the default when no target ``k`` is given.
-REFERENCE_K_MIN, REFERENCE_K_MAX = 20, 320
+#: Defaults of ``k_min`` and of ``k_max / k`` (``k_max = min(4k, d_sae)``) for a target ``k``.
+DEFAULT_K_MIN, DEFAULT_K_MAX_FACTOR = 1, 4
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int, hi_name: str = "") -> int:
-    bound = f"{hi_name}={hi}" if hi_name else str(hi)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int in [{lo}, {bound}], got {value!r}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name}={value} must lie in [{lo}, {bound}]")
-    return value
+    return check_int(name, value, lo, hi, hi_name=hi_name)
 
 
 def _validate_k_fields(cfg: Any) -> None:
-    _check_int("k_max", cfg.k_max, 1, cfg.d_sae, "d_sae")  # k_max <= d_sae
-    if isinstance(cfg.k_min, int) and cfg.k_min > cfg.k_max:
+    resolve_sizes(cfg, "d_in", "d_sae")
+    cfg.k_max = _check_int("k_max", cfg.k_max, 1, cfg.d_sae, "d_sae")  # k_max <= d_sae
+    number = isinstance(cfg.k_min, (int, float)) and not isinstance(cfg.k_min, bool)
+    if number and cfg.k_min > cfg.k_max:
         raise ValueError(f"k_min={cfg.k_min} must be <= k_max={cfg.k_max} (k_min in [1, k_max])")
-    _check_int("k_min", cfg.k_min, 1, cfg.k_max, "k_max")
+    cfg.k_min = _check_int("k_min", cfg.k_min, 1, cfg.k_max, "k_max")
     if not (isinstance(cfg.steepness, (int, float)) and math.isfinite(cfg.steepness)):
         raise ValueError(f"steepness must be a finite number > 0, got {cfg.steepness!r}")
     if cfg.steepness <= 0:
@@ -170,10 +168,10 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
     """Training config of an AdaptiveK SAE (``architecture="adaptivek"``).
 
     Args:
-        k: target mean number of active latents; sets the defaults ``k_min = 1`` and
-            ``k_max = min(4k, d_sae)`` (``None``: the reference's 20 and 320).
-        k_min: smallest per-row k, in ``[1, k_max]``.
-        k_max: largest per-row k and the warm-up k, in ``[k_min, d_sae]``.
+        k: target mean number of active latents (required, no default); must lie in
+            ``[k_min, k_max]``, which default to ``1`` and ``min(4k, d_sae)``.
+        k_min: smallest per-row k, in ``[1, k]``.
+        k_max: largest per-row k and the warm-up k, in ``[k, d_sae]``.
         steepness: ``γ`` of the sigmoid map, > 0 (reference 6).
         probe_path: a pre-fitted probe file (``ComplexityProbe.save``); ``None`` = fit one during
             a warm-up from ``k*`` labels.
@@ -184,8 +182,7 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
         target_fvu: ``τ`` of the ``k*`` label, in ``(0, 1)``: the fraction of the variance
             (see ``kstar_scale``) a row's first ``k*`` latents must leave unexplained at most.
             ``None`` (default): chosen on the first labelled warm-up batch so that the median
-            ``k*`` is ``k`` (without ``k``: ``(k_min + k_max) / 2``); recorded in the probe
-            report.
+            ``k*`` is ``k``; recorded in the probe report.
         kstar_scale: what ``τ`` multiplies in the ``k*`` threshold: ``"dataset"`` (default),
             the batch's mean variance ``mean_rows ‖x − batch mean‖²``; ``"row"``, each row's own
             ``‖x − batch mean‖²`` (non-monotone in complexity on anisotropic data).
@@ -215,15 +212,31 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
     rescale_acts_by_decoder_norm: bool = True
 
     def __post_init__(self) -> None:
-        if self.k is not None:
-            _check_int("k", self.k, 1, self.d_sae, "d_sae")
+        resolve_sizes(self, "d_in", "d_sae")
+        if self.k is None:
+            raise missing_k_error(
+                NAME, "k_min and k_max default to 1 and min(4k, d_sae) (per-row k in between)"
+            )
+        self.k = _check_int("k", self.k, 1, self.d_sae, "d_sae")
         if self.k_min is None:
-            self.k_min = 1 if self.k is not None else REFERENCE_K_MIN
+            self.k_min = DEFAULT_K_MIN
         if self.k_max is None:
-            self.k_max = min(4 * self.k, self.d_sae) if self.k is not None else REFERENCE_K_MAX
+            self.k_max = min(DEFAULT_K_MAX_FACTOR * self.k, self.d_sae)
         _validate_k_fields(self)
+        self.k = check_int(
+            "k",
+            self.k,
+            self.k_min,
+            self.k_max,
+            lo_name="k_min",
+            hi_name="k_max",
+            why="outside it the per-row k is pinned at one bound and nothing adaptive is left; "
+            "set k inside, or leave k_min/k_max unset (defaults 1 and min(4k, d_sae))",
+        )
         if self.probe_path is None and self.probe_warmup_steps is not None:
-            _check_int("probe_warmup_steps", self.probe_warmup_steps, 1, 2**62)
+            self.probe_warmup_steps = _check_int(
+                "probe_warmup_steps", self.probe_warmup_steps, 1, 2**62
+            )
         if (
             self.probe_path is not None
             and self.normalize_activations in _TRAINER_SIDE_NORMALIZATION
@@ -240,7 +253,7 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
             raise ValueError(f"target_fvu must lie in (0, 1) or be None, got {self.target_fvu!r}")
         if not isinstance(self.probe_min_r2, (int, float)) or math.isnan(self.probe_min_r2):
             raise ValueError(f"probe_min_r2 must be a number <= 1, got {self.probe_min_r2!r}")
-        _check_int("probe_n_folds", self.probe_n_folds, 2, 100)
+        self.probe_n_folds = _check_int("probe_n_folds", self.probe_n_folds, 2, 100)
         if self.kstar_scale not in KSTAR_SCALES:
             raise ValueError(f"kstar_scale must be one of {KSTAR_SCALES}, got {self.kstar_scale!r}")
         if self.warmup_loss not in _WARMUP_LOSSES:
@@ -261,6 +274,20 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
         if total_steps is None:
             raise unknown_run_length_error(NAME, ["probe_warmup_steps"])
         return max(2, fraction_of_run(WARMUP_FRACTION, total_steps))
+
+    def check_run_length(self, total_steps: int) -> None:
+        """Raise ``ValueError`` if the warm-up (without ``probe_path``) would not end before a
+        run of ``total_steps`` steps does (checked before the model is loaded)."""
+        if self.probe_path is not None:
+            return
+        warmup = self.resolved_warmup_steps(total_steps)
+        if warmup >= total_steps:
+            raise ValueError(
+                f"adaptivek: probe_warmup_steps={warmup} is at or after the end of the run "
+                f"({total_steps} training steps): the probe would never be fitted and every row "
+                f"would use k_max. Set probe_warmup_steps in [1, {total_steps - 1}], leave it "
+                f"unset (default {WARMUP_FRACTION:g} of the run) or give probe_path"
+            )
 
 
 class AdaptiveKTrainingSAE(AdaptiveKWarmup, _ProbeK, TopKFamilyTrainingSAE):

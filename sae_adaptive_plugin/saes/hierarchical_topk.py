@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from sae_adaptive_plugin.provenance import PROVIDER_METADATA_KEY, PROVIDER_VERSION_METADATA_KEY
 from sae_adaptive_plugin.registration.hookspecs import Architecture
+from sae_adaptive_plugin.saes.config_checks import check_int, resolve_sizes
 from sae_adaptive_plugin.saes.topk_family import (
     PREFIX_EXCESS_LOSS,
     StepEncoding,
@@ -118,13 +119,12 @@ class HierarchicalTopKSAEConfig(TopKSAEConfig):
     trained_k: int | None = None
 
     def __post_init__(self) -> None:
+        resolve_sizes(self, "d_in", "d_sae")
+        resolve_sizes(self, "k", "trained_k", lo=None)
         super().__post_init__()
         if self.trained_k is None:
             self.trained_k = self.k
-        if isinstance(self.trained_k, bool) or not isinstance(self.trained_k, int):
-            raise ValueError(f"trained_k must be an int in [1, d_sae={self.d_sae}]")
-        if not 1 <= self.trained_k <= self.d_sae:
-            raise ValueError(f"trained_k={self.trained_k} must lie in [1, d_sae={self.d_sae}]")
+        self.trained_k = check_int("trained_k", self.trained_k, 1, self.d_sae, hi_name="d_sae")
         _check_budget(self.k, self.trained_k, self.d_sae)
 
     @override
@@ -203,7 +203,9 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
 
     Args:
         k: the largest budget ``K``; the loss averages the reconstruction errors of all prefixes
-            ``1..K`` of the sorted top-``K``. Must lie in ``[1, d_sae]``.
+            ``1..K`` of the sorted top-``K``. Must lie in ``[1, d_sae]``. Unset, it is SAELens
+            TopK's default (100): every budget up to it is trained, so set it to the largest
+            budget you will use.
         loss_chunk_size: rows whose ``K`` decoder rows are gathered at once by the loss (memory
             knob only; ``None`` = automatic, at most ``2**22`` gathered elements).
         Other fields: as SAELens's ``TopKTrainingSAEConfig`` (``aux_loss_coefficient``,
@@ -214,10 +216,8 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     loss_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int):
-            raise ValueError(f"k must be an int in [1, d_sae={self.d_sae}], got {self.k!r}")
-        if not 1 <= self.k <= self.d_sae:
-            raise ValueError(f"k={self.k} must lie in [1, d_sae={self.d_sae}]")
+        resolve_sizes(self, "d_in", "d_sae")
+        self.k = check_int("k", self.k, 1, self.d_sae, hi_name="d_sae")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1 or None, got {self.loss_chunk_size}")
         _check_normalization(self.normalize_activations)

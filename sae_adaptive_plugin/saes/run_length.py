@@ -15,8 +15,34 @@ from typing import Any
 _MARK = "_sae_adaptive_binds_run_length"
 
 
+def _sae_lens_mismatch(what: str) -> RuntimeError:
+    """The error for a SAELens whose ``SAETrainer`` no longer looks as the hook expects."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("sae-lens")
+    except metadata.PackageNotFoundError:
+        version = "(version unknown)"
+    try:
+        wanted = next(
+            r.split(";")[0]
+            for r in metadata.requires("sae-adaptive-plugin") or []
+            if r.replace("_", "-").startswith("sae-lens")
+        )
+    except (metadata.PackageNotFoundError, StopIteration):
+        wanted = "the sae-lens range in sae-adaptive-plugin's pyproject.toml"
+    return RuntimeError(
+        f"sae-adaptive-plugin cannot tell the SAE the run's length: in the installed SAELens "
+        f"{version}, {what}. Its trainer hook (saes/run_length.py) was written for {wanted}; "
+        f"install a SAELens in that range, or call sae.bind_run_length(total_steps) yourself "
+        f"with a training loop of your own"
+    )
+
+
 def install_trainer_hook() -> None:
-    """Wrap ``sae_lens.training.sae_trainer.SAETrainer.__init__`` (idempotent)."""
+    """Wrap ``sae_lens.training.sae_trainer.SAETrainer.__init__`` (idempotent). The wrap reads
+    ``trainer.sae`` and ``trainer.cfg.total_training_steps`` after SAELens's own ``__init__``;
+    where either is missing it raises ``RuntimeError`` naming the installed SAELens version."""
     from sae_lens.training.sae_trainer import SAETrainer
 
     original = SAETrainer.__init__
@@ -24,11 +50,21 @@ def install_trainer_hook() -> None:
         return
 
     @functools.wraps(original)
-    def __init__(self: Any, cfg: Any, sae: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, cfg, sae, *args, **kwargs)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        sae = getattr(self, "sae", None)
+        if sae is None:
+            given = [*args, *kwargs.values()]
+            if any(callable(getattr(a, "bind_run_length", None)) for a in given):
+                raise _sae_lens_mismatch("SAETrainer keeps no .sae after __init__")
+            return
         bind = getattr(sae, "bind_run_length", None)
-        if callable(bind):
-            bind(int(self.cfg.total_training_steps))
+        if not callable(bind):
+            return
+        total = getattr(getattr(self, "cfg", None), "total_training_steps", None)
+        if total is None:
+            raise _sae_lens_mismatch("SAETrainer has no cfg.total_training_steps")
+        bind(int(total))
 
     setattr(__init__, _MARK, True)
     SAETrainer.__init__ = __init__  # type: ignore[method-assign]

@@ -17,13 +17,12 @@ from typing import Any
 
 from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAEConfig
 
+from sae_adaptive_plugin.saes.config_checks import check_int, missing_k_error, resolve_sizes
 from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
 
 
-def _check_int(name: str, value: Any, lo: int, hi: float = math.inf) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        upper = "inf)" if hi == math.inf else f"{int(hi)}]"
-        raise ValueError(f"{name} must be an integer in [{lo}, {upper}, got {value!r}")
+def _check_int(name: str, value: Any, lo: int, hi: float | None = None, hi_name: str = "") -> int:
+    return check_int(name, value, lo, hi, hi_name=hi_name)
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -37,10 +36,18 @@ def _check_positive(name: str, value: Any) -> None:
 
 def _validate_common(cfg: Any) -> None:
     """Checks shared by the inference and training configs (fields resolved to ints)."""
-    _check_int("d_sae", cfg.d_sae, 1)
-    _check_int("k_max", cfg.k_max, 1, cfg.d_sae)
-    _check_int("k", cfg.k, 1, cfg.k_max)
-    _check_int("k_estimator_hidden", cfg.k_estimator_hidden, 1)
+    resolve_sizes(cfg, "d_in", "d_sae")
+    cfg.k_max = _check_int("k_max", cfg.k_max, 1, cfg.d_sae, "d_sae")
+    cfg.k = check_int(
+        "k",
+        cfg.k,
+        1,
+        cfg.k_max,
+        hi_name="k_max",
+        why="k̂ never exceeds k_max, so a mean of k cannot be reached; raise k_max (at most "
+        "d_sae) or leave it unset (default min(2k, d_sae))",
+    )
+    cfg.k_estimator_hidden = _check_int("k_estimator_hidden", cfg.k_estimator_hidden, 1)
 
 
 @dataclass
@@ -114,7 +121,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
     ``hard_topk_start_step`` half of the training steps.
 
     Args:
-        k: target mean number of active latents (``1 ≤ k ≤ k_max``).
+        k: target mean number of active latents (required, no default; ``1 ≤ k ≤ k_max``).
         k_max: upper bound of ``k̂(x)``; default ``min(2k, d_sae)``; at most ``d_sae``.
         k_estimator_hidden: hidden width of the k-estimator; default ``d_sae`` (the reference).
         alpha_start, alpha_end: LapSum scale at step 0 and after ``alpha_anneal_steps`` (> 0).
@@ -128,6 +135,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             saved SAE always uses hard top-``⌊k̂⌋``, so the run must train it that way).
     """
 
+    k: int | None = None  # type: ignore[assignment]  # required: SAELens TopK's 100 is no target
     k_max: int | None = None
     k_estimator_hidden: int | None = None
     alpha_start: float = 0.99
@@ -138,8 +146,10 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
     hard_topk_start_step: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("d_sae", self.d_sae, 1)
-        _check_int("k", self.k, 1)
+        resolve_sizes(self, "d_in", "d_sae")
+        if self.k is None:
+            raise missing_k_error("softsae", "k_max defaults to min(2k, d_sae)")
+        self.k = _check_int("k", self.k, 1, self.d_sae, "d_sae")
         if self.k_max is None:
             self.k_max = min(2 * self.k, self.d_sae)
         if self.k_estimator_hidden is None:
@@ -148,12 +158,14 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
         _check_positive("alpha_start", self.alpha_start)
         _check_positive("alpha_end", self.alpha_end)
         if self.alpha_anneal_steps is not None:
-            _check_int("alpha_anneal_steps", self.alpha_anneal_steps, 0)
+            self.alpha_anneal_steps = _check_int("alpha_anneal_steps", self.alpha_anneal_steps, 0)
         if self.k_anneal_steps is not None:
-            _check_int("k_anneal_steps", self.k_anneal_steps, 0)
+            self.k_anneal_steps = _check_int("k_anneal_steps", self.k_anneal_steps, 0)
         if self.hard_topk_start_step is not None:
             # step 0 would freeze the k-estimator before it ever trained
-            _check_int("hard_topk_start_step", self.hard_topk_start_step, 1)
+            self.hard_topk_start_step = _check_int(
+                "hard_topk_start_step", self.hard_topk_start_step, 1
+            )
         if self.use_sparse_activations:
             raise ValueError("use_sparse_activations must be False for softsae (not supported)")
         super().__post_init__()
@@ -193,9 +205,21 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             _check_schedule_fits(schedule, total_steps)
         return schedule
 
+    def check_run_length(self, total_steps: int) -> None:
+        """Raise ``ValueError`` if the schedules do not fit a run of ``total_steps`` steps
+        (checked before the model is loaded)."""
+        self.schedule(total_steps)
+
 
 def _check_schedule_fits(schedule: SoftSAESchedule, total_steps: int) -> None:
     hard = schedule.hard_topk_start_step
+    if total_steps < 2:
+        raise ValueError(
+            f"softsae: the run is too short ({total_steps} training step(s)): it needs at least "
+            "2 steps, a soft phase that trains the k-estimator and then the hard phase the saved "
+            "SAE uses. Raise training_tokens to at least 2 × train_batch_size_tokens (many more "
+            "for a useful SAE)"
+        )
     if hard >= total_steps:
         raise ValueError(
             f"softsae: hard_topk_start_step={hard} is at or after the end of the run "

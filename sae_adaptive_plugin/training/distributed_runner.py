@@ -111,10 +111,16 @@ class DistributedTrainingRunner(TrainingRunner):
     def run_trainer_with_interruption_handling(self, trainer: Any):
         undo = make_data_parallel(trainer, self)
         try:
-            return super().run_trainer_with_interruption_handling(trainer)
+            sae = super().run_trainer_with_interruption_handling(trainer)
         finally:
             for restore in undo:
                 restore()
+        if distributed.is_main():  # rank 0 saves: its own held-out batches, no collective
+            super().record_l0(sae)
+        return sae
+
+    def record_l0(self, sae: Any) -> None:
+        """Nothing while the data-parallel patches are on (see above)."""
 
 
 def shard_activations_store(store: Any, rank: int, world_size: int) -> None:

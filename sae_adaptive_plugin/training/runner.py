@@ -14,6 +14,11 @@
   further checkpoint or the final SAE is written.
 - **Safe final save.** The final SAE is written to a sibling temporary folder and renamed into
   ``output_path`` (:func:`sae_adaptive_plugin.outputs.replacing_dir`).
+- **The SAE's own L0.** SAELens records the mean L0 of the last training window (for AdaptiveK
+  partly its warm-up at ``k_max``, for SoftSAE partly its soft phase). After training, the
+  trained SAE encodes :data:`HELDOUT_L0_BATCHES` further batches of the activation stream (never
+  trained on); that mean is ``metadata.l0``, SAELens's value is kept as ``l0_training_window``
+  (:func:`record_heldout_l0`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,34 @@ logger = logging.getLogger("sae_adaptive_plugin")
 
 #: this package's extra resume state in a SAELens checkpoint folder.
 RESUME_STATE_FILENAME = "resume_state.safetensors"
+#: batches of the activation stream, after training, on which the saved SAE's L0 is measured.
+HELDOUT_L0_BATCHES = 4
+
+
+@torch.no_grad()
+def record_heldout_l0(sae: Any, batches: Iterator[torch.Tensor], n_batches: int) -> None:
+    """Set ``sae.cfg.metadata.l0`` to the SAE's mean L0 on the next ``n_batches`` of ``batches``
+    (raw activations: SAELens folds its activation scaling into the SAE when training ends),
+    ``l0_heldout_tokens`` to their number of rows and ``l0_training_window`` to SAELens's
+    training-window L0. A stream that has run out gives ``l0 = None`` (never the window mean)."""
+    meta = sae.cfg.metadata
+    meta.l0_training_window = meta.l0
+    total, rows = 0.0, 0
+    was_training = sae.training
+    sae.eval()
+    try:
+        for _ in range(n_batches):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            active = (sae.encode(batch) != 0).sum(-1).reshape(-1)
+            total += float(active.sum())
+            rows += active.numel()
+    finally:
+        sae.train(was_training)
+    meta.l0 = total / rows if rows else None
+    meta.l0_heldout_tokens = rows
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -140,7 +173,13 @@ class TrainingRunner(LanguageModelSAETrainingRunner):
         if self.cfg.resume_from_checkpoint is not None:
             self._restore(trainer, buffer, Path(self.cfg.resume_from_checkpoint))
         self._check_non_finite(trainer)
-        return super().run_trainer_with_interruption_handling(trainer)
+        sae = super().run_trainer_with_interruption_handling(trainer)
+        self.record_l0(sae)
+        return sae
+
+    def record_l0(self, sae: Any) -> None:
+        """:func:`record_heldout_l0` on the next batches of this run's activation stream."""
+        record_heldout_l0(sae, iter(self.activations_store), HELDOUT_L0_BATCHES)
 
     def _restore(self, trainer: Any, buffer: ResumableMixingBuffer, ckpt: Path) -> None:
         """Step count one behind in SAELens's mid-run checkpoints; buffer and RNG state."""

@@ -1,0 +1,73 @@
+"""Config checks shared by the three architectures, so that their errors read alike.
+
+Sizes (``d_in``, ``d_sae``, ``k``, ``k_min``, ``k_max``, …) must be integers; an integral float such
+as ``256.0`` is taken as ``256``. A value out of range names the field and each bound by its field
+name: ``k=10 must lie in [1, k_max=8]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _bound(value: float | None, name: str) -> str:
+    if value is None or value == math.inf:
+        return "inf"
+    return f"{name}={value}" if name else str(value)
+
+
+def int_range(lo: int, hi: float | None = None, lo_name: str = "", hi_name: str = "") -> str:
+    """``[lo, hi]`` with each bound named (``[1, k_max=8]``); ``[lo, inf)`` without ``hi``."""
+    upper = _bound(hi, hi_name)
+    return f"[{_bound(lo, lo_name)}, {upper}{')' if upper == 'inf' else ']'}"
+
+
+def _integral(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def check_int(
+    name: str,
+    value: Any,
+    lo: int = 1,
+    hi: float | None = None,
+    *,
+    lo_name: str = "",
+    hi_name: str = "",
+    why: str = "",
+) -> int:
+    """``value`` as an int in ``[lo, hi]`` (``hi`` None: unbounded); an integral float is taken
+    as its int. Otherwise ``ValueError`` naming ``name`` and the bounds (and ``why``, if given)."""
+    allowed = int_range(lo, hi, lo_name, hi_name)
+    if not _integral(value):
+        raise ValueError(f"{name} must be an integer in {allowed}, got {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name}={value} must lie in {allowed}" + (f": {why}" if why else ""))
+    return value
+
+
+def resolve_sizes(cfg: Any, *names: str, lo: int | None = 1) -> None:
+    """Replace each named field of ``cfg`` that is set by its int, checked to be ``>= lo``
+    (``lo=None``: integrality only, the range is checked later against other fields)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if lo is not None:
+            setattr(cfg, name, check_int(name, value, lo))
+        elif _integral(value):
+            setattr(cfg, name, int(value))
+        else:
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def missing_k_error(architecture: str, defaults: str) -> ValueError:
+    """The error for a training config whose target mean L0 ``k`` was not given."""
+    return ValueError(
+        f"{architecture}: k is not set. k is the target mean number of active latents (L0) and "
+        f"has no default; set it (e.g. k=32, in YAML sae.k: 32); {defaults}"
+    )
