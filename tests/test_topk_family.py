@@ -114,3 +114,30 @@ def test_loss_keys_are_the_same_in_every_phase_and_sum_to_the_loss(architecture)
         torch.testing.assert_close(out.loss, sum(out.losses.values()))
         keys.add(frozenset(out.losses))
     assert len(keys) == 1, keys
+
+
+@pytest.mark.parametrize("architecture", ["adaptivek", "softsae", "hierarchical_topk"])
+def test_decoder_unit_norm_keeps_rows_unit_and_moves_them_along_the_sphere(architecture):
+    from sae_lens import SAE
+
+    phase = {"adaptivek": "adaptive", "softsae": "hard", "hierarchical_topk": "all_prefixes"}
+    sae = _sae(architecture, phase[architecture])
+    sae.cfg.decoder_unit_norm = True
+    x = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(D_SAE))  # _sae rescaled them
+    out = _train_step(sae, architecture, phase[architecture], x)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE))
+    out.loss.backward()
+    w = sae.W_dec.detach()
+    assert sae.W_dec.grad.abs().sum() > 0
+    torch.testing.assert_close((sae.W_dec.grad * w).sum(-1), torch.zeros(D_SAE), atol=1e-6, rtol=0)
+    # the field is training-only: the inference SAE builds from the saved config
+    infer = SAE.from_dict(sae.cfg.get_inference_sae_cfg_dict())
+    assert not hasattr(infer.cfg, "decoder_unit_norm")
+
+
+def test_decoder_unit_norm_is_off_by_default():
+    sae = _sae("hierarchical_topk", "all_prefixes")
+    norms = sae.W_dec.norm(dim=-1).clone()
+    _train_step(sae, "hierarchical_topk", "all_prefixes", torch.randn(8, D_IN))
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), norms)

@@ -194,6 +194,8 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
             is read from are good at every length) or ``"mse"`` (plain TopK at ``k_max``).
         aux_loss_coefficient: weight of SAELens's TopK AuxK loss.
         rescale_acts_by_decoder_norm: as SAELens's TopK (select on ``hidden_pre·‖W_dec‖``).
+        decoder_unit_norm: keep decoder rows at unit norm during training and remove the
+            gradient component parallel to each row (EleutherAI sparsify's decoder handling).
         Other fields: as SAELens's ``TrainingSAEConfig``.
     """
 
@@ -210,6 +212,7 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
     warmup_loss: str = "hierarchical"
     aux_loss_coefficient: float = 1.0
     rescale_acts_by_decoder_norm: bool = True
+    decoder_unit_norm: bool = False
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae")

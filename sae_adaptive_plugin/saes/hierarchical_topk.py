@@ -208,12 +208,15 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             budget you will use.
         loss_chunk_size: rows whose ``K`` decoder rows are gathered at once by the loss (memory
             knob only; ``None`` = automatic, at most ``2**22`` gathered elements).
+        decoder_unit_norm: keep decoder rows at unit norm during training and remove the
+            gradient component parallel to each row (EleutherAI sparsify's decoder handling).
         Other fields: as SAELens's ``TopKTrainingSAEConfig`` (``aux_loss_coefficient``,
         ``rescale_acts_by_decoder_norm``, ``use_sparse_activations``, ``decoder_init_norm``, …).
         ``normalize_activations`` must be ``"none"`` or ``"expected_average_only_in"``.
     """
 
     loss_chunk_size: int | None = None
+    decoder_unit_norm: bool = False
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae")

@@ -133,6 +133,8 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             ``k`` (≥ 0; 0 = ``k`` throughout).
         hard_topk_start_step: first step of the hard phase (≥ 1, before the end of the run: the
             saved SAE always uses hard top-``⌊k̂⌋``, so the run must train it that way).
+        decoder_unit_norm: keep decoder rows at unit norm during training and remove the
+            gradient component parallel to each row (EleutherAI sparsify's decoder handling).
     """
 
     k: int | None = None  # type: ignore[assignment]  # required: SAELens TopK's 100 is no target
@@ -144,6 +146,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
     alpha_anneal_steps: int | None = None
     k_anneal_steps: int | None = None
     hard_topk_start_step: int | None = None
+    decoder_unit_norm: bool = False
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae")

@@ -85,6 +85,17 @@ def prefix_excess(errors: torch.Tensor) -> torch.Tensor:
     return errors.mean() - errors[:, -1].mean()
 
 
+def _without_parallel_component(W_dec: torch.Tensor):
+    """A gradient hook removing from each row of ``∂L/∂W_dec`` its component along that row."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        rows = W_dec.detach()
+        unit = rows / rows.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).eps)
+        return grad - (grad * unit).sum(-1, keepdim=True) * unit
+
+    return hook
+
+
 class TopKFamilyMixin:
     """Input reading, hook-aware per-row top-k encode and compact decode (inference and
     training classes alike)."""
@@ -368,7 +379,25 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
         weight = self.cfg.aux_loss_coefficient * min(num_dead / k_aux_full, 1.0)
         return {"auxiliary_reconstruction_loss": weight * loss}
 
+    @property
+    def keeps_unit_decoder(self) -> bool:
+        """``decoder_unit_norm``: sparsify's decoder handling (see :meth:`keep_decoder_unit`)."""
+        return bool(getattr(self.cfg, "decoder_unit_norm", False))
+
+    @torch.no_grad()
+    def keep_decoder_unit(self) -> None:
+        """Decoder rows set to unit norm (before each step, so after each optimizer step), and
+        the part of each row's gradient parallel to the row removed (a gradient hook on the
+        current ``W_dec``): the update moves a row along its unit sphere."""
+        W_dec = self.W_dec
+        W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(W_dec.dtype).eps))
+        if self.__dict__.get("_unit_hooked") is not W_dec:  # a loaded W_dec is a new tensor
+            W_dec.register_hook(_without_parallel_component(W_dec))
+            self.__dict__["_unit_hooked"] = W_dec
+
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        if self.keeps_unit_decoder:
+            self.keep_decoder_unit()
         self.prepare_training_step(step_input)
         encoding = self.training_encoding(step_input)
         sae_out = self.training_decode(encoding)
