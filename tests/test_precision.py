@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import sae_adaptive_plugin.ops.variable_topk as variable_topk_module
 from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors
 from sae_adaptive_plugin.ops.hierarchical import (
     hierarchical_loss,
@@ -13,6 +14,7 @@ from sae_adaptive_plugin.ops.hierarchical import (
     prefix_reconstruction_errors,
     prefix_reconstruction_errors_naive,
 )
+from sae_adaptive_plugin.ops.variable_topk import decode_topk, topk_encode
 
 BF16 = torch.bfloat16
 
@@ -22,6 +24,7 @@ def autocast():
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach(), want.detach()
     return float(((got.double() - want.double()).abs() / want.double().abs()).max())
 
 
@@ -111,3 +114,111 @@ def test_kstar_labels_of_a_bf16_sae_match_float64() -> None:
     want = kstar_from_prefix_errors(ref, variance, tau)
     have = kstar_from_prefix_errors(got, variance.float(), tau)
     assert torch.equal(have[clear], want[clear])
+
+
+# -- encode (topk_encode) and decode (decode_topk) -----------------------------------------------
+
+
+def _encode_problem(n: int = 256, d_in: int = 32, d_sae: int = 48, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    sae_in = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    W_enc = torch.randn(d_in, d_sae, generator=g, dtype=torch.float64) / d_in**0.5
+    b_enc = 0.1 * torch.randn(d_sae, generator=g, dtype=torch.float64)
+    b_enc[:4] += 3.0  # every row selects latents 0–3: their gradients sum n rows
+    scale = torch.rand(d_sae, generator=g, dtype=torch.float64) + 0.5
+    k = torch.randint(4, 9, (n,), generator=g)
+    up_v = 0.5 + torch.rand(n, 8, generator=g, dtype=torch.float64)  # sums that grow with n
+    up_h = torch.randn(n, d_sae, generator=g, dtype=torch.float64)
+    return sae_in, W_enc, b_enc, scale, k, up_v, up_h
+
+
+def _encode_grads(impl, dtype, with_scale, use_hidden_pre, ctx=None):
+    sae_in, W_enc, b_enc, scale, k, up_v, up_h = _encode_problem()
+    leaves = [t.to(dtype).requires_grad_() for t in (sae_in, W_enc, b_enc, scale)]
+    if not with_scale:
+        leaves = leaves[:3]
+    with ctx() if ctx is not None else torch.enable_grad():
+        hidden_pre, top = topk_encode(
+            *leaves[:3], k, k_max=8, scale=leaves[3] if with_scale else None, impl=impl
+        )
+    loss = (top.values.double() * up_v).sum()
+    if use_hidden_pre:  # AuxK reads hidden_pre: the dense backward
+        loss = loss + (hidden_pre.double() * up_h).sum()
+    return hidden_pre, top, torch.autograd.grad(loss, leaves)
+
+
+def _float64_grads(top, with_scale, use_hidden_pre):
+    """float64 gradients of the loss of :func:`_encode_grads` for the given selection."""
+    sae_in, W_enc, b_enc, scale, _k, up_v, up_h = _encode_problem()
+    leaves = [t.requires_grad_() for t in (sae_in, W_enc, b_enc, scale)][: 3 + with_scale]
+    hidden_pre = sae_in @ W_enc + b_enc
+    if with_scale:
+        hidden_pre = hidden_pre * scale
+    values = torch.where(top.mask, hidden_pre.gather(-1, top.indices).relu(), 0)
+    loss = (values * up_v).sum()
+    if use_hidden_pre:
+        loss = loss + (hidden_pre * up_h).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+def _assert_close_to(grads, ref, dtype, rtol):
+    for name, got, want in zip(("sae_in", "W_enc", "b_enc", "scale"), grads, ref):
+        assert got.dtype == dtype, name
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert float(err) <= rtol, name
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+@pytest.mark.parametrize("use_hidden_pre", [False, True])
+def test_topk_encode_under_autocast_is_sparse_and_selects_as_dense(
+    with_scale: bool, use_hidden_pre: bool, monkeypatch
+) -> None:
+    calls = []
+    apply = variable_topk_module._TopKEncode.apply
+    monkeypatch.setattr(
+        variable_topk_module._TopKEncode, "apply", lambda *a: calls.append(1) or apply(*a)
+    )
+    f32 = torch.float32
+    h_d, top_d, g_d = _encode_grads("dense", f32, with_scale, use_hidden_pre, autocast)
+    assert not calls
+    h_s, top_s, g_s = _encode_grads("auto", f32, with_scale, use_hidden_pre, autocast)
+    assert calls  # "auto" keeps the fused op under autocast
+    assert h_s.dtype == h_d.dtype == (f32 if with_scale else BF16)
+    assert torch.equal(h_s, h_d) and torch.equal(top_s.indices, top_d.indices)
+    assert torch.equal(top_s.values, top_d.values)
+    ref = _float64_grads(top_s, with_scale, use_hidden_pre)
+    _assert_close_to(g_s, ref, f32, 2e-2)
+    _assert_close_to(g_d, ref, f32, 2e-2)
+
+
+def test_topk_encode_bf16_gradients_are_summed_in_float32() -> None:
+    """256 rows select latents 0–3: bf16 index_add/embedding_bag sums drift (sparse backward
+    before: b_enc off by 4 %, scale 4 %, W_enc 1.6 %); float32 sums stay within 0.6 %."""
+    for use_hidden_pre in (False, True):  # sparse and dense backward
+        _, top, grads = _encode_grads("sparse", BF16, True, use_hidden_pre)
+        _assert_close_to(grads, _float64_grads(top, True, use_hidden_pre), BF16, 1e-2)
+
+
+def test_decode_gather_bf16_and_autocast_match_float64() -> None:
+    g = torch.Generator().manual_seed(3)
+    n, k, d_sae, d = 512, 8, 16, 24  # each latent is hit by ~256 rows
+    values = torch.rand(n, k, generator=g, dtype=torch.float64)
+    indices = torch.stack([torch.randperm(d_sae, generator=g)[:k] for _ in range(n)])
+    W_dec = torch.randn(d_sae, d, generator=g, dtype=torch.float64)
+    up = torch.randn(n, d, generator=g, dtype=torch.float64)
+
+    def run(dtype, impl, ctx=None):
+        leaves = [values.to(dtype).requires_grad_(), W_dec.to(dtype).requires_grad_()]
+        with ctx() if ctx is not None else torch.enable_grad():
+            out = decode_topk(leaves[0], indices, leaves[1], impl=impl)
+        return out, torch.autograd.grad((out.double() * up).sum(), leaves)
+
+    ref, ref_grads = run(torch.float64, "dense")
+    for dtype, ctx in ((BF16, None), (torch.float32, autocast)):
+        for impl in ("gather", "dense"):
+            out, grads = run(dtype, impl, ctx)
+            err = (out.detach().double() - ref.detach()).abs().max() / ref.detach().abs().max()
+            assert float(err) <= 1e-2
+            for got, want in zip(grads, ref_grads):
+                assert got.dtype == dtype
+                assert float((got.double() - want).abs().max() / want.abs().max()) <= 1e-2
