@@ -3,10 +3,17 @@ within bfloat16 rounding of the plain reference, sums and Gram forms in float32.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from step_parity import loss_and_grads
 
+import sae_adaptive_plugin.ops.dispatch as dispatch
+import sae_adaptive_plugin.ops.hierarchical as hierarchical_module
+import sae_adaptive_plugin.ops.lapsum_decode as lapsum_decode_module
 import sae_adaptive_plugin.ops.variable_topk as variable_topk_module
+import sae_adaptive_plugin.saes.softsae as softsae_module
 from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors
 from sae_adaptive_plugin.ops.hierarchical import (
     hierarchical_loss,
@@ -14,7 +21,10 @@ from sae_adaptive_plugin.ops.hierarchical import (
     prefix_reconstruction_errors,
     prefix_reconstruction_errors_naive,
 )
+from sae_adaptive_plugin.ops.lapsum_decode import lapsum_decode, lapsum_decode_reference
+from sae_adaptive_plugin.ops.shifted_linear import shifted_linear, shifted_linear_reference
 from sae_adaptive_plugin.ops.variable_topk import decode_topk, topk_encode
+from sae_adaptive_plugin.saes.softsae import SoftSAETrainingSAE, SoftSAETrainingSAEConfig
 
 BF16 = torch.bfloat16
 
@@ -222,3 +232,164 @@ def test_decode_gather_bf16_and_autocast_match_float64() -> None:
             for got, want in zip(grads, ref_grads):
                 assert got.dtype == dtype
                 assert float((got.double() - want).abs().max() / want.abs().max()) <= 1e-2
+
+
+# -- SoftSAE's soft phase: shifted_linear and lapsum_decode --------------------------------------
+
+
+def _run_leaves(fn, leaves, upstream, ctx=None):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    with ctx() if ctx is not None else torch.enable_grad():
+        out = fn(*leaves)
+    out = out.out if hasattr(out, "out") else out
+    grads = torch.autograd.grad((out.double() * upstream).sum(), leaves)
+    return out.detach(), grads
+
+
+def _assert_grads_close(got, want, rtol):
+    for i, (a, b) in enumerate(zip(got, want)):
+        err = (a.double() - b.double()).abs().max() / b.double().abs().max()
+        assert float(err) <= rtol, (i, float(err))
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])  # float32: under autocast
+def test_shifted_linear_bf16_and_autocast_match_float64(dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    n, d_in, d_out = 256, 24, 40
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64) + 2.0
+    shift = torch.full((d_in,), 2.0, dtype=torch.float64) + 0.1 * torch.randn(d_in, generator=g)
+    W = torch.randn(d_in, d_out, generator=g, dtype=torch.float64) / d_in**0.5
+    b = 0.1 * torch.randn(d_out, generator=g, dtype=torch.float64)
+    scale = torch.rand(d_out, generator=g, dtype=torch.float64) + 0.5
+    scale[3] = 0.0
+    up = 0.5 + torch.rand(n, d_out, generator=g, dtype=torch.float64)
+    leaves = [t.to(dtype) for t in (x, shift, W, b, scale)]
+    ctx = autocast if dtype == torch.float32 else None
+    out, grads = _run_leaves(shifted_linear, leaves, up, ctx)
+    assert out.dtype == BF16  # the matmul's dtype
+    ref, ref_grads = _run_leaves(
+        shifted_linear_reference, [t.double() for t in leaves], up
+    )  # float64 of the same (rounded) inputs
+    assert float((out.double() - ref).abs().max() / ref.abs().max()) <= 1e-2
+    _assert_grads_close(grads, ref_grads, 1e-2)
+    for leaf, grad in zip(leaves, grads):
+        assert grad.dtype == leaf.dtype
+
+
+def _decode_problem(rows=96, f=200, d_out=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, f, generator=g, dtype=torch.float64) * 2
+    k_hat = torch.rand(rows, generator=g, dtype=torch.float64) * 9 + 1
+    W_dec = torch.randn(f, d_out, generator=g, dtype=torch.float64) / 4
+    scale = torch.rand(f, generator=g, dtype=torch.float64) + 0.5
+    up = torch.randn(rows, d_out, generator=g, dtype=torch.float64)
+    return h, k_hat, W_dec, scale, up
+
+
+@pytest.mark.parametrize("alpha_tensor", [False, True])
+def test_lapsum_decode_serves_bf16_and_autocast(alpha_tensor: bool) -> None:
+    """Blocked decode of bf16 pre-activations and under autocast: the code in float32, the
+    matmuls in bf16; within bf16 rounding of the plain composition at the same dtypes."""
+    h, k_hat, W_dec, scale, up = _decode_problem()
+    alpha = torch.tensor(0.3) if alpha_tensor else 0.3
+
+    def blocked(h_, k_, w_, s_):
+        return lapsum_decode(h_, k_, alpha, w_, k_max=10, dec_scale=s_, block_rows=7)
+
+    def plain(h_, k_, w_, s_):
+        return lapsum_decode_reference(h_, k_, 0.3, w_, k_max=10, dec_scale=s_)
+
+    for dtypes, ctx in (
+        ((BF16,) * 4, None),
+        ((torch.float32,) * 4, autocast),
+    ):
+        leaves = [t.to(dt) for t, dt in zip((h, k_hat, W_dec, scale), dtypes)]
+        out, grads = _run_leaves(blocked, leaves, up, ctx)
+        assert out.dtype == BF16
+        ref, ref_grads = _run_leaves(plain, leaves, up, ctx)
+        assert float((out.double() - ref.double()).abs().max() / ref.double().abs().max()) <= 1e-2
+        _assert_grads_close(grads, ref_grads, 2e-2)
+        for leaf, grad in zip(leaves, grads):
+            assert grad.dtype == leaf.dtype
+
+
+def test_lapsum_decode_bf16_code_is_computed_in_float32() -> None:
+    """The soft code of bf16 pre-activations equals the float32 code of the same values."""
+    h, k_hat, _, _, _ = _decode_problem()
+    hb = h.to(BF16)
+    eye = torch.eye(h.shape[1])
+    low = lapsum_decode(hb, k_hat.float(), 0.05, eye.to(BF16), k_max=10)
+    full = lapsum_decode(hb.float(), k_hat.float(), 0.05, eye, k_max=10)
+    assert low.feature_acts.dtype == BF16
+    torch.testing.assert_close(low.feature_acts, full.feature_acts.to(BF16))
+    assert torch.equal(low.nonzero, full.nonzero)
+
+
+def _softsae(**overrides):
+    cfg = dict(d_in=16, d_sae=48, k=4, k_estimator_hidden=12, alpha_anneal_steps=6)
+    cfg.update(k_anneal_steps=2, hard_topk_start_step=8, **overrides)
+    torch.manual_seed(1)
+    return SoftSAETrainingSAE(SoftSAETrainingSAEConfig(**cfg))
+
+
+@pytest.mark.parametrize(("dtype", "ctx"), [("float32", autocast), ("bfloat16", None)])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_softsae_soft_phase_takes_the_blocked_ops_under_autocast_and_bf16(
+    dtype, ctx, rescale, monkeypatch
+) -> None:
+    calls = []
+    monkeypatch.setattr(
+        softsae_module, "lapsum_decode", lambda *a, **k: calls.append(1) or lapsum_decode(*a, **k)
+    )
+    sae = _softsae(dtype=dtype, rescale_acts_by_decoder_norm=rescale)
+    x = torch.randn(64, 16).to(sae.dtype)
+    loss_and_grads(sae, x, 0)  # calibration step
+    steps = {}
+    for fused in (True, False):
+        sae.fused_soft = fused
+        calls.clear()
+        with ctx() if ctx is not None else torch.enable_grad():
+            steps[fused] = loss_and_grads(sae, x, 2)
+        assert bool(calls) == fused
+    (o1, g1), (o0, g0) = steps[True], steps[False]
+    for name in o1.losses:
+        torch.testing.assert_close(
+            o1.losses[name].float(), o0.losses[name].float(), rtol=1e-2, atol=1e-3
+        )
+    for name in g1:
+        err = (g1[name].double() - g0[name].double()).abs().max() / g0[name].double().abs().max()
+        assert float(err) <= 2e-2, name
+
+
+# -- device-aware blocks: on an accelerator the loops' trip counts do not grow with the width -------
+
+
+@pytest.mark.parametrize("n_cols", [16_384, 131_072, 1 << 20])
+def test_accelerator_blocks_are_few_and_cpu_blocks_unchanged(n_cols: int) -> None:
+    n_rows = 4096
+    ew, mm = lapsum_decode_module._block_sizes(n_rows, n_cols, None, "cuda")
+    assert ew == mm and math.ceil(n_rows / ew) <= dispatch.ACCELERATOR_MAX_BLOCKS
+    ew_cpu, mm_cpu = lapsum_decode_module._block_sizes(n_rows, n_cols, None, "cpu")
+    assert ew_cpu == max(1, lapsum_decode_module.BLOCK_ELEMENTS // n_cols)
+    assert mm_cpu % ew_cpu == 0
+    for k, d in ((64, 768), (256, 2304)):
+        chunk = hierarchical_module._chunk_rows(n_rows, k, d, None, "cuda")
+        assert math.ceil(n_rows / chunk) <= dispatch.ACCELERATOR_MAX_BLOCKS
+        cpu = hierarchical_module._chunk_rows(n_rows, k, d, None, "cpu")
+        assert cpu == max(1, hierarchical_module.DEFAULT_GATHER_ELEMENTS // (k * d))
+    assert dispatch.block_rows(64, 1000, "cuda", 1 << 10) >= 64  # a small problem: one block
+    assert dispatch.block_rows(64, 1000, "cpu", 1 << 10) == 1
+
+
+def test_exact_float32_matmul_switches_tf32_off_only_on_cuda() -> None:
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        with dispatch.exact_float32_matmul("cuda"):
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+        with dispatch.exact_float32_matmul("cpu"):
+            assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before
