@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from step_parity import loss_and_grads
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sae_adaptive_plugin.ops.dispatch as dispatch
 import sae_adaptive_plugin.ops.hierarchical as hierarchical_module
@@ -21,6 +22,7 @@ from sae_adaptive_plugin.ops.hierarchical import (
     prefix_reconstruction_errors,
     prefix_reconstruction_errors_naive,
 )
+from sae_adaptive_plugin.ops.lapsum import lapsum_topk
 from sae_adaptive_plugin.ops.lapsum_decode import lapsum_decode, lapsum_decode_reference
 from sae_adaptive_plugin.ops.shifted_linear import shifted_linear, shifted_linear_reference
 from sae_adaptive_plugin.ops.variable_topk import decode_topk, topk_encode
@@ -393,3 +395,78 @@ def test_exact_float32_matmul_switches_tf32_off_only_on_cuda() -> None:
             assert matmul.fp32_precision == "tf32"
     finally:
         matmul.fp32_precision = before
+
+
+# -- no host sync inside the ops: nothing reads a tensor's value back to Python -------------------
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the aten calls that copy a value to the host (``.item()``/``float()``/``bool()``
+    of a tensor, boolean-mask indexing): each one is a device sync on a GPU."""
+
+    READS = frozenset(
+        {
+            torch.ops.aten._local_scalar_dense.default,
+            torch.ops.aten.is_nonzero.default,
+            torch.ops.aten.nonzero.default,
+        }
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_steps():
+    """Each op forward and backward, as a training step calls it (float32)."""
+    sae_in, W_enc, b_enc, scale, k, up_v, up_h = (t.float() for t in _encode_problem())
+    k = k.long()
+    h, k_hat, W_dec, dec_scale, _ = (t.float() for t in _decode_problem())
+    r, vals, W, idx = (t.float() if t.is_floating_point() else t for t in _prefix_problem(0.1))
+
+    def leaves(*ts):
+        return [t.clone().requires_grad_() for t in ts]
+
+    def encode(use_hidden_pre):
+        x, w, b, s = leaves(sae_in, W_enc, b_enc, scale)
+        hidden_pre, top = topk_encode(x, w, b, k, k_max=8, scale=s)
+        loss = (top.values * up_v).sum() + (hidden_pre * up_h).sum() * use_hidden_pre
+        loss.backward()
+
+    def linear():
+        x, sh, w, b, s = leaves(sae_in, sae_in[0], W_enc, b_enc, scale)
+        (shifted_linear(x, sh, w, b, s) * up_h).sum().backward()
+
+    def soft_decode():
+        hp, kh, w, s = leaves(h, k_hat, W_dec, dec_scale)
+        alpha = hp.detach().amax(-1).mean() * 0.1  # a device α, as alpha_relative gives
+        lapsum_decode(hp, kh, alpha, w, dec_scale=s, block_rows=7).out.sum().backward()
+        lapsum_topk(hp, kh, alpha).sum().backward()
+
+    def prefix():
+        rr, vv, ww = leaves(r, vals, W)
+        prefix_reconstruction_errors(rr, vv, ww, idx, chunk_size=5).sum().backward()
+        hierarchical_loss(rr, vv, ww, idx).backward()
+        decode_topk(vv, idx, ww, impl="gather").sum().backward()
+
+    return {
+        "topk_encode": lambda: encode(False),
+        "topk_encode (dense backward)": lambda: encode(True),
+        "shifted_linear": linear,
+        "lapsum_decode": soft_decode,
+        "prefix errors": prefix,
+    }
+
+
+@pytest.mark.parametrize("op", list(_ops_steps()))
+@pytest.mark.parametrize("ctx", [None, autocast])
+def test_ops_read_nothing_back_to_the_host(op: str, ctx) -> None:
+    step = _ops_steps()[op]
+    with ctx() if ctx is not None else torch.enable_grad(), _HostReads() as reads:
+        step()
+    assert reads.seen == []
