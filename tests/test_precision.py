@@ -422,51 +422,53 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ops_steps():
-    """Each op forward and backward, as a training step calls it (float32)."""
+def _ops_losses():
+    """Each op as a training step calls it (float32): a function returning the losses to
+    differentiate."""
     sae_in, W_enc, b_enc, scale, k, up_v, up_h = (t.float() for t in _encode_problem())
     k = k.long()
     h, k_hat, W_dec, dec_scale, _ = (t.float() for t in _decode_problem())
     r, vals, W, idx = (t.float() if t.is_floating_point() else t for t in _prefix_problem(0.1))
-
-    def leaves(*ts):
-        return [t.clone().requires_grad_() for t in ts]
+    x, w, b, s, sh, hp, kh, wd, ds, rr, vv, ww = (
+        t.clone().requires_grad_()
+        for t in (sae_in, W_enc, b_enc, scale, sae_in[0], h, k_hat, W_dec, dec_scale, r, vals, W)
+    )
 
     def encode(use_hidden_pre):
-        x, w, b, s = leaves(sae_in, W_enc, b_enc, scale)
         hidden_pre, top = topk_encode(x, w, b, k, k_max=8, scale=s)
-        loss = (top.values * up_v).sum() + (hidden_pre * up_h).sum() * use_hidden_pre
-        loss.backward()
-
-    def linear():
-        x, sh, w, b, s = leaves(sae_in, sae_in[0], W_enc, b_enc, scale)
-        (shifted_linear(x, sh, w, b, s) * up_h).sum().backward()
+        return [(top.values * up_v).sum() + (hidden_pre * up_h).sum() * use_hidden_pre]
 
     def soft_decode():
-        hp, kh, w, s = leaves(h, k_hat, W_dec, dec_scale)
         alpha = hp.detach().amax(-1).mean() * 0.1  # a device α, as alpha_relative gives
-        lapsum_decode(hp, kh, alpha, w, dec_scale=s, block_rows=7).out.sum().backward()
-        lapsum_topk(hp, kh, alpha).sum().backward()
-
-    def prefix():
-        rr, vv, ww = leaves(r, vals, W)
-        prefix_reconstruction_errors(rr, vv, ww, idx, chunk_size=5).sum().backward()
-        hierarchical_loss(rr, vv, ww, idx).backward()
-        decode_topk(vv, idx, ww, impl="gather").sum().backward()
+        out = lapsum_decode(hp, kh, alpha, wd, dec_scale=ds, block_rows=40).out
+        return [out.sum(), lapsum_topk(hp, kh, alpha).sum()]
 
     return {
         "topk_encode": lambda: encode(False),
         "topk_encode (dense backward)": lambda: encode(True),
-        "shifted_linear": linear,
+        "shifted_linear": lambda: [(shifted_linear(x, sh, w, b, s) * up_h).sum()],
         "lapsum_decode": soft_decode,
-        "prefix errors": prefix,
+        "prefix errors": lambda: [
+            prefix_reconstruction_errors(rr, vv, ww, idx, chunk_size=5).sum(),
+            hierarchical_loss(rr, vv, ww, idx),
+            decode_topk(vv, idx, ww, impl="gather").sum(),
+        ],
     }
 
 
-@pytest.mark.parametrize("op", list(_ops_steps()))
+@pytest.mark.parametrize("op", list(_ops_losses()))
 @pytest.mark.parametrize("ctx", [None, autocast])
 def test_ops_read_nothing_back_to_the_host(op: str, ctx) -> None:
-    step = _ops_steps()[op]
+    losses = _ops_losses()[op]
     with ctx() if ctx is not None else torch.enable_grad(), _HostReads() as reads:
-        step()
+        torch.autograd.backward(losses())
     assert reads.seen == []
+
+
+@pytest.mark.parametrize("op", list(_ops_losses()))
+def test_ops_trace_without_graph_breaks(op: str) -> None:
+    """``torch.compile(fullgraph=True)`` raises at any graph break in the op's forward and, with
+    AOT autograd, its autograd Function's backward."""
+    torch._dynamo.reset()
+    losses = torch.compile(_ops_losses()[op], backend="aot_eager", fullgraph=True)
+    torch.autograd.backward(losses())

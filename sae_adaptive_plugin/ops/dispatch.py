@@ -6,6 +6,7 @@
 - :func:`autocast_off`: decorator of an autograd Function's ``forward``/``backward``: runs it with
   autocast disabled on the device of its first tensor argument, so the dtypes the op chooses
   explicitly are the ones its matmuls use (also when ``backward`` runs inside an autocast region).
+- :func:`host_check_is_free`: whether a value check may read a tensor back (CPU, eager).
 - :func:`exact_float32_matmul`: on CUDA, float32 matmuls in full precision (no TF32) inside;
   :func:`full_precision`: that and autocast off.
 - :func:`block_rows`: rows per block of a blocked loop. On the CPU a block holds about a fixed
@@ -41,6 +42,13 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def host_check_is_free(t: torch.Tensor) -> bool:
+    """Whether reading a value of ``t`` back to Python costs nothing: a CPU tensor, not under
+    ``torch.compile`` (where it would break the graph). Input checks that need a value run only
+    then; elsewhere the op clamps instead."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def autocast_off(method: Callable[..., Any]) -> Callable[..., Any]:

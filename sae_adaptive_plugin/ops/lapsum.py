@@ -56,6 +56,8 @@ import math
 
 import torch
 
+from sae_adaptive_plugin.ops.dispatch import host_check_is_free
+
 #: ``τ`` stays within ``[min(s) − SATURATION·α, max(s) + SATURATION·α]``; ½e^{−40} ≈ 2e−18 is
 #: below the float64 epsilon, so the mask there is exactly 0 or 1 in every supported dtype.
 SATURATION = 40.0
@@ -250,7 +252,7 @@ def lapsum_topk(
             isinstance(k_max, (int, float)) and math.isfinite(k_max) and k_max >= 0
         ):
             raise ValueError(f"k_max must be None or a finite number >= 0, got {k_max!r}")
-        if k_hat.numel() and k_hat.device.type == "cpu" and float(k_hat.detach().max()) > k_max:
+        if k_hat.numel() and host_check_is_free(k_hat) and float(k_hat.detach().max()) > k_max:
             raise ValueError(
                 f"k_hat must lie in [0, k_max={k_max}] when k_max is given, "
                 f"got max {float(k_hat.detach().max())}"

@@ -27,6 +27,7 @@ from sae_adaptive_plugin.ops.dispatch import (
     accumulation_dtype,
     autocast_dtype,
     autocast_off,
+    host_check_is_free,
 )
 from sae_adaptive_plugin.ops.dispatch import (
     block_rows as _block_rows,
@@ -240,7 +241,7 @@ def lapsum_decode(
     if (
         k_max is not None
         and n
-        and k_hat.device.type == "cpu"
+        and host_check_is_free(k_hat)
         and float(k_hat.detach().max()) > k_max
     ):
         raise ValueError(
