@@ -83,6 +83,15 @@ def _block_sizes(
     return rows, rows * max(1, MATMUL_ELEMENTS // max(n_cols * rows, 1))
 
 
+def _store(dst: torch.Tensor, dtype: torch.dtype, op, *args) -> None:
+    """``dst[...] = op(*args)`` (whose result has ``dtype``), with no temporary when ``dst`` has
+    that dtype."""
+    if dst.dtype == dtype:
+        op(*args, out=dst)
+    else:
+        dst.copy_(op(*args))
+
+
 def _block_code(
     z: torch.Tensor, tau: torch.Tensor, alpha: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,6 +119,7 @@ class _LapSumDecode(torch.autograd.Function):
         out = h.new_empty((n, W_dec.shape[1]), dtype=W_dec.dtype)
         feature_acts = torch.empty_like(h)
         nonzero = torch.empty(n, dtype=torch.long, device=h.device)
+        zero = torch.zeros((), dtype=acc, device=h.device)
         rows_ew, rows_mm = _block_sizes(n, f, block_rows, h.device.type)
         for outer in _blocks(n, rows_mm):
             scaled = out.new_empty((outer.stop - outer.start, f))  # c ⊙ s of the block
@@ -120,10 +130,13 @@ class _LapSumDecode(torch.autograd.Function):
                     k_rows = k_rows.clamp(max=k_max)
                 tau[rows] = lapsum_threshold(z, k_rows, alpha, k_max)
                 _, m, c = _block_code(z, tau[rows], alpha)
-                feature_acts[rows] = torch.where(m > 0.5, c, 0)
+                _store(feature_acts[rows], acc, torch.where, m > 0.5, c, zero)
                 nonzero[rows] = (c != 0).sum(dim=-1)
                 local = slice(rows.start - outer.start, rows.stop - outer.start)
-                scaled[local] = c * scale if scale is not None else c
+                if scale is not None:
+                    _store(scaled[local], acc, torch.mul, c, scale)
+                else:
+                    scaled[local] = c
             torch.mm(scaled, W_dec, out=out[outer])
         ctx.save_for_backward(hidden_pre, tau, W_dec, dec_scale)
         ctx.alpha, ctx.block_rows, ctx.k_dtype = alpha, block_rows, k_hat.dtype
@@ -148,6 +161,7 @@ class _LapSumDecode(torch.autograd.Function):
         grad_k = torch.empty(n, dtype=acc, device=h_all.device)
         grad_w = torch.zeros(W_dec.shape, dtype=acc, device=W_dec.device) if need_w else None
         grad_s = torch.zeros(f, dtype=acc, device=h_all.device) if need_s else None
+        zero = torch.zeros((), dtype=acc, device=h_all.device)
         rows_ew, rows_mm = _block_sizes(n, f, ctx.block_rows, h_all.device.type)
         for outer in _blocks(n, rows_mm):
             g_out = grad_out[outer]
@@ -162,8 +176,10 @@ class _LapSumDecode(torch.autograd.Function):
                     if need_s:
                         grad_s += (c * grad_c).sum(dim=0)
                     grad_c.mul_(scale)  # ∂L/∂c
-                if need_w:
-                    scaled[local] = c * scale if scale is not None else c
+                if need_w and scale is not None:
+                    _store(scaled[local], acc, torch.mul, c, scale)
+                elif need_w:
+                    scaled[local] = c
                 neg_abs = u.abs_().neg_()
                 g = grad_c * z  # ∂L/∂m
                 w = torch.softmax(neg_abs, dim=-1)  # q / Σ q
@@ -172,7 +188,7 @@ class _LapSumDecode(torch.autograd.Function):
                 if need_h:
                     q = neg_abs.exp_().mul_(0.5 / alpha)
                     grad_z = grad_c.mul_(m).add_(q.mul_(g.sub_(gk.unsqueeze(-1))))
-                    grad_h[rows] = torch.where(z > 0, grad_z, 0)
+                    _store(grad_h[rows], acc, torch.where, z > 0, grad_z, zero)
             if need_w:
                 if grad_w.dtype == scaled.dtype:
                     grad_w.addmm_(scaled.t(), g_out)
