@@ -25,7 +25,7 @@ Gradients flow to ``residual0`` (hence ``x`` and ``b_dec``), ``values`` and ``W_
 ``indices``. Rows whose selected values are zero (masked ranks of a variable-k top-k) simply add
 nothing to later prefixes. Note ``err_j`` is a difference of large terms: in float32 it carries an
 absolute error of about ``1e-6·‖e₀‖²`` (the naive form does not), negligible for losses and for
-thresholds such as ``τ ≥ 1e-3`` of the variance, but not in bfloat16 (27% at FVU 0.04). So all of
+thresholds such as ``τ ≥ 1e-3`` of the variance, but not in bfloat16 (docs/METHODS.md). So all of
 it runs in at least float32 (:func:`~sae_adaptive_plugin.ops.dispatch.accumulation_dtype`; the
 gathered rows are cast a chunk at a time, ``W_dec``'s gradient is summed in it), with autocast
 off and, on CUDA, without TF32; results come back in that dtype. Double backward is not supported.
@@ -211,7 +211,14 @@ def prefix_reconstruction_errors(
         return _prefix_errors(residual0.to(dtype), values.to(dtype), W_dec, indices, chunk_size)
 
 
-def _prefix_errors(residual0, values, W_dec, indices, chunk_size) -> torch.Tensor:
+def _prefix_errors(
+    residual0: torch.Tensor,
+    values: torch.Tensor,
+    W_dec: torch.Tensor,
+    indices: torch.Tensor | None,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """:func:`prefix_reconstruction_errors` of inputs already in the accumulation dtype."""
     c, G = gathered_gram(residual0, W_dec, indices, chunk_size)
     K = values.shape[1]
     linear = torch.cumsum(values * c, dim=-1)  # Σ_{i≤j} a_i c_i
@@ -246,7 +253,14 @@ def hierarchical_loss(
         return _loss(residual0.to(dtype), values.to(dtype), W_dec, indices, chunk_size)
 
 
-def _loss(residual0, values, W_dec, indices, chunk_size) -> torch.Tensor:
+def _loss(
+    residual0: torch.Tensor,
+    values: torch.Tensor,
+    W_dec: torch.Tensor,
+    indices: torch.Tensor | None,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """:func:`hierarchical_loss` of inputs already in the accumulation dtype."""
     c, G = gathered_gram(residual0, W_dec, indices, chunk_size)
     K = values.shape[1]
     rank = torch.arange(1, K + 1, device=values.device, dtype=values.dtype)
