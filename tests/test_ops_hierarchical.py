@@ -150,5 +150,5 @@ def test_bad_inputs_raise_clear_errors():
         prefix_reconstruction_errors(r, v, W)
     with pytest.raises(ValueError, match="chunk_size"):
         prefix_reconstruction_errors(r, v, W, idx, chunk_size=0)
-    with pytest.raises(ValueError, match="dtype"):
-        prefix_reconstruction_errors(r, v, W.double(), idx)
+    with pytest.raises(ValueError, match="W_dec must be a floating-point"):
+        prefix_reconstruction_errors(r, v, W.long(), idx)

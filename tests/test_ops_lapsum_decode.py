@@ -87,10 +87,12 @@ def test_soft_code_sums_and_firing_pattern() -> None:
 
 def test_inputs_validated() -> None:
     h, k_hat, W_dec, scale, _ = _problem()
-    with pytest.raises(ValueError, match="hidden_pre must be float32 or float64"):
-        lapsum_decode(h.bfloat16(), k_hat, 0.1, W_dec.bfloat16())
-    with pytest.raises(ValueError, match="W_dec must have shape"):
+    with pytest.raises(ValueError, match="hidden_pre must be a floating-point"):
+        lapsum_decode(h.long(), k_hat, 0.1, W_dec)
+    with pytest.raises(ValueError, match=r"W_dec must be a floating-point \[F=40"):
         lapsum_decode(h, k_hat, 0.1, W_dec[:-1])
+    with pytest.raises(ValueError, match="alpha must be a number or a 0-dim tensor"):
+        lapsum_decode(h, k_hat, torch.ones(2), W_dec)
     with pytest.raises(ValueError, match="dec_scale"):
         lapsum_decode(h, k_hat, 0.1, W_dec, dec_scale=scale[:-1])
     with pytest.raises(ValueError, match="k_hat must lie"):

@@ -25,7 +25,10 @@ Gradients flow to ``residual0`` (hence ``x`` and ``b_dec``), ``values`` and ``W_
 ``indices``. Rows whose selected values are zero (masked ranks of a variable-k top-k) simply add
 nothing to later prefixes. Note ``err_j`` is a difference of large terms: in float32 it carries an
 absolute error of about ``1e-6·‖e₀‖²`` (the naive form does not), negligible for losses and for
-thresholds such as ``τ ≥ 1e-3`` of the variance. Double backward is not supported.
+thresholds such as ``τ ≥ 1e-3`` of the variance, but not in bfloat16 (docs/METHODS.md). So all of
+it runs in at least float32 (:func:`~sae_adaptive_plugin.ops.dispatch.accumulation_dtype`; the
+gathered rows are cast a chunk at a time, ``W_dec``'s gradient is summed in it), with autocast
+off and, on CUDA, without TF32; results come back in that dtype. Double backward is not supported.
 
 Peak-memory measurement of both forms at B=4096, K=64, d=768: ``examples/hierarchical_loss_memory.py``.
 """
@@ -34,16 +37,24 @@ from __future__ import annotations
 
 import torch
 
+from sae_adaptive_plugin.ops.dispatch import (
+    accumulation_dtype,
+    autocast_off,
+    block_rows,
+    exact_float32_matmul,
+    full_precision,
+)
+
 #: Upper bound on the number of elements of one chunk's gathered ``[chunk, K, d]`` decoder rows.
 DEFAULT_GATHER_ELEMENTS = 1 << 22
 
 
-def _chunk_rows(n_rows: int, k: int, d: int, chunk_size: int | None) -> int:
+def _chunk_rows(n_rows: int, k: int, d: int, chunk_size: int | None, device_type: str) -> int:
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
         return chunk_size
-    return max(1, min(n_rows, DEFAULT_GATHER_ELEMENTS // max(1, k * d)))
+    return min(max(n_rows, 1), block_rows(n_rows, k * d, device_type, DEFAULT_GATHER_ELEMENTS))
 
 
 def _check_inputs(residual0: torch.Tensor, values: torch.Tensor) -> None:
@@ -79,34 +90,41 @@ def _check_decoder(
 
 
 class _GatheredGram(torch.autograd.Function):
-    """``c = ⟨e₀, W_dec[idx]⟩`` ``[B, K]`` and ``G = W_dec[idx] W_dec[idx]ᵀ`` ``[B, K, K]``, chunked."""
+    """``c = ⟨e₀, W_dec[idx]⟩`` ``[B, K]`` and ``G = W_dec[idx] W_dec[idx]ᵀ`` ``[B, K, K]``, chunked,
+    in ``residual0``'s dtype (the accumulation dtype; each chunk's gathered rows are cast to it)."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, residual0, W_dec, indices, chunk):  # type: ignore[override]
         B, K = indices.shape
         c = residual0.new_empty(B, K)
         G = residual0.new_empty(B, K, K)
-        for s in range(0, B, chunk):
-            rows = W_dec[indices[s : s + chunk]]  # [b, K, d]
-            c[s : s + chunk] = torch.bmm(rows, residual0[s : s + chunk].unsqueeze(-1)).squeeze(-1)
-            torch.bmm(rows, rows.transpose(1, 2), out=G[s : s + chunk])
+        with exact_float32_matmul(residual0.device.type):
+            for s in range(0, B, chunk):
+                rows = W_dec[indices[s : s + chunk]].to(residual0.dtype)  # [b, K, d]
+                c[s : s + chunk] = torch.bmm(rows, residual0[s : s + chunk].unsqueeze(-1)).squeeze(
+                    -1
+                )
+                torch.bmm(rows, rows.transpose(1, 2), out=G[s : s + chunk])
         ctx.save_for_backward(residual0, W_dec, indices)
         ctx.chunk = chunk
         return c, G
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_c, grad_G):  # type: ignore[override]
         residual0, W_dec, indices = ctx.saved_tensors
         chunk = ctx.chunk
         need_r, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_r = torch.zeros_like(residual0) if need_r else None
-        grad_w = torch.zeros_like(W_dec) if need_w else None
         if not (need_r or need_w):
             return None, None, None, None
+        dtype = residual0.dtype  # W_dec's gradient is summed in it, cast back at the end
+        grad_r = torch.zeros_like(residual0) if need_r else None
+        grad_w = torch.zeros(W_dec.shape, dtype=dtype, device=W_dec.device) if need_w else None
         d = W_dec.shape[1]
         for s in range(0, indices.shape[0], chunk):
             idx = indices[s : s + chunk]
-            rows = W_dec[idx]
+            rows = W_dec[idx].to(dtype)
             gc = grad_c[s : s + chunk] if grad_c is not None else None
             if need_r and gc is not None:
                 grad_r[s : s + chunk] = torch.bmm(gc.unsqueeze(1), rows).squeeze(1)
@@ -120,6 +138,8 @@ class _GatheredGram(torch.autograd.Function):
                     d_rows = term if d_rows is None else d_rows + term
                 if d_rows is not None:
                     grad_w.index_add_(0, idx.reshape(-1), d_rows.reshape(-1, d))
+        if grad_w is not None:
+            grad_w = grad_w.to(W_dec.dtype)
         return grad_r, grad_w, None, None
 
 
@@ -132,19 +152,25 @@ def gathered_gram(
     """``(c [B, K], G [B, K, K])`` with ``c_i = ⟨residual0, D_i⟩``, ``G = D Dᵀ``, ``D = W_dec[indices]``.
 
     With ``indices=None``, ``W_dec`` is taken to be the already gathered rows ``D`` ``[B, K, d]``
-    (plain autograd ops). Otherwise the gather is done ``chunk_size`` rows at a time (default: a
-    chunk of at most :data:`DEFAULT_GATHER_ELEMENTS` gathered elements).
+    (plain autograd ops). Otherwise the gather is done ``chunk_size`` rows at a time (default:
+    :func:`~sae_adaptive_plugin.ops.dispatch.block_rows` with a CPU budget of
+    :data:`DEFAULT_GATHER_ELEMENTS` gathered elements). Computed and returned in the
+    :func:`~sae_adaptive_plugin.ops.dispatch.accumulation_dtype` of the inputs (at least float32),
+    autocast off, without TF32.
     """
+    dtype = accumulation_dtype(residual0.dtype, W_dec.dtype)
+    device_type = residual0.device.type
+    residual0 = residual0.to(dtype)
     if indices is None:
-        c = torch.einsum("bkd,bd->bk", W_dec, residual0)
-        G = torch.bmm(W_dec, W_dec.transpose(1, 2))
+        with full_precision(device_type):
+            rows = W_dec.to(dtype)
+            c = torch.einsum("bkd,bd->bk", rows, residual0)
+            G = torch.bmm(rows, rows.transpose(1, 2))
         return c, G
-    if W_dec.dtype != residual0.dtype:
-        raise ValueError(
-            f"W_dec dtype {W_dec.dtype} differs from residual0 dtype {residual0.dtype}"
-        )
+    if not W_dec.dtype.is_floating_point:
+        raise ValueError(f"W_dec must be a floating-point tensor, got dtype {W_dec.dtype}")
     B, K = indices.shape
-    chunk = _chunk_rows(B, K, W_dec.shape[1], chunk_size)
+    chunk = _chunk_rows(B, K, W_dec.shape[1], chunk_size, device_type)
     return _GatheredGram.apply(residual0, W_dec, indices.long(), chunk)
 
 
@@ -180,6 +206,19 @@ def prefix_reconstruction_errors(
     """
     _check_inputs(residual0, values)
     _check_decoder(residual0, values, W_dec, indices)
+    dtype = accumulation_dtype(residual0.dtype, values.dtype, W_dec.dtype)
+    with full_precision(residual0.device.type):
+        return _prefix_errors(residual0.to(dtype), values.to(dtype), W_dec, indices, chunk_size)
+
+
+def _prefix_errors(
+    residual0: torch.Tensor,
+    values: torch.Tensor,
+    W_dec: torch.Tensor,
+    indices: torch.Tensor | None,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """:func:`prefix_reconstruction_errors` of inputs already in the accumulation dtype."""
     c, G = gathered_gram(residual0, W_dec, indices, chunk_size)
     K = values.shape[1]
     linear = torch.cumsum(values * c, dim=-1)  # Σ_{i≤j} a_i c_i
@@ -209,6 +248,19 @@ def hierarchical_loss(
     """
     _check_inputs(residual0, values)
     _check_decoder(residual0, values, W_dec, indices)
+    dtype = accumulation_dtype(residual0.dtype, values.dtype, W_dec.dtype)
+    with full_precision(residual0.device.type):
+        return _loss(residual0.to(dtype), values.to(dtype), W_dec, indices, chunk_size)
+
+
+def _loss(
+    residual0: torch.Tensor,
+    values: torch.Tensor,
+    W_dec: torch.Tensor,
+    indices: torch.Tensor | None,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """:func:`hierarchical_loss` of inputs already in the accumulation dtype."""
     c, G = gathered_gram(residual0, W_dec, indices, chunk_size)
     K = values.shape[1]
     rank = torch.arange(1, K + 1, device=values.device, dtype=values.dtype)

@@ -56,6 +56,8 @@ import math
 
 import torch
 
+from sae_adaptive_plugin.ops.dispatch import host_check_is_free
+
 #: ``τ`` stays within ``[min(s) − SATURATION·α, max(s) + SATURATION·α]``; ½e^{−40} ≈ 2e−18 is
 #: below the float64 epsilon, so the mask there is exactly 0 or 1 in every supported dtype.
 SATURATION = 40.0
@@ -198,12 +200,16 @@ class LapSumTopK(torch.autograd.Function):
         ctx, scores: torch.Tensor, k_hat: torch.Tensor, alpha: float, k_max: float | None = None
     ) -> torch.Tensor:
         dtype = _compute_dtype(scores.dtype)
-        alpha_f = float(alpha)
+        if isinstance(alpha, torch.Tensor):  # kept on the device: float() would sync
+            alpha = alpha.detach().reshape(()).to(scores.device, dtype)
         s = scores.detach().to(dtype)
-        tau = lapsum_threshold(s, k_hat.detach().to(dtype), alpha_f, k_max)
-        u = (s - tau.unsqueeze(-1)) / alpha_f
+        k = k_hat.detach().to(dtype)
+        if k_max is not None:
+            k = k.clamp(max=k_max)
+        tau = lapsum_threshold(s, k, alpha, k_max)
+        u = (s - tau.unsqueeze(-1)) / alpha
         ctx.save_for_backward(u)
-        ctx.alpha = alpha_f
+        ctx.alpha = alpha
         ctx.k_dtype = k_hat.dtype
         return laplace_cdf(u).to(scores.dtype)
 
@@ -231,27 +237,27 @@ def lapsum_topk(
     """Soft top-k mask ``[..., F]`` with ``Σ m = k̂`` per row; differentiable in scores and ``k̂``.
 
     ``k_hat`` is a tensor of shape ``scores.shape[:-1]`` (or a number for every row); ``alpha`` a
-    positive number or 0-dim tensor (no gradient). ``k_max``: an upper bound of every ``k̂``
-    (checked; one device sync); the threshold is then solved from each row's top
-    ``2⌈k_max⌉ + 2`` entries instead of a full sort, with the same result. ``None``: full sort.
+    positive number, or a 0-dim tensor (no gradient; kept on its device, its sign unchecked, so no
+    host sync). ``k_max``: an upper bound of every ``k̂`` (checked on the CPU; elsewhere, where
+    the check would sync, ``k̂`` is clamped to it); the threshold is then solved from each row's
+    top ``2⌈k_max⌉ + 2`` entries instead of a full sort, with the same result. ``None``: full sort.
     """
     if not isinstance(k_hat, torch.Tensor):
         k_hat = torch.full(scores.shape[:-1], float(k_hat), device=scores.device)
     _check_inputs(scores, k_hat, alpha)
-    alpha_f = float(alpha)
-    if not (alpha_f > 0 and math.isfinite(alpha_f)):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha_f}")
+    if not isinstance(alpha, torch.Tensor):
+        alpha = float(alpha)
     if k_max is not None:
         if isinstance(k_max, bool) or not (
             isinstance(k_max, (int, float)) and math.isfinite(k_max) and k_max >= 0
         ):
             raise ValueError(f"k_max must be None or a finite number >= 0, got {k_max!r}")
-        if k_hat.numel() and float(k_hat.detach().max()) > k_max:
+        if k_hat.numel() and host_check_is_free(k_hat) and float(k_hat.detach().max()) > k_max:
             raise ValueError(
                 f"k_hat must lie in [0, k_max={k_max}] when k_max is given, "
                 f"got max {float(k_hat.detach().max())}"
             )
-    return LapSumTopK.apply(scores, k_hat, alpha_f, k_max)
+    return LapSumTopK.apply(scores, k_hat, alpha, k_max)
 
 
 def lapsum_topk_reference(

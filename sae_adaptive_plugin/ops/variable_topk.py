@@ -21,6 +21,8 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sae_adaptive_plugin.ops.dispatch import accumulation_dtype, autocast_dtype, autocast_off
+
 
 class TopKResult(NamedTuple):
     """Selected latents of each row, sorted by pre-activation, descending.
@@ -66,7 +68,7 @@ def variable_topk(
     top = hidden_pre.topk(k_max, dim=-1, sorted=True)
     ranks = torch.arange(k_max, device=hidden_pre.device)
     mask = ranks < k_per_row.unsqueeze(-1).to(ranks.dtype)
-    values = torch.where(mask, top.values.relu(), torch.zeros((), dtype=hidden_pre.dtype))
+    values = torch.where(mask, top.values.relu(), 0)
     return TopKResult(values, top.indices, mask)
 
 
@@ -99,18 +101,21 @@ def decode_topk_dense(
 def decode_topk_gather(
     values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor
 ) -> torch.Tensor:
-    """Gather decode: ``embedding_bag`` sums the selected decoder rows weighted by ``values``."""
+    """Gather decode: ``embedding_bag`` sums the selected decoder rows weighted by ``values``, in
+    at least float32 (a bf16 bag's backward sums a latent's rows in bf16 on the CPU), returned in
+    ``W_dec``'s dtype."""
     lead = values.shape[:-1]
     k = values.shape[-1]
     if k == 0:
         return W_dec.new_zeros((*lead, W_dec.shape[1]))
+    acc = accumulation_dtype(W_dec.dtype)
     out = F.embedding_bag(
         indices.reshape(-1, k),
-        W_dec,
-        per_sample_weights=values.reshape(-1, k).to(W_dec.dtype),
+        W_dec.to(acc),
+        per_sample_weights=values.reshape(-1, k).to(acc),
         mode="sum",
     )
-    return out.reshape(*lead, W_dec.shape[1])
+    return out.reshape(*lead, W_dec.shape[1]).to(W_dec.dtype)
 
 
 DecodeImpl = Literal["auto", "dense", "gather"]
@@ -143,9 +148,12 @@ def decode_topk(
 
 class _TopKEncode(torch.autograd.Function):
     """``hidden_pre = (sae_in @ W_enc + b_enc) · scale`` and its per-row top-``k`` (see
-    :func:`topk_encode`). Outputs: ``hidden_pre``, ``values``, ``indices``, ``mask``."""
+    :func:`topk_encode`). Outputs: ``hidden_pre``, ``values``, ``indices``, ``mask``. Matmuls run
+    in ``W_enc``'s dtype; sums over rows (``b_enc``, ``scale`` and, for bf16/fp16, ``W_enc``
+    gradients) in at least float32, cast back at the end."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, sae_in, W_enc, b_enc, scale, k_per_row, k_max):  # type: ignore[override]
         ctx.set_materialize_grads(False)
         h = torch.addmm(b_enc, sae_in, W_enc)
@@ -154,18 +162,17 @@ class _TopKEncode(torch.autograd.Function):
         ranks = torch.arange(k_max, device=hidden_pre.device)
         mask = ranks < k_per_row.unsqueeze(-1).to(ranks.dtype)
         positive = mask & (top.values > 0)
-        values = torch.where(positive, top.values, torch.zeros((), dtype=top.values.dtype))
+        values = torch.where(positive, top.values, 0)
         h_sel = h.gather(-1, top.indices) if scale is not None else None
         del h
-        ctx.save_for_backward(sae_in, W_enc, b_enc, scale, top.indices, positive, h_sel, hidden_pre)
+        ctx.save_for_backward(sae_in, W_enc, b_enc, scale, top.indices, positive, h_sel)
         ctx.mark_non_differentiable(top.indices, mask)
         return hidden_pre, values, top.indices, mask
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_hidden_pre, grad_values, _grad_indices, _grad_mask):  # type: ignore[override]
-        sae_in, W_enc, b_enc, scale, indices, positive, h_sel, hidden_pre = ctx.saved_tensors
-        need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
-        d_sae = W_enc.shape[1]
+        sae_in, W_enc, b_enc, scale, indices, positive, h_sel = ctx.saved_tensors
         if grad_values is None and grad_hidden_pre is None:
             return None, None, None, None, None, None
         if grad_hidden_pre is not None:
@@ -173,47 +180,78 @@ class _TopKEncode(torch.autograd.Function):
             g = grad_hidden_pre.clone()
             if grad_values is not None:
                 g.scatter_add_(-1, indices, torch.where(positive, grad_values, 0))
-            grad_s = None
-            if scale is not None:
-                if need_s:
-                    nonzero = scale != 0
-                    if bool(nonzero.all()):
-                        h = hidden_pre / scale
-                    else:  # a zero scale hides h: recompute it
-                        h = torch.addmm(b_enc, sae_in, W_enc)
-                    grad_s = (g * h).sum(0)
-                g = g * scale
-            grad_x = g @ W_enc.t() if need_x else None
-            grad_w = sae_in.t() @ g if need_w else None
-            grad_b = g.sum(0) if need_b else None
-            return grad_x, grad_w, grad_b, grad_s, None, None
-        # sparse backward: only the N·k selected (row, latent) pairs carry gradient
-        g_sel = torch.where(positive, grad_values, 0)  # ∂L/∂hidden_pre at the selected slots
-        flat_idx = indices.reshape(-1)
-        grad_s = None
-        if scale is not None:
-            if need_s:
-                grad_s = scale.new_zeros(d_sae).index_add_(0, flat_idx, (g_sel * h_sel).reshape(-1))
-            g_sel = g_sel * scale[indices]
-        grad_b = (
-            W_enc.new_zeros(d_sae).index_add_(0, flat_idx, g_sel.reshape(-1).to(W_enc.dtype))
-            if need_b
-            else None
+            return _dense_backward(ctx.needs_input_grad[:4], g, sae_in, W_enc, b_enc, scale)
+        return _sparse_backward(
+            ctx.needs_input_grad[:4],
+            grad_values,
+            sae_in,
+            W_enc,
+            b_enc,
+            scale,
+            indices,
+            positive,
+            h_sel,
         )
-        grad_x = grad_w = None
-        if need_x or need_w:
-            # ∂L/∂sae_in[n] = Σ_i g[n, i] · W_enc[:, idx[n, i]]: an embedding_bag over W_encᵀ;
-            # ∂L/∂W_encᵀ[j] = Σ_{(n,i): idx=j} g[n, i] · sae_in[n]: that bag's weight gradient
-            W_t = W_enc.detach().t().contiguous().requires_grad_(need_w)
-            with torch.enable_grad():
-                grad_x = F.embedding_bag(
-                    indices, W_t, per_sample_weights=g_sel.to(W_t.dtype), mode="sum"
-                )
-                if need_w:
-                    (grad_w_t,) = torch.autograd.grad(grad_x, W_t, grad_outputs=sae_in)
-                    grad_w = grad_w_t.t().contiguous()
-            grad_x = grad_x.detach() if need_x else None
-        return grad_x, grad_w, grad_b, grad_s, None, None
+
+
+def _dense_backward(needs, g, sae_in, W_enc, b_enc, scale):
+    """Gradients from ``g = ∂L/∂hidden_pre`` ``[N, d_sae]``. With a scale, ``∂L/∂W_enc =
+    (sae_inᵀ g) ⊙ s`` and ``∂L/∂s_j = Σ_n g_nj h_nj = Σ_i W_ij (sae_inᵀ g)_ij + b_j Σ_n g_nj``
+    share the one matmul ``sae_inᵀ g`` (no division by ``s``, so a zero scale needs no check)."""
+    need_x, need_w, need_b, need_s = needs
+    acc = accumulation_dtype(g.dtype, W_enc.dtype)
+    grad_w = grad_s = None
+    col_sum = g.sum(0, dtype=acc) if (need_b or need_s) else None
+    if need_w or (need_s and scale is not None):
+        m = sae_in.t() @ g.to(W_enc.dtype)  # sae_inᵀ g (unscaled)
+        if need_s and scale is not None:
+            grad_s = (W_enc.to(acc) * m.to(acc)).sum(0) + b_enc.to(acc) * col_sum
+            grad_s = grad_s.to(scale.dtype)
+        if need_w:
+            grad_w = (m * scale).to(W_enc.dtype) if scale is not None else m
+    if scale is not None:
+        g = g * scale
+        if col_sum is not None:
+            col_sum = col_sum * scale.to(acc)
+    grad_x = g.to(W_enc.dtype) @ W_enc.t() if need_x else None
+    grad_b = col_sum.to(b_enc.dtype) if need_b else None
+    return grad_x, grad_w, grad_b, grad_s, None, None
+
+
+def _sparse_backward(needs, grad_values, sae_in, W_enc, b_enc, scale, indices, positive, h_sel):
+    """Gradients when only the ``N·k`` selected (row, latent) pairs carry one."""
+    need_x, need_w, need_b, need_s = needs
+    d_sae = W_enc.shape[1]
+    acc = accumulation_dtype(grad_values.dtype, W_enc.dtype)
+    g_sel = torch.where(positive, grad_values, 0)  # ∂L/∂hidden_pre at the selected slots
+    flat_idx = indices.reshape(-1)
+    grad_s = None
+    if scale is not None:
+        if need_s:
+            contrib = (g_sel.to(acc) * h_sel.to(acc)).reshape(-1)
+            grad_s = scale.new_zeros(d_sae, dtype=acc).index_add_(0, flat_idx, contrib)
+            grad_s = grad_s.to(scale.dtype)
+        g_sel = g_sel * scale[indices]
+    grad_b = None
+    if need_b:
+        grad_b = W_enc.new_zeros(d_sae, dtype=acc).index_add_(
+            0, flat_idx, g_sel.reshape(-1).to(acc)
+        )
+        grad_b = grad_b.to(b_enc.dtype)
+    grad_x = grad_w = None
+    if need_x or need_w:
+        # ∂L/∂sae_in[n] = Σ_i g[n, i] · W_enc[:, idx[n, i]]: an embedding_bag over W_encᵀ;
+        # ∂L/∂W_encᵀ[j] = Σ_{(n,i): idx=j} g[n, i] · sae_in[n]: that bag's weight gradient
+        # (in at least float32: a bf16 bag sums a latent's rows in bf16 on the CPU)
+        bag = accumulation_dtype(W_enc.dtype)
+        W_t = W_enc.detach().t().to(bag).contiguous().requires_grad_(need_w)
+        with torch.enable_grad():
+            grad_x = F.embedding_bag(indices, W_t, per_sample_weights=g_sel.to(bag), mode="sum")
+            if need_w:
+                (grad_w_t,) = torch.autograd.grad(grad_x, W_t, grad_outputs=sae_in.to(bag))
+                grad_w = grad_w_t.t().to(W_enc.dtype).contiguous()
+        grad_x = grad_x.detach().to(sae_in.dtype) if need_x else None
+    return grad_x, grad_w, grad_b, grad_s, None, None
 
 
 EncodeImpl = Literal["auto", "dense", "sparse"]
@@ -239,11 +277,13 @@ def topk_encode(
     and its weight gradient (``N·k·d_in`` work) instead of two ``N × d_in × d_sae`` matmuls;
     ``∂L/∂b_enc`` and ``∂L/∂scale`` are index-adds. When ``hidden_pre`` itself receives a
     gradient (e.g. SAELens's AuxK loss on dead latents), the backward is the dense one.
-    ``"auto"`` = ``"sparse"``, except under autocast (``"dense"``). Double backward is not
-    supported by the sparse path.
+    ``"auto"`` = ``"sparse"``. Under autocast the sparse path casts ``sae_in``, ``W_enc`` and
+    ``b_enc`` to the autocast dtype, as autocast's ``addmm`` does in the dense path, so both
+    select the same latents; sums over rows run in float32. Double backward is not supported by
+    the sparse path.
     """
     if impl == "auto":
-        impl = "dense" if torch.is_autocast_enabled(sae_in.device.type) else "sparse"
+        impl = "sparse"
     d_sae = W_enc.shape[-1]
     lead = sae_in.shape[:-1]
     if isinstance(k_per_row, int):
@@ -265,6 +305,9 @@ def topk_encode(
         return hidden_pre, variable_topk(hidden_pre, k_per_row, k_max)
     if impl != "sparse":
         raise ValueError(f"impl must be 'auto', 'dense' or 'sparse', got {impl!r}")
+    low = autocast_dtype(sae_in.device.type)
+    if low is not None:  # what autocast's addmm does to its operands
+        sae_in, W_enc, b_enc = sae_in.to(low), W_enc.to(low), b_enc.to(low)
     hidden_pre, values, indices, mask = _TopKEncode.apply(
         sae_in.reshape(-1, sae_in.shape[-1]), W_enc, b_enc, scale, k_per_row.reshape(-1), k_max
     )

@@ -224,15 +224,14 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             soft_l0=soft_l0,
         )
 
-    def soft_blocked(self, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether the soft phase takes the blocked ops: ``fused_soft``, no forward hooks on
-        ``hook_sae_acts_pre``/``hook_sae_acts_post``, no autocast, float32/64."""
+    def soft_blocked(self) -> bool:
+        """Whether the soft phase takes the blocked ops: ``fused_soft`` and no forward hooks on
+        ``hook_sae_acts_pre``/``hook_sae_acts_post``. Every dtype and autocast take them (the
+        ops compute the code in float32 and run the matmuls in the autocast dtype)."""
         return (
             self.fused_soft
             and not self.hook_sae_acts_pre._forward_hooks
             and not self.hook_sae_acts_post._forward_hooks
-            and not torch.is_autocast_enabled(device.type)
-            and dtype in (torch.float32, torch.float64)
         )
 
     def soft_encode(
@@ -244,7 +243,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         read ``x_in − shift`` through :func:`~sae_adaptive_plugin.ops.shifted_linear.shifted_linear`
         (``∂L/∂b_dec`` from a vector product, not a ``[B, d_in]`` input gradient); else the plain
         composition."""
-        if not self.soft_blocked(x_in.dtype, x_in.device):
+        if not self.soft_blocked():
             sae_in = x_in - shift
             return self.plain_hidden_pre(sae_in), self.estimate_k_from_sae_in(x_in - shift.detach())
         flat = x_in.reshape(-1, self.cfg.d_in)
@@ -264,7 +263,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         that holds no ``[B, d_sae]`` mask, code or their gradients."""
         scaled_alpha = alpha * self._alpha_unit(hidden_pre) if self.cfg.alpha_relative else alpha
         # τ is solved from each row's top 2·k_max + 2 pre-activations
-        if self.soft_blocked(hidden_pre.dtype, hidden_pre.device):
+        if self.soft_blocked():
             dec_scale = (
                 1 / self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
             )
@@ -287,7 +286,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         code = self.hook_sae_acts_post(z * mask)
         # SAELens counts firings (dead latents → AuxK, logged L0) from feature_acts: report
         # the latents the soft top-k selects (m > ½), not every latent with a tiny weight
-        feature_acts = torch.where(mask > 0.5, code, torch.zeros((), dtype=code.dtype))
+        feature_acts = torch.where(mask > 0.5, code, 0)
         return self.decode(code), feature_acts, (code.detach() != 0).sum(dim=-1)
 
     @staticmethod
