@@ -181,7 +181,7 @@ class _TopKEncode(torch.autograd.Function):
             if grad_values is not None:
                 g.scatter_add_(-1, indices, torch.where(positive, grad_values, 0))
             return _dense_backward(ctx.needs_input_grad[:4], g, sae_in, W_enc, b_enc, scale)
-        return _sparse_backward(
+        return sparse_encoder_backward(
             ctx.needs_input_grad[:4],
             grad_values,
             sae_in,
@@ -218,12 +218,17 @@ def _dense_backward(needs, g, sae_in, W_enc, b_enc, scale):
     return grad_x, grad_w, grad_b, grad_s, None, None
 
 
-def _sparse_backward(needs, grad_values, sae_in, W_enc, b_enc, scale, indices, positive, h_sel):
-    """Gradients when only the ``N·k`` selected (row, latent) pairs carry one."""
+def sparse_encoder_backward(
+    needs, grad_values, sae_in, W_enc, b_enc, scale, indices, positive, h_sel
+):
+    """Gradients ``(sae_in, W_enc, b_enc, scale, None, None)`` when only the ``N·k`` pairs
+    ``indices`` ``[N, k]`` carry one: ``grad_values`` is ``∂L/∂hidden_pre`` there, counted where
+    ``positive`` (``None``: everywhere); ``h_sel`` the unscaled pre-activations there."""
     need_x, need_w, need_b, need_s = needs
     d_sae = W_enc.shape[1]
     acc = accumulation_dtype(grad_values.dtype, W_enc.dtype)
-    g_sel = torch.where(positive, grad_values, 0)  # ∂L/∂hidden_pre at the selected slots
+    # ∂L/∂hidden_pre at the selected slots
+    g_sel = grad_values if positive is None else torch.where(positive, grad_values, 0)
     flat_idx = indices.reshape(-1)
     grad_s = None
     if scale is not None:
