@@ -287,7 +287,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         code = self.hook_sae_acts_post(z * mask)
         # SAELens counts firings (dead latents → AuxK, logged L0) from feature_acts: report
         # the latents the soft top-k selects (m > ½), not every latent with a tiny weight
-        feature_acts = torch.where(mask > 0.5, code, torch.zeros((), dtype=code.dtype))
+        feature_acts = torch.where(mask > 0.5, code, 0.0)  # a Python 0: no CPU tensor on a GPU
         return self.decode(code), feature_acts, (code.detach() != 0).sum(dim=-1)
 
     @staticmethod

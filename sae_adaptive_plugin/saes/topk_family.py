@@ -16,6 +16,7 @@ what the step trains on). Losses, every architecture and phase: ``mse_loss``,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -76,6 +77,40 @@ class InputReader(NamedTuple):
     weight: torch.Tensor
     bias: torch.Tensor
     reads_sae_in: bool
+
+
+def _is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def refuse_deterministic_cuda_cumsum(device: torch.device, who: str) -> None:
+    """Raise ``RuntimeError`` when ``who``'s prefix errors (a floating-point ``cumsum``) would run
+    on CUDA under ``torch.use_deterministic_algorithms(True)``, where CUDA's ``cumsum`` raises;
+    ``warn_only=True`` and the CPU are fine."""
+    if not (_is_cuda(device) and torch.are_deterministic_algorithms_enabled()):
+        return
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        return
+    raise RuntimeError(
+        f"{who} computes prefix reconstruction errors with a floating-point cumsum, which "
+        "CUDA refuses under torch.use_deterministic_algorithms(True). Train with "
+        "torch.use_deterministic_algorithms(False), or "
+        "torch.use_deterministic_algorithms(True, warn_only=True), or on the CPU"
+    )
+
+
+def sparse_code(selection: TopKResult, d_sae: int) -> torch.Tensor:
+    """The code ``[..., d_sae]`` of ``selection`` as a sparse COO tensor built from its indices
+    and values (never dense): every selected slot is stored, those past a row's k with value 0,
+    so its size does not depend on the data (no host read)."""
+    lead = selection.values.shape[:-1]
+    width = selection.values.shape[-1]
+    rows = torch.arange(math.prod(lead), device=selection.indices.device)
+    rows = rows.repeat_interleave(width, output_size=rows.numel() * width)
+    coords = [*torch.unravel_index(rows, tuple(lead)), selection.indices.reshape(-1)]
+    return torch.sparse_coo_tensor(
+        torch.stack(coords), selection.values.reshape(-1), (*lead, d_sae), check_invariants=False
+    )
 
 
 def prefix_excess(errors: torch.Tensor) -> torch.Tensor:
@@ -170,9 +205,10 @@ class TopKFamilyMixin:
         hidden_pre, selection = self.select_top_k(sae_in, k)
         # a row holding NaN/Inf encodes to NaN (as SAELens's topk), never to a clean code
         selection = selection._replace(values=nan_where_not_finite(selection.values, x_in))
-        code = scatter_topk(selection, self.cfg.d_sae)
         if getattr(self.cfg, "use_sparse_activations", False):
-            code = code.to_sparse()
+            code = sparse_code(selection, self.cfg.d_sae)
+        else:
+            code = scatter_topk(selection, self.cfg.d_sae)
         feature_acts = self.hook_sae_acts_post(code)
         if self.hook_sae_acts_post._forward_hooks:  # the hooks may have changed the code
             hooked = feature_acts.to_dense().gather(-1, selection.indices)
@@ -307,6 +343,7 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
     def prefix_errors_of(self, encoding: TopKEncoding) -> torch.Tensor:
         """:meth:`prefix_errors_from_selection` of the step's encoding, computed once per step."""
         if encoding.prefix_errors is None:
+            refuse_deterministic_cuda_cumsum(encoding.x_in.device, self.cfg.architecture())
             encoding.prefix_errors = self.prefix_errors_from_selection(
                 encoding.x_in, encoding.selection, self.prefix_loss_chunk_size
             )
