@@ -180,3 +180,32 @@ def test_deterministic_cuda_is_fine_without_prefix_errors_or_with_warn_only(
     sae = sae_class(cfg_class(d_in=D_IN, d_sae=D_SAE, k=K))
     out = sae.training_forward_pass(TrainStepInput(torch.randn(BATCH, D_IN), {}, None, 0, False))
     assert torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# sae-adaptive bench --device cuda
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bench_refuses_cuda_without_cuda_and_several_thread_counts(monkeypatch, capsys):
+    from sae_adaptive_plugin.cli.main import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--device", "cuda", "--no-progress"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert main(["bench", "--device", "cuda", "--threads", "1,2", "--no-progress"]) == 2
+    assert "give one value" in capsys.readouterr().err
+
+
+def test_bench_table_on_cuda_has_no_cpu_time_and_the_whole_peak():
+    from sae_adaptive_plugin.experiments import bench, bench_report, bench_setup
+
+    cfg = bench_setup.BenchConfig(
+        d_in=D_IN, d_sae=D_SAE, k=K, batch=BATCH, steps=1, warmup=0, threads=1, rows=("topk",)
+    )
+    result = bench.run_bench(cfg, progress=False)
+    assert "CPU time" in bench_report.format_table(result)
+    result["config"]["device"] = "cuda"
+    result["rows"][0]["peak_allocated_mib"] = 12.5
+    table = bench_report.format_table(result)
+    assert "CPU time" not in table and "peak allocated (MiB)" in table and "| 12 " in table
