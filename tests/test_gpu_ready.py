@@ -4,6 +4,8 @@ dense tensor, deterministic mode refused up front on CUDA, and the GPU check's C
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -209,3 +211,95 @@ def test_bench_table_on_cuda_has_no_cpu_time_and_the_whole_peak():
     result["rows"][0]["peak_allocated_mib"] = 12.5
     table = bench_report.format_table(result)
     assert "CPU time" not in table and "peak allocated (MiB)" in table and "| 12 " in table
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU check's CPU dry run
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gpu_check_dry_run_runs_every_section(tmp_path):
+    from sae_adaptive_plugin.experiments import gpu_check
+
+    code = gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--no-isolate"])
+    report = json.loads((tmp_path / "results.json").read_text())
+    sections = {s["section"]: s for s in report["sections"]}
+    assert list(sections) == list("ABCDE")
+    assert code == 0 and all(s["status"] == "ok" for s in sections.values())
+    parity = sections["A"]["results"]
+    ops = {c.name for c in gpu_check._op_cases()}
+    assert {(r["op"], r["mode"]) for r in parity} == {(o, m) for o in ops for m in gpu_check.MODES}
+    assert all(r.get("ok") for r in parity if r["mode"] in ("fp64", "fp32"))
+    syncs = sections["B"]["results"]
+    assert len(syncs) == len(STEP_CASES) * 4 and not any("error" in r for r in syncs)
+    for r in syncs:  # the package's own code: no sync, one in AdaptiveK's labelling step
+        assert r["events_package"] == (1 if r["case"] == "adaptivek_labelling" else 0), r
+    assert {r["k"] for r in sections["C"]["results"]} == {4, 8}
+    runs = sections["D"]["results"]
+    assert len(runs) == 8 and not any("error" in r for r in runs)
+    assert all(r["steps"] == 8 and r["nan_losses"] == 0 and r["steps_per_s"] > 0 for r in runs)
+    assert "| topk |" in sections["E"]["results"][0]["table"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert all(f"## {key}: " in summary for key in "ABCDE")
+
+
+def test_gpu_check_records_a_failing_or_slow_section_and_runs_the_others(tmp_path, monkeypatch):
+    import time
+
+    from sae_adaptive_plugin.experiments import gpu_check
+
+    def broken(device, shapes):
+        raise RuntimeError("planted failure")
+
+    def slow(device, shapes):
+        time.sleep(5)
+        return []
+
+    monkeypatch.setitem(gpu_check.SECTIONS, "A", ("parity", broken))
+    monkeypatch.setitem(gpu_check.SECTIONS, "C", ("op_speed", slow))
+    tiny = gpu_check.Shapes.tiny()
+    monkeypatch.setattr(
+        gpu_check.Shapes,
+        "tiny",
+        classmethod(lambda cls: replace(tiny, timeouts={**tiny.timeouts, "C": 1})),
+    )
+    args = [
+        "--device",
+        "cpu",
+        "--tiny",
+        "--out",
+        str(tmp_path),
+        "--no-isolate",
+        "--sections",
+        "ACE",
+    ]
+    assert gpu_check.main(args) == 1
+    report = json.loads((tmp_path / "results.json").read_text())
+    status = {s["section"]: s["status"] for s in report["sections"]}
+    assert status == {"A": "error", "C": "timeout", "E": "ok"}
+    assert "planted failure" in report["sections"][0]["error"]
+
+
+def test_gpu_check_refuses_cuda_without_cuda(tmp_path, monkeypatch, capsys):
+    from sae_adaptive_plugin.experiments import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_check_isolated_section_runs_in_a_child_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "sae_adaptive_plugin.experiments.gpu_check", "--device", "cpu"]
+    cmd += ["--tiny", "--isolate", "--sections", "B", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    assert (tmp_path / "section_B.json").is_file()
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["sections"][0]["status"] == "ok"
