@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_adaptive_plugin.experiments.gpu_check import main  # noqa: E402
+from sae_adaptive_plugin.experiments.gpu_check import main
 
 if __name__ == "__main__":
     raise SystemExit(main())
