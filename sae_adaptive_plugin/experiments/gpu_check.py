@@ -157,24 +157,37 @@ def _ensure_registered() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-#: The float dtype ``OpCase.make`` draws in (float64 for parity, float32 for the speed section).
-_DTYPE: list[Any] = []
+@dataclass(frozen=True)
+class Draw:
+    """Seeded draws on ``gen``'s device, floats in ``dtype``."""
 
+    gen: Any
+    dtype: Any
 
-@contextlib.contextmanager
-def _drawing(dtype: Any) -> Iterator[None]:
-    _DTYPE.insert(0, dtype)
-    try:
-        yield
-    finally:
-        _DTYPE.pop(0)
+    def randn(self, *shape: int, scale: float = 1.0) -> Any:
+        import torch
+
+        return (
+            torch.randn(*shape, generator=self.gen, device=self.gen.device, dtype=self.dtype)
+            * scale
+        )
+
+    def rand(self, *shape: int) -> Any:
+        import torch
+
+        return torch.rand(*shape, generator=self.gen, device=self.gen.device, dtype=self.dtype)
+
+    def ks(self, batch: int, k: int) -> Any:
+        import torch
+
+        return torch.randint(1, k + 1, (batch,), generator=self.gen, device=self.gen.device)
 
 
 @dataclass
 class OpCase:
-    """An op on named inputs: ``make(batch, d_in, d_sae, k, gen)`` gives tensors (on ``gen``'s
-    device, floats in the dtype of :func:`_drawing`) and other arguments; ``run(**inputs)`` returns its outputs; ``grads`` names the inputs whose
-    gradients are compared (empty: no backward)."""
+    """An op on named inputs: ``make(batch, d_in, d_sae, k, draw)`` gives its inputs (tensors from
+    a :class:`Draw`, other arguments); ``run(**inputs)`` returns its outputs; ``grads`` names the
+    inputs whose gradients are compared (empty: no backward)."""
 
     name: str
     make: Callable[..., dict[str, Any]]
@@ -184,8 +197,6 @@ class OpCase:
 
 
 def _op_cases() -> list[OpCase]:
-    import torch
-
     from sae_adaptive_plugin.ops.adaptive_k import complexity_to_k, kstar_from_prefix_errors
     from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
     from sae_adaptive_plugin.ops.lapsum import lapsum_topk
@@ -193,53 +204,45 @@ def _op_cases() -> list[OpCase]:
     from sae_adaptive_plugin.ops.shifted_linear import shifted_linear
     from sae_adaptive_plugin.ops.variable_topk import decode_topk, topk_encode, variable_topk
 
-    def randn(gen: Any, *shape: int, scale: float = 1.0) -> Any:
-        return torch.randn(*shape, generator=gen, device=gen.device, dtype=_DTYPE[0]) * scale
-
-    def rand(gen: Any, *shape: int) -> Any:
-        return torch.rand(*shape, generator=gen, device=gen.device, dtype=_DTYPE[0])
-
-    def ks(gen: Any, batch: int, k: int) -> Any:
-        return torch.randint(1, k + 1, (batch,), generator=gen, device=gen.device)
-
-    def encoder(b: int, d: int, f: int, k: int, gen: Any) -> dict[str, Any]:
+    def encoder(b: int, d: int, f: int, k: int, draw: Draw) -> dict[str, Any]:
         return {
-            "sae_in": randn(gen, b, d),
-            "W_enc": randn(gen, d, f, scale=d**-0.5),
-            "b_enc": randn(gen, f, scale=0.1),
-            "scale": 0.5 + rand(gen, f),
-            "k_per_row": ks(gen, b, k),
+            "sae_in": draw.randn(b, d),
+            "W_enc": draw.randn(d, f, scale=d**-0.5),
+            "b_enc": draw.randn(f, scale=0.1),
+            "scale": 0.5 + draw.rand(f),
+            "k_per_row": draw.ks(b, k),
             "k_max": k,
         }
 
-    def selection(b: int, d: int, f: int, k: int, gen: Any) -> dict[str, Any]:
+    def selection(b: int, d: int, f: int, k: int, draw: Draw) -> dict[str, Any]:
         return {
-            "residual0": randn(gen, b, d),
-            "values": rand(gen, b, k).sort(-1, descending=True).values,
-            "W_dec": randn(gen, f, d, scale=d**-0.5),
-            "indices": rand(gen, b, f).topk(k, dim=-1).indices,  # k distinct latents per row
+            "residual0": draw.randn(b, d),
+            "values": draw.rand(b, k).sort(-1, descending=True).values,
+            "W_dec": draw.randn(f, d, scale=d**-0.5),
+            "indices": draw.rand(b, f).topk(k, dim=-1).indices,  # k distinct latents per row
         }
 
-    def low_fvu(b: int, d: int, f: int, k: int, gen: Any) -> dict[str, Any]:
+    def low_fvu(b: int, d: int, f: int, k: int, draw: Draw) -> dict[str, Any]:
         """A selection that explains all but ~1% of ``residual0``'s energy (final FVU ≈ 0.01)."""
-        sel = selection(b, d, f, k, gen)
+        sel = selection(b, d, f, k, draw)
         xhat = decode_topk(sel["values"], sel["indices"], sel["W_dec"])
-        noise = randn(gen, b, d) * (0.1 * xhat.norm(dim=-1, keepdim=True) / d**0.5)
+        noise = draw.randn(b, d) * (0.1 * xhat.norm(dim=-1, keepdim=True) / d**0.5)
         return {**sel, "residual0": xhat + noise}
 
-    def soft(b: int, d: int, f: int, k: int, gen: Any) -> dict[str, Any]:
+    def soft(b: int, d: int, f: int, k: int, draw: Draw) -> dict[str, Any]:
         return {
-            "hidden_pre": randn(gen, b, f),
-            "k_hat": 1 + (k - 1) * rand(gen, b),
-            "W_dec": randn(gen, f, d, scale=d**-0.5),
-            "dec_scale": 0.5 + rand(gen, f),
+            "hidden_pre": draw.randn(b, f),
+            "k_hat": 1 + (k - 1) * draw.rand(b),
+            "W_dec": draw.randn(f, d, scale=d**-0.5),
+            "dec_scale": 0.5 + draw.rand(f),
             "alpha": 0.5,
             "k_max": k,
         }
 
-    def errors(b: int, d: int, f: int, k: int, gen: Any) -> dict[str, Any]:
-        e = rand(gen, b, k).sort(-1, descending=True).values
-        return {"errors": e, "total_variance": 1 + 0 * rand(gen, b), "target_fvu": 0.5}
+    def errors(b: int, d: int, f: int, k: int, draw: Draw) -> dict[str, Any]:
+        e = draw.rand(b, k).sort(-1, descending=True).values
+        variance = draw.rand(b).fill_(1.0)  # every row's variance 1
+        return {"errors": e, "total_variance": variance, "target_fvu": 0.5}
 
     return [
         OpCase(
@@ -250,10 +253,12 @@ def _op_cases() -> list[OpCase]:
         ),
         OpCase(
             "variable_topk",
-            lambda b, d, f, k, gen: {"hidden_pre": randn(gen, b, f), "k_per_row": ks(gen, b, k)},
-            lambda hidden_pre, k_per_row: variable_topk(
-                hidden_pre, k_per_row, int(k_per_row.max())
-            )[:2],
+            lambda b, d, f, k, draw: {
+                "hidden_pre": draw.randn(b, f),
+                "k_per_row": draw.ks(b, k),
+                "k_max": k,
+            },
+            lambda **a: variable_topk(**a)[:2],
             ("hidden_pre",),
         ),
         OpCase(
@@ -291,12 +296,12 @@ def _op_cases() -> list[OpCase]:
         ),
         OpCase(
             "shifted_linear",
-            lambda b, d, f, k, gen: {
-                "x": randn(gen, b, d),
-                "shift": randn(gen, d, scale=0.1),
-                "W": randn(gen, d, f, scale=d**-0.5),
-                "b": randn(gen, f, scale=0.1),
-                "scale": 0.5 + rand(gen, f),
+            lambda b, d, f, k, draw: {
+                "x": draw.randn(b, d),
+                "shift": draw.randn(d, scale=0.1),
+                "W": draw.randn(d, f, scale=d**-0.5),
+                "b": draw.randn(f, scale=0.1),
+                "scale": 0.5 + draw.rand(f),
             },
             lambda **a: (shifted_linear(**a),),
             ("x", "shift", "W", "b", "scale"),
@@ -309,7 +314,7 @@ def _op_cases() -> list[OpCase]:
         ),
         OpCase(
             "complexity_to_k",
-            lambda b, d, f, k, gen: {"c": randn(gen, b), "c_lo": -1.0, "c_hi": 1.0, "k_max": k},
+            lambda b, d, f, k, draw: {"c": draw.randn(b), "c_lo": -1.0, "c_hi": 1.0, "k_max": k},
             lambda c, c_lo, c_hi, k_max: (complexity_to_k(c, c_lo, c_hi, 1, k_max, 6.0),),
             (),
         ),
@@ -360,9 +365,8 @@ def section_parity(device: Any, shapes: Shapes) -> list[dict[str, Any]]:
         for mode in MODES:
             row: dict[str, Any] = {"op": case.name, "mode": mode}
             try:
-                gen = torch.Generator().manual_seed(0)
-                with _drawing(torch.float64):
-                    inputs = case.make(b, d, f, k, gen)
+                draw = Draw(torch.Generator().manual_seed(0), torch.float64)
+                inputs = case.make(b, d, f, k, draw)
                 rounding = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(mode)
                 if mode == "autocast":
                     rounding = torch.float32
@@ -484,9 +488,8 @@ def section_op_speed(device: Any, shapes: Shapes) -> list[dict[str, Any]]:
             for mode in ("fp32", "autocast"):
                 row: dict[str, Any] = {"op": case.name, "k": k, "mode": mode}
                 try:
-                    gen = torch.Generator(device=device).manual_seed(0)
-                    with _drawing(torch.float32):
-                        inputs = case.make(b, d, f, k, gen)
+                    draw = Draw(torch.Generator(device=device).manual_seed(0), torch.float32)
+                    inputs = case.make(b, d, f, k, draw)
                     run = lambda case=case, inputs=inputs, mode=mode: _run_op(  # noqa: E731
                         case, inputs, device, mode, to_host=False
                     )
