@@ -72,6 +72,37 @@ def test_adaptivek_labelling_step_reads_the_host_once():
     assert len(syncs) == 1 and "probe/ridge.py" in syncs[0].where
 
 
+def test_ridge_update_reads_the_host_once_and_keeps_its_statistics():
+    from sae_adaptive_plugin.probe import RidgeAccumulator
+
+    acc = RidgeAccumulator(3, n_folds=2, seed=5, reservoir_size=6)
+    batches = [(torch.randn(n, 3), torch.randn(n)) for n in (4, 5, 3)]
+    acc.update(*batches[0])  # the first batch also sets the shift
+    for X, y in batches[1:]:
+        reservoir = [acc.res_key, acc.res_x, acc.res_y, acc.res_fold]  # on the CPU by design
+        with HostSyncCounter(host=reservoir) as counter:
+            acc.update(X, y)
+        assert [(e.kind, e.op) for e in counter.events] == [("host copy", "cpu")]
+    gen = torch.Generator().manual_seed(5)  # the same draws: folds, then keys, per batch
+    folds, keys = [], []
+    for X, _ in batches:
+        folds.append(torch.randint(0, 2, (X.shape[0],), generator=gen))
+        keys.append(torch.rand(X.shape[0], generator=gen))
+    X_all = torch.cat([X for X, _ in batches])
+    y_all = torch.cat([y for _, y in batches]).double()
+    fold_all, key_all = torch.cat(folds), torch.cat(keys)
+    kept = key_all.argsort()[:6]  # the smallest keys, in key order
+    torch.testing.assert_close(acc.res_x, X_all[kept], rtol=0, atol=0)
+    torch.testing.assert_close(acc.res_y, y_all[kept], rtol=0, atol=0)
+    assert torch.equal(acc.res_fold, fold_all[kept]) and torch.equal(acc.res_key, key_all[kept])
+    Xs = X_all.double() - acc.shift_x
+    for f in range(2):
+        rows = Xs[fold_all == f]
+        torch.testing.assert_close(acc.sum_xx[f], rows.T @ rows)
+        assert float(acc.count[f]) == rows.shape[0]
+    assert acc.label_min == float(y_all.min()) and acc.label_max == float(y_all.max())
+
+
 def test_adaptivek_flag_follows_the_buffer_through_load_state_dict():
     from sae_adaptive_plugin.probe import ComplexityProbe
     from sae_adaptive_plugin.saes.adaptivek import (

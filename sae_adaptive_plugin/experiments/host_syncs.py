@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,16 +143,20 @@ class _FunctionRecorder(TorchFunctionMode):
 
 class HostSyncCounter:
     """Context manager recording :class:`HostSync` events (and, with ``cuda``, the CUDA
-    sync-debug warnings) of the code it wraps; see the module docstring."""
+    sync-debug warnings) of the code it wraps; see the module docstring. ``host``: tensors made
+    before it that live on the CPU by design (not counted, nor what is computed from them)."""
 
-    def __init__(self, cuda: bool = False):
+    def __init__(self, cuda: bool = False, host: Iterable[Any] = ()):
         self.cuda = cuda
+        self.host = [t for t in host if isinstance(t, torch.Tensor)]
         self.events: list[HostSync] = []
         self.cuda_syncs = 0
         self.cuda_messages: list[str] = []
 
     def __enter__(self) -> HostSyncCounter:
         host = WeakIdKeyDictionary()
+        for t in self.host:
+            host[t] = True
         self._modes = [_FunctionRecorder(self.events, host), _DispatchRecorder(self.events, host)]
         for mode in self._modes:
             mode.__enter__()

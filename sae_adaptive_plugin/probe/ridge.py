@@ -143,12 +143,12 @@ class RidgeAccumulator:
             "sum_xx": torch.stack([rows.T @ rows for rows in sorted_rows]),
         }
         reservoir = self._reservoir_plan(n) if self.reservoir_size else None
-        fetched = [_batch_checks(X, y)]
+        fetch = [_batch_checks(X, y)]
         if reservoir is not None:
             new_rows = _to_device(reservoir.new_rows, X.device)
-            fetched += [y[new_rows].to(torch.float64), X[new_rows].to(torch.float64).reshape(-1)]
-        host = torch.cat([t.to(torch.float64) for t in fetched]).cpu()  # the one host read
-        bad_y, bad_x, y_min, y_max = host[:4].tolist()
+            fetch += [y[new_rows].to(torch.float64), X[new_rows]]
+        fetched = _to_host(fetch)  # the one host read
+        bad_y, bad_x, y_min, y_max = fetched[0].tolist()
         try:
             self._check_finite(bad_y, bad_x, n)
         except ValueError:
@@ -159,9 +159,8 @@ class RidgeAccumulator:
         self.label_min = min(self.label_min, y_min)
         self.label_max = max(self.label_max, y_max)
         if reservoir is not None:
-            m = reservoir.new_rows.shape[0]
-            new_y, new_x = host[4 : 4 + m], host[4 + m :].reshape(m, self.d_in)
-            self._reservoir_keep(reservoir, new_x.float(), new_y, folds[reservoir.new_rows])
+            new_y, new_x = fetched[1], fetched[2].float()
+            self._reservoir_keep(reservoir, new_x, new_y, folds[reservoir.new_rows])
         return self
 
     @staticmethod
@@ -295,6 +294,18 @@ def _batch_checks(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             y64.max(),
         ]
     )
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` on the CPU through one device-to-host copy of their concatenated bytes."""
+    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    host = torch.cat(flat).cpu()
+    out, at = [], 0
+    for t, f in zip(tensors, flat):
+        part = host[at : at + f.numel()].clone()  # aligned for the view below
+        out.append(part.view(t.dtype).reshape(t.shape))
+        at += f.numel()
+    return out
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
