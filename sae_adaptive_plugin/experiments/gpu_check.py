@@ -52,6 +52,9 @@ class Shapes:
     ops: tuple[int, int, int, tuple[int, ...]]  # batch, d_in, d_sae, ks
     trainer: tuple[int, int, int, int, int]  # batch, d_in, d_sae, k, steps
     bench: tuple[tuple[int, int, int, int, int], ...]  # d_in, d_sae, batch, steps, warmup
+    #: Widest bench shape with the inference pass (above it, a precaution for an 80 GB GPU: the
+    #: five rows' inference copies come on top of their training SAEs and Adam states).
+    bench_inference_max_d_sae: int = 16_384
     timeouts: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -62,7 +65,7 @@ class Shapes:
             ops=(4096, 2304, 131_072, (64, 256)),
             trainer=(4096, 768, 16_384, 64, 80),
             bench=((768, 16_384, 4096, 5, 2), (2304, 131_072, 4096, 3, 1)),
-            timeouts={"A": 40, "B": 40, "C": 130, "D": 120, "E": 120},
+            timeouts={"A": 30, "B": 40, "C": 120, "D": 110, "E": 110},
         )
 
     @classmethod
@@ -639,7 +642,8 @@ def section_trainer(device: Any, shapes: Shapes) -> list[dict[str, Any]]:
 
 
 def section_bench(device: Any, shapes: Shapes) -> list[dict[str, Any]]:
-    """E: ``run_bench`` at each bench shape (k 64, or ``d_sae / 4`` when smaller)."""
+    """E: ``run_bench`` at each bench shape (k 64, or ``d_sae / 4`` when smaller; no inference
+    pass above ``bench_inference_max_d_sae``)."""
     import torch
 
     from sae_adaptive_plugin.experiments.bench import run_bench
@@ -657,6 +661,7 @@ def section_bench(device: Any, shapes: Shapes) -> list[dict[str, Any]]:
             steps=steps,
             warmup=warmup,
             threads=torch.get_num_threads(),
+            inference=d_sae <= shapes.bench_inference_max_d_sae,
         )
         try:
             result = run_bench(cfg, progress=False)
@@ -737,7 +742,7 @@ def _run_isolated(key: str, args: argparse.Namespace, shapes: Shapes) -> dict[st
     cmd = [sys.executable, "-m", MODULE, "--device", args.device, "--out", str(args.out)]
     cmd += ["--only", key] + (["--tiny"] if args.tiny else [])
     t0 = time.perf_counter()
-    limit = shapes.timeouts[key] + 60
+    limit = shapes.timeouts[key] + 30  # the child's own alarm cannot stop a call into CUDA
     root = str(Path(__file__).resolve().parents[2])  # the child imports this same package
     env = {
         **os.environ,
