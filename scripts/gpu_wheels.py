@@ -247,6 +247,28 @@ def closure(roots: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
+def uncovered(out: Path) -> list[str]:
+    """Distributions that the check imports here (SAELens, its trainer, this package's check)
+    and that neither the image nor a wheel in ``out`` provides."""
+    import sae_lens  # noqa: F401
+    from sae_lens.training.sae_trainer import SAETrainer  # noqa: F401
+
+    from sae_adaptive_plugin.experiments import gpu_check
+
+    gpu_check._ensure_registered()
+    gpu_check._op_cases()
+    provided = {_norm(n) for n in IMAGE_PACKAGES} | {"sae-adaptive-plugin"}
+    provided |= {_norm(p.name.split("-")[0]) for p in out.glob("*.whl")}
+    owners = md.packages_distributions()
+    missing = set()
+    for module in list(sys.modules):
+        top = module.split(".")[0]
+        if top.startswith("_") or top in sys.stdlib_module_names:
+            continue
+        missing |= {_norm(d) for d in owners.get(top, []) if _norm(d) not in provided}
+    return sorted(missing)
+
+
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ".whl")
     out.mkdir(exist_ok=True)
@@ -268,6 +290,11 @@ def main() -> int:
     print(f"{len(wanted) - len(missing)} wheels in {out} ({total / 2**20:.1f} MiB)")
     if missing:
         print(f"no CPython 3.12 wheel (left out): {', '.join(missing)}", file=sys.stderr)
+    lacking = uncovered(out)
+    if lacking:
+        print(f"error: the check imports {', '.join(lacking)}, in no wheel", file=sys.stderr)
+        return 1
+    print("every distribution the check imports here is on the image or in a wheel")
     return 0
 
 

@@ -334,3 +334,18 @@ def test_gpu_check_isolated_section_runs_in_a_child_process(tmp_path):
     assert (tmp_path / "section_B.json").is_file()
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["sections"][0]["status"] == "ok"
+
+
+def test_host_sync_counter_counts_cuda_sync_warnings(monkeypatch):
+    """The CUDA half of the counter, with torch's sync-debug switch faked (no GPU here)."""
+    import warnings
+
+    modes = ["default"]
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0, raising=False)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append, raising=False)
+    with pytest.warns(UserWarning, match="something else"):
+        with HostSyncCounter(cuda=True) as counter:
+            for _ in range(3):  # what torch raises at each sync while the mode is "warn"
+                warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+            warnings.warn("something else", UserWarning, stacklevel=1)  # passed on
+    assert counter.cuda_syncs == 3 and modes[1:] == ["warn", 0]

@@ -171,10 +171,13 @@ class HostSyncCounter:
     def __exit__(self, *exc: Any) -> None:
         if self.cuda:
             torch.cuda.set_sync_debug_mode(self._before)
-            messages = [str(w.message) for w in self._caught]
             self._warnings.__exit__(*exc)
-            self.cuda_messages = [m for m in messages if "synchroniz" in m]
-            self.cuda_syncs = len(self.cuda_messages)
+            syncs = [w for w in self._caught if "synchronizing CUDA operation" in str(w.message)]
+            self.cuda_messages = [str(w.message) for w in syncs]
+            self.cuda_syncs = len(syncs)
+            for w in self._caught:  # the code's other warnings go on as usual
+                if w not in syncs:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         for mode in reversed(self._modes):
             mode.__exit__(*exc)
 
