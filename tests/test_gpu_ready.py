@@ -343,9 +343,11 @@ def test_host_sync_counter_counts_cuda_sync_warnings(monkeypatch):
     modes = ["default"]
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0, raising=False)
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append, raising=False)
-    with pytest.warns(UserWarning, match="something else"):
-        with HostSyncCounter(cuda=True) as counter:
-            for _ in range(3):  # what torch raises at each sync while the mode is "warn"
-                warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
-            warnings.warn("something else", UserWarning, stacklevel=1)  # passed on
+    with (
+        pytest.warns(UserWarning, match="something else"),
+        HostSyncCounter(cuda=True) as counter,
+    ):
+        for _ in range(3):  # what torch raises at each sync while the mode is "warn"
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)  # passed on
     assert counter.cuda_syncs == 3 and modes[1:] == ["warn", 0]
