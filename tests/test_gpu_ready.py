@@ -351,3 +351,33 @@ def test_host_sync_counter_counts_cuda_sync_warnings(monkeypatch):
             warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
         warnings.warn("something else", UserWarning, stacklevel=1)  # passed on
     assert counter.cuda_syncs == 3 and modes[1:] == ["warn", 0]
+
+
+def test_bench_times_a_cuda_step_between_events(monkeypatch):
+    """``_timed_wall_cpu`` on CUDA, with torch.cuda's events faked (no GPU here): seconds from
+    the events' milliseconds, after a synchronisation, and no CPU time."""
+    import contextlib
+
+    from sae_adaptive_plugin.experiments import bench
+
+    calls: list[str] = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False):
+            assert enable_timing
+
+        def record(self) -> None:
+            calls.append("record")
+
+        def synchronize(self) -> None:
+            calls.append("event sync")
+
+        def elapsed_time(self, end: FakeEvent) -> float:
+            return 12.5
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    wall, cpu = bench._timed_wall_cpu(lambda: calls.append("step"), "cuda")
+    assert (wall, cpu) == (0.0125, None)
+    assert calls == ["sync", "record", "step", "record", "event sync"]
