@@ -272,6 +272,14 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path):
     assert "| topk |" in sections["E"]["results"][0]["table"]
     summary = (tmp_path / "summary.md").read_text()
     assert all(f"## {key}: " in summary for key in "ABCDE")
+    targets = gpu_check.target_rows(report)  # bench rows against TopK (no CUDA syncs on a CPU)
+    assert {t["what"].split()[0] for t in targets} == {
+        "hierarchical_topk",
+        "softsae_soft",
+        "softsae_hard",
+        "adaptivek",
+    }
+    assert "## Targets (issue 24)" in summary
 
 
 def test_gpu_check_records_a_failing_or_slow_section_and_runs_the_others(tmp_path, monkeypatch):

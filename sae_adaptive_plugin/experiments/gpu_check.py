@@ -895,7 +895,64 @@ def summary_markdown(report: dict[str, Any]) -> str:
                 shape = "×".join(map(str, r["shape"]))
                 body = r.get("table") or f"error: {r.get('error')}"
                 lines += [f"d_in × d_sae = {shape}:", "", body, ""]
+    targets = target_rows(report)
+    if targets:
+        lines += [
+            "## Targets (issue 24)",
+            "",
+            _table(
+                targets,
+                [
+                    ("what", "what", "{}"),
+                    ("measured", "value", "{:.3g}"),
+                    ("target", "target", "{}"),
+                    ("met", "met", "{}"),
+                ],
+            ),
+            "",
+        ]
     return "\n".join(lines)
+
+
+def target_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's GPU targets against the measurements: each row's step time ≤ TopK's (SoftSAE's
+    soft phase ≤ 1.5×) and peak step memory ≤ 1.2× TopK's (section E); ≤ 1 CUDA host sync per
+    step after warm-up (section B, where counted)."""
+    rows: list[dict[str, Any]] = []
+    sections = {s["section"]: s for s in report["sections"]}
+    for run in (sections.get("E") or {}).get("results") or []:
+        shape = "×".join(map(str, run["shape"]))
+        for row in (run.get("result") or {}).get("rows", []):
+            if row["name"] == "topk" or row["status"] != "ok":
+                continue
+            limit = 1.5 if row["name"] == "softsae_soft" else 1.0
+            for key, what, bound in (
+                ("step_ratio", "step / TopK", limit),
+                ("memory_ratio", "peak step memory / TopK", 1.2),
+            ):
+                value = row.get(key)
+                if value is not None:
+                    rows.append(
+                        {
+                            "what": f"{row['name']} {what} at {shape}",
+                            "value": value,
+                            "target": f"<= {bound:g}",
+                            "met": value <= bound,
+                        }
+                    )
+    for row in (sections.get("B") or {}).get("results") or []:
+        if row.get("cuda_syncs") is not None and row["case"] != "adaptivek_labelling":
+            mode = "autocast" if row["autocast"] else "fp32"
+            dead = ", dead latents" if row["dead_latents"] else ""
+            rows.append(
+                {
+                    "what": f"{row['case']} host syncs per step ({mode}{dead})",
+                    "value": float(row["cuda_syncs"]),
+                    "target": "<= 1",
+                    "met": row["cuda_syncs"] <= 1,
+                }
+            )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
