@@ -100,3 +100,27 @@ demo-lm: lm-setup
 
 clean:
 	rm -rf $(VENV) $(ECO_VENV) $(MIN_VENV) dist build runs .pytest_cache .ruff_cache
+
+# The GPU check (docs/bench.md): sections A-E of sae_adaptive_plugin/experiments/gpu_check.py on
+# CUDA, results in runs/gpu_check/. Meant for a lent GPU machine whose python3 already holds CUDA
+# torch and which reaches no registry: `make gpu-wheels` here first gathers, into .whl/, wheels of
+# the dependencies that machine lacks; gpu-check installs them and this package (not editable,
+# no build isolation) into $(GPU_SITE), never touching that python's own packages.
+GPU_SITE ?= /tmp/sae-adaptive-site
+GPU_OUT ?= runs/gpu_check
+
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels: install
+	$(BIN)/python scripts/gpu_wheels.py .whl
+
+gpu-check:
+	@test -d .whl || { echo "no .whl/: run 'make gpu-wheels' where pip reaches a registry"; exit 2; }
+	$(PYTHON) -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+		--no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl
+	PYTHONPATH=$(GPU_SITE) $(PYTHON) -m pip install -q --disable-pip-version-check --no-index \
+		--no-deps --no-build-isolation --no-compile --upgrade --target $(GPU_SITE) .
+	cd /tmp && PYTHONPATH=$(GPU_SITE) $(PYTHON) -c "import sae_adaptive_plugin, sae_lens, torch; \
+		print('gpu-check: torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 $(PYTHON) -m sae_adaptive_plugin.experiments.gpu_check \
+		--device cuda --out $(GPU_OUT)

@@ -34,6 +34,7 @@ ROW_KEYS = {
     "step_cpu_ms",
     "step_cpu_ratio",
     "peak_step_mib",
+    "peak_allocated_mib",
     "memory_ratio",
     "state_mib",
     "infer_tokens_per_s",

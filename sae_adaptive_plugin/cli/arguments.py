@@ -362,9 +362,9 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",
         type=thread_counts,
-        default=[1, 2],
+        default=None,
         help="torch.set_num_threads; a comma-separated list runs the bench once per count "
-        "(default 1,2)",
+        "(default 1,2 on the CPU; on CUDA one value, default 1)",
     )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of inputs and weights")
     parser.add_argument(

@@ -3,9 +3,11 @@
 The rows (:mod:`~sae_adaptive_plugin.experiments.bench_setup`) are measured in one process on one
 random Gaussian batch with a fixed thread count, taking turns in an order rotated every round:
 ``step_ms`` is the median wall time of a full training step (``training_forward_pass`` with the
-architecture's real loss, backward, SAELens's grad-norm clip, ``Adam.step``), ``step_cpu_ms`` the
-same in process CPU time; ``peak_step_mib`` the most memory allocated during one step above what
-it began with (``torch.profiler`` on CPU, ``max_memory_allocated`` on CUDA); ``infer_tokens_per_s``
+architecture's real loss, backward, SAELens's grad-norm clip, ``Adam.step``; on CUDA between two
+CUDA events after a synchronisation), ``step_cpu_ms`` the same in process CPU time (CPU only);
+``peak_step_mib`` the most memory allocated during one step above what it began with
+(``torch.profiler`` on CPU, ``max_memory_allocated`` on CUDA, which also gives
+``peak_allocated_mib``, the step's whole peak); ``infer_tokens_per_s``
 the throughput of ``decode(encode(x))`` of the inference SAE. ``*_ratio`` divides by the TopK row.
 Details and measured results: ``docs/bench.md``. Nothing here is asserted on timings.
 """
@@ -114,15 +116,31 @@ def _timed(fn: Callable[[], Any], device: str) -> float:
     return _timed_wall_cpu(fn, device)[0]
 
 
-def _timed_wall_cpu(fn: Callable[[], Any], device: str) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of ``fn()``."""
-    _sync(device)
+def _timed_wall_cpu(fn: Callable[[], Any], device: str) -> tuple[float, float | None]:
+    """(wall seconds, CPU seconds of this process) of ``fn()``; on CUDA (seconds between two CUDA
+    events around it, after a synchronisation; None: the host's CPU time says nothing there)."""
+    if device.startswith("cuda"):
+        return _cuda_timed(fn, device), None
     c0, t0 = time.process_time(), time.perf_counter()
     result = fn()
-    _sync(device)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     del result
     return elapsed, cpu
+
+
+def _cuda_timed(fn: Callable[[], Any], device: str) -> float:
+    import torch
+
+    with torch.cuda.device(device):
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = fn()
+        end.record()
+        end.synchronize()
+        del result
+        return start.elapsed_time(end) / 1000.0
 
 
 def _infer(row: BenchRow, x: Any) -> Any:
@@ -145,6 +163,8 @@ def _state_bytes(row: BenchRow) -> int:
 
 
 def _peak_step_bytes(row: BenchRow, x: Any, dead_mask: Any, device: str) -> int:
+    """Peak bytes of one step above its start; on CUDA also records ``row.peak_allocated_bytes``
+    (``max_memory_allocated`` during the step, parameters and optimizer state included)."""
     import torch
 
     if device.startswith("cuda"):
@@ -154,7 +174,8 @@ def _peak_step_bytes(row: BenchRow, x: Any, dead_mask: Any, device: str) -> int:
         out = train_step(row, x, dead_mask)
         del out
         _sync(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
+        row.peak_allocated_bytes = int(torch.cuda.max_memory_allocated(device))
+        return row.peak_allocated_bytes - base
     return cpu_peak_bytes(lambda: train_step(row, x, dead_mask))
 
 
@@ -271,7 +292,8 @@ def _run_bench(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
             def measure_step(row: BenchRow = row) -> None:
                 wall, cpu = _timed_wall_cpu(lambda: train_step(row, x, dead_mask), cfg.device)
                 row.step_s.append(wall)
-                row.step_cpu_s.append(cpu)
+                if cpu is not None:
+                    row.step_cpu_s.append(cpu)
 
             guarded(row, measure_step)
 
@@ -311,8 +333,15 @@ def _run_bench(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
 def bench_command(args: argparse.Namespace) -> int:
     """``sae-adaptive bench``: one run per thread count of ``--threads``, a table each, then a
     summary of the ratios per count when there are several."""
-    configs = [_config_from_args(args, threads) for threads in args.threads]
+    cuda = str(args.device).startswith("cuda")
+    threads = args.threads if args.threads is not None else ([1] if cuda else [1, 2])
+    configs = [_config_from_args(args, t) for t in threads]
     try:
+        if cuda and len(threads) > 1:
+            raise ValueError(
+                f"--threads {','.join(map(str, threads))}: with --device {args.device} the bench "
+                "runs once (the host's thread count does not change GPU timings); give one value"
+            )
         for cfg in configs:
             cfg.validate()
         if args.json is not None:

@@ -89,6 +89,9 @@ def _result(cfg: BenchConfig, rows: list[BenchRow], encoder_s: float | None) -> 
                 "step_cpu_ms": cpu_ms,
                 "step_cpu_ratio": ratio(cpu_ms, ref_cpu),
                 "peak_step_mib": mem,
+                "peak_allocated_mib": (
+                    row.peak_allocated_bytes / MIB if row.peak_allocated_bytes is not None else None
+                ),
                 "memory_ratio": ratio(mem, ref_mem),
                 "state_mib": row.state_bytes / MIB if row.state_bytes is not None else None,
                 "infer_tokens_per_s": tps,
@@ -102,7 +105,8 @@ def _result(cfg: BenchConfig, rows: list[BenchRow], encoder_s: float | None) -> 
         "config": config,
         "machine": _machine(cfg),
         "memory_method": (
-            "torch.cuda.max_memory_allocated above the step's start"
+            "torch.cuda.max_memory_allocated above the step's start (peak_allocated_mib: "
+            "the whole peak)"
             if cfg.device.startswith("cuda")
             else "torch.profiler(profile_memory=True): peak net CPU-allocator bytes during the step"
         ),
@@ -134,9 +138,16 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     return format_cell(row, key, fmt)
 
 
+#: On CUDA: no CPU-time ratio; the step's whole peak ``max_memory_allocated`` besides.
+CUDA_TABLE_COLUMNS = tuple(c for c in TABLE_COLUMNS if c[1] != "step_cpu_ratio")
+CUDA_TABLE_COLUMNS += (("peak allocated (MiB)", "peak_allocated_mib", "{:.0f}"),)
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A Markdown table of a :func:`~sae_adaptive_plugin.experiments.bench.run_bench` result."""
-    table = markdown_table(result["rows"], TABLE_COLUMNS, cell=_cell)
+    cuda = str(result["config"]["device"]).startswith("cuda")
+    columns = CUDA_TABLE_COLUMNS if cuda else TABLE_COLUMNS
+    table = markdown_table(result["rows"], columns, cell=_cell)
     bound = result.get("encoder_bound_tokens_per_s")
     if bound:
         table += f"\n\nEncoder-matmul bound (x @ W_enc alone): {bound:.0f} tokens/s."

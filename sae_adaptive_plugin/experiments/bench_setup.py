@@ -139,6 +139,7 @@ class BenchRow:
     step_cpu_s: list[float] = field(default_factory=list)
     infer_s: list[float] = field(default_factory=list)
     peak_step_bytes: int | None = None
+    peak_allocated_bytes: int | None = None
     state_bytes: int | None = None
 
 

@@ -103,6 +103,9 @@ class RidgeAccumulator:
         """Add rows ``X [N, d_in]`` with labels ``y [N]``; returns ``self``.
 
         Raises ``ValueError`` for a wrong shape, a non-finite label or input, or a bad fold.
+        On a GPU, after the first batch, the host reads the device once per call: the checks,
+        the label range and the new reservoir rows come back in one copy (folds and reservoir
+        keys are drawn on the CPU and sent without waiting).
         """
         X = torch.as_tensor(X)
         y = torch.as_tensor(y)
@@ -117,60 +120,99 @@ class RidgeAccumulator:
         n = X.shape[0]
         if n == 0:
             return self
-        if not torch.isfinite(y).all():
-            bad = int((~torch.isfinite(y)).sum())
-            raise ValueError(f"labels y must be finite; got {bad} NaN/inf label(s) of {n}")
-        if not torch.isfinite(X).all():
-            raise ValueError("activations X must be finite; got NaN/inf entries")
-        if self.count is None:
+        if self.count is None:  # the shift comes from the first batch: check it first
+            self._check_finite(*_batch_checks(X, y).tolist()[:2], n)
             self._init(X, y)
         assert self._gen is not None and self.shift_x is not None
         dev = self.device
-        if fold is None:
-            folds = torch.randint(0, self.n_folds, (n,), generator=self._gen).to(dev)
-        elif isinstance(fold, int):
-            if not 0 <= fold < self.n_folds:
-                raise ValueError(f"fold must lie in [0, n_folds={self.n_folds}), got {fold}")
-            folds = torch.full((n,), fold, dtype=torch.long, device=dev)
-        else:
-            folds = torch.as_tensor(fold).reshape(-1).long().to(dev)
-            if folds.shape[0] != n or int(folds.min()) < 0 or int(folds.max()) >= self.n_folds:
-                raise ValueError(
-                    f"fold must hold one value in [0, n_folds={self.n_folds}) per row ({n})"
-                )
+        gen_state = self._gen.get_state()
+        folds = self._folds(fold, n)  # on the CPU
+        counts = torch.bincount(folds, minlength=self.n_folds)
+        order = _to_device(torch.argsort(folds, stable=True), dev)
+        folds_dev = _to_device(folds, dev)
         Xs = X.to(dev, torch.float64) - self.shift_x
         ys = y.to(dev, torch.float64) - self.shift_y
-        onehot = torch.nn.functional.one_hot(folds, self.n_folds).to(torch.float64)  # [N, F]
-        self.count += onehot.sum(0)
-        self.sum_x += onehot.T @ Xs
-        self.sum_y += onehot.T @ ys
-        self.sum_xy += onehot.T @ (Xs * ys[:, None])
-        self.sum_yy += onehot.T @ (ys * ys)
-        for f in range(self.n_folds):
-            rows = Xs[folds == f]
-            if rows.shape[0]:
-                self.sum_xx[f] += rows.T @ rows
-        self.label_min = min(self.label_min, float(y.min()))
-        self.label_max = max(self.label_max, float(y.max()))
-        if self.reservoir_size:
-            self._reservoir_add(X, y, folds)
+        onehot = torch.nn.functional.one_hot(folds_dev, self.n_folds).to(torch.float64)  # [N, F]
+        sorted_rows = Xs[order].split(counts.tolist())  # each fold's rows (sizes known here)
+        deltas = {
+            "count": onehot.sum(0),
+            "sum_x": onehot.T @ Xs,
+            "sum_y": onehot.T @ ys,
+            "sum_xy": onehot.T @ (Xs * ys[:, None]),
+            "sum_yy": onehot.T @ (ys * ys),
+            "sum_xx": torch.stack([rows.T @ rows for rows in sorted_rows]),
+        }
+        reservoir = self._reservoir_plan(n) if self.reservoir_size else None
+        fetch = [_batch_checks(X, y)]
+        if reservoir is not None:
+            new_rows = _to_device(reservoir.new_rows, X.device)
+            fetch += [y[new_rows].to(torch.float64), X[new_rows]]
+        fetched = _to_host(fetch)  # the one host read
+        bad_y, bad_x, y_min, y_max = fetched[0].tolist()
+        try:
+            self._check_finite(bad_y, bad_x, n)
+        except ValueError:
+            self._gen.set_state(gen_state)
+            raise
+        for name, delta in deltas.items():
+            getattr(self, name).add_(delta)
+        self.label_min = min(self.label_min, y_min)
+        self.label_max = max(self.label_max, y_max)
+        if reservoir is not None:
+            new_y, new_x = fetched[1], fetched[2].float()
+            self._reservoir_keep(reservoir, new_x, new_y, folds[reservoir.new_rows])
         return self
 
-    def _reservoir_add(self, X: torch.Tensor, y: torch.Tensor, folds: torch.Tensor) -> None:
-        keys = torch.rand(X.shape[0], generator=self._gen)
-        x32 = X.detach().to("cpu", torch.float32)
-        y64 = y.detach().to("cpu", torch.float64)
-        f = folds.to("cpu")
+    @staticmethod
+    def _check_finite(bad_y: float, bad_x: float, n: int) -> None:
+        if bad_y:
+            raise ValueError(f"labels y must be finite; got {int(bad_y)} NaN/inf label(s) of {n}")
+        if bad_x:
+            raise ValueError("activations X must be finite; got NaN/inf entries")
+
+    def _folds(self, fold: int | torch.Tensor | None, n: int) -> torch.Tensor:
+        """Each row's fold (long ``[n]``, on the CPU): drawn, one fold, or given."""
+        if fold is None:
+            return torch.randint(0, self.n_folds, (n,), generator=self._gen, device="cpu")
+        if isinstance(fold, int):
+            if not 0 <= fold < self.n_folds:
+                raise ValueError(f"fold must lie in [0, n_folds={self.n_folds}), got {fold}")
+            return torch.full((n,), fold, dtype=torch.long, device="cpu")
+        folds = torch.as_tensor(fold).reshape(-1).long().cpu()
+        if folds.shape[0] != n or int(folds.min()) < 0 or int(folds.max()) >= self.n_folds:
+            raise ValueError(
+                f"fold must hold one value in [0, n_folds={self.n_folds}) per row ({n})"
+            )
+        return folds
+
+    def _reservoir_plan(self, n: int) -> _ReservoirPlan:
+        """Which stored and which new rows the reservoir keeps (the smallest random keys)."""
+        keys = torch.rand(n, generator=self._gen, device="cpu")
+        n_old = 0 if self.res_key is None else self.res_key.shape[0]
+        all_keys = keys if self.res_key is None else torch.cat([self.res_key, keys])
+        if all_keys.shape[0] > self.reservoir_size:
+            keep = all_keys.topk(self.reservoir_size, largest=False).indices
+        else:
+            keep = torch.arange(all_keys.shape[0], device="cpu")
+        new_rows = (keep[keep >= n_old] - n_old).sort().values
+        return _ReservoirPlan(all_keys, keep, n_old, new_rows)
+
+    def _reservoir_keep(
+        self, plan: _ReservoirPlan, new_x: torch.Tensor, new_y: torch.Tensor, new_f: torch.Tensor
+    ) -> None:
+        x32, y64, f = new_x, new_y, new_f
         if self.res_key is not None:
             assert self.res_x is not None and self.res_y is not None and self.res_fold is not None
-            keys = torch.cat([self.res_key, keys])
             x32 = torch.cat([self.res_x, x32])
             y64 = torch.cat([self.res_y, y64])
             f = torch.cat([self.res_fold, f])
-        if keys.shape[0] > self.reservoir_size:
-            keep = keys.topk(self.reservoir_size, largest=False).indices
-            keys, x32, y64, f = keys[keep], x32[keep], y64[keep], f[keep]
-        self.res_key, self.res_x, self.res_y, self.res_fold = keys, x32, y64, f
+        # position of each kept row among the stored rows followed by the fetched new ones
+        keep = plan.keep
+        is_new = keep >= plan.n_old
+        rank = torch.searchsorted(plan.new_rows, (keep - plan.n_old).clamp(min=0))
+        at = torch.where(is_new, plan.n_old + rank, keep)
+        self.res_key = plan.all_keys[keep]
+        self.res_x, self.res_y, self.res_fold = x32[at], y64[at], f[at]
 
     def to(self, device: torch.device | str) -> RidgeAccumulator:
         """Move the statistics to ``device`` (the reservoir stays on the CPU); returns ``self``."""
@@ -228,6 +270,49 @@ class RidgeAccumulator:
             self.res_x = t["res_x"].cpu().float()
             self.res_y = t["res_y"].cpu().double()
             self.res_fold = t["res_fold"].cpu().long()
+
+
+@dataclass
+class _ReservoirPlan:
+    """The reservoir after a batch: ``keep`` indexes ``all_keys`` (stored rows, then the
+    ``n_old``-offset new rows); ``new_rows``: the new rows it keeps, ascending."""
+
+    all_keys: torch.Tensor
+    keep: torch.Tensor
+    n_old: int
+    new_rows: torch.Tensor
+
+
+def _batch_checks(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[non-finite labels, any non-finite input, min y, max y]`` as one float64 device tensor."""
+    y64 = y.to(torch.float64)
+    return torch.stack(
+        [
+            (~torch.isfinite(y)).sum().to(torch.float64),
+            (~torch.isfinite(X)).any().to(torch.float64),
+            y64.min(),
+            y64.max(),
+        ]
+    )
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` on the CPU through one device-to-host copy of their concatenated bytes."""
+    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    host = torch.cat(flat).cpu()
+    out, at = [], 0
+    for t, f in zip(tensors, flat):
+        part = host[at : at + f.numel()].clone()  # aligned for the view below
+        out.append(part.view(t.dtype).reshape(t.shape))
+        at += f.numel()
+    return out
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to a GPU from pinned memory, so the host does not wait."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _solve_all(S: torch.Tensor, s: torch.Tensor, lambdas: Sequence[float]) -> torch.Tensor:

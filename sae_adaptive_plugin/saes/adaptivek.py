@@ -82,14 +82,23 @@ class _ProbeK(TopKFamilyMixin):
         reg("probe_bias", torch.zeros((), dtype=f32, device=dev))
         reg("probe_label_range", torch.zeros(2, dtype=f32, device=dev))
         reg("probe_fitted", torch.zeros((), dtype=torch.long, device=dev))
+        self._probe_on = False
+        # the flag follows the buffer through load_state_dict (resume, load_from_disk)
+        self.register_load_state_dict_post_hook(_ProbeK._read_probe_flag)  # type: ignore[attr-defined]
+
+    def _read_probe_flag(self, incompatible_keys: Any = None) -> None:
+        """Set :attr:`is_adaptive` from the ``probe_fitted`` buffer (one host read)."""
+        fitted = self.probe_fitted
+        self._probe_on = fitted.device.type != "meta" and bool(fitted.item())
 
     def get_activation_fn(self) -> PerRowTopK:  # encode selects (fused); the same selection
         return PerRowTopK(self.cfg.k_max)
 
     @property
     def is_adaptive(self) -> bool:
-        """True once a probe is in place (before that every row uses ``k_max``)."""
-        return bool(self.probe_fitted.item())
+        """True once a probe is in place (before that every row uses ``k_max``): a Python bool,
+        set with the ``probe_fitted`` buffer (no host read per step)."""
+        return self._probe_on
 
     @torch.no_grad()
     def set_probe(self, probe: ComplexityProbe) -> None:
@@ -103,6 +112,7 @@ class _ProbeK(TopKFamilyMixin):
         label_range = [probe.label_min, probe.label_max]
         self.probe_label_range.copy_(torch.tensor(label_range, dtype=torch.float32, device=dev))
         self.probe_fitted.fill_(1)
+        self._probe_on = True
 
     def get_probe(self) -> ComplexityProbe | None:
         """The stored probe as a :class:`ComplexityProbe` (``None`` before one is fitted)."""
@@ -119,12 +129,13 @@ class _ProbeK(TopKFamilyMixin):
         return torch.maximum(torch.minimum(c, hi), lo)
 
     def k_for_rows(self, x_in: torch.Tensor, sae_in: torch.Tensor) -> torch.Tensor:
-        lo, hi = self.probe_label_range
         cfg = self.cfg
-        k = complexity_to_k(
+        if not self.is_adaptive:
+            return torch.full(x_in.shape[:-1], cfg.k_max, dtype=torch.long, device=x_in.device)
+        lo, hi = self.probe_label_range
+        return complexity_to_k(
             self.complexity(x_in).detach(), lo, hi, cfg.k_min, cfg.k_max, float(cfg.steepness)
         )
-        return torch.where(self.probe_fitted.bool(), k, torch.full_like(k, cfg.k_max))
 
     def input_reader(self) -> InputReader:
         return InputReader(self.probe_weight, self.probe_bias, reads_sae_in=False)

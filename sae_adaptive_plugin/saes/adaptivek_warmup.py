@@ -31,6 +31,7 @@ from sae_adaptive_plugin.saes.topk_family import (
     StepEncoding,
     TopKEncoding,
     prefix_excess,
+    refuse_deterministic_cuda_cumsum,
 )
 
 #: Prefix of the warm-up accumulator tensors in checkpoint state dicts.
@@ -85,6 +86,8 @@ class AdaptiveKWarmup:
     # -- the training step's hooks (TopKFamilyTrainingSAE) ---------------------------------------
 
     def prepare_training_step(self, step_input: TrainStepInput) -> None:
+        if not self.is_adaptive:  # the warm-up's labels need prefix errors: refuse from step 0
+            refuse_deterministic_cuda_cumsum(step_input.sae_in.device, "adaptivek's warm-up")
         if not self.is_adaptive and step_input.n_training_steps >= self.warmup_steps:
             self.fit_probe_now(gather_rows(self.reshape_fn_in(step_input.sae_in.to(self.dtype))))
 

@@ -16,6 +16,7 @@ what the step trains on). Losses, every architecture and phase: ``mse_loss``,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -77,6 +78,40 @@ class InputReader(NamedTuple):
     weight: torch.Tensor
     bias: torch.Tensor
     reads_sae_in: bool
+
+
+def _is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def refuse_deterministic_cuda_cumsum(device: torch.device, who: str) -> None:
+    """Raise ``RuntimeError`` when ``who``'s prefix errors (a floating-point ``cumsum``) would run
+    on CUDA under ``torch.use_deterministic_algorithms(True)``, where CUDA's ``cumsum`` raises;
+    ``warn_only=True`` and the CPU are fine."""
+    if not (_is_cuda(device) and torch.are_deterministic_algorithms_enabled()):
+        return
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        return
+    raise RuntimeError(
+        f"{who} computes prefix reconstruction errors with a floating-point cumsum, which "
+        "CUDA refuses under torch.use_deterministic_algorithms(True). Train with "
+        "torch.use_deterministic_algorithms(False), or "
+        "torch.use_deterministic_algorithms(True, warn_only=True), or on the CPU"
+    )
+
+
+def sparse_code(selection: TopKResult, d_sae: int) -> torch.Tensor:
+    """The code ``[..., d_sae]`` of ``selection`` as a sparse COO tensor built from its indices
+    and values (never dense): every selected slot is stored, those past a row's k with value 0,
+    so its size does not depend on the data (no host read)."""
+    lead = selection.values.shape[:-1]
+    width = selection.values.shape[-1]
+    rows = torch.arange(math.prod(lead), device=selection.indices.device)
+    rows = rows.repeat_interleave(width, output_size=rows.numel() * width)
+    coords = [*torch.unravel_index(rows, tuple(lead)), selection.indices.reshape(-1)]
+    return torch.sparse_coo_tensor(
+        torch.stack(coords), selection.values.reshape(-1), (*lead, d_sae), check_invariants=False
+    )
 
 
 def prefix_excess(errors: torch.Tensor) -> torch.Tensor:
@@ -188,9 +223,10 @@ class TopKFamilyMixin:
         hidden_pre, selection = self.select_top_k(sae_in, k)
         # a row holding NaN/Inf encodes to NaN (as SAELens's topk), never to a clean code
         selection = selection._replace(values=nan_where_not_finite(selection.values, x_in))
-        code = scatter_topk(selection, self.cfg.d_sae)
         if getattr(self.cfg, "use_sparse_activations", False):
-            code = code.to_sparse()
+            code = sparse_code(selection, self.cfg.d_sae)
+        else:
+            code = scatter_topk(selection, self.cfg.d_sae)
         feature_acts = self.hook_sae_acts_post(code)
         if self.hook_sae_acts_post._forward_hooks:  # the hooks may have changed the code
             hooked = feature_acts.to_dense().gather(-1, selection.indices)
@@ -325,6 +361,7 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
     def prefix_errors_of(self, encoding: TopKEncoding) -> torch.Tensor:
         """:meth:`prefix_errors_from_selection` of the step's encoding, computed once per step."""
         if encoding.prefix_errors is None:
+            refuse_deterministic_cuda_cumsum(encoding.x_in.device, self.cfg.architecture())
             encoding.prefix_errors = self.prefix_errors_from_selection(
                 encoding.x_in, encoding.selection, self.prefix_loss_chunk_size
             )
@@ -345,7 +382,9 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
                 hidden_pre=encoding.hidden_pre,
                 sae_out=sae_out,
             )
-        if dead is None or (num_dead := int(dead.sum())) == 0:
+        k_aux_full = self.cfg.d_in // 2  # SAELens's k_aux: half of d_in, scaled down below
+        k_aux = min(k_aux_full, self.cfg.d_sae)
+        if dead is None or k_aux == 0:
             return {"auxiliary_reconstruction_loss": sae_out.new_tensor(0.0)}
         if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
             # SAELens refuses the same: the residual is in the input space, the code's is not
@@ -356,27 +395,29 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
                 sae_out=sae_out,
             )
         residual = (step_input.sae_in - sae_out).detach()
-        k_aux_full = self.cfg.d_in // 2  # SAELens's k_aux: half of d_in, scaled down below
-        k_aux = min(k_aux_full, num_dead)
-        d_sae = self.cfg.d_sae
-        hidden_pre = encoding.hidden_pre.detach().reshape(-1, d_sae)
+        # without reading the number of dead latents back (no host sync): the k_aux largest
+        # pre-activations of dead latents, slots past the last dead latent (−inf) left empty —
+        # SAELens's selection of min(k_aux, #dead) latents
+        hidden_pre = encoding.hidden_pre.detach().reshape(-1, self.cfg.d_sae)
         minus_inf = torch.tensor(-torch.inf, dtype=hidden_pre.dtype, device=hidden_pre.device)
         chosen = torch.where(dead, hidden_pre, minus_inf).topk(k_aux, dim=-1, sorted=False)
+        filled = chosen.values > minus_inf
         scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
         values = preacts_at(
             encoding.sae_in.reshape(-1, self.cfg.d_in),
             self.W_enc,
             self.b_enc,
             chosen.indices,
-            chosen.values,
+            torch.where(filled, chosen.values, 0),
             scale,
         )
+        values = torch.where(filled, values, 0)
         coefficients = self.decoder_coefficients(values, chosen.indices)
         recons = decode_topk(coefficients, chosen.indices, self.W_dec)
         recons = recons.reshape(*encoding.hidden_pre.shape[:-1], self.cfg.d_in)
         recons = self.reshape_fn_out(recons, self.d_head)  # type: ignore[attr-defined]
         loss = (recons - residual).pow(2).sum(dim=-1).mean()
-        weight = self.cfg.aux_loss_coefficient * min(num_dead / k_aux_full, 1.0)
+        weight = self.cfg.aux_loss_coefficient * (dead.sum() / k_aux_full).clamp(max=1.0)
         return {"auxiliary_reconstruction_loss": weight * loss}
 
     @property

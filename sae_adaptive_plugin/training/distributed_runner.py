@@ -82,17 +82,18 @@ class DistributedTrainingRunner(TrainingRunner):
 
     def _check_non_finite(self, trainer: Any) -> None:
         """The NaN/Inf checks of :class:`TrainingRunner`, agreed by all ranks: a bad batch or loss
-        on any rank stops every rank at the same step (before any checkpoint is written)."""
+        on any rank stops every rank at the same step (before any checkpoint is written). Each
+        check is one all_reduce of a device tensor and one host read."""
         step = trainer.step
 
-        def on_any_rank(count: float) -> list[int]:
-            counts = torch.zeros(self.world_size, dtype=torch.float64)
+        def on_any_rank(count: torch.Tensor) -> list[int]:
+            counts = torch.zeros(self.world_size, dtype=torch.long, device=count.device)
             counts[self.rank] = count
             distributed.all_reduce_(counts)
             return [int(c) for c in counts.tolist()]
 
         def checked_step(batch: torch.Tensor) -> Any:
-            bad = on_any_rank(int((~torch.isfinite(batch)).any(dim=-1).sum()))
+            bad = on_any_rank((~torch.isfinite(batch)).any(dim=-1).sum())
             if any(bad):
                 where = ", ".join(f"rank {r}: {n}" for r, n in enumerate(bad) if n)
                 self._stop(
@@ -100,7 +101,7 @@ class DistributedTrainingRunner(TrainingRunner):
                     f"activation rows hold NaN or Inf ({where} of {batch.shape[0]} rows per rank)",
                 )
             output = step(batch)
-            bad = on_any_rank(float(not bool(torch.isfinite(output.loss.detach()))))
+            bad = on_any_rank((~torch.isfinite(output.loss.detach())).any())
             if any(bad):
                 ranks = ", ".join(str(r) for r, n in enumerate(bad) if n)
                 self._stop(trainer, f"the loss is NaN or Inf on rank(s) {ranks}")
