@@ -33,15 +33,26 @@ ROW_KEYS = {
     "step_ratio_paired",
     "step_cpu_ms",
     "step_cpu_ratio",
+    "step_ratio_sparsify",
+    "step_cpu_ratio_sparsify",
     "peak_step_mib",
     "peak_allocated_mib",
     "memory_ratio",
+    "memory_ratio_sparsify",
     "state_mib",
     "infer_tokens_per_s",
     "infer_ratio",
 }
 MEASURED = ("step_ms", "step_cpu_ms", "peak_step_mib", "state_mib", "infer_tokens_per_s", "mean_k")
-RATIOS = ("step_ratio", "step_ratio_paired", "memory_ratio", "infer_ratio")
+RATIOS = (
+    "step_ratio",
+    "step_ratio_paired",
+    "memory_ratio",
+    "infer_ratio",
+    "step_ratio_sparsify",
+    "step_cpu_ratio_sparsify",
+    "memory_ratio_sparsify",
+)
 
 
 def _positive(value: object) -> bool:
@@ -68,7 +79,7 @@ def test_schema_and_machine(result: dict) -> None:
 
 
 def test_registered_architectures_are_measured(result: dict) -> None:
-    registered = {"topk", *PACKAGE_ARCHITECTURES}
+    registered = {"topk", "sparsify", *PACKAGE_ARCHITECTURES}  # make install adds sparsify
     for row in result["rows"]:
         assert row["status"] != "error", row
         if row["architecture"] in registered:
@@ -92,10 +103,15 @@ def test_measurements_finite_positive(result: dict) -> None:
     assert topk["step_ratio"] == pytest.approx(1.0)
     assert topk["memory_ratio"] == pytest.approx(1.0)
     assert topk["mean_k"] == TINY["k"]
+    peer = next(r for r in ok if r["name"] == "sparsify_topk")
     for row in ok[1:]:
         assert row["step_ratio"] == pytest.approx(row["step_ms"] / topk["step_ms"])
         assert row["memory_ratio"] == pytest.approx(row["peak_step_mib"] / topk["peak_step_mib"])
-        # every adaptive row is set up so that its mean k is near the TopK k
+        assert row["step_ratio_sparsify"] == pytest.approx(row["step_ms"] / peer["step_ms"])
+        if row["phase"] == "warm-up":  # AdaptiveK's warm-up runs at its default k_max = 4k
+            assert row["mean_k"] == 4 * TINY["k"]
+            continue
+        # every other row is set up so that its mean k is near the TopK k
         assert 0.5 * TINY["k"] <= row["mean_k"] <= 2 * TINY["k"], row
 
 
@@ -124,9 +140,8 @@ def test_cpu_peak_counts_a_known_allocation() -> None:
 def test_cli_writes_json(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    code = main(
-        ["bench", *args, "--rows", "topk", "adaptivek", "--no-progress", "--json", str(out)]
-    )
+    flags = ["--dead-fraction", "0.1", "--rows", "topk", "adaptivek", "--no-progress"]
+    code = main(["bench", *args, *flags, "--json", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["rows"]] == ["topk", "adaptivek"]
@@ -137,7 +152,8 @@ def test_cli_refuses_an_existing_json_unless_overwrite(tmp_path, capsys) -> None
     out = tmp_path / "bench.json"
     out.write_text("a user's earlier results")
     args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    flags = ["--rows", "topk", "--no-progress", "--no-memory", "--no-inference", "--json", str(out)]
+    flags = ["--rows", "topk", "--dead-fraction", "0", "--no-progress", "--no-memory"]
+    flags += ["--no-inference", "--json", str(out)]
     assert main(["bench", *args, *flags]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert out.read_text() == "a user's earlier results"
@@ -151,6 +167,7 @@ def test_cli_runs_each_thread_count(tmp_path, capsys) -> None:
     rows = ["topk", "softsae_soft"]
     try:
         flags = ["--no-progress", "--no-memory", "--no-inference", "--json", str(out)]
+        flags += ["--dead-fraction", "0.1"]
         code = main(["bench", *args, "--threads", "1,2", "--rows", *rows, *flags])
     finally:
         torch.set_num_threads(2)
@@ -160,7 +177,7 @@ def test_cli_runs_each_thread_count(tmp_path, capsys) -> None:
     assert [run["machine"]["torch_threads"] for run in data["runs"]] == [1, 2]
     assert all([r["name"] for r in run["rows"]] == rows for run in data["runs"])
     printed = capsys.readouterr().out
-    assert "step / TopK (1 thr)" in printed and "step / TopK (2 thr)" in printed
+    assert "step / TopK (1 thr, 0.1 dead)" in printed and "step / TopK (2 thr, 0.1 dead)" in printed
     assert printed.count("| softsae | soft |") == 3  # one table per count, then the summary
 
 
@@ -183,3 +200,39 @@ def test_bad_config_names_the_field(field: str, value: object, needle: str) -> N
     cfg = bench_setup.BenchConfig(**{**TINY, field: value})
     with pytest.raises(ValueError, match=needle):
         cfg.validate()
+
+
+def test_rows_use_the_defaults_and_mark_dead_latents_by_default(result: dict) -> None:
+    assert result["config"]["dead_fraction"] == 0.1 and result["config"]["autocast"] is False
+    by_name = {r["name"]: r for r in result["rows"]}
+    k = TINY["k"]
+    assert by_name["adaptivek"]["settings"]["k_min"] == 1
+    assert by_name["adaptivek"]["settings"]["k_max"] == 4 * k
+    assert by_name["adaptivek_warmup"]["settings"]["warmup_loss"] == "hierarchical"
+    assert by_name["softsae_hard"]["settings"]["k_max"] == 2 * k
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_autocast_runs_every_row() -> None:
+    cfg = bench_setup.BenchConfig(**{**TINY, "steps": 1, "warmup": 0}, autocast=True, memory=False)
+    out = bench.run_bench(cfg, progress=False)
+    assert out["config"]["autocast"] is True
+    assert all(r["status"] == "ok" for r in out["rows"]), [r["reason"] for r in out["rows"]]
+
+
+def test_cli_runs_each_dead_fraction(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    flags = ["--dead-fraction", "0.25,0", "--rows", "topk", "hierarchical_topk", "--no-memory"]
+    flags += ["--no-inference", "--no-progress", "--json", str(out)]
+    code = main(["bench", *args, *flags])
+    assert code == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["config"]["dead_fraction"] for run in runs] == [0.25, 0.0]
+    assert "0.25 dead" in capsys.readouterr().out
+
+
+def test_cli_rejects_a_bad_dead_fraction(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--dead-fraction", "0.1,2"])
+    assert "numbers in [0, 1]" in capsys.readouterr().err

@@ -280,6 +280,7 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path):
         "hierarchical_topk",
         "softsae_soft",
         "softsae_hard",
+        "adaptivek_warmup",
         "adaptivek",
     }
     assert "## Targets (issue 24)" in summary

@@ -337,6 +337,20 @@ def thread_counts(text: str) -> list[int]:
     return counts
 
 
+def dead_fractions(text: str) -> list[float]:
+    """``--dead-fraction 0.1,0``: the fractions, each in [0, 1]."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"dead fraction must be a comma-separated list of numbers in [0, 1] (e.g. 0.1,0), "
+            f"got {text!r}"
+        )
+    return values
+
+
 def bench_arguments(parser: argparse.ArgumentParser) -> None:
     from sae_adaptive_plugin.experiments.bench_setup import (
         DTYPES,
@@ -369,9 +383,16 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of inputs and weights")
     parser.add_argument(
         "--dead-fraction",
-        type=float,
-        default=d.dead_fraction,
-        help="fraction of latents marked dead, so AuxK runs (default %(default)s: none)",
+        type=dead_fractions,
+        default=[d.dead_fraction, 0.0],
+        help="fraction of latents marked dead, so AuxK runs; a comma-separated list runs the "
+        "bench once per fraction (default 0.1,0)",
+    )
+    parser.add_argument(
+        "--autocast",
+        action="store_true",
+        help="each step's forward pass under bfloat16 torch.autocast, as SAELens's "
+        "autocast=True (default: off)",
     )
     parser.add_argument(
         "--rows",

@@ -27,11 +27,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sae_adaptive_plugin.experiments.bench_peers import SparsifyPeer
 from sae_adaptive_plugin.experiments.bench_report import (
     RUNS_SCHEMA,
     _result,
+    format_runs_summary,
     format_table,
-    format_threads_summary,
 )
 from sae_adaptive_plugin.experiments.bench_setup import (
     BenchConfig,
@@ -56,6 +57,10 @@ def prepare_row(row: BenchRow, cfg: BenchConfig, x: Any) -> None:
     row.coefficients = {
         name: float(getattr(value, "value", value)) for name, value in coefficients.items()
     }
+    if isinstance(sae, SparsifyPeer):  # a peer: its own step hooks, inference on itself
+        sae.attach_optimizer(row.optimizer)
+        row.infer_sae = sae if cfg.inference else None
+        return
     if cfg.inference:
         state = {name: t.detach().clone() for name, t in sae.state_dict().items()}
         sae.process_state_dict_for_saving_inference(state)
@@ -90,21 +95,31 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(row: BenchRow, x: Any, dead_mask: Any) -> Any:
-    """One optimizer step of ``row``'s training SAE on the batch ``x`` (what the bench times)."""
+def train_step(row: BenchRow, x: Any, dead_mask: Any, autocast: bool = False) -> Any:
+    """One optimizer step of ``row``'s training SAE on the batch ``x`` (what the bench times);
+    ``autocast``: the forward pass under bfloat16 ``torch.autocast``, as SAELens's
+    ``autocast=True`` runs it."""
+    import contextlib
+
     import torch
     from sae_lens.saes.sae import TrainStepInput
 
     sae = row.train_sae
-    out = sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=x,
-            coefficients=row.coefficients,
-            dead_neuron_mask=dead_mask,
-            n_training_steps=row.step_index,
-            is_logging_step=False,
-        )
+    context = (
+        torch.autocast(x.device.type, dtype=torch.bfloat16)
+        if autocast
+        else contextlib.nullcontext()
     )
+    with context:
+        out = sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x,
+                coefficients=row.coefficients,
+                dead_neuron_mask=dead_mask,
+                n_training_steps=row.step_index,
+                is_logging_step=False,
+            )
+        )
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
     row.optimizer.step()
@@ -162,7 +177,9 @@ def _state_bytes(row: BenchRow) -> int:
     return total
 
 
-def _peak_step_bytes(row: BenchRow, x: Any, dead_mask: Any, device: str) -> int:
+def _peak_step_bytes(
+    row: BenchRow, x: Any, dead_mask: Any, device: str, autocast: bool = False
+) -> int:
     """Peak bytes of one step above its start; on CUDA also records ``row.peak_allocated_bytes``
     (``max_memory_allocated`` during the step, parameters and optimizer state included)."""
     import torch
@@ -171,12 +188,12 @@ def _peak_step_bytes(row: BenchRow, x: Any, dead_mask: Any, device: str) -> int:
         _sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        out = train_step(row, x, dead_mask)
+        out = train_step(row, x, dead_mask, autocast)
         del out
         _sync(device)
         row.peak_allocated_bytes = int(torch.cuda.max_memory_allocated(device))
         return row.peak_allocated_bytes - base
-    return cpu_peak_bytes(lambda: train_step(row, x, dead_mask))
+    return cpu_peak_bytes(lambda: train_step(row, x, dead_mask, autocast))
 
 
 @contextlib.contextmanager
@@ -283,14 +300,21 @@ def _run_bench(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
     for _ in range(cfg.warmup):
         for row in active:
             bar.set_postfix_str(f"warm-up {row.name}")
-            guarded(row, lambda row=row: _timed(lambda: train_step(row, x, dead_mask), cfg.device))
+            guarded(
+                row,
+                lambda row=row: _timed(
+                    lambda: train_step(row, x, dead_mask, cfg.autocast), cfg.device
+                ),
+            )
     for r in range(cfg.steps):
         order = active[r % len(active) :] + active[: r % len(active)] if active else []
         for row in order:
             bar.set_postfix_str(f"step {r + 1}/{cfg.steps} {row.name}")
 
             def measure_step(row: BenchRow = row) -> None:
-                wall, cpu = _timed_wall_cpu(lambda: train_step(row, x, dead_mask), cfg.device)
+                wall, cpu = _timed_wall_cpu(
+                    lambda: train_step(row, x, dead_mask, cfg.autocast), cfg.device
+                )
                 row.step_s.append(wall)
                 if cpu is not None:
                     row.step_cpu_s.append(cpu)
@@ -315,7 +339,7 @@ def _run_bench(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
             bar.set_postfix_str(f"memory {row.name}")
 
             def measure_memory(row: BenchRow = row) -> None:
-                row.peak_step_bytes = _peak_step_bytes(row, x, dead_mask, cfg.device)
+                row.peak_step_bytes = _peak_step_bytes(row, x, dead_mask, cfg.device, cfg.autocast)
 
             guarded(row, measure_memory)
     for row in active:
@@ -335,7 +359,7 @@ def bench_command(args: argparse.Namespace) -> int:
     summary of the ratios per count when there are several."""
     cuda = str(args.device).startswith("cuda")
     threads = args.threads if args.threads is not None else ([1] if cuda else [1, 2])
-    configs = [_config_from_args(args, t) for t in threads]
+    configs = [_config_from_args(args, t, dead) for dead in args.dead_fraction for t in threads]
     try:
         if cuda and len(threads) > 1:
             raise ValueError(
@@ -356,13 +380,14 @@ def bench_command(args: argparse.Namespace) -> int:
         print(
             f"d_in={cfg.d_in} d_sae={cfg.d_sae} k={cfg.k} batch={cfg.batch} dtype={cfg.dtype} "
             f"device={cfg.device} ({m['device_name']}) threads={cfg.threads} steps={cfg.steps} "
-            f"warmup={cfg.warmup}; torch {m['torch']}, sae_lens {m['sae_lens']}"
+            f"warmup={cfg.warmup} dead_fraction={cfg.dead_fraction:g} autocast={cfg.autocast}; "
+            f"torch {m['torch']}, sae_lens {m['sae_lens']}"
         )
         print(format_table(result))
         print()
         results.append(result)
     if len(results) > 1:
-        print(format_threads_summary(results))
+        print(format_runs_summary(results))
     if args.json is not None:
         data = results[0] if len(results) == 1 else {"schema": RUNS_SCHEMA, "runs": results}
         with replacing_file(args.json) as tmp:
@@ -372,7 +397,7 @@ def bench_command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _config_from_args(args: argparse.Namespace, threads: int) -> BenchConfig:
+def _config_from_args(args: argparse.Namespace, threads: int, dead_fraction: float) -> BenchConfig:
     return BenchConfig(
         **shape_from_args(args),
         dtype=args.dtype,
@@ -381,7 +406,8 @@ def _config_from_args(args: argparse.Namespace, threads: int) -> BenchConfig:
         warmup=args.warmup,
         threads=threads,
         seed=args.seed,
-        dead_fraction=args.dead_fraction,
+        dead_fraction=dead_fraction,
+        autocast=args.autocast,
         rows=tuple(args.rows),
         memory=not args.no_memory,
         inference=not args.no_inference,

@@ -9,6 +9,8 @@ norm after it. sparsify is optional: ``make bench-peers`` installs it beside tor
 
 from __future__ import annotations
 
+import contextlib
+import io
 from importlib import util
 from typing import Any, NamedTuple
 
@@ -41,7 +43,8 @@ class SparsifyPeer(torch.nn.Module):
 
     def __init__(self, d_in: int, d_sae: int, k: int, dtype: torch.dtype, device: str):
         super().__init__()
-        from sparsify import SparseCoder, SparseCoderConfig
+        with contextlib.redirect_stdout(io.StringIO()):  # its "Triton not installed" notice
+            from sparsify import SparseCoder, SparseCoderConfig
 
         cfg = SparseCoderConfig(k=k, num_latents=d_sae, normalize_decoder=True)
         self.coder = SparseCoder(d_in, cfg, device=device, dtype=dtype)

@@ -59,8 +59,12 @@ def _result(cfg: BenchConfig, rows: list[BenchRow], encoder_s: float | None) -> 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
 
+    peer = next((r for r in rows if r.name == "sparsify_topk" and r.status == "ok"), None)
     ref_step = median_ms(ref.step_s) if ref else None
     ref_cpu = median_ms(ref.step_cpu_s) if ref else None
+    peer_step = median_ms(peer.step_s) if peer else None
+    peer_cpu = median_ms(peer.step_cpu_s) if peer else None
+    peer_mem = peer.peak_step_bytes / MIB if peer and peer.peak_step_bytes is not None else None
     ref_mem = ref.peak_step_bytes / MIB if ref and ref.peak_step_bytes is not None else None
     ref_tps = cfg.batch / statistics.median(ref.infer_s) if ref and ref.infer_s else None
     out_rows = []
@@ -88,11 +92,14 @@ def _result(cfg: BenchConfig, rows: list[BenchRow], encoder_s: float | None) -> 
                 "step_ratio_paired": paired,
                 "step_cpu_ms": cpu_ms,
                 "step_cpu_ratio": ratio(cpu_ms, ref_cpu),
+                "step_ratio_sparsify": ratio(step_ms, peer_step),
+                "step_cpu_ratio_sparsify": ratio(cpu_ms, peer_cpu),
                 "peak_step_mib": mem,
                 "peak_allocated_mib": (
                     row.peak_allocated_bytes / MIB if row.peak_allocated_bytes is not None else None
                 ),
                 "memory_ratio": ratio(mem, ref_mem),
+                "memory_ratio_sparsify": ratio(mem, peer_mem),
                 "state_mib": row.state_bytes / MIB if row.state_bytes is not None else None,
                 "infer_tokens_per_s": tps,
                 "infer_ratio": ratio(tps, ref_tps),
@@ -123,8 +130,11 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("step (ms)", "step_ms", "{:.0f}"),
     ("step / TopK", "step_ratio", "{:.2f}"),
     ("step / TopK (CPU time)", "step_cpu_ratio", "{:.2f}"),
+    ("step / sparsify", "step_ratio_sparsify", "{:.2f}"),
+    ("step / sparsify (CPU time)", "step_cpu_ratio_sparsify", "{:.2f}"),
     ("peak step mem (MiB)", "peak_step_mib", "{:.0f}"),
     ("mem / TopK", "memory_ratio", "{:.2f}"),
+    ("mem / sparsify", "memory_ratio_sparsify", "{:.2f}"),
     ("inference (tokens/s)", "infer_tokens_per_s", "{:.0f}"),
     ("inference / TopK", "infer_ratio", "{:.2f}"),
 )
@@ -139,7 +149,9 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 
 
 #: On CUDA: no CPU-time ratio; the step's whole peak ``max_memory_allocated`` besides.
-CUDA_TABLE_COLUMNS = tuple(c for c in TABLE_COLUMNS if c[1] != "step_cpu_ratio")
+CUDA_TABLE_COLUMNS = tuple(
+    c for c in TABLE_COLUMNS if c[1] not in ("step_cpu_ratio", "step_cpu_ratio_sparsify")
+)
 CUDA_TABLE_COLUMNS += (("peak allocated (MiB)", "peak_allocated_mib", "{:.0f}"),)
 
 
@@ -154,21 +166,25 @@ def format_table(result: dict[str, Any]) -> str:
     return table
 
 
-def format_threads_summary(results: list[dict[str, Any]]) -> str:
-    """A Markdown table of each row's step ratio to TopK (wall and CPU time) and memory ratio,
-    one column group per thread count (results of ``run_bench`` at several ``threads``)."""
+def format_runs_summary(results: list[dict[str, Any]]) -> str:
+    """A Markdown table of each row's step ratios (wall and CPU time) to TopK and to sparsify and
+    memory ratio to TopK, one column group per run (thread count, dead fraction, autocast)."""
     columns = [("architecture", "architecture", "{}"), ("phase", "phase", "{}")]
     merged = [
         {"architecture": r["architecture"], "phase": r["phase"] or ""} for r in results[0]["rows"]
     ]
-    for result in results:
-        t = result["config"]["threads"]
+    for i, result in enumerate(results):
+        c = result["config"]
+        label = f"{c['threads']} thr, {c['dead_fraction']:g} dead" + (
+            ", autocast" if c.get("autocast") else ""
+        )
         for header, key in (
-            (f"step / TopK ({t} thr)", "step_ratio"),
-            (f"CPU time ({t} thr)", "step_cpu_ratio"),
-            (f"mem / TopK ({t} thr)", "memory_ratio"),
+            ("step / TopK", "step_ratio"),
+            ("CPU time / TopK", "step_cpu_ratio"),
+            ("CPU time / sparsify", "step_cpu_ratio_sparsify"),
+            ("mem / TopK", "memory_ratio"),
         ):
-            columns.append((header, f"{key}_{t}", "{:.2f}"))
+            columns.append((f"{header} ({label})", f"{key}_{i}", "{:.2f}"))
             for row, other in zip(merged, result["rows"]):
-                row[f"{key}_{t}"] = other[key]
+                row[f"{key}_{i}"] = other[key]
     return markdown_table(merged, columns)

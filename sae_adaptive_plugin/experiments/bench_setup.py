@@ -1,11 +1,14 @@
-"""The settings and the rows of ``sae-adaptive bench``: every architecture at the same shapes.
+"""The settings and the rows of ``sae-adaptive bench``: every architecture at the same shapes,
+each with its defaults (only ``k`` set).
 
-Rows: SAELens's ``topk`` at ``k`` (the reference); ``hierarchical_topk`` with ``K = k``;
-``softsae`` in its soft phase (LapSum mask, after the ``K_t`` anneal) and its hard phase (per-row
-``⌊k̂⌋``, ``k_max = 2k``), its output bias set so that the batch's mean k is ``k``; ``adaptivek``
-with ``k_min = max(1, k/4)``, ``k_max = 2k − k_min`` and a random-direction probe whose label
-range is the batch's mean ± 2 std. An unregistered architecture is ``skipped``; a row that fails
-to build is ``error`` with its message.
+Rows: SAELens's ``topk`` at ``k`` (the reference); EleutherAI sparsify's TopK ``SparseCoder`` with
+its own training step (``sparsify_topk``, the fastest peer; skipped unless installed);
+``hierarchical_topk`` with ``K = k``; ``softsae`` in its soft phase (LapSum mask, after the
+``K_t`` anneal) and its hard phase (per-row ``⌊k̂⌋``, ``k_max = 2k``), its output bias set so that
+the batch's mean k is ``k``; ``adaptivek`` in its warm-up (top-``4k`` with the all-prefix loss,
+labelling rows) and after it (a random-direction probe shifted so the batch's mean k is ``k``). By
+default 10% of the latents are marked dead, so AuxK runs. An unavailable architecture is
+``skipped``; a row that fails to build is ``error`` with its message.
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: Row names in table order; ``topk`` (the reference) must come first.
-ROW_NAMES = ("topk", "hierarchical_topk", "softsae_soft", "softsae_hard", "adaptivek")
+ROW_NAMES = (
+    "topk",
+    "sparsify_topk",
+    "hierarchical_topk",
+    "softsae_soft",
+    "softsae_hard",
+    "adaptivek_warmup",
+    "adaptivek",
+)
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -35,7 +46,8 @@ class BenchConfig:
     threads: int = 2
     seed: int = 0
     lr: float = 1e-4
-    dead_fraction: float = 0.0
+    dead_fraction: float = 0.1
+    autocast: bool = False
     rows: tuple[str, ...] = ROW_NAMES
     memory: bool = True
     inference: bool = True
@@ -144,8 +156,11 @@ class BenchRow:
 
 
 def _registered(architecture: str) -> bool:
+    from sae_adaptive_plugin.experiments.bench_peers import sparsify_available
     from sae_adaptive_plugin.experiments.registry_saes import registered_training_architectures
 
+    if architecture == "sparsify":
+        return sparsify_available()
     return architecture in registered_training_architectures()
 
 
@@ -178,24 +193,70 @@ def _build_hierarchical(cfg: BenchConfig, x: Any) -> list[BenchRow]:
 
 
 def _build_adaptivek(cfg: BenchConfig, x: Any) -> list[BenchRow]:
+    """AdaptiveK with its defaults (only ``k``: ``k_min = 1``, ``k_max = 4k``) after the
+    warm-up: a random-direction probe whose label range is the batch's mean ± 2 std, shifted so
+    the batch's mean k is ``k`` (as the warm-up's fit does)."""
     import torch
     from sae_lens.registry import get_sae_training_class
 
+    from sae_adaptive_plugin.ops.adaptive_k import shift_for_mean_k
     from sae_adaptive_plugin.probe import ComplexityProbe
 
-    k_min = max(1, cfg.k // 4)
-    k_max = 2 * cfg.k - k_min
     sae_cls, cfg_cls = get_sae_training_class("adaptivek")
-    sae_cfg = cfg_cls(k=cfg.k, k_min=k_min, k_max=k_max, probe_warmup_steps=1, **_base_kwargs(cfg))
+    sae_cfg = cfg_cls(k=cfg.k, probe_warmup_steps=1, **_base_kwargs(cfg))
     sae = sae_cls(sae_cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     w = torch.randn(cfg.d_in, generator=gen) / math.sqrt(cfg.d_in)
     c = x.detach().float().cpu() @ w
     mean, std = float(c.mean()), float(c.std()) if c.numel() > 1 else 1.0
     std = std if std > 0 else 1.0
-    sae.set_probe(ComplexityProbe(w, 0.0, mean - 2 * std, mean + 2 * std))
-    settings = {"k_min": k_min, "k_max": k_max, "probe": "random direction, range mean ± 2 std"}
-    return [BenchRow("adaptivek", "adaptivek", None, settings=settings, train_sae=sae)]
+    lo, hi = mean - 2 * std, mean + 2 * std
+    shift = shift_for_mean_k(c, lo, hi, sae_cfg.k_min, sae_cfg.k_max, sae_cfg.steepness, cfg.k)
+    sae.set_probe(ComplexityProbe(w, 0.0, lo + shift, hi + shift))
+    settings = {
+        "k": cfg.k,
+        "k_min": sae_cfg.k_min,
+        "k_max": sae_cfg.k_max,
+        "probe": "random direction, range mean ± 2 std shifted to mean k = k",
+    }
+    return [BenchRow("adaptivek", "adaptivek", "adaptive", settings=settings, train_sae=sae)]
+
+
+#: The warm-up row's ``probe_warmup_steps``: long enough that its timed steps label rows.
+_WARMUP_STEPS = 1_000_000
+
+
+def _build_adaptivek_warmup(cfg: BenchConfig, x: Any) -> list[BenchRow]:
+    """AdaptiveK with its defaults during its warm-up: top-``k_max`` (``4k``) with the
+    all-prefix loss, in the second half, where every step also labels rows with ``k*``."""
+    from sae_lens.registry import get_sae_training_class
+
+    sae_cls, cfg_cls = get_sae_training_class("adaptivek")
+    sae_cfg = cfg_cls(k=cfg.k, probe_warmup_steps=_WARMUP_STEPS, **_base_kwargs(cfg))
+    settings = {"k": cfg.k, "k_max": sae_cfg.k_max, "warmup_loss": sae_cfg.warmup_loss}
+    return [
+        BenchRow(
+            "adaptivek_warmup",
+            "adaptivek",
+            "warm-up",
+            settings=settings,
+            train_sae=sae_cls(sae_cfg),
+            step_index=_WARMUP_STEPS - 2,
+            mean_k=float(sae_cfg.k_max),
+        )
+    ]
+
+
+def _build_sparsify(cfg: BenchConfig, x: Any) -> list[BenchRow]:
+    import torch
+
+    from sae_adaptive_plugin.experiments.bench_peers import SparsifyPeer
+
+    peer = SparsifyPeer(cfg.d_in, cfg.d_sae, cfg.k, getattr(torch, cfg.dtype), cfg.device)
+    settings = {"k": cfg.k, "loss": "fvu + auxk + multi_topk_fvu / 8", "decoder": "unit norm"}
+    return [
+        BenchRow("sparsify_topk", "sparsify", None, settings=settings, train_sae=peer, mean_k=cfg.k)
+    ]
 
 
 def _softsae_phase_steps(sae_cfg: Any) -> tuple[int, int]:
@@ -281,7 +342,9 @@ _BUILDERS: dict[str, tuple[str, Callable[[BenchConfig, Any], list[BenchRow]]]] =
     "hierarchical_topk": ("hierarchical_topk", _build_hierarchical),
     "softsae_soft": ("softsae", _build_softsae),
     "softsae_hard": ("softsae", _build_softsae),
+    "adaptivek_warmup": ("adaptivek", _build_adaptivek_warmup),
     "adaptivek": ("adaptivek", _build_adaptivek),
+    "sparsify_topk": ("sparsify", _build_sparsify),
 }
 
 
@@ -298,7 +361,11 @@ def build_rows(cfg: BenchConfig, x: Any) -> list[BenchRow]:
                 architecture,
                 None,
                 status="skipped",
-                reason=f"architecture {architecture!r} is not registered in SAELens",
+                reason=(
+                    "eai-sparsify is not installed (make bench-peers)"
+                    if architecture == "sparsify"
+                    else f"architecture {architecture!r} is not registered in SAELens"
+                ),
             )
             continue
         try:

@@ -923,9 +923,9 @@ def target_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     for run in (sections.get("E") or {}).get("results") or []:
         shape = "×".join(map(str, run["shape"]))
         for row in (run.get("result") or {}).get("rows", []):
-            if row["name"] == "topk" or row["status"] != "ok":
+            if row["name"] in ("topk", "sparsify_topk") or row["status"] != "ok":
                 continue
-            limit = 1.5 if row["name"] == "softsae_soft" else 1.0
+            limit = 1.5 if row["name"] in ("softsae_soft", "adaptivek_warmup") else 1.0
             for key, what, bound in (
                 ("step_ratio", "step / TopK", limit),
                 ("memory_ratio", "peak step memory / TopK", 1.2),
