@@ -58,6 +58,12 @@ def push_arguments(parser: argparse.ArgumentParser) -> None:
         "--revision", default=None, metavar="R", help="branch to commit to (default main)"
     )
     parser.add_argument("--commit-message", default=None, help="commit message")
+    parser.add_argument(
+        "--neuronpedia-id",
+        default=None,
+        metavar="MODEL/SOURCE",
+        help="write metadata.neuronpedia_id into the uploaded cfg.json (e.g. gpt2-small/6-res-x)",
+    )
 
 
 def eval_arguments(parser: argparse.ArgumentParser) -> None:
