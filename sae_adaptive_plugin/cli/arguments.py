@@ -66,6 +66,24 @@ def push_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def release_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "spec",
+        metavar="SPEC.yaml|push",
+        help="the release spec to build (with --out), or `push` to upload a built release folder",
+    )
+    parser.add_argument("dir", nargs="?", metavar="DIR", help="with push: the release folder")
+    parser.add_argument("--out", metavar="DIR", help="release folder to build (resumable)")
+    parser.add_argument(
+        "--repo-id", metavar="USER/REPO", help="with push: Hub model repo (default: the spec's)"
+    )
+    parser.add_argument(
+        "--private", action="store_true", help="with push: create the repo private (if new)"
+    )
+    parser.add_argument("--revision", default=None, metavar="R", help="with push: branch")
+    parser.add_argument("--commit-message", default=None, help="with push: commit message")
+
+
 def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("saes", nargs="+", metavar="SAE_DIR", help="saved SAE folder(s)")
     parser.add_argument("--model", help="model name or local model folder (default: SAE metadata)")

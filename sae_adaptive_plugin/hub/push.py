@@ -63,7 +63,7 @@ class PushResult:
     converted_from_training: bool = False
 
 
-def _check_ids(repo_id: str, sae_id: str, revision: str | None) -> None:
+def check_ids(repo_id: str, sae_id: str, revision: str | None) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -272,7 +272,7 @@ def push_to_hub(
 
     say = log or (lambda _msg: None)
     path = Path(path)
-    _check_ids(repo_id, sae_id, revision)
+    check_ids(repo_id, sae_id, revision)
     branch = revision or "main"
     retry = _retry_hint(path, repo_id, sae_id, branch, private, neuronpedia_id)
 
