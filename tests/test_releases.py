@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -176,10 +177,34 @@ def test_malformed_release_entries_name_the_field(change, field):
         check_release("r", {**_entry(), **change}, "plugin p")
 
 
-def test_packaged_releases_file_is_read_and_in_the_wheel_layout():
+def test_packaged_releases_file_is_what_the_package_plugin_declares():
+    from sae_adaptive_plugin.registration import plugin
+
     assert releases.PACKAGE_RELEASES_FILE.is_file()
-    assert releases.read_releases_file(releases.PACKAGE_RELEASES_FILE) == {}
-    assert releases.PACKAGE_RELEASES_FILE.parent.name == "sae_adaptive_plugin"
+    assert plugin.sae_lens_releases() == releases.read_releases_file(releases.PACKAGE_RELEASES_FILE)
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_releases_file(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(tmp_path),
+            ".",
+        ],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("sae_adaptive_plugin-*.whl")
+    relative = releases.PACKAGE_RELEASES_FILE.relative_to(root).as_posix()
+    assert relative in zipfile.ZipFile(wheel).namelist()
 
 
 # ------------------------------------------------------------------------------------------------

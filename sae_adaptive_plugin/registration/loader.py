@@ -30,7 +30,11 @@ from sae_adaptive_plugin.registration.hookspecs import (
     Architecture,
     SAELensPluginSpec,
 )
-from sae_adaptive_plugin.registration.releases import DIRECTORY_FUNCTION, install_directory_hook
+from sae_adaptive_plugin.registration.releases import (
+    DIRECTORY_FUNCTION,
+    install_directory_hook,
+    merge_releases,
+)
 
 logger = logging.getLogger("sae_adaptive_plugin")
 
@@ -250,7 +254,7 @@ def load_plugins(*, raise_errors: bool = False) -> list[PluginReport]:
 
 def _install_directory_hook() -> None:
     try:
-        install_directory_hook()
+        install_directory_hook(add_plugin_releases)
     except Exception:  # never break `import sae_lens`: release names then resolve as before
         logger.warning("could not hook SAELens's pretrained-SAE directory", exc_info=True)
 
@@ -274,6 +278,29 @@ def release_hooks() -> list[tuple[PluginReport, list[Callable[[], Any]]]]:
         if impls:
             pairs.append((report, [impl.function for impl in impls]))
     return pairs
+
+
+def add_plugin_releases(directory: dict[str, Any]) -> None:
+    """Add every loaded plugin's ``sae_lens_releases`` to SAELens's ``directory`` (in place),
+    recording in each report what was added or skipped; a plugin whose hook raises or returns an
+    entry off the schema is logged and skipped (its ``release_error``)."""
+    load_plugins()
+    for report, hooks in release_hooks():
+        source = f"SAELens plugin {report.name!r} ({report.value})"
+        report.releases, report.releases_skipped, report.release_error = [], [], None
+        try:
+            for hook in hooks:
+                added, skipped = merge_releases(directory, hook() or {}, source)
+                report.releases += added
+                report.releases_skipped += skipped
+        except SystemExit as exc:
+            report.release_error = f"SystemExit: the plugin called sys.exit({exc.code!r})"
+        except Exception as exc:
+            report.release_error = f"{type(exc).__name__}: {exc}"
+        if report.release_error:
+            logger.warning(
+                "the releases of %s were skipped: %s", source, report.release_error, exc_info=True
+            )
 
 
 _manager: pluggy.PluginManager | None = None

@@ -3,8 +3,8 @@
 SAELens resolves a release name only through ``get_pretrained_saes_directory()`` (cached; it
 parses the 1.5 MB ``pretrained_saes.yaml``). :func:`install_directory_hook` puts
 :func:`lookup_directory` in its place in every module that holds it; the first call builds
-SAELens's directory, asks each loaded plugin's ``sae_lens_releases`` hook for its releases and adds
-them to that (cached) dict. Nothing is read before that first lookup, so ``import sae_lens`` costs
+SAELens's directory and has the loader add each plugin's ``sae_lens_releases`` to that (cached)
+dict (:func:`merge_releases`). Nothing is read before that first lookup, so ``import sae_lens`` costs
 no more. A release name already in the directory is warned about and skipped (never overwritten);
 a hook that raises, or an entry that does not fit the schema, is logged and skipped, and the other
 plugins' releases are still added. The lookup objects are built from the dataclass fields of
@@ -178,28 +178,7 @@ _lock = threading.RLock()
 _merged = False
 _merging = False
 _original: Callable[[], dict[str, Any]] | None = None
-
-
-def _add_plugin_releases(directory: dict[str, Any]) -> None:
-    from sae_adaptive_plugin.registration.loader import load_plugins, release_hooks
-
-    load_plugins()
-    for report, hooks in release_hooks():
-        source = f"SAELens plugin {report.name!r} ({report.value})"
-        report.releases, report.releases_skipped, report.release_error = [], [], None
-        try:
-            for hook in hooks:
-                added, skipped = merge_releases(directory, hook() or {}, source)
-                report.releases += added
-                report.releases_skipped += skipped
-        except SystemExit as exc:
-            report.release_error = f"SystemExit: the plugin called sys.exit({exc.code!r})"
-        except Exception as exc:
-            report.release_error = f"{type(exc).__name__}: {exc}"
-        if report.release_error:
-            logger.warning(
-                "the releases of %s were skipped: %s", source, report.release_error, exc_info=True
-            )
+_add_releases: Callable[[dict[str, Any]], None] | None = None
 
 
 def lookup_directory() -> dict[str, Any]:
@@ -214,7 +193,8 @@ def lookup_directory() -> dict[str, Any]:
         if not _merged and not _merging:
             _merging = True
             try:
-                _add_plugin_releases(directory)
+                if _add_releases is not None:
+                    _add_releases(directory)
             finally:
                 _merging = False
             _merged = True
@@ -234,14 +214,16 @@ lookup_directory.cache_clear = _cache_clear  # type: ignore[attr-defined]
 lookup_directory.cache_info = lambda: _original.cache_info()  # type: ignore[attr-defined,union-attr]
 
 
-def install_directory_hook() -> None:
+def install_directory_hook(add_releases: Callable[[dict[str, Any]], None]) -> None:
     """Put :func:`lookup_directory` in place of SAELens's ``get_pretrained_saes_directory`` in
     its module and in every module already imported that holds it (``sae_lens.saes.sae``,
-    ``sae_lens.evals``, ...). Reads nothing; idempotent."""
-    global _original
+    ``sae_lens.evals``, ...); its first call runs ``add_releases(directory)``. Reads nothing;
+    idempotent."""
+    global _original, _add_releases
     from sae_lens.loading import pretrained_saes_directory as module
 
     with _lock:
+        _add_releases = add_releases
         current = getattr(module, DIRECTORY_FUNCTION)
         if current is lookup_directory:
             return
