@@ -300,6 +300,21 @@ def test_spec_training_config_errors_name_the_sae_field(local, tmp_path, capsys)
     assert not (tmp_path / "out").exists()  # nothing trained or written
 
 
+def test_example_release_specs_validate():
+    """The shipped SmolLM2 specs build every training config (field names stay in step)."""
+    from sae_adaptive_plugin.hub.release import load_spec
+
+    examples = Path(__file__).resolve().parent.parent / "examples" / "release"
+    specs = {p.name: load_spec(p) for p in sorted(examples.glob("*.yaml"))}
+    assert set(specs) == {"smollm2_cpu.yaml", "smollm2_gpu.yaml"}
+    for spec in specs.values():
+        assert spec.d_in == 576 and spec.model.endswith(".gguf")
+        assert {"adaptivek", "softsae"} <= {p.architecture for p in spec.first_stage()}
+    assert len(specs["smollm2_cpu.yaml"].layers) == 2
+    assert specs["smollm2_cpu.yaml"].runner["device"] == "cpu"
+    assert specs["smollm2_gpu.yaml"].runner["device"] == "cuda"
+
+
 def _state_hashes(sae) -> dict[str, str]:
     return {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in sae.state_dict().items()}
 
