@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file, save_file
 from tiny_lm import CONTEXT_SIZE, D_MODEL, SAE_BLOCKS
 
 from sae_adaptive_plugin.cli import main
@@ -376,7 +378,7 @@ def _install_release_plugin(site: Path, releases_file: Path) -> None:
 
 
 @pytest.mark.slow
-def test_release_build_push_and_load_by_name_in_a_new_interpreter(hub, local, tmp_path):
+def test_release_build_push_and_load_by_name_in_a_new_interpreter(hub, local, tmp_path, capsys):
     from sae_lens import SAE
 
     spec_path = tmp_path / "spec.yaml"
@@ -410,6 +412,22 @@ def test_release_build_push_and_load_by_name_in_a_new_interpreter(hub, local, tm
     assert build_release(spec_path, out, log=None).trained == []
     assert {i: (out / i / "sae_weights.safetensors").read_bytes() for i in ids} == weights
 
+    # push's checks cover every SAE: one NaN weight and nothing is uploaded
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    weights_file = broken / ids[-1] / "sae_weights.safetensors"
+    state = load_file(str(weights_file))
+    state["W_dec"][0, 0] = float("nan")
+    save_file(state, str(weights_file))
+    assert main(["release", "push", str(broken), "--repo-id", "tester/broken"]) == 2
+    assert "NaN" in capsys.readouterr().err and "tester/broken" not in hub.repos
+
+    hub.fail["commit"] = 500  # a failed upload commits nothing and says how to retry
+    assert main(["release", "push", str(out), "--repo-id", REPO]) == 1
+    assert (
+        f"Retry with: sae-adaptive release push {out} --repo-id {REPO}" in capsys.readouterr().err
+    )
+    del hub.fail["commit"]
     assert main(["release", "push", str(out), "--repo-id", REPO]) == 0
     repo = hub.repos[REPO]
     assert len(repo.commits) == 2  # the repo's initial commit and one upload
@@ -443,3 +461,28 @@ def test_release_build_push_and_load_by_name_in_a_new_interpreter(hub, local, tm
         assert got["state"] == _state_hashes(SAE.load_from_disk(out / sae["id"]))
         assert got["neuronpedia_id"] == sae["neuronpedia"]
         assert got["l0"] == pytest.approx(sae["l0_mean"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_an_interrupted_sae_resumes_from_its_latest_checkpoint(local, tmp_path):
+    """A SAE whose training stopped after a checkpoint continues from it and ends with the
+    uninterrupted run's weights; the release is then complete again."""
+    spec = _spec(local, saes=[{"architecture": "topk", "k": 4}], baselines={"matched_l0": False})
+    spec["runner"]["n_checkpoints"] = 1
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "release"
+    build_release(spec_path, out, log=None)
+    sae_id = "blocks.0.hook_resid_post/topk"
+    weights = (out / sae_id / "sae_weights.safetensors").read_bytes()
+    (checkpoint,) = (out / ".work" / sae_id / "checkpoints").glob("*/*")
+    assert 0 < int(checkpoint.name) < spec["training_tokens"]
+
+    shutil.rmtree(out / sae_id)  # as if stopped after the checkpoint
+    shutil.rmtree(out / ".work" / sae_id / "final")
+    said: list[str] = []
+    result = build_release(spec_path, out, log=said.append)
+    assert result.trained == [sae_id]
+    assert f"{sae_id}: resuming from {checkpoint}" in said
+    assert (out / sae_id / "sae_weights.safetensors").read_bytes() == weights
+    assert (out / sae_id / "eval.json").is_file()
