@@ -242,8 +242,8 @@ def load_plugins(*, raise_errors: bool = False) -> list[PluginReport]:
                         _reports[key] = _load_entry_point(ep, manager)
             finally:
                 _loading = False
-            _install_directory_hook()
         reports = list(_reports.values())
+    _install_directory_hook()  # outside _lock: the first directory lookup takes them the other way
     failed = [r for r in reports if not r.ok]
     if raise_errors and failed:
         raise RuntimeError(
@@ -284,7 +284,6 @@ def add_plugin_releases(directory: dict[str, Any]) -> None:
     """Add every loaded plugin's ``sae_lens_releases`` to SAELens's ``directory`` (in place),
     recording in each report what was added or skipped; a plugin whose hook raises or returns an
     entry off the schema is logged and skipped (its ``release_error``)."""
-    load_plugins()
     for report, hooks in release_hooks():
         source = f"SAELens plugin {report.name!r} ({report.value})"
         report.releases, report.releases_skipped, report.release_error = [], [], None
