@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from tiny_lm import CONTEXT_SIZE, D_MODEL, SAE_BLOCKS
 
 from sae_adaptive_plugin.cli import main
-from sae_adaptive_plugin.hub.release import ReleaseSpecError, build_release, check_spec
+from sae_adaptive_plugin.hub.release import build_release
+from sae_adaptive_plugin.hub.release_spec import ReleaseSpecError, check_spec
 from sae_adaptive_plugin.registration import loader, releases
 from sae_adaptive_plugin.registration.hookspecs import hookimpl
 from sae_adaptive_plugin.registration.releases import (
@@ -304,7 +305,7 @@ def test_spec_training_config_errors_name_the_sae_field(local, tmp_path, capsys)
 
 def test_example_release_specs_validate():
     """The shipped SmolLM2 specs build every training config (field names stay in step)."""
-    from sae_adaptive_plugin.hub.release import load_spec
+    from sae_adaptive_plugin.hub.release_spec import load_spec
 
     examples = Path(__file__).resolve().parent.parent / "examples" / "release"
     specs = {p.name: load_spec(p) for p in sorted(examples.glob("*.yaml"))}

@@ -252,11 +252,21 @@ def load_plugins(*, raise_errors: bool = False) -> list[PluginReport]:
     return reports
 
 
+_directory_hook_failed = False
+
+
 def _install_directory_hook() -> None:
+    global _directory_hook_failed
+    if _directory_hook_failed:
+        return
     try:
         install_directory_hook(add_plugin_releases)
     except Exception:  # never break `import sae_lens`: release names then resolve as before
-        logger.warning("could not hook SAELens's pretrained-SAE directory", exc_info=True)
+        _directory_hook_failed = True
+        logger.warning(
+            "could not hook SAELens's pretrained-SAE directory: plugin releases are not added",
+            exc_info=True,
+        )
 
 
 def _release_impls(manager: pluggy.PluginManager, plugin_name: str | None) -> list[Any]:

@@ -187,10 +187,10 @@ def lookup_directory() -> dict[str, Any]:
     global _merged, _merging
     assert _original is not None, "install_directory_hook() was not called"
     directory = _original()
-    if _merged or _merging:  # _merging: a plugin hook looking the directory up itself
+    if _merged:
         return directory
-    with _lock:
-        if not _merged and not _merging:
+    with _lock:  # another thread merging: wait for it
+        if not _merged and not _merging:  # _merging: a plugin hook looking the directory up
             _merging = True
             try:
                 if _add_releases is not None:
