@@ -85,6 +85,12 @@ def push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--commit-message", default=None, help='commit message (default "Upload SAE <sae_id>")'
     )
+    parser.add_argument(
+        "--neuronpedia-id",
+        default=None,
+        metavar="MODEL/SOURCE",
+        help="write metadata.neuronpedia_id into the uploaded cfg.json (e.g. gpt2-small/6-res-x)",
+    )
 
 
 def import_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +119,25 @@ def import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force-download", action="store_true", help="download again even if cached"
     )
+
+
+def release_arguments(parser: argparse.ArgumentParser) -> None:
+    _show_defaults(parser)
+    parser.add_argument(
+        "spec",
+        metavar="SPEC.yaml|push",
+        help="the release spec to build (with --out), or `push` to upload a built release folder",
+    )
+    parser.add_argument("dir", nargs="?", metavar="DIR", help="with push: the release folder")
+    parser.add_argument("--out", metavar="DIR", help="release folder to build (resumable)")
+    parser.add_argument(
+        "--repo-id", metavar="USER/REPO", help="with push: Hub model repo (default: the spec's)"
+    )
+    parser.add_argument(
+        "--private", action="store_true", help="with push: create the repo private (if new)"
+    )
+    parser.add_argument("--revision", default=None, metavar="R", help="with push: branch")
+    parser.add_argument("--commit-message", default=None, help="with push: commit message")
 
 
 def eval_arguments(parser: argparse.ArgumentParser) -> None:

@@ -37,6 +37,13 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None], str],
         "sae_adaptive_plugin.hub.reference_import.loaders:import_command",
     ),
     (
+        "release",
+        "train, evaluate and lay out a suite of SAEs as one SAELens release from a YAML spec; "
+        "`release push DIR` uploads it in one commit",
+        arguments.release_arguments,
+        "sae_adaptive_plugin.hub.release:release_command",
+    ),
+    (
         "train",
         "train an SAE of any registered architecture with SAELens's runner from a YAML config",
         arguments.train_arguments,

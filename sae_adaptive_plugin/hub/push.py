@@ -41,6 +41,8 @@ from sae_adaptive_plugin.provenance import PROVIDER_METADATA_KEY
 #: What a published SAE folder holds (SAELens's own layout).
 SAE_FILES = (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME, RUNNER_CFG_FILENAME)
 README_FILENAME = "README.md"
+#: ``cfg.json`` metadata key that Neuronpedia and SAELens read the SAE's Neuronpedia id from.
+NEURONPEDIA_METADATA_KEY = "neuronpedia_id"
 
 
 class HubPushError(RuntimeError):
@@ -61,7 +63,7 @@ class PushResult:
     converted_from_training: bool = False
 
 
-def _check_ids(repo_id: str, sae_id: str, revision: str | None) -> None:
+def check_ids(repo_id: str, sae_id: str, revision: str | None) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -87,14 +89,155 @@ def _check_ids(repo_id: str, sae_id: str, revision: str | None) -> None:
         raise ValueError(f"--revision must be a branch name, got {revision!r}")
 
 
-def _retry_hint(path: Path, repo_id: str, sae_id: str, revision: str, private: bool) -> str:
+def _retry_hint(
+    path: Path,
+    repo_id: str,
+    sae_id: str,
+    revision: str,
+    private: bool,
+    neuronpedia_id: str | None = None,
+) -> str:
     q = shlex.quote
     cmd = f"sae-adaptive push {q(str(path))} --repo-id {q(repo_id)} --sae-id {q(sae_id)}"
+    if neuronpedia_id is not None:
+        cmd += f" --neuronpedia-id {q(neuronpedia_id)}"
     if private:
         cmd += " --private"
     if revision != "main":
         cmd += f" --revision {q(revision)}"
     return cmd
+
+
+@dataclass
+class PreparedSAE:
+    """One SAE folder checked and ready to upload under ``sae_id`` (:func:`prepare_sae`)."""
+
+    sae_id: str
+    files: dict[str, Path]
+    cfg_bytes: bytes
+    summary: dict[str, Any]
+    provider: str | None
+    converted: bool
+
+    def operations(self) -> list[Any]:
+        """The commit operations that add this SAE's files under its folder."""
+        from huggingface_hub import CommitOperationAdd
+
+        return [
+            CommitOperationAdd(f"{self.sae_id}/{SAE_CFG_FILENAME}", self.cfg_bytes),
+            *(
+                CommitOperationAdd(f"{self.sae_id}/{name}", str(file))
+                for name, file in self.files.items()
+                if name != SAE_CFG_FILENAME
+            ),
+        ]
+
+    def sizes(self) -> str:
+        return ", ".join(
+            f"{name} ({(len(self.cfg_bytes) if name == SAE_CFG_FILENAME else file.stat().st_size):,} B)"
+            for name, file in self.files.items()
+        )
+
+
+def _check_neuronpedia_id(neuronpedia_id: str | None) -> None:
+    if neuronpedia_id is not None and (
+        not isinstance(neuronpedia_id, str) or not neuronpedia_id.strip() or "\n" in neuronpedia_id
+    ):
+        raise ValueError(
+            f"--neuronpedia-id must be a non-empty one-line string such as "
+            f"'gpt2-small/6-res-adaptivek', got {neuronpedia_id!r}"
+        )
+
+
+def prepare_sae(
+    path: str | Path,
+    sae_id: str,
+    workdir: str | Path,
+    neuronpedia_id: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> PreparedSAE:
+    """Check the SAE folder ``path`` for upload under ``sae_id``: a training checkpoint is converted
+    into ``workdir`` first; the architecture must be registered and the weights complete and finite
+    (else ``ValueError`` / ``FileNotFoundError`` naming the file). The uploaded ``cfg.json`` names
+    the providing package and, when given, ``metadata.neuronpedia_id``. ``path`` is only read."""
+    say = log or (lambda _msg: None)
+    path = Path(path)
+    _check_neuronpedia_id(neuronpedia_id)
+    cfg = _read_cfg(path)
+    source, converted = path, False
+    if is_training_checkpoint(path, cfg):
+        say(f"{path} is a training checkpoint: converting to the inference SAE first")
+        source, converted = convert_to_inference(path, Path(workdir) / "inference"), True
+        cfg = _read_cfg(source)
+    architecture = check_architecture(cfg, source=str(source / SAE_CFG_FILENAME))
+    load_sae_folder(source)  # complete, finite weights and a valid config; else nothing is sent
+    provider = architecture_provider(architecture, cfg)
+    files = {name: source / name for name in SAE_FILES if (source / name).is_file()}
+    cfg_bytes = files[SAE_CFG_FILENAME].read_bytes()
+    metadata = dict(cfg.get("metadata") or {})
+    if provider and metadata.get(PROVIDER_METADATA_KEY) != provider:
+        metadata[PROVIDER_METADATA_KEY] = provider
+    if neuronpedia_id is not None:
+        metadata[NEURONPEDIA_METADATA_KEY] = neuronpedia_id
+    if metadata != (cfg.get("metadata") or {}):
+        cfg = {**cfg, "metadata": metadata}
+        cfg_bytes = json.dumps(cfg).encode()
+    summary = training_summary(cfg, files.get(SPARSITY_FILENAME))
+    if converted:
+        summary["converted_from"] = "a training checkpoint, converted to the inference SAE"
+    return PreparedSAE(sae_id, files, cfg_bytes, summary, provider, converted)
+
+
+def commit_to_hub(
+    repo_id: str,
+    branch: str,
+    private: bool,
+    build_operations: Callable[[set[str]], list[Any]],
+    commit_message: str,
+    failed: Callable[[BaseException], HubPushError],
+    token: str | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> Any:
+    """Create the repo (and branch) if missing and commit ``build_operations(files already on the
+    branch)`` in one commit. Hub and connection errors become ``failed(error)``."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    step = on_step or (lambda _what: None)
+    api = HfApi(token=token)
+    try:
+        step("creating repo")
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch != "main":
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        existing_files = set(api.list_repo_files(repo_id, revision=branch))
+        operations = build_operations(existing_files)
+        step("uploading")
+        return api.create_commit(
+            repo_id, operations, commit_message=commit_message, revision=branch
+        )
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise failed(e) from e
+    except Exception as e:  # network errors of httpx/requests, whatever the client uses
+        if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "requests", "urllib3"):
+            raise
+        raise failed(e) from e
+
+
+def read_hub_file(repo_id: str, filename: str, branch: str, token: str | None) -> str | None:
+    """The text of ``filename`` on ``branch`` of ``repo_id``, or None if it is not there."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        local = hf_hub_download(repo_id, filename, revision=branch, token=token)
+    except (EntryNotFoundError, RevisionNotFoundError, RepositoryNotFoundError):
+        return None
+    return Path(local).read_text(encoding="utf-8")
 
 
 def push_to_hub(
@@ -104,6 +247,7 @@ def push_to_hub(
     private: bool = False,
     revision: str | None = None,
     *,
+    neuronpedia_id: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
     show_progress: bool = True,
@@ -116,27 +260,21 @@ def push_to_hub(
         repo_id: ``USER/REPO`` (created if missing, ``private`` applies only then).
         sae_id: the folder inside the repo; ``SAE.from_pretrained(repo_id, sae_id)`` loads it.
         revision: branch to commit to (created from ``main`` if missing); default ``main``.
+        neuronpedia_id: written to the uploaded ``cfg.json`` as ``metadata.neuronpedia_id``.
         commit_message: defaults to ``"Upload SAE <sae_id>"``.
         token: Hub token (defaults to huggingface_hub's usual lookup).
 
     Returns a :class:`PushResult`; raises :class:`HubPushError` when the Hub refused or the
     connection failed (the SAE is then not committed, and the local folder is untouched).
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from tqdm.auto import tqdm
 
     say = log or (lambda _msg: None)
     path = Path(path)
-    _check_ids(repo_id, sae_id, revision)
+    check_ids(repo_id, sae_id, revision)
     branch = revision or "main"
-    cfg = _read_cfg(path)
-    retry = _retry_hint(path, repo_id, sae_id, branch, private)
+    retry = _retry_hint(path, repo_id, sae_id, branch, private, neuronpedia_id)
 
     def failed(e: BaseException) -> HubPushError:
         return HubPushError(
@@ -145,96 +283,60 @@ def push_to_hub(
             f"created) and the local files in {path} are untouched. Retry with: {retry}"
         )
 
-    steps = tqdm(total=4, desc=f"push {sae_id}", unit="step", disable=not show_progress)
+    steps = tqdm(total=3, desc=f"push {sae_id}", unit="step", disable=not show_progress)
+    stale: list[str] = []
     with tempfile.TemporaryDirectory(prefix="sae-adaptive-push-") as tmp:
-        source, converted = path, False
         steps.set_postfix_str("checking")
-        if is_training_checkpoint(path, cfg):
-            say(f"{path} is a training checkpoint: converting to the inference SAE first")
-            source, converted = convert_to_inference(path, Path(tmp) / "inference"), True
-            cfg = _read_cfg(source)
-        architecture = check_architecture(cfg, source=str(source / SAE_CFG_FILENAME))
-        load_sae_folder(source)  # complete, finite weights and a valid config; else nothing is sent
-        provider = architecture_provider(architecture, cfg)
-        files = {name: source / name for name in SAE_FILES if (source / name).is_file()}
-        cfg_bytes = files[SAE_CFG_FILENAME].read_bytes()
-        if provider and (cfg.get("metadata") or {}).get(PROVIDER_METADATA_KEY) != provider:
-            cfg_out = dict(cfg)
-            cfg_out["metadata"] = {**(cfg.get("metadata") or {}), PROVIDER_METADATA_KEY: provider}
-            cfg_bytes = json.dumps(cfg_out).encode()
-        summary = training_summary(cfg, files.get(SPARSITY_FILENAME))
-        if converted:
-            summary["converted_from"] = "a training checkpoint, converted to the inference SAE"
+        prepared = prepare_sae(path, sae_id, tmp, neuronpedia_id=neuronpedia_id, log=say)
         steps.update()
 
-        api = HfApi(token=token)
-        try:
-            steps.set_postfix_str("creating repo")
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            if branch != "main":
-                api.create_branch(repo_id, branch=branch, exist_ok=True)
-            existing_files = set(api.list_repo_files(repo_id, revision=branch))
-            steps.update()
-
+        def operations(existing_files: set[str]) -> list[Any]:
             steps.set_postfix_str("model card")
-            readme = None
-            if README_FILENAME in existing_files:
-                try:
-                    readme_path = hf_hub_download(
-                        repo_id, README_FILENAME, revision=branch, token=token
-                    )
-                    readme = Path(readme_path).read_text(encoding="utf-8")
-                except (EntryNotFoundError, RevisionNotFoundError, RepositoryNotFoundError):
-                    readme = None
-            card = model_card(repo_id, sae_id, summary, existing=readme, provider=provider)
+            readme = (
+                read_hub_file(repo_id, README_FILENAME, branch, token)
+                if README_FILENAME in existing_files
+                else None
+            )
+            card = model_card(
+                repo_id, sae_id, prepared.summary, existing=readme, provider=prepared.provider
+            )
             steps.update()
-
-            operations: list[Any] = [
-                CommitOperationAdd(f"{sae_id}/{SAE_CFG_FILENAME}", cfg_bytes),
-                *(
-                    CommitOperationAdd(f"{sae_id}/{name}", str(file))
-                    for name, file in files.items()
-                    if name != SAE_CFG_FILENAME
-                ),
+            stale.extend(
+                sorted(
+                    f"{sae_id}/{name}"
+                    for name in SAE_FILES
+                    if name not in prepared.files and f"{sae_id}/{name}" in existing_files
+                )
+            )
+            say(f"uploading to {repo_id}@{branch}/{sae_id}: {prepared.sizes()} + {README_FILENAME}")
+            return [
+                *prepared.operations(),
                 CommitOperationAdd(README_FILENAME, card.encode("utf-8")),
+                *(CommitOperationDelete(p) for p in stale),
             ]
-            stale = sorted(
-                f"{sae_id}/{name}"
-                for name in SAE_FILES
-                if name not in files and f"{sae_id}/{name}" in existing_files
-            )
-            operations += [CommitOperationDelete(p) for p in stale]
-            sizes = ", ".join(
-                f"{name} ({(len(cfg_bytes) if name == SAE_CFG_FILENAME else file.stat().st_size):,} B)"
-                for name, file in files.items()
-            )
-            say(f"uploading to {repo_id}@{branch}/{sae_id}: {sizes} + {README_FILENAME}")
-            steps.set_postfix_str("uploading")
-            info = api.create_commit(
+
+        try:
+            info = commit_to_hub(
                 repo_id,
+                branch,
+                private,
                 operations,
-                commit_message=commit_message or f"Upload SAE {sae_id}",
-                revision=branch,
+                commit_message or f"Upload SAE {sae_id}",
+                failed,
+                token=token,
+                on_step=steps.set_postfix_str,
             )
-            steps.update()
-        except (HfHubHTTPError, OSError, ValueError) as e:
+        finally:
             steps.close()
-            raise failed(e) from e
-        except Exception as e:  # network errors of httpx/requests, whatever the client uses
-            steps.close()
-            if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "requests", "urllib3"):
-                raise
-            raise failed(e) from e
-        steps.close()
     return PushResult(
         repo_id=repo_id,
         sae_id=sae_id,
         revision=branch,
         commit_oid=getattr(info, "oid", None),
         commit_url=getattr(info, "commit_url", None),
-        files=[f"{sae_id}/{name}" for name in files] + [README_FILENAME],
+        files=[f"{sae_id}/{name}" for name in prepared.files] + [README_FILENAME],
         deleted=stale,
-        converted_from_training=converted,
+        converted_from_training=prepared.converted,
     )
 
 
@@ -246,6 +348,7 @@ def push_command(args: argparse.Namespace) -> int:
             args.sae_id,
             private=args.private,
             revision=args.revision,
+            neuronpedia_id=args.neuronpedia_id,
             commit_message=args.commit_message,
         )
     except HubPushError as e:

@@ -1,4 +1,4 @@
-"""pluggy hook specifications through which a package adds SAE architectures to SAELens.
+"""pluggy hook specifications through which a package adds SAE architectures and releases to SAELens.
 
 Project name ``sae_lens_plugins``; plugins are discovered from the entry-point group
 ``sae_lens.plugins``. A plugin is any importable object (usually a module) with a function
@@ -9,6 +9,10 @@ decorated by :data:`hookimpl` that returns the architectures it provides::
     @hookimpl
     def sae_lens_architectures():
         return [Architecture("my_arch", MySAE, MySAEConfig, MyTrainingSAE, MyTrainingSAEConfig)]
+
+    @hookimpl
+    def sae_lens_releases():  # optional: release name -> pretrained_saes.yaml entry
+        return read_releases_file(Path(__file__).with_name("releases.yaml"))
 
 and, in the plugin's ``pyproject.toml``::
 
@@ -50,3 +54,11 @@ class SAELensPluginSpec:
     @hookspec
     def sae_lens_architectures(self) -> list[Architecture]:  # type: ignore[empty-body]
         """Return the architectures this plugin provides (registered by :func:`load_plugins`)."""
+
+    @hookspec
+    def sae_lens_releases(self) -> dict[str, dict[str, Any]]:  # type: ignore[empty-body]
+        """Return release name → entry in the schema of SAELens's ``pretrained_saes.yaml``
+        (``repo_id``, ``model``, ``conversion_func``, ``config_overrides``, ``saes``: a list of
+        ``{id, path, l0, variance_explained, neuronpedia}``). Called only on the first lookup
+        of SAELens's pretrained-SAE directory, which then holds them
+        (:mod:`sae_adaptive_plugin.registration.releases`)."""

@@ -8,13 +8,16 @@ to answer the hook, or to register is logged with its traceback and skipped (a `
 plugin included; ``KeyboardInterrupt`` is not caught); the others still register and
 ``import sae_lens`` never breaks. Registering the same classes again is a no-op; registering a
 different class under a taken name is an :class:`ArchitectureClashError` naming both, and skips
-only that architecture: the plugin's other architectures still register.
+only that architecture: the plugin's other architectures still register. A plugin may also (or
+only) implement ``sae_lens_releases``; those releases join SAELens's pretrained-SAE directory on
+its first lookup (:mod:`~sae_adaptive_plugin.registration.releases`), and each report lists them.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -26,6 +29,11 @@ from sae_adaptive_plugin.registration.hookspecs import (
     PROJECT_NAME,
     Architecture,
     SAELensPluginSpec,
+)
+from sae_adaptive_plugin.registration.releases import (
+    DIRECTORY_FUNCTION,
+    install_directory_hook,
+    merge_releases,
 )
 
 logger = logging.getLogger("sae_adaptive_plugin")
@@ -51,10 +59,15 @@ class PluginReport:
     distribution: str | None
     architectures: list[str] = field(default_factory=list)
     error: str | None = None
+    #: filled on the first directory lookup: releases added, releases skipped (name taken), error
+    releases: list[str] = field(default_factory=list)
+    releases_skipped: list[str] = field(default_factory=list)
+    release_error: str | None = None
+    plugin_name: str | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
-        return self.error is None
+        return self.error is None and self.release_error is None
 
 
 _lock = threading.RLock()
@@ -183,12 +196,13 @@ def _load_entry_point(ep: metadata.EntryPoint, manager: pluggy.PluginManager) ->
             plugin_name = manager.get_name(plugin)
         else:
             plugin_name = manager.register(plugin, name=ep.name)
+        report.plugin_name = plugin_name
         impls = [
             impl
             for impl in manager.hook.sae_lens_architectures.get_hookimpls()
             if impl.plugin_name == plugin_name
         ]
-        if not impls:
+        if not impls and not _release_impls(manager, plugin_name):
             raise TypeError(f"it implements no hook of project {PROJECT_NAME!r}")
         architectures: list[Architecture] = []
         for impl in impls:
@@ -229,12 +243,73 @@ def load_plugins(*, raise_errors: bool = False) -> list[PluginReport]:
             finally:
                 _loading = False
         reports = list(_reports.values())
+    _install_directory_hook()  # outside _lock: the first directory lookup takes them the other way
     failed = [r for r in reports if not r.ok]
     if raise_errors and failed:
         raise RuntimeError(
             "SAELens plugins failed: " + "; ".join(f"{r.name}: {r.error}" for r in failed)
         )
     return reports
+
+
+_directory_hook_failed = False
+
+
+def _install_directory_hook() -> None:
+    global _directory_hook_failed
+    if _directory_hook_failed:
+        return
+    try:
+        install_directory_hook(add_plugin_releases)
+    except Exception:  # never break `import sae_lens`: release names then resolve as before
+        _directory_hook_failed = True
+        logger.warning(
+            "could not hook SAELens's pretrained-SAE directory: plugin releases are not added",
+            exc_info=True,
+        )
+
+
+def _release_impls(manager: pluggy.PluginManager, plugin_name: str | None) -> list[Any]:
+    return [
+        impl
+        for impl in manager.hook.sae_lens_releases.get_hookimpls()
+        if impl.plugin_name == plugin_name
+    ]
+
+
+def release_hooks() -> list[tuple[PluginReport, list[Callable[[], Any]]]]:
+    """Each loaded plugin that implements ``sae_lens_releases``, with its hook functions."""
+    manager = _plugin_manager()
+    with _lock:
+        reports = [r for r in _reports.values() if r.plugin_name is not None]
+    pairs = []
+    for report in reports:
+        impls = _release_impls(manager, report.plugin_name)
+        if impls:
+            pairs.append((report, [impl.function for impl in impls]))
+    return pairs
+
+
+def add_plugin_releases(directory: dict[str, Any]) -> None:
+    """Add every loaded plugin's ``sae_lens_releases`` to SAELens's ``directory`` (in place),
+    recording in each report what was added or skipped; a plugin whose hook raises or returns an
+    entry off the schema is logged and skipped (its ``release_error``)."""
+    for report, hooks in release_hooks():
+        source = f"SAELens plugin {report.name!r} ({report.value})"
+        report.releases, report.releases_skipped, report.release_error = [], [], None
+        try:
+            for hook in hooks:
+                added, skipped = merge_releases(directory, hook() or {}, source)
+                report.releases += added
+                report.releases_skipped += skipped
+        except SystemExit as exc:
+            report.release_error = f"SystemExit: the plugin called sys.exit({exc.code!r})"
+        except Exception as exc:
+            report.release_error = f"{type(exc).__name__}: {exc}"
+        if report.release_error:
+            logger.warning(
+                "the releases of %s were skipped: %s", source, report.release_error, exc_info=True
+            )
 
 
 _manager: pluggy.PluginManager | None = None
@@ -251,14 +326,23 @@ def _plugin_manager() -> pluggy.PluginManager:
 def plugins_command(args: Any) -> int:
     """``sae-adaptive plugins``: print each installed plugin and what it registered."""
     from sae_lens import registry
+    from sae_lens.loading import pretrained_saes_directory
 
     reports = load_plugins()
+    if reports:  # the plugins' releases join SAELens's directory on its first lookup
+        getattr(pretrained_saes_directory, DIRECTORY_FUNCTION)()
     if not reports:
         print("no SAELens plugins installed (entry-point group 'sae_lens.plugins')")
     for report in reports:
         print(f"{report.name}  ({report.distribution or 'unknown distribution'}; {report.value})")
         if report.error:
             print(f"  FAILED: {report.error}")
+        if report.release_error:
+            print(f"  RELEASES FAILED: {report.release_error}")
+        for name in report.releases:
+            print(f"  release {name}")
+        for name in report.releases_skipped:
+            print(f"  release {name}  (skipped: already in SAELens's directory)")
         for name in report.architectures:
             kinds = [
                 kind

@@ -3,14 +3,17 @@
 It goes through exactly the path a third-party plugin would: the ``sae_lens.plugins`` entry point
 ``sae_adaptive_plugin = "sae_adaptive_plugin.registration.plugin"`` and the
 ``sae_lens_architectures`` hook. Each architecture module under :mod:`sae_adaptive_plugin.saes`
-exposes ``ARCHITECTURE``.
+exposes ``ARCHITECTURE``. Its releases (``sae_lens_releases``) are the entries of the packaged
+``sae_adaptive_plugin/releases.yaml``, read on the first lookup of SAELens's directory.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from sae_adaptive_plugin.registration.hookspecs import Architecture, hookimpl
+from sae_adaptive_plugin.registration.releases import PACKAGE_RELEASES_FILE, read_releases_file
 
 #: The package's architectures that choose k per row (sparsity adapts to the input).
 ADAPTIVE_ARCHITECTURES: tuple[str, ...] = ("softsae", "adaptivek")
@@ -32,3 +35,8 @@ def sae_lens_architectures() -> list[Architecture]:
 
     register_reference_loaders()
     return architectures
+
+
+@hookimpl
+def sae_lens_releases() -> dict[str, dict[str, Any]]:
+    return read_releases_file(PACKAGE_RELEASES_FILE)
