@@ -92,3 +92,38 @@ def test_auxk_with_dead_latents_leaves_hidden_pre_without_gradient(rescale):
     assert grad is None
     out.loss.backward()
     assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n_dead", [0, 3, 20])
+def test_auxk_without_host_reads_equals_the_cpu_path(n_dead, monkeypatch):
+    """The GPU path (the k_aux largest over all latents, dead ones kept, no count read back)
+    gives the CPU path's loss and gradients, with fewer dead latents than k_aux too."""
+    from sae_adaptive_plugin.saes import topk_family
+
+    torch.manual_seed(0)
+    cfg = HierarchicalTopKTrainingSAEConfig(d_in=16, d_sae=32, k=4, dtype="float64")
+    sae = HierarchicalTopKTrainingSAE(cfg)
+    x = torch.randn(12, 16, dtype=torch.float64)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[torch.randperm(32)[:n_dead]] = True
+    results = []
+    for free in (True, False):
+        monkeypatch.setattr(topk_family, "host_check_is_free", lambda _t, free=free: free)
+        sae.zero_grad(set_to_none=True)
+        out = sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x,
+                coefficients={},
+                dead_neuron_mask=dead,
+                n_training_steps=0,
+                is_logging_step=False,
+            )
+        )
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+        results.append((out.losses["auxiliary_reconstruction_loss"].detach(), grads))
+    (loss_cpu, g_cpu), (loss_gpu, g_gpu) = results
+    assert (loss_cpu > 0) == (n_dead > 0)
+    torch.testing.assert_close(loss_gpu, loss_cpu)
+    for name in g_cpu:
+        torch.testing.assert_close(g_gpu[name], g_cpu[name], msg=name)

@@ -419,6 +419,7 @@ def section_host_syncs(device: Any, shapes: Shapes) -> list[dict[str, Any]]:
     from sae_adaptive_plugin.experiments.host_syncs import (
         STEP_CASES,
         HostSyncCounter,
+        reads_as_on_a_gpu,
         warmed_up_step,
     )
 
@@ -447,7 +448,7 @@ def section_host_syncs(device: Any, shapes: Shapes) -> list[dict[str, Any]]:
                     with _autocast(device, autocast):
                         step(x, dead_mask)  # first run in this mode: not counted
                         _sync(device)
-                        with HostSyncCounter(cuda=cuda) as counter:
+                        with reads_as_on_a_gpu(), HostSyncCounter(cuda=cuda) as counter:
                             step(x, dead_mask)
                     ours = counter.where("sae_adaptive_plugin")
                     row.update(

@@ -19,9 +19,10 @@ alone. With ``cuda=True`` the counter also turns on
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,29 @@ STEP_CASES = (
     "softsae_soft_plain",
     "softsae_hard",
 )
+
+
+@contextlib.contextmanager
+def reads_as_on_a_gpu() -> Iterator[None]:
+    """Inside, the package takes the paths it takes on a GPU: the value reads it makes only where
+    they are free (``ops.dispatch.host_check_is_free``: on the CPU, outside ``torch.compile``) are
+    switched off in every loaded module that uses them, so a CPU run counts a GPU's syncs."""
+    from sae_adaptive_plugin.ops import dispatch
+
+    original = dispatch.host_check_is_free
+    modules = [
+        module
+        for name, module in list(sys.modules.items())
+        if name.startswith("sae_adaptive_plugin")
+        and getattr(module, "host_check_is_free", None) is original
+    ]
+    for module in modules:
+        module.host_check_is_free = lambda _t: False  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.host_check_is_free = original  # type: ignore[attr-defined]
 
 
 def warmed_up_step(

@@ -24,6 +24,7 @@ import torch
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE
 
+from sae_adaptive_plugin.ops.dispatch import host_check_is_free
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
 from sae_adaptive_plugin.ops.preacts_at import preacts_at
@@ -395,25 +396,37 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
                 sae_out=sae_out,
             )
         residual = (step_input.sae_in - sae_out).detach()
-        # without reading the number of dead latents back (no host sync): the k_aux largest
-        # pre-activations of dead latents, slots past the last dead latent (−inf) left empty —
-        # SAELens's selection of min(k_aux, #dead) latents
         hidden_pre = encoding.hidden_pre.detach().reshape(-1, self.cfg.d_sae)
-        minus_inf = torch.tensor(-torch.inf, dtype=hidden_pre.dtype, device=hidden_pre.device)
-        chosen = torch.where(dead, hidden_pre, minus_inf).topk(k_aux, dim=-1, sorted=False)
-        filled = chosen.values > minus_inf
         scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        if host_check_is_free(dead):
+            # on the CPU reading the dead latents back is free: none, no work; else the top-k
+            # among the dead columns only (SAELens's selection of min(k_aux, #dead) latents)
+            dead_ids = dead.nonzero().squeeze(-1)
+            if dead_ids.numel() == 0:
+                return {"auxiliary_reconstruction_loss": sae_out.new_tensor(0.0)}
+            top = hidden_pre.index_select(-1, dead_ids).topk(
+                min(k_aux, dead_ids.numel()), dim=-1, sorted=False
+            )
+            indices, chosen_values, filled = dead_ids[top.indices], top.values, None
+        else:
+            # on a GPU without reading the number back (no host sync): the k_aux largest
+            # pre-activations of dead latents; slots past the last dead latent (−inf) stay empty
+            minus_inf = torch.tensor(-torch.inf, dtype=hidden_pre.dtype, device=hidden_pre.device)
+            top = torch.where(dead, hidden_pre, minus_inf).topk(k_aux, dim=-1, sorted=False)
+            filled = top.values > minus_inf
+            indices, chosen_values = top.indices, torch.where(filled, top.values, 0)
         values = preacts_at(
             encoding.sae_in.reshape(-1, self.cfg.d_in),
             self.W_enc,
             self.b_enc,
-            chosen.indices,
-            torch.where(filled, chosen.values, 0),
+            indices,
+            chosen_values,
             scale,
         )
-        values = torch.where(filled, values, 0)
-        coefficients = self.decoder_coefficients(values, chosen.indices)
-        recons = decode_topk(coefficients, chosen.indices, self.W_dec)
+        if filled is not None:
+            values = torch.where(filled, values, 0)
+        coefficients = self.decoder_coefficients(values, indices)
+        recons = decode_topk(coefficients, indices, self.W_dec)
         recons = recons.reshape(*encoding.hidden_pre.shape[:-1], self.cfg.d_in)
         recons = self.reshape_fn_out(recons, self.d_head)  # type: ignore[attr-defined]
         loss = (recons - residual).pow(2).sum(dim=-1).mean()
