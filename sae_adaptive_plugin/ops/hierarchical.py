@@ -1,36 +1,16 @@
 """HierarchicalTopK all-prefix reconstruction errors and loss (docs/METHODS.md §1), without a B×K×d tensor.
 
-For one row, with ``e₀ = x − b_dec``, selected latents sorted by activation (descending) with values
-``a_1 ≥ … ≥ a_K`` and decoder rows ``D_i = W_dec[idx_i]``, the prefix reconstructions are
-``x̂_j = b_dec + Σ_{i≤j} a_i D_i`` and their errors are
-
-    err_j = ‖x − x̂_j‖² = ‖e₀‖² − 2 Σ_{i≤j} a_i c_i + Σ_{i,i'≤j} a_i a_i' G_ii'
-
-with ``c_i = ⟨e₀, D_i⟩`` and the per-row Gram matrix ``G = D Dᵀ`` (K × K). Everything after ``c`` and
-``G`` is ``B × K × K`` arithmetic. ``c`` and ``G`` themselves come from :func:`gathered_gram`, a
-``torch.autograd.Function`` that gathers the ``K`` decoder rows of a chunk of rows at a time, so the
-``B × K × d`` gather never exists at once, neither in the forward nor in the backward pass (the
-backward recomputes each chunk's gather). Peak extra memory is ``O(B·K² + chunk·K·d)``.
-
-Public functions (all take 2-D inputs: ``residual0 [B, d]``, ``values [B, K]``; column order of
-``values`` is the prefix order, so pass them sorted descending):
-
-- :func:`prefix_reconstruction_errors` → ``[B, K]``: ``err_j`` for every prefix ``j = 1..K``.
-- :func:`hierarchical_loss`: ``mean_b (1/K) Σ_j err_j`` in the closed form of METHODS.md
-  (weights ``K−i+1`` and ``K−max(i,i')+1``); the training loss.
-- :func:`prefix_reconstruction_errors_naive`, :func:`hierarchical_loss_naive`: the plain
-  cumulative-sum references that materialise ``B × K × d`` (tests only).
-
-Gradients flow to ``residual0`` (hence ``x`` and ``b_dec``), ``values`` and ``W_dec``; never through
-``indices``. Rows whose selected values are zero (masked ranks of a variable-k top-k) simply add
-nothing to later prefixes. Note ``err_j`` is a difference of large terms: in float32 it carries an
-absolute error of about ``1e-6·‖e₀‖²`` (the naive form does not), negligible for losses and for
-thresholds such as ``τ ≥ 1e-3`` of the variance, but not in bfloat16 (docs/METHODS.md). So all of
-it runs in at least float32 (:func:`~sae_adaptive_plugin.ops.dispatch.accumulation_dtype`; the
-gathered rows are cast a chunk at a time, ``W_dec``'s gradient is summed in it), with autocast
-off and, on CUDA, without TF32; results come back in that dtype. Double backward is not supported.
-
-Peak-memory measurement of both forms at B=4096, K=64, d=768: ``examples/hierarchical_loss_memory.py``.
+With ``e₀ = x − b_dec``, values ``a_1 ≥ … ≥ a_K`` and decoder rows ``D_i = W_dec[idx_i]``, prefix ``j``
+has error ``‖e₀‖² − 2 Σ_{i≤j} a_i c_i + Σ_{i,i'≤j} a_i a_i' G_ii'`` with ``c_i = ⟨e₀, D_i⟩`` and the
+per-row Gram matrix ``G = D Dᵀ``: ``B × K × K`` arithmetic after :func:`gathered_gram`, which
+gathers the decoder rows of a chunk of rows at a time in forward and backward (peak extra memory
+``O(B·K² + chunk·K·d)``). :func:`prefix_reconstruction_errors` (``[B, K]``) and
+:func:`hierarchical_loss` (the training loss) take 2-D ``residual0 [B, d]`` and ``values [B, K]``
+in prefix order; gradients reach ``residual0``, ``values`` and ``W_dec``, never ``indices``.
+Everything runs in at least float32 with autocast and TF32 off (the Gram form is a difference of
+large terms; why and how much: docs/METHODS.md, "Precision, autocast and devices"). The
+``*_naive`` functions are the cumulative-sum references (tests only); peak memory of both forms:
+``examples/hierarchical_loss_memory.py``.
 """
 
 from __future__ import annotations

@@ -1,53 +1,14 @@
 """LapSum soft top-k: a differentiable mask with a prescribed sum per row, in pure PyTorch.
 
-For scores ``s ∈ R^F`` (one row), a target ``k̂ ∈ [0, F]`` and a scale ``α > 0``, the mask is
-
-    m_j = F_L((s_j − τ)/α),   F_L(u) = ½eᵘ (u ≤ 0),  1 − ½e⁻ᵘ (u > 0)   (the Laplace CDF),
-
-with the threshold ``τ`` chosen so that ``Σ_j m_j = k̂``. As ``α → 0`` the mask becomes the hard
-top-k indicator; for large ``α`` it spreads over every entry.
-
-Forward (:class:`LapSumTopK`): ``τ`` is found **exactly**, without iterations. The row is sorted
-descending (``v_1 ≥ … ≥ v_F``; with a bound ``k_max ≥ k̂`` only its top ``m = 2⌈k_max⌉ + 2``
-entries: at ``τ = v_m`` the ``m`` largest already weigh ``≥ m/2 > k̂``, so the solution lies above
-``v_m`` and the remaining entries enter only through one masked logsumexp ``Σ_{j>m} e^{v_j/α}``);
-the count ``S(τ) = Σ_j F_L((v_j − τ)/α)`` is evaluated at every
-breakpoint ``τ = v_i`` from two log-cumulative sums, which tells the interval
-``[v_{p+1}, v_p]`` that holds the solution; inside it ``S`` is
-``p − ½·a·y + ½·B/y`` with ``y = e^{(τ − v_p)/α}``, ``a = Σ_{j≤p} e^{−(v_j − v_p)/α}``,
-``B = Σ_{j>p} e^{(v_j − v_p)/α}``, so ``y`` is the positive root of ``a y² − 2(p − k̂) y − B = 0``
-(taken in its cancellation-free form, anchored at ``v_p`` or at ``v_{p+1}`` so that it neither
-under- nor overflows however wide the interval is against ``α``). All of it runs in float32 (float64 for float64 scores;
-bf16/fp16 scores are promoted to float32 and the mask is returned in their dtype). The solve has
-the accuracy the dtype allows: the mask is evaluated at ``(s − τ)/α``, so entries near the
-threshold carry an error of about ``|s|·ε/α`` whatever the solver (ε: the dtype's epsilon).
-
-Backward is closed form (implicit differentiation of ``Σ m = k̂``). With ``u_j = (s_j − τ)/α``,
-``q_j = ½e^{−|u_j|}/α`` and the upstream gradient ``g = ∂L/∂m``:
-
-    ∂L/∂k̂ = Σ_j g_j q_j / Σ_j q_j,        ∂L/∂s_i = q_i (g_i − ∂L/∂k̂).
-
-The weights ``q_j / Σ q`` are computed as ``softmax(−|u|)``, which never divides by an underflowed
-sum. ``α`` gets no gradient. ``k̂`` is clamped to ``[0, F]``; ``τ`` is kept within ``[v_F − 40α,
-v_1 + 40α]``, where the mask is saturated to the dtype's precision, so ``k̂ = 0`` and ``k̂ = F``
-give finite thresholds and gradients. Memory: the forward holds a few ``[..., F]`` temporaries
-(the sorted row, two log-cumulative sums; with ``k_max``, ``[..., m]`` ones and one ``[..., F]``
-copy for the tail) and saves ``u`` (``[..., F]``, compute dtype) for the backward.
-
-:func:`lapsum_threshold_bisect` and :func:`lapsum_topk_reference` (bisection, then autograd
-through one implicit-function step) are the plain references the tests compare against.
-
-Timing of the threshold solve, sort-based vs. 40-step bisection (median of 5 after warm-up,
-float32, α = 0.01, ReLU'd Gaussian scores), measured with
-``python examples/bench_lapsum.py --threads 1`` (and ``--threads 2``) on the shared 2-core CPU of
-the development machine (load average ≈ 3 from other jobs, so absolute times are noisy; no GPU
-was available to this measurement):
-
-- 1 thread: 256 × 4096: sort 155 ms, bisection 822 ms; 64 × 16384: sort 174 ms, bisection 1094 ms.
-- 2 threads: 256 × 4096: sort 129 ms, bisection 3520 ms; 64 × 16384: sort 336 ms, bisection
-  3848 ms.
-- Largest row-sum error |Σm − k̂|: sort 4.0e−5 / 6.9e−5, bisection 6.9e−5 / 4.6e−5 (the float32
-  floor for these scores).
+For scores ``s`` (one row of ``F``), a target ``k̂ ∈ [0, F]`` and a scale ``α > 0`` the mask is
+``m_j = F_L((s_j − τ)/α)`` (``F_L`` the Laplace CDF) with ``τ`` chosen so that ``Σ_j m_j = k̂``;
+``α → 0`` gives the hard top-k indicator. :class:`LapSumTopK` finds ``τ`` exactly (sort, one
+closed-form root per interval; with ``k_max`` only the top ``2⌈k_max⌉ + 2`` entries are sorted) in
+at least float32, and its backward is the closed form of implicit differentiation of ``Σ m = k̂``
+(``α`` gets no gradient; ``k̂`` clamped to ``[0, F]``). The derivation, the numerics and the memory
+held: docs/METHODS.md ("LapSum: the exact threshold and its backward"); timings of the solve:
+docs/bench.md. :func:`lapsum_threshold_bisect` and :func:`lapsum_topk_reference` (bisection, then
+autograd through one implicit-function step) are the plain references the tests compare against.
 """
 
 from __future__ import annotations
