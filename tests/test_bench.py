@@ -236,3 +236,26 @@ def test_cli_rejects_a_bad_dead_fraction(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["bench", "--dead-fraction", "0.1,2"])
     assert "numbers in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_end_to_end_trains_every_architecture_and_the_peer(tmp_path, capsys) -> None:
+    out = tmp_path / "e2e.json"
+    shape = ["--d-in", "16", "--d-sae", "128", "--k", "4", "--batch", "64"]
+    assert main(["bench", "--end-to-end", "12", *shape, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["topk", "sparsify_topk", "hierarchical_topk", "softsae", "adaptivek"]
+    for row in rows.values():
+        assert row["status"] == "ok" and row["steps"] == 12, row
+        assert _positive(row["cpu_s"]) and math.isfinite(row["loss_last"])
+        assert row["cpu_s_per_topk"] == pytest.approx(row["cpu_s"] / rows["topk"]["cpu_s"])
+        assert row["cpu_s_per_sparsify"] == pytest.approx(
+            row["cpu_s"] / rows["sparsify_topk"]["cpu_s"]
+        )
+    assert "| adaptivek | 12 |" in capsys.readouterr().out
+
+
+def test_end_to_end_refuses_too_few_steps(capsys) -> None:
+    assert main(["bench", "--end-to-end", "3", "--d-in", "16", "--d-sae", "128", "--k", "4"]) == 2
+    assert "--end-to-end must be >= 8 steps" in capsys.readouterr().err

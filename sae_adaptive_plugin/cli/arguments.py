@@ -414,6 +414,15 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
         "bench once per fraction (default 0.1,0)",
     )
     parser.add_argument(
+        "--end-to-end",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead of single steps, train each architecture N steps through SAELens's "
+        "SAETrainer (defaults, AuxK on) and sparsify's own step, and time the whole runs "
+        "(default: off)",
+    )
+    parser.add_argument(
         "--autocast",
         action="store_true",
         help="each step's forward pass under bfloat16 torch.autocast, as SAELens's "

@@ -357,6 +357,8 @@ def _run_bench(cfg: BenchConfig, progress: bool) -> dict[str, Any]:
 def bench_command(args: argparse.Namespace) -> int:
     """``sae-adaptive bench``: one run per thread count of ``--threads``, a table each, then a
     summary of the ratios per count when there are several."""
+    if args.end_to_end is not None:
+        return _end_to_end_command(args)
     cuda = str(args.device).startswith("cuda")
     threads = args.threads if args.threads is not None else ([1] if cuda else [1, 2])
     configs = [_config_from_args(args, t, dead) for dead in args.dead_fraction for t in threads]
@@ -395,6 +397,48 @@ def bench_command(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     failed = any(r["status"] == "error" for result in results for r in result["rows"])
     return 1 if failed else 0
+
+
+def _end_to_end_command(args: argparse.Namespace) -> int:
+    """``bench --end-to-end N``: whole runs on the CPU (:mod:`.bench_end_to_end`)."""
+    from sae_adaptive_plugin.experiments.bench_end_to_end import (
+        EndToEndConfig,
+        format_end_to_end,
+        run_end_to_end,
+    )
+
+    cfg = EndToEndConfig(
+        **shape_from_args(args),
+        steps=args.end_to_end,
+        threads=(args.threads or [1])[0],
+        seed=args.seed,
+        autocast=args.autocast,
+    )
+    try:
+        if str(args.device) != "cpu":
+            raise ValueError("--end-to-end runs on the CPU only (--device cpu)")
+        if args.threads is not None and len(args.threads) > 1:
+            raise ValueError("--end-to-end takes one --threads value")
+        cfg.validate()
+        if args.json is not None:
+            refuse_existing(args.json, args.overwrite, "--json")
+    except (ValueError, OutputExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with warnings.catch_warnings():  # the output is the bench's (as run_bench)
+        warnings.simplefilter("ignore", UserWarning)
+        result = run_end_to_end(cfg)
+    print(
+        f"end to end: {cfg.steps} steps, d_in={cfg.d_in} d_sae={cfg.d_sae} k={cfg.k} "
+        f"batch={cfg.batch} threads={cfg.threads} autocast={cfg.autocast}; AuxK dead window "
+        f"{cfg.dead_window} steps"
+    )
+    print(format_end_to_end(result))
+    if args.json is not None:
+        with replacing_file(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 1 if any(r["status"] == "error" for r in result["rows"]) else 0
 
 
 def _config_from_args(args: argparse.Namespace, threads: int, dead_fraction: float) -> BenchConfig:

@@ -523,21 +523,6 @@ def section_op_speed(device: Any, shapes: Shapes) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _synthetic_pool(batch: int, d_in: int, n_batches: int, device: Any) -> list[Any]:
-    """``n_batches`` batches of the package's variable-complexity synthetic source."""
-    from sae_adaptive_plugin.experiments.synthetic import (
-        VariableComplexityConfig,
-        VariableComplexitySource,
-    )
-
-    cfg = VariableComplexityConfig(
-        num_features=4 * d_in, hidden_dim=d_in, max_l0=min(50.0, 2.0 * d_in), orthogonalize_steps=0
-    )
-    source = VariableComplexitySource(cfg, device=str(device))
-    _, hidden, _ = source.sample(n_batches * batch, seed=0)
-    return list(hidden.split(batch))
-
-
 def _train_once(arch: str, autocast: bool, device: Any, shapes: Shapes, pool: list) -> dict:
     import torch
     from sae_lens.config import LoggingConfig, SAETrainerConfig
@@ -618,7 +603,9 @@ def section_trainer(device: Any, shapes: Shapes) -> list[dict[str, Any]]:
     import torch
 
     batch, d_in, _, _, _ = shapes.trainer
-    pool = _synthetic_pool(batch, d_in, 8, device)
+    from sae_adaptive_plugin.experiments.synthetic import synthetic_batches
+
+    pool = synthetic_batches(batch, d_in, 8, device)
     results = []
     for arch in ("topk", "adaptivek", "softsae", "hierarchical_topk"):
         for autocast in (False, True):

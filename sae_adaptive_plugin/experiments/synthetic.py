@@ -217,6 +217,19 @@ class VariableComplexitySource:
         return SeededActivationIterator(self, batch_size, seed)
 
 
+def synthetic_batches(
+    batch: int, d_in: int, n_batches: int, device: Any = "cpu"
+) -> list[torch.Tensor]:
+    """``n_batches`` batches ``[batch, d_in]`` of a variable-complexity source with ``4·d_in``
+    true features (no orthogonalisation, seed 0): a stream for speed runs at any width."""
+    cfg = VariableComplexityConfig(
+        num_features=4 * d_in, hidden_dim=d_in, max_l0=min(50.0, 2.0 * d_in), orthogonalize_steps=0
+    )
+    source = VariableComplexitySource(cfg, device=str(device))
+    _, hidden, _ = source.sample(n_batches * batch, seed=0)
+    return list(hidden.split(batch))
+
+
 class SeededActivationIterator(SyntheticActivationIterator):
     """SAELens's :class:`SyntheticActivationIterator` with its own RNG state.
 
