@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from sae_lens.saes.sae import TrainStepInput
+from step_parity import loss_and_grads
 
 from sae_adaptive_plugin.ops.preacts_at import preacts_at, preacts_at_reference
 from sae_adaptive_plugin.saes.hierarchical_topk import (
@@ -109,18 +110,7 @@ def test_auxk_without_host_reads_equals_the_cpu_path(n_dead, monkeypatch):
     results = []
     for free in (True, False):
         monkeypatch.setattr(topk_family, "host_check_is_free", lambda _t, free=free: free)
-        sae.zero_grad(set_to_none=True)
-        out = sae.training_forward_pass(
-            TrainStepInput(
-                sae_in=x,
-                coefficients={},
-                dead_neuron_mask=dead,
-                n_training_steps=0,
-                is_logging_step=False,
-            )
-        )
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+        out, grads = loss_and_grads(sae, x, 0, dead)
         results.append((out.losses["auxiliary_reconstruction_loss"].detach(), grads))
     (loss_cpu, g_cpu), (loss_gpu, g_gpu) = results
     assert (loss_cpu > 0) == (n_dead > 0)

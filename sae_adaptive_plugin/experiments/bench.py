@@ -362,7 +362,8 @@ def bench_command(args: argparse.Namespace) -> int:
     cuda = str(args.device).startswith("cuda")
     threads = args.threads if args.threads is not None else ([1] if cuda else [1, 2])
     configs = [_config_from_args(args, t, dead) for dead in args.dead_fraction for t in threads]
-    try:
+
+    def check() -> None:
         if cuda and len(threads) > 1:
             raise ValueError(
                 f"--threads {','.join(map(str, threads))}: with --device {args.device} the bench "
@@ -370,10 +371,8 @@ def bench_command(args: argparse.Namespace) -> int:
             )
         for cfg in configs:
             cfg.validate()
-        if args.json is not None:
-            refuse_existing(args.json, args.overwrite, "--json")
-    except (ValueError, OutputExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+
+    if not _accepted(args, check):
         return 2
     results = []
     for cfg in configs:
@@ -399,6 +398,19 @@ def bench_command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _accepted(args: argparse.Namespace, check: Callable[[], None]) -> bool:
+    """Run ``check`` (raises ``ValueError``) and refuse an existing ``--json`` file; print the
+    error and return False when either fails."""
+    try:
+        check()
+        if args.json is not None:
+            refuse_existing(args.json, args.overwrite, "--json")
+    except (ValueError, OutputExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def _end_to_end_command(args: argparse.Namespace) -> int:
     """``bench --end-to-end N``: whole runs on the CPU (:mod:`.bench_end_to_end`)."""
     from sae_adaptive_plugin.experiments.bench_end_to_end import (
@@ -414,16 +426,15 @@ def _end_to_end_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         autocast=args.autocast,
     )
-    try:
+
+    def check() -> None:
         if str(args.device) != "cpu":
             raise ValueError("--end-to-end runs on the CPU only (--device cpu)")
         if args.threads is not None and len(args.threads) > 1:
             raise ValueError("--end-to-end takes one --threads value")
         cfg.validate()
-        if args.json is not None:
-            refuse_existing(args.json, args.overwrite, "--json")
-    except (ValueError, OutputExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+
+    if not _accepted(args, check):
         return 2
     with warnings.catch_warnings():  # the output is the bench's (as run_bench)
         warnings.simplefilter("ignore", UserWarning)
