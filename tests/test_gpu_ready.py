@@ -69,7 +69,7 @@ def test_no_host_sync_in_a_step_after_warm_up(case, dead):
 
 def test_adaptivek_labelling_step_reads_the_host_once():
     step = warmed_up_step("adaptivek_labelling", D_IN, D_SAE, K)
-    with HostSyncCounter() as counter:
+    with reads_as_on_a_gpu(), HostSyncCounter() as counter:
         step(torch.randn(BATCH, D_IN), None)
     syncs = _our_syncs(counter)
     assert len(syncs) == 1 and "probe/ridge.py" in syncs[0].where

@@ -195,3 +195,30 @@ def test_topk_encode_zero_scale_and_bad_input() -> None:
         topk_encode(sae_in, W_enc, b_enc, k, 6, scale=torch.ones(3))
     with pytest.raises(ValueError, match="k_max must lie in"):
         topk_encode(sae_in, W_enc, b_enc, 3, 41)
+
+
+def test_weighted_bag_keeps_only_the_used_slots_with_the_same_values_and_gradients(monkeypatch):
+    """A CPU bag of the used slots only (few used: compacted) equals the full bag with the unused
+    slots weighted zero, in values and in the gradients of weights and per-slot values."""
+    from sae_adaptive_plugin.ops import variable_topk
+    from sae_adaptive_plugin.ops.variable_topk import weighted_bag
+
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 6, dtype=torch.float64, generator=g)
+    indices = torch.randint(0, 40, (9, 8), generator=g)
+    per_slot = torch.randn(9, 8, dtype=torch.float64, generator=g)
+    used = torch.rand(9, 8, generator=g) < 0.3
+    used[4] = False  # a row with no used slot: an empty bag
+    results = []
+    for compact in (True, False):
+        monkeypatch.setattr(variable_topk, "COMPACT_BELOW", 1.0 if compact else 0.0)
+        w = weight.clone().requires_grad_(True)
+        v = per_slot.clone().requires_grad_(True)
+        out = weighted_bag(indices, w, v, used)
+        out.backward(torch.ones_like(out) * torch.arange(6, dtype=torch.float64))
+        results.append((out.detach(), w.grad, v.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    assert torch.all(results[0][2][~used] == 0)  # unused slots get no gradient
+    reference = (per_slot * used).unsqueeze(-1).mul(weight[indices]).sum(1)
+    torch.testing.assert_close(results[0][0], reference)

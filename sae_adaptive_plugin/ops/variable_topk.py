@@ -21,7 +21,12 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from sae_adaptive_plugin.ops.dispatch import accumulation_dtype, autocast_dtype, autocast_off
+from sae_adaptive_plugin.ops.dispatch import (
+    accumulation_dtype,
+    autocast_dtype,
+    autocast_off,
+    host_check_is_free,
+)
 
 
 class TopKResult(NamedTuple):
@@ -98,22 +103,52 @@ def decode_topk_dense(
     return dense.scatter(-1, indices, values) @ W_dec
 
 
+#: Below this fraction of used slots a CPU bag keeps only the used ones (:func:`weighted_bag`).
+COMPACT_BELOW = 0.75
+
+
+def weighted_bag(
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    per_slot: torch.Tensor,
+    used: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out[n] = Σ_i per_slot[n, i] · weight[indices[n, i]]`` (``indices``/``per_slot``
+    ``[N, m]``) as one ``embedding_bag``. ``used`` (``[N, m]`` bool): the slots that count; the
+    others get no gradient. On the CPU, where reading ``used`` back is free, the bag holds only
+    the used slots once they are fewer than :data:`COMPACT_BELOW` of all (a per-row k well
+    under its ``k_max``); elsewhere every slot is summed, the unused ones weighted zero."""
+    if used is not None:
+        per_slot = torch.where(used, per_slot, 0)
+        if host_check_is_free(used) and float(used.float().mean()) < COMPACT_BELOW:
+            counts = used.sum(-1)
+            offsets = torch.zeros_like(counts)
+            offsets[1:] = counts.cumsum(0)[:-1]
+            return F.embedding_bag(
+                indices[used], weight, offsets, mode="sum", per_sample_weights=per_slot[used]
+            )
+    return F.embedding_bag(indices, weight, per_sample_weights=per_slot, mode="sum")
+
+
 def decode_topk_gather(
-    values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gather decode: ``embedding_bag`` sums the selected decoder rows weighted by ``values``, in
     at least float32 (a bf16 bag's backward sums a latent's rows in bf16 on the CPU), returned in
-    ``W_dec``'s dtype."""
+    ``W_dec``'s dtype; ``mask``: the slots in use (:func:`weighted_bag`)."""
     lead = values.shape[:-1]
     k = values.shape[-1]
     if k == 0:
         return W_dec.new_zeros((*lead, W_dec.shape[1]))
     acc = accumulation_dtype(W_dec.dtype)
-    out = F.embedding_bag(
+    out = weighted_bag(
         indices.reshape(-1, k),
         W_dec.to(acc),
-        per_sample_weights=values.reshape(-1, k).to(acc),
-        mode="sum",
+        values.reshape(-1, k).to(acc),
+        None if mask is None else mask.reshape(-1, k),
     )
     return out.reshape(*lead, W_dec.shape[1]).to(W_dec.dtype)
 
@@ -126,16 +161,19 @@ def decode_topk(
     indices: torch.Tensor,
     W_dec: torch.Tensor,
     impl: DecodeImpl = "auto",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Σ_i values[..., i] · W_dec[indices[..., i]]`` (no bias), shape ``[..., d_in]``.
 
     ``impl="auto"`` takes the gather path when the selected rows are a small part of the
-    dictionary (``k_max ≤ d_sae / 8``) and the dense reference otherwise.
+    dictionary (``k_max ≤ d_sae / 8``) and the dense reference otherwise. ``mask`` (a
+    :class:`TopKResult`'s): the slots in use, where ``values`` may be non-zero; the gather path
+    sums only those on the CPU.
     """
     if impl == "auto":
         impl = "gather" if values.shape[-1] * 8 <= W_dec.shape[0] else "dense"
     if impl == "gather":
-        return decode_topk_gather(values, indices, W_dec)
+        return decode_topk_gather(values, indices, W_dec, mask)
     if impl == "dense":
         return decode_topk_dense(values, indices, W_dec)
     raise ValueError(f"impl must be 'auto', 'dense' or 'gather', got {impl!r}")
@@ -251,7 +289,7 @@ def sparse_encoder_backward(
         bag = accumulation_dtype(W_enc.dtype)
         W_t = W_enc.detach().t().to(bag).contiguous().requires_grad_(need_w)
         with torch.enable_grad():
-            grad_x = F.embedding_bag(indices, W_t, per_sample_weights=g_sel.to(bag), mode="sum")
+            grad_x = weighted_bag(indices, W_t, g_sel.to(bag), positive)
             if need_w:
                 (grad_w_t,) = torch.autograd.grad(grad_x, W_t, grad_outputs=sae_in.to(bag))
                 grad_w = grad_w_t.t().to(W_enc.dtype).contiguous()

@@ -262,8 +262,10 @@ class TopKFamilyMixin:
         has forward hooks (a hook may have activated latents outside the selection)."""
         if not self.fused_encode or self.hook_sae_acts_post._forward_hooks:
             return self.decode(encoding.feature_acts)  # type: ignore[attr-defined]
-        values, indices, _ = encoding.selection
-        out = decode_topk(self.decoder_coefficients(values, indices), indices, self.W_dec)
+        values, indices, mask = encoding.selection
+        out = decode_topk(
+            self.decoder_coefficients(values, indices), indices, self.W_dec, mask=mask
+        )
         out = self.hook_sae_recons(out + self.b_dec)  # type: ignore[attr-defined]
         out = self.run_time_activation_norm_fn_out(out)  # type: ignore[attr-defined]
         return self.reshape_fn_out(out, self.d_head)  # type: ignore[attr-defined]
