@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -212,3 +213,32 @@ def test_single_run_sets_up_one_sae_as_compare_does(tmp_path):
     bad = parser.parse_args(["--set", "[1]"])
     with pytest.raises(ValueError, match="--set must be a JSON object"):
         SingleRun.from_args("softsae", bad)
+
+
+def test_set_overrides_a_field_of_one_architecture(tmp_path):
+    from sae_adaptive_plugin.cli import main
+
+    out = tmp_path / "out"
+    args = ["compare", "--quick", "--architectures", "softsae,topk", "--threads", "1"]
+    overrides = '{"softsae": {"k_estimator_hidden": 16}}'
+    assert main([*args, "--set", overrides, "--out", str(out)]) == 0
+    saved = json.loads((out / "saes" / "softsae" / "cfg.json").read_text())
+    assert saved["k_estimator_hidden"] == 16
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ('{"softsae": {"k_estimator_hiddn": 16}}', "softsae.k_estimator_hiddn is not a field"),
+        ('{"softsa": {}}', "'softsa' is not a registered architecture"),
+        ('{"softsae": 3}', "architecture -> {field: value}"),
+    ],
+)
+def test_set_refuses_what_is_not_a_field_before_training(tmp_path, capsys, overrides, needle):
+    from sae_adaptive_plugin.cli import main
+
+    with contextlib.suppress(SystemExit):
+        code = main(["compare", "--quick", "--set", overrides, "--out", str(tmp_path / "o")])
+        assert code == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -238,8 +238,33 @@ def fit_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_out", help="also write the report as JSON here")
 
 
+def architecture_overrides(text: str) -> dict:
+    """``--set '{"softsae": {"k_estimator_hidden": 576}}'``: config fields per architecture."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--set must be JSON ({err})") from err
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise argparse.ArgumentTypeError(
+            "--set must be a JSON object of architecture -> {field: value}, e.g. "
+            '\'{"softsae": {"k_estimator_hidden": 576}}\''
+        )
+    return value
+
+
 def compare_arguments(parser: argparse.ArgumentParser) -> None:
     _show_defaults(parser)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        type=architecture_overrides,
+        default={},
+        metavar="JSON",
+        help="config fields per architecture over the compare's settings, as JSON, e.g. "
+        '\'{"softsae": {"k_estimator_hidden": 576}}\' (default: none)',
+    )
     parser.add_argument(
         "--out",
         default=None,

@@ -93,6 +93,10 @@ def build_config(args: argparse.Namespace) -> Any:
     cfg.device = args.device
     if args.architectures:
         cfg.architectures = tuple(a.strip() for a in args.architectures.split(",") if a.strip())
+    cfg.overrides = dict(getattr(args, "overrides", {}) or {})
+    from sae_adaptive_plugin.experiments.registry_saes import check_overrides
+
+    check_overrides(cfg.overrides)
     return cfg
 
 

@@ -50,15 +50,32 @@ def build_training_sae(
     from sae_lens.util import filter_valid_dataclass_fields
 
     sae_class, cfg_class = get_sae_training_class(architecture)
-    extra = overrides.get(architecture, {})
-    valid = filter_valid_dataclass_fields(extra, cfg_class)
-    for key in extra:
-        if key not in valid:
-            raise ValueError(
-                f"overrides[{architecture!r}]: {key!r} is not a field of {cfg_class.__name__}"
-            )
+    check_overrides({architecture: overrides.get(architecture, {})})
+    valid = overrides.get(architecture, {})
     kwargs = {**filter_valid_dataclass_fields(settings, cfg_class), **valid}
     return sae_class(cfg_class(**base, **kwargs))
+
+
+def check_overrides(overrides: dict[str, dict[str, Any]]) -> None:
+    """Raise ``ValueError`` naming the key unless every architecture of ``overrides`` is
+    registered and every field is one of its training config's."""
+    from dataclasses import fields
+
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+    known = registered_training_architectures()
+    for architecture, extra in overrides.items():
+        if architecture not in known:
+            raise ValueError(
+                f"--set: {architecture!r} is not a registered architecture ({sorted(known)})"
+            )
+        cfg_class = SAE_TRAINING_CLASS_REGISTRY[architecture][1]
+        names = {f.name for f in fields(cfg_class)}
+        for key in extra:
+            if key not in names:
+                raise ValueError(
+                    f"--set: {architecture}.{key} is not a field of {cfg_class.__name__}"
+                )
 
 
 def to_inference_sae(training_sae: Any, path: Path) -> Any:
