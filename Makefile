@@ -72,6 +72,7 @@ $(MIN_STAMP): pyproject.toml constraints.txt
 	test -x $(MIN_BIN)/python || $(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_BIN)/python -m pip install --disable-pip-version-check -q --no-compile -c constraints.txt torch==2.13.0
 	$(MIN_BIN)/python -m pip install --disable-pip-version-check -q --no-compile -c constraints.txt -e ".[dev]" "sae-lens==$(SAE_LENS_MIN)"
+	$(MAKE) --no-print-directory bench-peers BIN=$(MIN_BIN)
 	touch $(MIN_STAMP)
 
 test-sae-lens-min: $(MIN_STAMP)
