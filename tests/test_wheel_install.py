@@ -37,7 +37,8 @@ CHECK = textwrap.dedent(
     loaded = {}
     for name in names:
         if name in registry.SAE_TRAINING_CLASS_REGISTRY:
-            cfg = TrainingSAEConfig.from_dict({"architecture": name, "d_in": 8, "d_sae": 1024})
+            fields = {"architecture": name, "d_in": 8, "d_sae": 1024, "k": 8}
+            cfg = TrainingSAEConfig.from_dict(fields)
             loaded[name] = type(cfg).__module__
     print(json.dumps({
         "started_with_plugin": started_with_plugin,
