@@ -117,3 +117,19 @@ def test_auxk_without_host_reads_equals_the_cpu_path(n_dead, monkeypatch):
     torch.testing.assert_close(loss_gpu, loss_cpu)
     for name in g_cpu:
         torch.testing.assert_close(g_gpu[name], g_cpu[name], msg=name)
+
+
+def test_auxk_with_hook_z_reshaping_equals_saelens():
+    """With hook_z reshaping SAELens's k_aux is half the input's last dimension (d_head)."""
+    torch.manual_seed(0)
+    cfg = HierarchicalTopKTrainingSAEConfig(d_in=16, d_sae=64, k=4, dtype="float64")
+    sae = HierarchicalTopKTrainingSAE(cfg)
+    sae.turn_on_forward_pass_hook_z_reshaping()
+    x = torch.randn(12, 4, 4, dtype=torch.float64)
+    dead = torch.arange(64) % 3 == 0
+    losses = []
+    for fused in (True, False):
+        sae.fused_encode = fused
+        out, _ = loss_and_grads(sae, x, 0, dead)
+        losses.append(out.losses["auxiliary_reconstruction_loss"].detach())
+    torch.testing.assert_close(losses[0], losses[1])

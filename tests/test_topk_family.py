@@ -141,3 +141,14 @@ def test_decoder_unit_norm_is_off_by_default():
     norms = sae.W_dec.norm(dim=-1).clone()
     _train_step(sae, "hierarchical_topk", "all_prefixes", torch.randn(8, D_IN))
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), norms)
+
+
+def test_decoder_unit_norm_hooks_a_deep_copy_too():
+    import copy
+
+    sae = copy.deepcopy(_sae("hierarchical_topk", "all_prefixes"))
+    sae.cfg.decoder_unit_norm = True
+    out = _train_step(sae, "hierarchical_topk", "all_prefixes", torch.randn(16, D_IN))
+    out.loss.backward()
+    parallel = (sae.W_dec.grad * sae.W_dec.detach()).sum(-1)
+    torch.testing.assert_close(parallel, torch.zeros(D_SAE), atol=1e-6, rtol=0)

@@ -385,7 +385,8 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
                 hidden_pre=encoding.hidden_pre,
                 sae_out=sae_out,
             )
-        k_aux_full = self.cfg.d_in // 2  # SAELens's k_aux: half of d_in, scaled down below
+        # SAELens's k_aux: half the input's last dimension (d_head with hook_z), scaled below
+        k_aux_full = step_input.sae_in.shape[-1] // 2
         k_aux = min(k_aux_full, self.cfg.d_sae)
         if dead is None or k_aux == 0:
             return {"auxiliary_reconstruction_loss": sae_out.new_tensor(0.0)}
@@ -447,9 +448,8 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
         current ``W_dec``): the update moves a row along its unit sphere."""
         W_dec = self.W_dec
         W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(W_dec.dtype).eps))
-        if self.__dict__.get("_unit_hooked") is not W_dec:  # a loaded W_dec is a new tensor
+        if not W_dec._backward_hooks:  # a new tensor (loaded, deep-copied) has none yet
             W_dec.register_hook(_without_parallel_component(W_dec))
-            self.__dict__["_unit_hooked"] = W_dec
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         if self.keeps_unit_decoder:

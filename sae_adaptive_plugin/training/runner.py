@@ -59,7 +59,9 @@ def record_heldout_l0(sae: Any, batches: Iterator[torch.Tensor], n_batches: int)
                 batch = next(batches)
             except StopIteration:
                 break
-            active = (sae.encode(batch) != 0).sum(-1).reshape(-1)
+            code = sae.encode(batch)
+            code = code.to_dense() if code.is_sparse else code  # use_sparse_activations
+            active = (code != 0).sum(-1).reshape(-1)
             total += float(active.sum())
             rows += active.numel()
     finally:
