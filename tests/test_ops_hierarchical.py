@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from sae_adaptive_plugin.ops.hierarchical import (
-    gathered_gram,
     hierarchical_loss,
     hierarchical_loss_naive,
     prefix_reconstruction_errors,
@@ -94,16 +93,16 @@ def test_chunk_size_does_not_change_results():
         )
 
 
-def test_gathered_gram_gradcheck():
-    r, _, W, idx = _inputs(4, 3, 6, 5, torch.float64, seed=4)
-    r.requires_grad_()
-    W.requires_grad_()
+def test_prefix_errors_gradcheck_with_duplicate_latents():
+    """The closed-form backward, against finite differences (a latent twice in one row too)."""
+    r, v, W, idx = _inputs(5, 4, 6, 5, torch.float64, seed=4)
+    idx[0, 1] = idx[0, 3]
+    leaves = [t.clone().requires_grad_() for t in (r, v, W)]
 
-    def fn(r, W):
-        c, G = gathered_gram(r, W, idx, chunk_size=3)
-        return c, G
+    def fn(r, v, W):
+        return prefix_reconstruction_errors(r, v, W, idx, chunk_size=2)
 
-    assert torch.autograd.gradcheck(fn, (r, W))
+    assert torch.autograd.gradcheck(fn, leaves)
 
 
 def test_no_gradient_reaches_indices_and_last_prefix_is_full_reconstruction():
@@ -152,3 +151,24 @@ def test_bad_inputs_raise_clear_errors():
         prefix_reconstruction_errors(r, v, W, idx, chunk_size=0)
     with pytest.raises(ValueError, match="W_dec must be a floating-point"):
         prefix_reconstruction_errors(r, v, W.long(), idx)
+
+
+@pytest.mark.parametrize("block", [1, 3, 5, 64])
+def test_prefix_block_size_does_not_change_errors_or_gradients(block, monkeypatch):
+    """Blocks of prefixes (the residual carried from block to block) give the one-block result."""
+    import sae_adaptive_plugin.ops.hierarchical as hierarchical
+
+    args = _inputs(9, 11, 20, 7, torch.float64, seed=12)
+    weights = torch.rand(9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def weighted(r, v, w, i):
+        return (prefix_reconstruction_errors(r, v, w, i, chunk_size=4) * weights).sum()
+
+    ref, ref_grads = _grads(
+        lambda r, v, w, i: (prefix_reconstruction_errors_naive(r, v, w, i) * weights).sum(), *args
+    )
+    monkeypatch.setattr(hierarchical, "PREFIX_BLOCK", block)
+    out, grads = _grads(weighted, *args)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])

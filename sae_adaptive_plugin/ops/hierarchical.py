@@ -1,19 +1,21 @@
 """HierarchicalTopK all-prefix reconstruction errors and loss (docs/METHODS.md §1), without a B×K×d tensor.
 
 With ``e₀ = x − b_dec``, values ``a_1 ≥ … ≥ a_K`` and decoder rows ``D_i = W_dec[idx_i]``, prefix ``j``
-has error ``‖e₀‖² − 2 Σ_{i≤j} a_i c_i + Σ_{i,i'≤j} a_i a_i' G_ii'`` with ``c_i = ⟨e₀, D_i⟩`` and the
-per-row Gram matrix ``G = D Dᵀ``: ``B × K × K`` arithmetic after :func:`gathered_gram`, which
-gathers the decoder rows of a chunk of rows at a time in forward and backward (peak extra memory
-``O(B·K² + chunk·K·d)``). :func:`prefix_reconstruction_errors` (``[B, K]``) and
-:func:`hierarchical_loss` (the training loss) take 2-D ``residual0 [B, d]`` and ``values [B, K]``
-in prefix order; gradients reach ``residual0``, ``values`` and ``W_dec``, never ``indices``.
-Everything runs in at least float32 with autocast and TF32 off (the Gram form is a difference of
-large terms; why and how much: docs/METHODS.md, "Precision, autocast and devices"). The
-``*_naive`` functions are the cumulative-sum references (tests only); peak memory of both forms:
-``examples/hierarchical_loss_memory.py``.
+has error ``‖e₀‖² − 2 Σ_{i≤j} a_i c_i + Σ_{i,i'≤j} a_i a_i' G_ii'`` with ``c_i = ⟨e₀, D_i⟩`` and
+``G = D Dᵀ``: every term is an entry of the Gram matrix of the extended rows ``[D_1 … D_K, e₀]``
+(``[B, K+1, K+1]``), which one gather and one ``bmm`` per chunk of rows compute in forward and
+backward (peak extra memory ``O(B·K² + chunk·K·d)``; the backward in closed form).
+:func:`prefix_reconstruction_errors` (``[B, K]``) and :func:`hierarchical_loss` (the training loss)
+take 2-D ``residual0 [B, d]`` and ``values [B, K]`` in prefix order; gradients reach ``residual0``,
+``values`` and ``W_dec``, never ``indices``. Everything runs in at least float32 with autocast and
+TF32 off (the Gram form is a difference of large terms; why and how much: docs/METHODS.md,
+"Precision, autocast and devices"). The ``*_naive`` functions are the cumulative-sum references
+(tests only); peak memory of both forms: ``examples/hierarchical_loss_memory.py``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -27,6 +29,8 @@ from sae_adaptive_plugin.ops.dispatch import (
 
 #: Upper bound on the number of elements of one chunk's gathered ``[chunk, K, d]`` decoder rows.
 DEFAULT_GATHER_ELEMENTS = 1 << 22
+#: Latents per block of prefixes (see :class:`_PrefixErrors`).
+PREFIX_BLOCK = 8
 
 
 def _chunk_rows(n_rows: int, k: int, d: int, chunk_size: int | None, device_type: str) -> int:
@@ -69,89 +73,162 @@ def _check_decoder(
         raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
 
 
-class _GatheredGram(torch.autograd.Function):
-    """``c = ⟨e₀, W_dec[idx]⟩`` ``[B, K]`` and ``G = W_dec[idx] W_dec[idx]ᵀ`` ``[B, K, K]``, chunked,
-    in ``residual0``'s dtype (the accumulation dtype; each chunk's gathered rows are cast to it)."""
-
-    @staticmethod
-    @autocast_off
-    def forward(ctx, residual0, W_dec, indices, chunk):  # type: ignore[override]
-        B, K = indices.shape
-        c = residual0.new_empty(B, K)
-        G = residual0.new_empty(B, K, K)
-        with exact_float32_matmul(residual0.device.type):
-            for s in range(0, B, chunk):
-                rows = W_dec[indices[s : s + chunk]].to(residual0.dtype)  # [b, K, d]
-                c[s : s + chunk] = torch.bmm(rows, residual0[s : s + chunk].unsqueeze(-1)).squeeze(
-                    -1
-                )
-                torch.bmm(rows, rows.transpose(1, 2), out=G[s : s + chunk])
-        ctx.save_for_backward(residual0, W_dec, indices)
-        ctx.chunk = chunk
-        return c, G
-
-    @staticmethod
-    @autocast_off
-    def backward(ctx, grad_c, grad_G):  # type: ignore[override]
-        residual0, W_dec, indices = ctx.saved_tensors
-        chunk = ctx.chunk
-        need_r, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_r or need_w):
-            return None, None, None, None
-        dtype = residual0.dtype  # W_dec's gradient is summed in it, cast back at the end
-        grad_r = torch.zeros_like(residual0) if need_r else None
-        grad_w = torch.zeros(W_dec.shape, dtype=dtype, device=W_dec.device) if need_w else None
-        d = W_dec.shape[1]
-        for s in range(0, indices.shape[0], chunk):
-            idx = indices[s : s + chunk]
-            rows = W_dec[idx].to(dtype)
-            gc = grad_c[s : s + chunk] if grad_c is not None else None
-            if need_r and gc is not None:
-                grad_r[s : s + chunk] = torch.bmm(gc.unsqueeze(1), rows).squeeze(1)
-            if need_w:
-                d_rows = None
-                if gc is not None:
-                    d_rows = gc.unsqueeze(-1) * residual0[s : s + chunk].unsqueeze(1)
-                if grad_G is not None:
-                    gg = grad_G[s : s + chunk]
-                    term = torch.bmm(gg + gg.transpose(1, 2), rows)
-                    d_rows = term if d_rows is None else d_rows + term
-                if d_rows is not None:
-                    grad_w.index_add_(0, idx.reshape(-1), d_rows.reshape(-1, d))
-        if grad_w is not None:
-            grad_w = grad_w.to(W_dec.dtype)
-        return grad_r, grad_w, None, None
+def _prefix_ranks(K: int, device: torch.device) -> torch.Tensor:
+    """The prefix rank of each extended slot ``[D_1 … D_K, e₀]``: ``1..K``, and ``0`` for the
+    residual, which every prefix holds."""
+    rank = torch.arange(1, K + 2, device=device)
+    rank[K] = 0
+    return rank
 
 
-def gathered_gram(
-    residual0: torch.Tensor,
-    W_dec: torch.Tensor,
-    indices: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(c [B, K], G [B, K, K])`` with ``c_i = ⟨residual0, D_i⟩``, ``G = D Dᵀ``, ``D = W_dec[indices]``.
+def _mass_weights(K: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``Ω [K, K+1]``: how slot ``j`` pairs when prefix ``j`` is added — 1 with itself, 2 with
+    each lower-ranked slot (the residual included), 0 with the later ones."""
+    rank = _prefix_ranks(K, device)
+    weights = (rank[None, :] < rank[:K, None]).to(dtype) * 2.0
+    weights[:, :K] += torch.eye(K, dtype=dtype, device=device)
+    return weights
 
-    With ``indices=None``, ``W_dec`` is taken to be the already gathered rows ``D`` ``[B, K, d]``
-    (plain autograd ops). Otherwise the gather is done ``chunk_size`` rows at a time (default:
-    :func:`~sae_adaptive_plugin.ops.dispatch.block_rows` with a CPU budget of
-    :data:`DEFAULT_GATHER_ELEMENTS` gathered elements). Computed and returned in the
-    :func:`~sae_adaptive_plugin.ops.dispatch.accumulation_dtype` of the inputs (at least float32),
-    autocast off, without TF32.
-    """
-    dtype = accumulation_dtype(residual0.dtype, W_dec.dtype)
-    device_type = residual0.device.type
-    residual0 = residual0.to(dtype)
-    if indices is None:
-        with full_precision(device_type):
-            rows = W_dec.to(dtype)
-            c = torch.einsum("bkd,bd->bk", rows, residual0)
-            G = torch.bmm(rows, rows.transpose(1, 2))
-        return c, G
-    if not W_dec.dtype.is_floating_point:
-        raise ValueError(f"W_dec must be a floating-point tensor, got dtype {W_dec.dtype}")
+
+def _signed(values: torch.Tensor) -> torch.Tensor:
+    """``ã = [a, −1]`` ``[B, K+1]``: the coefficients of ``[D_1 … D_K, e₀]`` in ``x̂_j − e₀``."""
+    return torch.cat([values, values.new_full((values.shape[0], 1), -1.0)], dim=1)
+
+
+def _errors_from_gram(gram: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Prefix errors ``[B, K]`` from the Gram matrix ``[B, K+1, K+1]`` of ``[D_1 … D_K, e₀]``:
+    ``err_j = ‖e₀‖² + Σ_{i≤j} a_i Σ_m Ω_im G_im ã_m`` (plain autograd ops)."""
+    K = values.shape[1]
+    weighted = gram[:, :K, :] * _mass_weights(K, gram.dtype, gram.device)
+    mass = values * torch.bmm(weighted, _signed(values).unsqueeze(-1)).squeeze(-1)
+    return gram[:, K, K].unsqueeze(-1) + torch.cumsum(mass, dim=-1)
+
+
+def _block_slots(indices: torch.Tensor, block: int) -> torch.Tensor:
+    """``[B, n_blocks, block + 2]`` gather slots: each block's latents (padded with latent 0 at
+    coefficient 0), then two free slots that the loops fill with ``P_b`` and ``∂L/∂P_{b+1}``."""
     B, K = indices.shape
-    chunk = _chunk_rows(B, K, W_dec.shape[1], chunk_size, device_type)
-    return _GatheredGram.apply(residual0, W_dec, indices.long(), chunk)
+    n_blocks = -(-K // block)
+    padded = indices.new_zeros(B, n_blocks * block)
+    padded[:, :K] = indices
+    free = indices.new_zeros(B, n_blocks, 2)
+    return torch.cat([padded.view(B, n_blocks, block), free], dim=-1)
+
+
+def _gathered_chunks(
+    W_dec: torch.Tensor, slots: torch.Tensor, chunk: int, dtype: torch.dtype
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, rows [n, n_blocks, block + 2, d])`` for consecutive chunks of ``chunk`` rows,
+    gathered (in ``dtype``) into one reused buffer (valid until the next chunk)."""
+    B = slots.shape[0]
+    d = W_dec.shape[1]
+    buffer = W_dec.new_empty(min(chunk, B) * slots[0].numel(), d)
+    for s in range(0, B, chunk):
+        ids = slots[s : s + chunk].reshape(-1)
+        rows = buffer[: ids.numel()]
+        torch.index_select(W_dec, 0, ids, out=rows)
+        yield s, rows.to(dtype).view(*slots[s : s + chunk].shape, d)
+
+
+class _PrefixErrors(torch.autograd.Function):
+    """Prefix errors ``[B, K]`` of ``residual0 [B, d]``, ``values [B, K]`` and the decoder rows
+    ``W_dec[indices]``, in ``residual0``'s dtype.
+
+    The prefixes are taken in blocks of ``block`` latents. With ``P_b`` the residual before block
+    ``b`` (``P_0 = e₀``, ``P_{b+1} = P_b − Σ_{i∈b} a_i D_i``), the errors inside block ``b`` are
+    those of :func:`_errors_from_gram` on the Gram matrix of ``[D_b, P_b]``: ``O(K·block·d)``
+    arithmetic per row instead of ``O(K²·d)``. One gather per chunk of rows each way.
+
+    Backward, block by block in reverse with ``gP = ∂L/∂P_{b+1}``: inside the block
+    ``L_b = Σ_j g_j err_j = Σ_mn ã_m ã_n G_mn T_mn`` (``ã = [a_b, −1]``, ``T_mn = Σ_{j ≥ max(rank
+    m, rank n)} g_j``, ``P_b`` of rank 0), so ``∂L_b/∂ã = 2 (G ∘ T) ã``, ``∂L_b/∂[D_b, P_b] =
+    2 (ã ãᵀ ∘ T) [D_b, P_b]``; the recursion adds ``−a_i gP`` to ``∂L/∂D_i``, ``−⟨gP, D_i⟩`` to
+    ``∂L/∂a_i`` and ``gP`` to ``∂L/∂P_b``.
+    """
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, residual0, values, W_dec, indices, chunk, block):  # type: ignore[override]
+        B, K = indices.shape
+        slots = _block_slots(indices, block)
+        n_blocks = slots.shape[1]
+        coeffs = _padded(values, n_blocks * block)
+        errors = residual0.new_empty(B, n_blocks * block)
+        with exact_float32_matmul(residual0.device.type):
+            for s, rows in _gathered_chunks(W_dec, slots, chunk, residual0.dtype):
+                n = rows.shape[0]
+                P = residual0[s : s + n]
+                for b in range(n_blocks):
+                    cols = slice(b * block, (b + 1) * block)
+                    V = rows[:, b, : block + 1]
+                    V[:, block] = P
+                    gram = torch.bmm(V, V.transpose(1, 2))
+                    errors[s : s + n, cols] = _errors_from_gram(gram, coeffs[s : s + n, cols])
+                    P = P - torch.bmm(coeffs[s : s + n, None, cols], V[:, :block]).squeeze(1)
+        ctx.save_for_backward(residual0, values, W_dec, indices)
+        ctx.chunk, ctx.block = chunk, block
+        return errors[:, :K]
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx, grad_errors):  # type: ignore[override]
+        residual0, values, W_dec, indices = ctx.saved_tensors
+        block = ctx.block
+        B, K = values.shape
+        d = W_dec.shape[1]
+        slots = _block_slots(indices, block)
+        n_blocks = slots.shape[1]
+        width = n_blocks * block
+        coeffs = _padded(values, width)
+        after = _padded(grad_errors, width).view(B, n_blocks, block)
+        after = after.flip(-1).cumsum(-1).flip(-1)  # within a block: Σ_{j≥i} g_j
+        rank = _prefix_ranks(block, values.device)
+        pair = (torch.maximum(rank[:, None], rank[None, :]) - 1).clamp_min(0)  # rank 0 = rank 1
+        grad_values = values.new_empty(B, width)
+        grad_residual = torch.empty_like(residual0)
+        grad_w = torch.zeros(W_dec.shape, dtype=residual0.dtype, device=W_dec.device)
+        grad_rows = residual0.new_empty(min(ctx.chunk, B), width, d)
+        with exact_float32_matmul(residual0.device.type):
+            for s, rows in _gathered_chunks(W_dec, slots, ctx.chunk, residual0.dtype):
+                n = rows.shape[0]
+                P = residual0[s : s + n]
+                for b in range(n_blocks):  # the residuals P_b, into their free slots
+                    cols = slice(b * block, (b + 1) * block)
+                    rows[:, b, block] = P
+                    P = P - torch.bmm(coeffs[s : s + n, None, cols], rows[:, b, :block]).squeeze(1)
+                gP = torch.zeros_like(P)
+                for b in reversed(range(n_blocks)):
+                    cols = slice(b * block, (b + 1) * block)
+                    a = coeffs[s : s + n, cols]
+                    V = rows[:, b]
+                    V[:, block + 1] = gP
+                    gram = torch.bmm(V, V.transpose(1, 2))  # [n, block+2, block+2]
+                    signed = _signed(a)
+                    T = after[s : s + n, b][:, pair]  # [n, block+1, block+1]
+                    g = torch.bmm(gram[:, : block + 1, : block + 1] * T, signed.unsqueeze(-1))
+                    grad_values[s : s + n, cols] = (
+                        2.0 * g[:, :block, 0] - gram[:, :block, block + 1]
+                    )
+                    Q = T.mul_(signed.unsqueeze(-1) * signed.unsqueeze(-2)).mul_(2.0)
+                    chain = torch.cat([-a, a.new_ones(n, 1)], dim=1).unsqueeze(-1)  # −a_i, then 1
+                    grad_V = torch.bmm(torch.cat([Q, chain], dim=-1), V)  # ∂L/∂D_b, then ∂L/∂P_b
+                    grad_rows[:n, cols] = grad_V[:, :block]
+                    gP = grad_V[:, block]
+                grad_residual[s : s + n] = gP
+                grad_w.index_add_(
+                    0, slots[s : s + n, :, :block].reshape(-1), grad_rows[:n].view(-1, d)
+                )
+        grad_values = grad_values[:, :K] if ctx.needs_input_grad[1] else None
+        grad_residual = grad_residual if ctx.needs_input_grad[0] else None
+        grad_w = grad_w.to(W_dec.dtype) if ctx.needs_input_grad[2] else None
+        return grad_residual, grad_values, grad_w, None, None, None
+
+
+def _padded(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t [B, K]`` with zero columns appended up to ``width``."""
+    if t.shape[1] == width:
+        return t
+    return torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1])], dim=1)
 
 
 def prefix_reconstruction_errors(
@@ -199,16 +276,16 @@ def _prefix_errors(
     chunk_size: int | None,
 ) -> torch.Tensor:
     """:func:`prefix_reconstruction_errors` of inputs already in the accumulation dtype."""
-    c, G = gathered_gram(residual0, W_dec, indices, chunk_size)
-    K = values.shape[1]
-    linear = torch.cumsum(values * c, dim=-1)  # Σ_{i≤j} a_i c_i
-    H = values.unsqueeze(-1) * values.unsqueeze(-2) * G  # a_j a_i G_ji
-    # Row j of the new quadratic mass when prefix j is added: H_jj + 2 Σ_{i<j} H_ji.
-    weight = torch.tril(torch.full((K, K), 2.0, dtype=H.dtype, device=H.device), diagonal=-1)
-    weight += torch.eye(K, dtype=H.dtype, device=H.device)
-    quadratic = torch.cumsum((H * weight).sum(-1), dim=-1)
-    sq_norm = residual0.pow(2).sum(-1, keepdim=True)
-    return sq_norm - 2.0 * linear + quadratic
+    if indices is None:  # the gathered rows: plain autograd ops
+        rows = torch.cat([W_dec.to(residual0.dtype), residual0.unsqueeze(1)], dim=1)
+        return _errors_from_gram(torch.bmm(rows, rows.transpose(1, 2)), values)
+    if not W_dec.dtype.is_floating_point:
+        raise ValueError(f"W_dec must be a floating-point tensor, got dtype {W_dec.dtype}")
+    B, K = indices.shape
+    block = min(PREFIX_BLOCK, K)
+    width = -(-K // block) * (block + 2)
+    chunk = _chunk_rows(B, width, W_dec.shape[1], chunk_size, residual0.device.type)
+    return _PrefixErrors.apply(residual0, values, W_dec, indices.long(), chunk, block)
 
 
 def hierarchical_loss(
@@ -221,35 +298,13 @@ def hierarchical_loss(
 ) -> torch.Tensor:
     """HierarchicalTopK loss ``mean_b (1/K) Σ_{j=1..K} ‖x_b − x̂_{b,j}‖²`` (scalar), B×K×K form.
 
-    Same arguments as :func:`prefix_reconstruction_errors`. Uses METHODS.md's closed form
-    ``Σ_j err_j = K‖e₀‖² − 2 Σ_i (K−i+1) a_i c_i + Σ_{i,i'} (K−max(i,i')+1) a_i a_i' G_ii'``;
-    equal to ``prefix_reconstruction_errors(...).mean()``. Like SAELens's ``mse_loss``: summed
-    over ``d``, averaged over the batch.
+    Same arguments as :func:`prefix_reconstruction_errors`, whose mean it is (METHODS.md's closed
+    form ``Σ_j err_j = K‖e₀‖² − 2 Σ_i (K−i+1) a_i c_i + Σ_{i,i'} (K−max(i,i')+1) a_i a_i' G_ii'``).
+    Like SAELens's ``mse_loss``: summed over ``d``, averaged over the batch.
     """
-    _check_inputs(residual0, values)
-    _check_decoder(residual0, values, W_dec, indices)
-    dtype = accumulation_dtype(residual0.dtype, values.dtype, W_dec.dtype)
-    with full_precision(residual0.device.type):
-        return _loss(residual0.to(dtype), values.to(dtype), W_dec, indices, chunk_size)
-
-
-def _loss(
-    residual0: torch.Tensor,
-    values: torch.Tensor,
-    W_dec: torch.Tensor,
-    indices: torch.Tensor | None,
-    chunk_size: int | None,
-) -> torch.Tensor:
-    """:func:`hierarchical_loss` of inputs already in the accumulation dtype."""
-    c, G = gathered_gram(residual0, W_dec, indices, chunk_size)
-    K = values.shape[1]
-    rank = torch.arange(1, K + 1, device=values.device, dtype=values.dtype)
-    linear_weight = K - rank + 1  # K − i + 1
-    pair_weight = K - torch.maximum(rank[:, None], rank[None, :]) + 1  # K − max(i, i') + 1
-    sq_norm = residual0.pow(2).sum(-1)
-    linear = (linear_weight * values * c).sum(-1)
-    quadratic = torch.einsum("bi,bj,bij,ij->b", values, values, G, pair_weight)
-    return ((K * sq_norm - 2.0 * linear + quadratic) / K).mean()
+    return prefix_reconstruction_errors(
+        residual0, values, W_dec, indices, chunk_size=chunk_size
+    ).mean()
 
 
 def prefix_reconstruction_errors_naive(

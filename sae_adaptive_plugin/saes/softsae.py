@@ -248,7 +248,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             return self.plain_hidden_pre(sae_in), self.estimate_k_from_sae_in(x_in - shift.detach())
         flat = x_in.reshape(-1, self.cfg.d_in)
         lead = x_in.shape[:-1]
-        scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        scale = self.decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
         hidden_pre = shifted_linear(flat, shift, self.W_enc, self.b_enc, scale)
         hidden = shifted_linear(flat, shift.detach(), self.k_est_W_enc, self.k_est_b_enc)
         return hidden_pre.reshape(*lead, -1), self._k_hat(hidden.reshape(*lead, -1))
@@ -264,9 +264,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         scaled_alpha = alpha * self._alpha_unit(hidden_pre) if self.cfg.alpha_relative else alpha
         # τ is solved from each row's top 2·k_max + 2 pre-activations
         if self.soft_blocked():
-            dec_scale = (
-                1 / self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
-            )
+            dec_scale = 1 / self.decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
             res = lapsum_decode(
                 hidden_pre.reshape(-1, self.cfg.d_sae),
                 k_hat.reshape(-1),

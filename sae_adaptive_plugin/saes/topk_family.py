@@ -189,11 +189,17 @@ class TopKFamilyMixin:
 
     # -- encode ---------------------------------------------------------------------------------
 
+    def decoder_norms(self) -> torch.Tensor:
+        """``‖W_dec‖`` per latent ``[d_sae]``, differentiable: during a training step one tensor
+        shared by all its readers (one norm and one norm backward per step), else fresh."""
+        shared = getattr(self, "_step_decoder_norms", None)
+        return shared if shared is not None else self.W_dec.norm(dim=-1)
+
     def plain_hidden_pre(self, sae_in: torch.Tensor) -> torch.Tensor:
         """SAELens's pre-activations: ``hook_sae_acts_pre(sae_in W_enc + b_enc)``, rescaled."""
         hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
         if self.cfg.rescale_acts_by_decoder_norm:
-            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
+            hidden_pre = hidden_pre * self.decoder_norms()
         return hidden_pre
 
     @property
@@ -208,7 +214,7 @@ class TopKFamilyMixin:
         """``(hidden_pre, selection)``: one fused op when :attr:`encodes_fused`, else SAELens's
         plain path (matmul, hooks, then the selection)."""
         if self.encodes_fused:
-            scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+            scale = self.decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
             hidden_pre, selection = topk_encode(
                 sae_in, self.W_enc, self.b_enc, k, self.k_max, scale=scale
             )
@@ -254,7 +260,7 @@ class TopKFamilyMixin:
         """What multiplies the selected decoder rows: ``values / ‖W_dec[indices]‖`` when
         rescaling, else ``values``."""
         if self.cfg.rescale_acts_by_decoder_norm:
-            return values / self.W_dec.norm(dim=-1)[indices]
+            return values / self.decoder_norms()[indices]
         return values
 
     def decode_selection(self, encoding: TopKEncoding) -> torch.Tensor:
@@ -400,7 +406,7 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
             )
         residual = (step_input.sae_in - sae_out).detach()
         hidden_pre = encoding.hidden_pre.detach().reshape(-1, self.cfg.d_sae)
-        scale = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        scale = self.decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
         if host_check_is_free(dead):
             # on the CPU reading the dead latents back is free: none, no work; else the top-k
             # among the dead columns only (SAELens's selection of min(k_aux, #dead) latents)
@@ -454,6 +460,14 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         if self.keeps_unit_decoder:
             self.keep_decoder_unit()
+        rescale = self.cfg.rescale_acts_by_decoder_norm
+        self._step_decoder_norms = self.W_dec.norm(dim=-1) if rescale else None
+        try:
+            return self._training_step(step_input)
+        finally:
+            self._step_decoder_norms = None
+
+    def _training_step(self, step_input: TrainStepInput) -> TrainStepOutput:
         self.prepare_training_step(step_input)
         encoding = self.training_encoding(step_input)
         sae_out = self.training_decode(encoding)
