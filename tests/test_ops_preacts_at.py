@@ -7,7 +7,7 @@ import torch
 from sae_lens.saes.sae import TrainStepInput
 from step_parity import loss_and_grads
 
-from sae_adaptive_plugin.ops.preacts_at import preacts_at, preacts_at_reference
+from sae_adaptive_plugin.ops.preacts_at import preacts_at, preacts_at_reference, preacts_on_columns
 from sae_adaptive_plugin.saes.hierarchical_topk import (
     HierarchicalTopKTrainingSAE,
     HierarchicalTopKTrainingSAEConfig,
@@ -65,6 +65,19 @@ def test_a_zero_scale_slot_gets_gradient_in_everything_but_its_scale():
     torch.testing.assert_close(g_out[3][torch.arange(16) != 3], g_ref[3][torch.arange(16) != 3])
 
 
+def test_preacts_on_columns_gradcheck_with_scale():
+    x, W, b, s, _ = _inputs(True)
+    columns = torch.tensor([3, 0, 9, 15])
+
+    def f(x, W, b, s):
+        values = ((x @ W + b) * s)[:, columns]
+        return preacts_on_columns(x, W, b, columns, values.detach(), s)
+
+    assert torch.autograd.gradcheck(f, (x, W, b, s))
+    with pytest.raises(ValueError, match=r"columns \[m\] and values \[N, m\]"):
+        preacts_on_columns(x, W, b, columns, torch.zeros(7, 3, dtype=torch.float64))
+
+
 def test_shapes_are_checked():
     x, W, b, _, idx = _inputs(False)
     with pytest.raises(ValueError, match=r"indices/values \[N, m\]"):
@@ -95,14 +108,20 @@ def test_auxk_with_dead_latents_leaves_hidden_pre_without_gradient(rescale):
     assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("dense_ratio", [0, 8])
 @pytest.mark.parametrize("n_dead", [0, 3, 20])
-def test_auxk_without_host_reads_equals_the_cpu_path(n_dead, monkeypatch):
+def test_auxk_without_host_reads_equals_the_cpu_path(n_dead, dense_ratio, rescale, monkeypatch):
     """The GPU path (the k_aux largest over all latents, dead ones kept, no count read back)
-    gives the CPU path's loss and gradients, with fewer dead latents than k_aux too."""
+    gives the CPU path's loss and gradients, with fewer dead latents than k_aux too, whether the
+    CPU path decodes with bags of the chosen latents (ratio 0) or matmuls over the dead ones."""
     from sae_adaptive_plugin.saes import topk_family
 
+    monkeypatch.setattr(topk_family, "AUXK_DENSE_RATIO", dense_ratio)
     torch.manual_seed(0)
-    cfg = HierarchicalTopKTrainingSAEConfig(d_in=16, d_sae=32, k=4, dtype="float64")
+    cfg = HierarchicalTopKTrainingSAEConfig(
+        d_in=16, d_sae=32, k=4, dtype="float64", rescale_acts_by_decoder_norm=rescale
+    )
     sae = HierarchicalTopKTrainingSAE(cfg)
     x = torch.randn(12, 16, dtype=torch.float64)
     dead = torch.zeros(32, dtype=torch.bool)

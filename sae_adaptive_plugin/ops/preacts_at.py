@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from sae_adaptive_plugin.ops.dispatch import autocast_off
+from sae_adaptive_plugin.ops.dispatch import accumulation_dtype, autocast_off, full_precision
 from sae_adaptive_plugin.ops.variable_topk import sparse_encoder_backward
 
 
@@ -58,6 +58,61 @@ def preacts_at(
             f"{tuple(sae_in.shape)}, {tuple(indices.shape)}, {tuple(values.shape)}"
         )
     return _PreactsAt.apply(sae_in, W_enc, b_enc, scale, indices, values.detach())
+
+
+class _PreactsOnColumns(torch.autograd.Function):
+    @staticmethod
+    @autocast_off
+    def forward(ctx, sae_in, W_enc, b_enc, scale, columns, values):  # type: ignore[override]
+        ctx.save_for_backward(sae_in, W_enc, b_enc, scale, columns, values)
+        return values.clone()
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx, grad):  # type: ignore[override]
+        sae_in, W_enc, b_enc, scale, columns, values = ctx.saved_tensors
+        need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
+        acc = accumulation_dtype(sae_in.dtype, W_enc.dtype)
+        d_sae = W_enc.shape[1]
+        g = grad.to(acc)
+        grad_x = grad_w = grad_b = grad_s = None
+        if scale is not None:
+            s = scale[columns].to(acc)
+            if need_s:  # ∂/∂s of (x W + b)·s at the unscaled pre-activation (0 where s = 0)
+                h = torch.where(s != 0, values.to(acc) / torch.where(s != 0, s, 1), 0)
+                grad_s = scale.new_zeros(d_sae, dtype=acc).index_copy_(0, columns, (g * h).sum(0))
+                grad_s = grad_s.to(scale.dtype)
+            g = g * s
+        if need_b:
+            grad_b = b_enc.new_zeros(d_sae, dtype=acc).index_copy_(0, columns, g.sum(0))
+            grad_b = grad_b.to(b_enc.dtype)
+        with full_precision(sae_in.device.type):
+            if need_x:
+                grad_x = (g @ W_enc.index_select(1, columns).to(acc).T).to(sae_in.dtype)
+            if need_w:
+                grad_w = W_enc.new_zeros(W_enc.shape, dtype=acc)
+                grad_w.index_copy_(1, columns, sae_in.to(acc).T @ g)
+                grad_w = grad_w.to(W_enc.dtype)
+        return grad_x, grad_w, grad_b, grad_s, None, None
+
+
+def preacts_on_columns(
+    sae_in: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    columns: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``values`` (``[N, m]``, the pre-activations ``(sae_in @ W_enc + b_enc) · scale`` of the
+    ``m`` distinct latents ``columns``, every row), differentiable in ``sae_in``, ``W_enc``,
+    ``b_enc`` and ``scale`` through dense matmuls over those columns (in at least float32)."""
+    if columns.dim() != 1 or values.dim() != 2 or values.shape[1] != columns.numel():
+        raise ValueError(
+            f"preacts_on_columns takes columns [m] and values [N, m], got "
+            f"{tuple(columns.shape)}, {tuple(values.shape)}"
+        )
+    return _PreactsOnColumns.apply(sae_in, W_enc, b_enc, scale, columns, values.detach())
 
 
 def preacts_at_reference(

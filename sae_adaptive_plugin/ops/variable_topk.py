@@ -91,8 +91,7 @@ def variable_topk_reference(hidden_pre: torch.Tensor, k_per_row: torch.Tensor) -
 def scatter_topk(result: TopKResult, d_sae: int) -> torch.Tensor:
     """Dense feature activations ``[..., d_sae]`` from a :class:`TopKResult`."""
     shape = (*result.values.shape[:-1], d_sae)
-    out = result.values.new_zeros(shape)
-    return out.scatter(-1, result.indices, result.values)
+    return result.values.new_zeros(shape).scatter_(-1, result.indices, result.values)
 
 
 def decode_topk_dense(

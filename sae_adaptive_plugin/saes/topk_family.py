@@ -24,10 +24,14 @@ import torch
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE
 
-from sae_adaptive_plugin.ops.dispatch import host_check_is_free
+from sae_adaptive_plugin.ops.dispatch import (
+    accumulation_dtype,
+    full_precision,
+    host_check_is_free,
+)
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
-from sae_adaptive_plugin.ops.preacts_at import preacts_at
+from sae_adaptive_plugin.ops.preacts_at import preacts_at, preacts_on_columns
 from sae_adaptive_plugin.ops.variable_topk import (
     TopKResult,
     decode_topk,
@@ -46,6 +50,10 @@ from sae_adaptive_plugin.saes.input_checks import (
 #: Extra loss of the all-prefix objective ``mean_j e_j`` (``e_j = ‖x − x̂_j‖²``, prefixes
 #: ``j = 1..K`` of the sorted selection), written as ``mse_loss`` (``e_K``) plus this excess.
 PREFIX_EXCESS_LOSS = "prefix_excess_loss"
+
+#: AuxK on the CPU decodes with matmuls over all dead columns once it chooses at least
+#: ``1 / AUXK_DENSE_RATIO`` of them per row (else with bags of the chosen ones).
+AUXK_DENSE_RATIO = 8
 
 
 @dataclass
@@ -407,15 +415,28 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
         residual = (step_input.sae_in - sae_out).detach()
         hidden_pre = encoding.hidden_pre.detach().reshape(-1, self.cfg.d_sae)
         scale = self.decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
+        sae_in = encoding.sae_in.reshape(-1, self.cfg.d_in)
         if host_check_is_free(dead):
             # on the CPU reading the dead latents back is free: none, no work; else the top-k
             # among the dead columns only (SAELens's selection of min(k_aux, #dead) latents)
             dead_ids = dead.nonzero().squeeze(-1)
             if dead_ids.numel() == 0:
                 return {"auxiliary_reconstruction_loss": sae_out.new_tensor(0.0)}
-            top = hidden_pre.index_select(-1, dead_ids).topk(
-                min(k_aux, dead_ids.numel()), dim=-1, sorted=False
-            )
+            dead_pre = hidden_pre.index_select(-1, dead_ids)
+            top = dead_pre.topk(min(k_aux, dead_ids.numel()), dim=-1, sorted=False)
+            if top.indices.shape[-1] * AUXK_DENSE_RATIO >= dead_ids.numel():
+                # a dense share of the dead columns is chosen: matmuls over them beat the bags
+                chosen = torch.zeros_like(dead_pre, dtype=torch.bool).scatter_(
+                    -1, top.indices, True
+                )
+                values = preacts_on_columns(
+                    sae_in, self.W_enc, self.b_enc, dead_ids, dead_pre, scale
+                )
+                coefficients = self.decoder_coefficients(torch.where(chosen, values, 0), dead_ids)
+                acc = accumulation_dtype(coefficients.dtype, self.W_dec.dtype)
+                with full_precision(coefficients.device.type):
+                    recons = coefficients.to(acc) @ self.W_dec.index_select(0, dead_ids).to(acc)
+                return self._auxk_loss(recons, residual, encoding, dead, k_aux_full)
             indices, chosen_values, filled = dead_ids[top.indices], top.values, None
         else:
             # on a GPU without reading the number back (no host sync): the k_aux largest
@@ -424,18 +445,22 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
             top = torch.where(dead, hidden_pre, minus_inf).topk(k_aux, dim=-1, sorted=False)
             filled = top.values > minus_inf
             indices, chosen_values = top.indices, torch.where(filled, top.values, 0)
-        values = preacts_at(
-            encoding.sae_in.reshape(-1, self.cfg.d_in),
-            self.W_enc,
-            self.b_enc,
-            indices,
-            chosen_values,
-            scale,
-        )
+        values = preacts_at(sae_in, self.W_enc, self.b_enc, indices, chosen_values, scale)
         if filled is not None:
             values = torch.where(filled, values, 0)
         coefficients = self.decoder_coefficients(values, indices)
         recons = decode_topk(coefficients, indices, self.W_dec)
+        return self._auxk_loss(recons, residual, encoding, dead, k_aux_full)
+
+    def _auxk_loss(
+        self,
+        recons: torch.Tensor,
+        residual: torch.Tensor,
+        encoding: StepEncoding,
+        dead: torch.Tensor,
+        k_aux_full: int,
+    ) -> dict[str, torch.Tensor]:
+        """SAELens's AuxK loss of the dead latents' reconstruction ``[N, d_in]`` of ``residual``."""
         recons = recons.reshape(*encoding.hidden_pre.shape[:-1], self.cfg.d_in)
         recons = self.reshape_fn_out(recons, self.d_head)  # type: ignore[attr-defined]
         loss = (recons - residual).pow(2).sum(dim=-1).mean()
