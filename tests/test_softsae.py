@@ -341,7 +341,9 @@ def test_bad_config_is_rejected(overrides: dict, field: str) -> None:
 
 def test_config_defaults_and_inference_config() -> None:
     cfg = SoftSAETrainingSAEConfig(d_in=16, d_sae=48, k=5)
-    assert cfg.k_max == 10 and cfg.k_estimator_hidden == 48
+    assert cfg.k_max == 10 and cfg.k_estimator_hidden == 48  # d_sae ≤ 4·d_in: d_sae
+    wide = SoftSAETrainingSAEConfig(d_in=16, d_sae=256, k=5)
+    assert wide.k_estimator_hidden == 64  # a wide SAE: 4·d_in
     assert SoftSAETrainingSAEConfig(d_in=16, d_sae=48, k=30).k_max == 48
     with pytest.raises(ValueError, match="k_max"):
         SoftSAEConfig(d_in=16, d_sae=48, k=4, k_max=64, k_estimator_hidden=8)

@@ -78,6 +78,8 @@ class SoftSAEConfig(TopKSAEConfig):
 ALPHA_ANNEAL_FRACTION = 1 / 3
 K_ANNEAL_FRACTION = 0.01
 HARD_PHASE_FRACTION = 0.5
+#: Default width of the k-estimator's hidden layer per input dimension (capped at ``d_sae``).
+ESTIMATOR_WIDTH_PER_INPUT = 4
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,8 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
     Args:
         k: target mean number of active latents (required, no default; ``1 ≤ k ≤ k_max``).
         k_max: upper bound of ``k̂(x)``; default ``min(2k, d_sae)``; at most ``d_sae``.
-        k_estimator_hidden: hidden width of the k-estimator; default ``d_sae`` (the reference).
+        k_estimator_hidden: hidden width of the k-estimator; default ``min(d_sae, 4·d_in)`` (the
+            reference uses ``d_sae``, which is the default wherever ``d_sae ≤ 4·d_in``).
         alpha_start, alpha_end: LapSum scale at step 0 and after ``alpha_anneal_steps`` (> 0).
         alpha_relative: α is in units of the batch's mean largest pre-activation (so the same
             values suit activations of any scale); False: in units of the pre-activations (the
@@ -156,7 +159,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
         if self.k_max is None:
             self.k_max = min(2 * self.k, self.d_sae)
         if self.k_estimator_hidden is None:
-            self.k_estimator_hidden = self.d_sae
+            self.k_estimator_hidden = min(self.d_sae, ESTIMATOR_WIDTH_PER_INPUT * self.d_in)
         _validate_common(self)
         _check_positive("alpha_start", self.alpha_start)
         _check_positive("alpha_end", self.alpha_end)
