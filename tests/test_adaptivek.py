@@ -158,6 +158,27 @@ def test_warmup_switch_is_recorded_and_resumes(tmp_path):
     assert "mse_loss" in out.losses and float(out.losses["prefix_excess_loss"]) == 0
 
 
+@pytest.mark.parametrize("k_max", [12, 20])
+def test_block_ends_warmup_loss_is_the_all_prefix_mean_at_block_ends(k_max):
+    """``warmup_loss="block_ends"``: the excess term is the mean over the prefixes 8, 16, …,
+    k_max of the prefix errors, minus the last (the all-prefix loss read at block ends)."""
+    from sae_adaptive_plugin.ops.hierarchical import PREFIX_BLOCK
+
+    torch.manual_seed(1)
+    x = torch.randn(32, 16).abs() * 2
+    sae = _training_sae(k_max=k_max, probe_warmup_steps=8, warmup_loss="block_ends")
+    out = _step(sae, x, 0)
+    errors = sae.prefix_errors_from_selection(x, sae.encode_selection(x).selection).detach()
+    ends = [min(PREFIX_BLOCK * (b + 1), k_max) - 1 for b in range(-(-k_max // PREFIX_BLOCK))]
+    want = errors[:, ends].mean() - errors[:, -1].mean()
+    torch.testing.assert_close(
+        out.losses["prefix_excess_loss"].detach(), want, rtol=1e-4, atol=1e-5
+    )
+    assert float(out.losses["prefix_excess_loss"]) > 0
+    out.loss.backward()
+    assert sae.W_dec.grad is not None and torch.isfinite(sae.W_dec.grad).all()
+
+
 def test_probe_path_sets_k_from_the_start(tmp_path):
     probe = _random_probe(16)
     path = probe.save(tmp_path / "probe.safetensors")

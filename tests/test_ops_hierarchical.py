@@ -172,3 +172,28 @@ def test_prefix_block_size_does_not_change_errors_or_gradients(block, monkeypatc
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("K", [1, 8, 11, 24])
+def test_block_end_errors_are_the_prefix_errors_at_block_ends_with_their_gradients(K):
+    """Column b of block_end_errors is the prefix error after min(8(b+1), K) latents; the
+    closed-form backward equals autograd through the naive reference (float64)."""
+    from sae_adaptive_plugin.ops.hierarchical import PREFIX_BLOCK, block_end_errors
+
+    args = _inputs(9, K, 30, 7, torch.float64, seed=20 + K)
+    ends = [min(PREFIX_BLOCK * (b + 1), K) - 1 for b in range(-(-K // PREFIX_BLOCK))]
+    weights = torch.rand(
+        9, len(ends), dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
+
+    def naive(r, v, w, i):
+        return (prefix_reconstruction_errors_naive(r, v, w, i)[:, ends] * weights).sum()
+
+    def blocked(r, v, w, i):
+        return (block_end_errors(r, v, w, i, chunk_size=4) * weights).sum()
+
+    ref, ref_grads = _grads(naive, *args)
+    out, grads = _grads(blocked, *args)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])

@@ -224,6 +224,102 @@ class _PrefixErrors(torch.autograd.Function):
         return grad_residual, grad_values, grad_w, None, None, None
 
 
+class _BlockEndErrors(torch.autograd.Function):
+    """``‖P_{b+1}‖²`` ``[B, n_blocks]``: the error after each block of ``block`` prefixes (the
+    last block ends at ``K``), from the recursion ``P_{b+1} = P_b − Σ_{i∈b} a_i D_i`` alone.
+
+    Backward in reverse with ``gP = ∂L/∂P_{b+1}`` (which gains ``2 g_b P_{b+1}``):
+    ``∂L/∂D_i = −a_i gP``, ``∂L/∂a_i = −⟨gP, D_i⟩``, and ``gP`` passes on to ``P_b``.
+    """
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, residual0, values, W_dec, indices, chunk, block):  # type: ignore[override]
+        slots = _block_slots(indices, block)
+        n_blocks = slots.shape[1]
+        coeffs = _padded(values, n_blocks * block)
+        errors = residual0.new_empty(indices.shape[0], n_blocks)
+        with exact_float32_matmul(residual0.device.type):
+            for s, rows in _gathered_chunks(W_dec, slots, chunk, residual0.dtype):
+                n = rows.shape[0]
+                P = residual0[s : s + n]
+                for b in range(n_blocks):
+                    cols = slice(b * block, (b + 1) * block)
+                    P = P - torch.bmm(coeffs[s : s + n, None, cols], rows[:, b, :block]).squeeze(1)
+                    errors[s : s + n, b] = P.pow(2).sum(-1)
+        ctx.save_for_backward(residual0, values, W_dec, indices)
+        ctx.chunk, ctx.block = chunk, block
+        return errors
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx, grad_errors):  # type: ignore[override]
+        residual0, values, W_dec, indices = ctx.saved_tensors
+        block = ctx.block
+        B, K = values.shape
+        d = W_dec.shape[1]
+        slots = _block_slots(indices, block)
+        n_blocks = slots.shape[1]
+        width = n_blocks * block
+        coeffs = _padded(values, width)
+        grad_values = values.new_empty(B, width)
+        grad_residual = torch.empty_like(residual0)
+        grad_w = torch.zeros(W_dec.shape, dtype=residual0.dtype, device=W_dec.device)
+        grad_rows = residual0.new_empty(min(ctx.chunk, B), width, d)
+        with exact_float32_matmul(residual0.device.type):
+            for s, rows in _gathered_chunks(W_dec, slots, ctx.chunk, residual0.dtype):
+                n = rows.shape[0]
+                P = residual0[s : s + n]
+                for b in range(n_blocks):  # P_{b+1}, into block b's free slot
+                    cols = slice(b * block, (b + 1) * block)
+                    P = P - torch.bmm(coeffs[s : s + n, None, cols], rows[:, b, :block]).squeeze(1)
+                    rows[:, b, block] = P
+                gP = torch.zeros_like(P)
+                for b in reversed(range(n_blocks)):
+                    cols = slice(b * block, (b + 1) * block)
+                    gP = gP + 2.0 * grad_errors[s : s + n, b, None] * rows[:, b, block]
+                    D = rows[:, b, :block]
+                    grad_values[s : s + n, cols] = -torch.bmm(D, gP.unsqueeze(-1)).squeeze(-1)
+                    grad_rows[:n, cols] = -coeffs[s : s + n, cols, None] * gP.unsqueeze(1)
+                grad_residual[s : s + n] = gP
+                grad_w.index_add_(
+                    0, slots[s : s + n, :, :block].reshape(-1), grad_rows[:n].view(-1, d)
+                )
+        grad_values = grad_values[:, :K] if ctx.needs_input_grad[1] else None
+        grad_residual = grad_residual if ctx.needs_input_grad[0] else None
+        grad_w = grad_w.to(W_dec.dtype) if ctx.needs_input_grad[2] else None
+        return grad_residual, grad_values, grad_w, None, None, None
+
+
+def block_end_errors(
+    residual0: torch.Tensor,
+    values: torch.Tensor,
+    W_dec: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The prefix errors at the end of each block of :data:`PREFIX_BLOCK` latents (prefixes
+    ``8, 16, …`` and ``K``): ``[B, ceil(K / 8)]``, column ``b`` equal to
+    ``prefix_reconstruction_errors(...)[:, min(8(b+1), K) − 1]``. Same arguments (``indices``
+    required), dtypes and gradients as :func:`prefix_reconstruction_errors`; ``O(B·K·d)`` work,
+    no Gram matrix."""
+    _check_inputs(residual0, values)
+    _check_decoder(residual0, values, W_dec, indices)
+    if not W_dec.dtype.is_floating_point:
+        raise ValueError(f"W_dec must be a floating-point tensor, got dtype {W_dec.dtype}")
+    dtype = accumulation_dtype(residual0.dtype, values.dtype, W_dec.dtype)
+    B, K = indices.shape
+    block = min(PREFIX_BLOCK, K)
+    width = -(-K // block) * (block + 2)
+    device_type = residual0.device.type
+    chunk = _chunk_rows(B, width, W_dec.shape[1], chunk_size, device_type)
+    with full_precision(device_type):
+        return _BlockEndErrors.apply(
+            residual0.to(dtype), values.to(dtype), W_dec, indices.long(), chunk, block
+        )
+
+
 def _padded(t: torch.Tensor, width: int) -> torch.Tensor:
     """``t [B, K]`` with zero columns appended up to ``width``."""
     if t.shape[1] == width:

@@ -42,7 +42,7 @@ NAME = "adaptivek"
 #: Trainer-side normalisations a pre-fitted (raw-activation) probe cannot follow.
 _TRAINER_SIDE_NORMALIZATION = ("expected_average_only_in", "covariance_whitening")
 #: Losses of the warm-up phase (see ``AdaptiveKTrainingSAEConfig.warmup_loss``).
-_WARMUP_LOSSES = ("hierarchical", "mse")
+_WARMUP_LOSSES = ("hierarchical", "block_ends", "mse")
 #: Scales of the ``k*`` threshold (see ``AdaptiveKTrainingSAEConfig.kstar_scale``).
 KSTAR_SCALES = ("dataset", "row")
 #: Defaults of ``k_min`` and of ``k_max / k`` (``k_max = min(4k, d_sae)``) for a target ``k``.
@@ -202,7 +202,9 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
         probe_n_folds: cross-validation folds of the probe's ridge fit, ``>= 2``.
         warmup_loss: loss of the warm-up at ``k_max``: ``"hierarchical"`` (default; the
             HierarchicalTopK mean over all prefixes, so that the prefix reconstructions ``k*``
-            is read from are good at every length) or ``"mse"`` (plain TopK at ``k_max``).
+            is read from are good at every length), ``"block_ends"`` (the same mean over the
+            prefixes 8, 16, …, ``k_max`` only, without Gram matrices: about an eighth of the
+            work) or ``"mse"`` (plain TopK at ``k_max``).
         aux_loss_coefficient: weight of SAELens's TopK AuxK loss.
         rescale_acts_by_decoder_norm: as SAELens's TopK (select on ``hidden_pre·‖W_dec‖``).
         decoder_unit_norm: keep decoder rows at unit norm during training and remove the

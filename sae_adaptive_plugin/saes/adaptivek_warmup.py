@@ -95,8 +95,13 @@ class AdaptiveKWarmup:
         self, step_input: TrainStepInput, encoding: StepEncoding
     ) -> dict[str, torch.Tensor]:
         assert isinstance(encoding, TopKEncoding)
-        if self.is_adaptive or self.cfg.warmup_loss != "hierarchical":
+        if self.is_adaptive or self.cfg.warmup_loss == "mse":
             return {PREFIX_EXCESS_LOSS: encoding.hidden_pre.new_zeros(())}
+        if self.cfg.warmup_loss == "block_ends":
+            errors = self.block_end_errors_from_selection(
+                encoding.x_in, encoding.selection, self.prefix_loss_chunk_size
+            )
+            return {PREFIX_EXCESS_LOSS: prefix_excess(errors)}
         return {PREFIX_EXCESS_LOSS: prefix_excess(self.prefix_errors_of(encoding))}
 
     def record_training_step(self, step_input: TrainStepInput, encoding: StepEncoding) -> None:

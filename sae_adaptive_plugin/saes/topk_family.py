@@ -30,7 +30,7 @@ from sae_adaptive_plugin.ops.dispatch import (
     host_check_is_free,
 )
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
-from sae_adaptive_plugin.ops.hierarchical import prefix_reconstruction_errors
+from sae_adaptive_plugin.ops.hierarchical import block_end_errors, prefix_reconstruction_errors
 from sae_adaptive_plugin.ops.preacts_at import preacts_at, preacts_on_columns
 from sae_adaptive_plugin.ops.variable_topk import (
     TopKResult,
@@ -294,6 +294,24 @@ class TopKFamilyMixin:
         values = selection.values.reshape(-1, width)
         indices = selection.indices.reshape(-1, width)
         return prefix_reconstruction_errors(
+            x - self.b_dec,
+            self.decoder_coefficients(values, indices),
+            self.W_dec,
+            indices,
+            chunk_size=chunk_size,
+        )
+
+    def block_end_errors_from_selection(
+        self, x_in: torch.Tensor, selection: TopKResult, chunk_size: int | None = None
+    ) -> torch.Tensor:
+        """The prefix errors at the ends of the blocks of 8 latents of the sorted selection,
+        ``[N, ceil(width / 8)]`` (:func:`~sae_adaptive_plugin.ops.hierarchical.block_end_errors`);
+        differentiable."""
+        x = self.run_time_activation_norm_fn_in(x_in).reshape(-1, self.cfg.d_in)  # type: ignore[attr-defined]
+        width = selection.values.shape[-1]
+        values = selection.values.reshape(-1, width)
+        indices = selection.indices.reshape(-1, width)
+        return block_end_errors(
             x - self.b_dec,
             self.decoder_coefficients(values, indices),
             self.W_dec,
