@@ -17,6 +17,7 @@ import sae_adaptive_plugin.ops.variable_topk as variable_topk_module
 import sae_adaptive_plugin.saes.softsae as softsae_module
 from sae_adaptive_plugin.ops.adaptive_k import kstar_from_prefix_errors
 from sae_adaptive_plugin.ops.hierarchical import (
+    block_end_errors,
     hierarchical_loss,
     hierarchical_loss_naive,
     prefix_reconstruction_errors,
@@ -452,6 +453,7 @@ def _ops_losses():
             prefix_reconstruction_errors(rr, vv, ww, idx, chunk_size=5).sum(),
             hierarchical_loss(rr, vv, ww, idx),
             decode_topk(vv, idx, ww, impl="gather").sum(),
+            block_end_errors(rr, vv, ww, idx, chunk_size=5).sum(),
         ],
     }
 
