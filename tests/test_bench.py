@@ -208,7 +208,7 @@ def test_rows_use_the_defaults_and_mark_dead_latents_by_default(result: dict) ->
     k = TINY["k"]
     assert by_name["adaptivek"]["settings"]["k_min"] == 1
     assert by_name["adaptivek"]["settings"]["k_max"] == 4 * k
-    assert by_name["adaptivek_warmup"]["settings"]["warmup_loss"] == "hierarchical"
+    assert by_name["adaptivek_warmup"]["settings"]["warmup_loss"] == "block_ends"
     assert by_name["softsae_hard"]["settings"]["k_max"] == 2 * k
 
 

@@ -5,7 +5,7 @@ Rows: SAELens's ``topk`` at ``k`` (the reference); EleutherAI sparsify's TopK ``
 its own training step (``sparsify_topk``, the fastest peer; skipped unless installed);
 ``hierarchical_topk`` with ``K = k``; ``softsae`` in its soft phase (LapSum mask, after the
 ``K_t`` anneal) and its hard phase (per-row ``⌊k̂⌋``, ``k_max = 2k``), its output bias set so that
-the batch's mean k is ``k``; ``adaptivek`` in its warm-up (top-``4k`` with the all-prefix loss,
+the batch's mean k is ``k``; ``adaptivek`` in its warm-up (top-``4k`` with its prefix loss,
 labelling rows) and after it (a random-direction probe shifted so the batch's mean k is ``k``). By
 default 10% of the latents are marked dead, so AuxK runs. An unavailable architecture is
 ``skipped``; a row that fails to build is ``error`` with its message.
@@ -228,7 +228,7 @@ _WARMUP_STEPS = 1_000_000
 
 def _build_adaptivek_warmup(cfg: BenchConfig, x: Any) -> list[BenchRow]:
     """AdaptiveK with its defaults during its warm-up: top-``k_max`` (``4k``) with the
-    all-prefix loss, in the second half, where every step also labels rows with ``k*``."""
+    prefix loss, in the second half, where every step also labels rows with ``k*``."""
     from sae_lens.registry import get_sae_training_class
 
     sae_cls, cfg_cls = get_sae_training_class("adaptivek")

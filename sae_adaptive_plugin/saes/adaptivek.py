@@ -6,7 +6,7 @@ with ``s`` the probe output ``ĉ = wᵀx + b`` (clamped to its label range) scal
 (``probe_weight``, ``probe_bias``, ``probe_label_range``, ``probe_fitted``), saved with the weights,
 and SAELens's folds of the input are folded into it.
 
-The probe comes from ``probe_path`` or from a warm-up at ``k_max`` (all-prefix loss by default)
+The probe comes from ``probe_path`` or from a warm-up at ``k_max`` (a prefix loss by default)
 whose second half labels each row with ``k*``, the fewest sorted latents whose prefix error is at
 most ``τ`` times the batch's mean variance (:mod:`~sae_adaptive_plugin.saes.adaptivek_warmup`).
 Design and measurements: docs/METHODS.md §3, docs/notes_saes.md.
@@ -200,11 +200,12 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
         probe_min_r2: the fitted probe's held-out R² must reach this, or training stops with an
             error (the per-row k would be noise); ``-inf`` disables the check.
         probe_n_folds: cross-validation folds of the probe's ridge fit, ``>= 2``.
-        warmup_loss: loss of the warm-up at ``k_max``: ``"hierarchical"`` (default; the
-            HierarchicalTopK mean over all prefixes, so that the prefix reconstructions ``k*``
-            is read from are good at every length), ``"block_ends"`` (the same mean over the
-            prefixes 8, 16, …, ``k_max`` only, without Gram matrices: about an eighth of the
-            work) or ``"mse"`` (plain TopK at ``k_max``).
+        warmup_loss: loss of the warm-up at ``k_max``: ``"block_ends"`` (default; the mean
+            of the prefix errors at the prefixes 8, 16, …, ``k_max``, so that the prefix
+            reconstructions ``k*`` is read from are good at every length; plain MSE when
+            ``k_max ≤ 8``), ``"hierarchical"`` (HierarchicalTopK's mean over all prefixes: the
+            same training, with a Gram matrix per block of 8 prefixes) or ``"mse"`` (plain TopK
+            at ``k_max``).
         aux_loss_coefficient: weight of SAELens's TopK AuxK loss.
         rescale_acts_by_decoder_norm: as SAELens's TopK (select on ``hidden_pre·‖W_dec‖``).
         decoder_unit_norm: keep decoder rows at unit norm during training and remove the
@@ -222,7 +223,7 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
     kstar_scale: str = "dataset"
     probe_min_r2: float = 0.05
     probe_n_folds: int = 5
-    warmup_loss: str = "hierarchical"
+    warmup_loss: str = "block_ends"
     aux_loss_coefficient: float = 1.0
     rescale_acts_by_decoder_norm: bool = True
     decoder_unit_norm: bool = False

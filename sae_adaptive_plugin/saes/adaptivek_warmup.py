@@ -1,8 +1,8 @@
 """AdaptiveK's warm-up: train at ``k_max``, label rows with ``k*``, fit the probe, switch.
 
-During the warm-up every row keeps ``k_max`` latents and the loss is the all-prefix one
-(``mse_loss`` + ``prefix_excess_loss``, i.e. ``mean_j ‖x − x̂_j‖²``) or plain MSE
-(``warmup_loss``). In its second half each row gets the label
+During the warm-up every row keeps ``k_max`` latents and the loss is a prefix loss
+(``mse_loss`` + ``prefix_excess_loss``, i.e. ``mean_j ‖x − x̂_j‖²`` over the prefixes ``j`` = 8,
+16, …, ``k_max``, or over all of them) or plain MSE (``warmup_loss``). In its second half each row gets the label
 ``k* = min { j : ‖x − x̂_j‖² ≤ τ · V }`` (``V``: the batch's mean variance, or the row's own with
 ``kstar_scale="row"``; ``τ`` chosen on the first labelled batch so the median ``k*`` is the target
 ``k``), and ``(x, k*)`` feeds a streaming ridge fit. At ``probe_warmup_steps`` the probe is fitted,
