@@ -395,6 +395,8 @@ def test_fused_step_matches_dense_path_float64(rescale, auxk):
         outs[fused] = loss_and_grads(sae, x, 0, dead, is_logging_step=True)
     o1, o0 = outs[True][0], outs[False][0]
     assert type(o1.hidden_pre.grad_fn) is not type(o0.hidden_pre.grad_fn)
+    # the fused step's output and MSE come from the prefix pass, the dense step decodes
+    assert o1.sae_out.grad_fn is None and o0.sae_out.grad_fn is not None
     assert bool(o1.losses["auxiliary_reconstruction_loss"] > 0) == auxk
     assert_steps_match(outs[True], outs[False])
 

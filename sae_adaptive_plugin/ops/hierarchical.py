@@ -132,7 +132,8 @@ def _gathered_chunks(
 
 class _PrefixErrors(torch.autograd.Function):
     """Prefix errors ``[B, K]`` of ``residual0 [B, d]``, ``values [B, K]`` and the decoder rows
-    ``W_dec[indices]``, in ``residual0``'s dtype.
+    ``W_dec[indices]``, in ``residual0``'s dtype, and the final residual ``P_K [B, d]`` (no
+    gradient).
 
     The prefixes are taken in blocks of ``block`` latents. With ``P_b`` the residual before block
     ``b`` (``P_0 = e₀``, ``P_{b+1} = P_b − Σ_{i∈b} a_i D_i``), the errors inside block ``b`` are
@@ -154,6 +155,7 @@ class _PrefixErrors(torch.autograd.Function):
         n_blocks = slots.shape[1]
         coeffs = _padded(values, n_blocks * block)
         errors = residual0.new_empty(B, n_blocks * block)
+        final = torch.empty_like(residual0)
         with exact_float32_matmul(residual0.device.type):
             for s, rows in _gathered_chunks(W_dec, slots, chunk, residual0.dtype):
                 n = rows.shape[0]
@@ -165,13 +167,15 @@ class _PrefixErrors(torch.autograd.Function):
                     gram = torch.bmm(V, V.transpose(1, 2))
                     errors[s : s + n, cols] = _errors_from_gram(gram, coeffs[s : s + n, cols])
                     P = P - torch.bmm(coeffs[s : s + n, None, cols], V[:, :block]).squeeze(1)
+                final[s : s + n] = P
         ctx.save_for_backward(residual0, values, W_dec, indices)
         ctx.chunk, ctx.block = chunk, block
-        return errors[:, :K]
+        ctx.mark_non_differentiable(final)
+        return errors[:, :K], final
 
     @staticmethod
     @autocast_off
-    def backward(ctx, grad_errors):  # type: ignore[override]
+    def backward(ctx, grad_errors, _grad_final):  # type: ignore[override]
         residual0, values, W_dec, indices = ctx.saved_tensors
         block = ctx.block
         B, K = values.shape
@@ -187,7 +191,6 @@ class _PrefixErrors(torch.autograd.Function):
         grad_values = values.new_empty(B, width)
         grad_residual = torch.empty_like(residual0)
         grad_w = torch.zeros(W_dec.shape, dtype=residual0.dtype, device=W_dec.device)
-        grad_rows = residual0.new_empty(min(ctx.chunk, B), width, d)
         with exact_float32_matmul(residual0.device.type):
             for s, rows in _gathered_chunks(W_dec, slots, ctx.chunk, residual0.dtype):
                 n = rows.shape[0]
@@ -211,13 +214,13 @@ class _PrefixErrors(torch.autograd.Function):
                     )
                     Q = T.mul_(signed.unsqueeze(-1) * signed.unsqueeze(-2)).mul_(2.0)
                     chain = torch.cat([-a, a.new_ones(n, 1)], dim=1).unsqueeze(-1)  # −a_i, then 1
-                    grad_V = torch.bmm(torch.cat([Q, chain], dim=-1), V)  # ∂L/∂D_b, then ∂L/∂P_b
-                    grad_rows[:n, cols] = grad_V[:, :block]
-                    gP = grad_V[:, block]
+                    Q = torch.cat([Q, chain], dim=-1)  # rows: ∂L/∂D_b, then ∂L/∂P_b, as · V
+                    grad_D = torch.bmm(Q[:, :block], V)
+                    grad_w.index_add_(
+                        0, slots[s : s + n, b, :block].reshape(-1), grad_D.view(-1, d)
+                    )
+                    gP = torch.bmm(Q[:, block:], V).squeeze(1)
                 grad_residual[s : s + n] = gP
-                grad_w.index_add_(
-                    0, slots[s : s + n, :, :block].reshape(-1), grad_rows[:n].view(-1, d)
-                )
         grad_values = grad_values[:, :K] if ctx.needs_input_grad[1] else None
         grad_residual = grad_residual if ctx.needs_input_grad[0] else None
         grad_w = grad_w.to(W_dec.dtype) if ctx.needs_input_grad[2] else None
@@ -357,6 +360,20 @@ def prefix_reconstruction_errors(
     Example (the AdaptiveK ``k*`` label): ``k* = 1 + (err > tau * var[:, None]).sum(-1)`` for a
     monotone ``err``, ``var = ‖x − mean‖²``.
     """
+    return prefix_errors_and_residual(residual0, values, W_dec, indices, chunk_size=chunk_size)[0]
+
+
+def prefix_errors_and_residual(
+    residual0: torch.Tensor,
+    values: torch.Tensor,
+    W_dec: torch.Tensor,
+    indices: torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(errors, final)``: :func:`prefix_reconstruction_errors` (same arguments) and the last
+    prefix's residual ``residual0 − Σ_{i≤K} values_i W_dec[indices_i]`` ``[B, d]`` (without
+    gradient; ``x − residual`` is the reconstruction at ``K``), from the same pass."""
     _check_inputs(residual0, values)
     _check_decoder(residual0, values, W_dec, indices)
     dtype = accumulation_dtype(residual0.dtype, values.dtype, W_dec.dtype)
@@ -370,11 +387,13 @@ def _prefix_errors(
     W_dec: torch.Tensor,
     indices: torch.Tensor | None,
     chunk_size: int | None,
-) -> torch.Tensor:
-    """:func:`prefix_reconstruction_errors` of inputs already in the accumulation dtype."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prefix_errors_and_residual` of inputs already in the accumulation dtype."""
     if indices is None:  # the gathered rows: plain autograd ops
-        rows = torch.cat([W_dec.to(residual0.dtype), residual0.unsqueeze(1)], dim=1)
-        return _errors_from_gram(torch.bmm(rows, rows.transpose(1, 2)), values)
+        gathered = W_dec.to(residual0.dtype)
+        rows = torch.cat([gathered, residual0.unsqueeze(1)], dim=1)
+        final = (residual0 - torch.einsum("bk,bkd->bd", values, gathered)).detach()
+        return _errors_from_gram(torch.bmm(rows, rows.transpose(1, 2)), values), final
     if not W_dec.dtype.is_floating_point:
         raise ValueError(f"W_dec must be a floating-point tensor, got dtype {W_dec.dtype}")
     B, K = indices.shape

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from sae_lens.saes.sae import SAEMetadata, TrainStepInput
+from sae_lens.saes.sae import mse_loss as sae_lens_mse_loss
 from sae_lens.saes.topk_sae import (
     TopKSAE,
     TopKSAEConfig,
@@ -25,6 +26,7 @@ from sae_lens.saes.topk_sae import (
 )
 from typing_extensions import override
 
+from sae_adaptive_plugin.ops.hierarchical import prefix_errors_and_residual
 from sae_adaptive_plugin.provenance import PROVIDER_METADATA_KEY, PROVIDER_VERSION_METADATA_KEY
 from sae_adaptive_plugin.registration.hookspecs import Architecture
 from sae_adaptive_plugin.saes.config_checks import check_int, resolve_sizes
@@ -36,6 +38,7 @@ from sae_adaptive_plugin.saes.topk_family import (
     TopKFamilySAE,
     TopKFamilyTrainingSAE,
     prefix_excess,
+    refuse_deterministic_cuda_cumsum,
 )
 
 NAME = "hierarchical_topk"
@@ -245,6 +248,37 @@ class HierarchicalTopKTrainingSAE(_Budgets, TopKFamilyTrainingSAE):
     @property
     def prefix_loss_chunk_size(self) -> int | None:
         return self.cfg.loss_chunk_size
+
+    def _reconstructs_from_prefixes(self) -> bool:
+        """Whether the step's output and MSE can come from the prefix pass (the decode would
+        give the same): the fused path, no hooks on the code or the reconstruction, rows not
+        reshaped (hook_z), SAELens's plain MSE."""
+        return (
+            self.encodes_fused
+            and not self.hook_sae_acts_post._forward_hooks
+            and not self.hook_sae_recons._forward_hooks
+            and self.cfg.reshape_activations == "none"
+            and self.mse_loss_fn is sae_lens_mse_loss
+        )
+
+    def training_reconstruction(
+        self, step_input: TrainStepInput, encoding: StepEncoding
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix errors with the last prefix's residual, in one pass: ``mse_loss`` is the
+        error at ``K``, ``sae_out = x − residual`` (no gradient; the loss carries it); no
+        separate decode. Elsewhere (hooks, hook_z, another MSE): the decode."""
+        assert isinstance(encoding, TopKEncoding)
+        if not self._reconstructs_from_prefixes():
+            return super().training_reconstruction(step_input, encoding)
+        refuse_deterministic_cuda_cumsum(encoding.x_in.device, NAME)
+        residual0, coefficients, indices = self._prefix_operands(encoding.x_in, encoding.selection)
+        errors, residual = prefix_errors_and_residual(
+            residual0, coefficients, self.W_dec, indices, chunk_size=self.prefix_loss_chunk_size
+        )
+        encoding.prefix_errors = errors
+        sae_in = step_input.sae_in
+        sae_out = sae_in.reshape(-1, self.cfg.d_in).to(residual.dtype) - residual
+        return sae_out.to(sae_in.dtype).reshape(sae_in.shape), errors[:, -1].mean()
 
     def extra_losses(
         self, step_input: TrainStepInput, encoding: StepEncoding

@@ -284,21 +284,25 @@ class TopKFamilyMixin:
         out = self.run_time_activation_norm_fn_out(out)  # type: ignore[attr-defined]
         return self.reshape_fn_out(out, self.d_head)  # type: ignore[attr-defined]
 
+    def _prefix_operands(
+        self, x_in: torch.Tensor, selection: TopKResult
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x − b_dec, coefficients, indices)`` of the sorted selection, rows flattened, in the
+        SAE's (normalised) input space: what the prefix-error ops take."""
+        x = self.run_time_activation_norm_fn_in(x_in).reshape(-1, self.cfg.d_in)  # type: ignore[attr-defined]
+        width = selection.values.shape[-1]
+        values = selection.values.reshape(-1, width)
+        indices = selection.indices.reshape(-1, width)
+        return x - self.b_dec, self.decoder_coefficients(values, indices), indices
+
     def prefix_errors_from_selection(
         self, x_in: torch.Tensor, selection: TopKResult, chunk_size: int | None = None
     ) -> torch.Tensor:
         """``‖x − x̂_j‖²`` of every prefix ``j`` of the sorted selection, ``[N, width]``, in the
         SAE's (normalised) input space; differentiable (exact ``B×K×K`` form)."""
-        x = self.run_time_activation_norm_fn_in(x_in).reshape(-1, self.cfg.d_in)  # type: ignore[attr-defined]
-        width = selection.values.shape[-1]
-        values = selection.values.reshape(-1, width)
-        indices = selection.indices.reshape(-1, width)
+        residual0, coefficients, indices = self._prefix_operands(x_in, selection)
         return prefix_reconstruction_errors(
-            x - self.b_dec,
-            self.decoder_coefficients(values, indices),
-            self.W_dec,
-            indices,
-            chunk_size=chunk_size,
+            residual0, coefficients, self.W_dec, indices, chunk_size=chunk_size
         )
 
     def block_end_errors_from_selection(
@@ -307,17 +311,8 @@ class TopKFamilyMixin:
         """The prefix errors at the ends of the blocks of 8 latents of the sorted selection,
         ``[N, ceil(width / 8)]`` (:func:`~sae_adaptive_plugin.ops.hierarchical.block_end_errors`);
         differentiable."""
-        x = self.run_time_activation_norm_fn_in(x_in).reshape(-1, self.cfg.d_in)  # type: ignore[attr-defined]
-        width = selection.values.shape[-1]
-        values = selection.values.reshape(-1, width)
-        indices = selection.indices.reshape(-1, width)
-        return block_end_errors(
-            x - self.b_dec,
-            self.decoder_coefficients(values, indices),
-            self.W_dec,
-            indices,
-            chunk_size=chunk_size,
-        )
+        residual0, coefficients, indices = self._prefix_operands(x_in, selection)
+        return block_end_errors(residual0, coefficients, self.W_dec, indices, chunk_size=chunk_size)
 
     # -- folds of the input (SAELens's), followed by the second reader ---------------------------
 
@@ -371,6 +366,14 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
         """The step's ``sae_out``. Default: :meth:`decode_selection`."""
         assert isinstance(encoding, TopKEncoding)
         return self.decode_selection(encoding)
+
+    def training_reconstruction(
+        self, step_input: TrainStepInput, encoding: StepEncoding
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sae_out, mse_loss)`` of the step. Default: :meth:`training_decode` and SAELens's
+        ``mse_loss_fn`` summed over ``d``, averaged over rows."""
+        sae_out = self.training_decode(encoding)
+        return sae_out, self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
 
     def extra_losses(
         self, step_input: TrainStepInput, encoding: StepEncoding
@@ -513,8 +516,8 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
     def _training_step(self, step_input: TrainStepInput) -> TrainStepOutput:
         self.prepare_training_step(step_input)
         encoding = self.training_encoding(step_input)
-        sae_out = self.training_decode(encoding)
-        losses = {"mse_loss": self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()}
+        sae_out, mse_loss = self.training_reconstruction(step_input, encoding)
+        losses = {"mse_loss": mse_loss}
         losses.update(self.auxk_losses(step_input, encoding, sae_out))
         losses.update(self.extra_losses(step_input, encoding))
         self.record_training_step(step_input, encoding)
