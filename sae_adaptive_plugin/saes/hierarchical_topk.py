@@ -26,7 +26,6 @@ from sae_lens.saes.topk_sae import (
 )
 from typing_extensions import override
 
-from sae_adaptive_plugin.ops.hierarchical import prefix_errors_and_residual
 from sae_adaptive_plugin.provenance import PROVIDER_METADATA_KEY, PROVIDER_VERSION_METADATA_KEY
 from sae_adaptive_plugin.registration.hookspecs import Architecture
 from sae_adaptive_plugin.saes.config_checks import check_int, resolve_sizes
@@ -38,7 +37,6 @@ from sae_adaptive_plugin.saes.topk_family import (
     TopKFamilySAE,
     TopKFamilyTrainingSAE,
     prefix_excess,
-    refuse_deterministic_cuda_cumsum,
 )
 
 NAME = "hierarchical_topk"
@@ -270,12 +268,9 @@ class HierarchicalTopKTrainingSAE(_Budgets, TopKFamilyTrainingSAE):
         assert isinstance(encoding, TopKEncoding)
         if not self._reconstructs_from_prefixes():
             return super().training_reconstruction(step_input, encoding)
-        refuse_deterministic_cuda_cumsum(encoding.x_in.device, NAME)
-        residual0, coefficients, indices = self._prefix_operands(encoding.x_in, encoding.selection)
-        errors, residual = prefix_errors_and_residual(
-            residual0, coefficients, self.W_dec, indices, chunk_size=self.prefix_loss_chunk_size
-        )
-        encoding.prefix_errors = errors
+        errors = self.prefix_errors_of(encoding)
+        residual = encoding.prefix_residual
+        assert residual is not None
         sae_in = step_input.sae_in
         sae_out = sae_in.reshape(-1, self.cfg.d_in).to(residual.dtype) - residual
         return sae_out.to(sae_in.dtype).reshape(sae_in.shape), errors[:, -1].mean()

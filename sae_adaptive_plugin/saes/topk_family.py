@@ -30,7 +30,11 @@ from sae_adaptive_plugin.ops.dispatch import (
     host_check_is_free,
 )
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
-from sae_adaptive_plugin.ops.hierarchical import block_end_errors, prefix_reconstruction_errors
+from sae_adaptive_plugin.ops.hierarchical import (
+    block_end_errors,
+    prefix_errors_and_residual,
+    prefix_reconstruction_errors,
+)
 from sae_adaptive_plugin.ops.preacts_at import preacts_at, preacts_on_columns
 from sae_adaptive_plugin.ops.variable_topk import (
     TopKResult,
@@ -70,13 +74,15 @@ class StepEncoding:
 class TopKEncoding(StepEncoding):
     """A batch through the top-k encoder. ``x_in``: the rows as read (reshaped, after
     ``hook_sae_input``); ``sae_in``: what the encoder reads; ``selection``: the compact top-k,
-    whose values are the code's (after ``hook_sae_acts_post``); ``prefix_errors``: filled once by
+    whose values are the code's (after ``hook_sae_acts_post``); ``prefix_errors`` and
+    ``prefix_residual`` (the last prefix's residual, no gradient): filled once by
     :meth:`TopKFamilyTrainingSAE.prefix_errors_of`."""
 
     x_in: torch.Tensor
     sae_in: torch.Tensor
     selection: TopKResult
     prefix_errors: torch.Tensor | None = None
+    prefix_residual: torch.Tensor | None = None
 
 
 class InputReader(NamedTuple):
@@ -397,11 +403,19 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
         return None
 
     def prefix_errors_of(self, encoding: TopKEncoding) -> torch.Tensor:
-        """:meth:`prefix_errors_from_selection` of the step's encoding, computed once per step."""
+        """:meth:`prefix_errors_from_selection` of the step's encoding, computed once per step
+        together with the last prefix's residual (``encoding.prefix_residual``)."""
         if encoding.prefix_errors is None:
             refuse_deterministic_cuda_cumsum(encoding.x_in.device, self.cfg.architecture())
-            encoding.prefix_errors = self.prefix_errors_from_selection(
-                encoding.x_in, encoding.selection, self.prefix_loss_chunk_size
+            residual0, coefficients, indices = self._prefix_operands(
+                encoding.x_in, encoding.selection
+            )
+            encoding.prefix_errors, encoding.prefix_residual = prefix_errors_and_residual(
+                residual0,
+                coefficients,
+                self.W_dec,
+                indices,
+                chunk_size=self.prefix_loss_chunk_size,
             )
         return encoding.prefix_errors
 
