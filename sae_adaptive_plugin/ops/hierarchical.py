@@ -16,6 +16,7 @@ TF32 off (the Gram form is a difference of large terms; why and how much: docs/M
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -39,6 +40,17 @@ def _chunk_rows(n_rows: int, k: int, d: int, chunk_size: int | None, device_type
             raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
         return chunk_size
     return min(max(n_rows, 1), block_rows(n_rows, k * d, device_type, DEFAULT_GATHER_ELEMENTS))
+
+
+def _block_and_chunk(
+    shape: torch.Size, d: int, chunk_size: int | None, device_type: str
+) -> tuple[int, int]:
+    """``(block, chunk)`` of the blocked ops for ``indices`` of ``shape [B, K]``: at most
+    :data:`PREFIX_BLOCK` latents a block, and rows a chunk by the size of their gathered slots."""
+    B, K = shape
+    block = min(PREFIX_BLOCK, K)
+    width = -(-K // block) * (block + 2)
+    return block, _chunk_rows(B, width, d, chunk_size, device_type)
 
 
 def _check_inputs(residual0: torch.Tensor, values: torch.Tensor) -> None:
@@ -71,6 +83,8 @@ def _check_decoder(
         raise ValueError(f"indices must be [B, K] = {(B, K)}, got shape {tuple(indices.shape)}")
     if indices.dtype.is_floating_point or indices.dtype == torch.bool:
         raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+    if not W_dec.dtype.is_floating_point:
+        raise ValueError(f"W_dec must be a floating-point tensor, got dtype {W_dec.dtype}")
 
 
 def _prefix_ranks(K: int, device: torch.device) -> torch.Tensor:
@@ -115,6 +129,42 @@ def _block_slots(indices: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat([padded.view(B, n_blocks, block), free], dim=-1)
 
 
+def _blocked(
+    indices: torch.Tensor, values: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(slots, coefficients)``: :func:`_block_slots` and ``values`` zero-padded to a whole
+    number of blocks (``[B, n_blocks · block]``)."""
+    slots = _block_slots(indices, block)
+    return slots, _padded(values, slots.shape[1] * block)
+
+
+def _after_block(P: torch.Tensor, a: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """``P − Σ_i a_i D_i``: the residual ``[n, d]`` after a block with coefficients ``a [n, m]``
+    and rows ``D [n, m, d]``."""
+    return P - torch.bmm(a.unsqueeze(1), D).squeeze(1)
+
+
+def _block_gradients(
+    ctx: Any,
+    grad_residual: torch.Tensor,
+    grad_values: torch.Tensor,
+    grad_w: torch.Tensor,
+    K: int,
+    W_dec: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
+    """A blocked Function's backward result: the gradients its inputs need (``grad_values``
+    without its padding, ``grad_w`` in ``W_dec``'s dtype), ``None`` for the rest."""
+    need = ctx.needs_input_grad
+    return (
+        grad_residual if need[0] else None,
+        grad_values[:, :K] if need[1] else None,
+        grad_w.to(W_dec.dtype) if need[2] else None,
+        None,
+        None,
+        None,
+    )
+
+
 def _gathered_chunks(
     W_dec: torch.Tensor, slots: torch.Tensor, chunk: int, dtype: torch.dtype
 ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -151,9 +201,8 @@ class _PrefixErrors(torch.autograd.Function):
     @autocast_off
     def forward(ctx, residual0, values, W_dec, indices, chunk, block):  # type: ignore[override]
         B, K = indices.shape
-        slots = _block_slots(indices, block)
+        slots, coeffs = _blocked(indices, values, block)
         n_blocks = slots.shape[1]
-        coeffs = _padded(values, n_blocks * block)
         errors = residual0.new_empty(B, n_blocks * block)
         final = torch.empty_like(residual0)
         with exact_float32_matmul(residual0.device.type):
@@ -166,7 +215,7 @@ class _PrefixErrors(torch.autograd.Function):
                     V[:, block] = P
                     gram = torch.bmm(V, V.transpose(1, 2))
                     errors[s : s + n, cols] = _errors_from_gram(gram, coeffs[s : s + n, cols])
-                    P = P - torch.bmm(coeffs[s : s + n, None, cols], V[:, :block]).squeeze(1)
+                    P = _after_block(P, coeffs[s : s + n, cols], V[:, :block])
                 final[s : s + n] = P
         ctx.save_for_backward(residual0, values, W_dec, indices)
         ctx.chunk, ctx.block = chunk, block
@@ -180,15 +229,13 @@ class _PrefixErrors(torch.autograd.Function):
         block = ctx.block
         B, K = values.shape
         d = W_dec.shape[1]
-        slots = _block_slots(indices, block)
-        n_blocks = slots.shape[1]
-        width = n_blocks * block
-        coeffs = _padded(values, width)
+        slots, coeffs = _blocked(indices, values, block)
+        n_blocks, width = slots.shape[1], coeffs.shape[1]
         after = _padded(grad_errors, width).view(B, n_blocks, block)
         after = after.flip(-1).cumsum(-1).flip(-1)  # within a block: Σ_{j≥i} g_j
         rank = _prefix_ranks(block, values.device)
         pair = (torch.maximum(rank[:, None], rank[None, :]) - 1).clamp_min(0)  # rank 0 = rank 1
-        grad_values = values.new_empty(B, width)
+        grad_values = torch.empty_like(coeffs)
         grad_residual = torch.empty_like(residual0)
         grad_w = torch.zeros(W_dec.shape, dtype=residual0.dtype, device=W_dec.device)
         with exact_float32_matmul(residual0.device.type):
@@ -198,7 +245,7 @@ class _PrefixErrors(torch.autograd.Function):
                 for b in range(n_blocks):  # the residuals P_b, into their free slots
                     cols = slice(b * block, (b + 1) * block)
                     rows[:, b, block] = P
-                    P = P - torch.bmm(coeffs[s : s + n, None, cols], rows[:, b, :block]).squeeze(1)
+                    P = _after_block(P, coeffs[s : s + n, cols], rows[:, b, :block])
                 gP = torch.zeros_like(P)
                 for b in reversed(range(n_blocks)):
                     cols = slice(b * block, (b + 1) * block)
@@ -221,10 +268,7 @@ class _PrefixErrors(torch.autograd.Function):
                     )
                     gP = torch.bmm(Q[:, block:], V).squeeze(1)
                 grad_residual[s : s + n] = gP
-        grad_values = grad_values[:, :K] if ctx.needs_input_grad[1] else None
-        grad_residual = grad_residual if ctx.needs_input_grad[0] else None
-        grad_w = grad_w.to(W_dec.dtype) if ctx.needs_input_grad[2] else None
-        return grad_residual, grad_values, grad_w, None, None, None
+        return _block_gradients(ctx, grad_residual, grad_values, grad_w, K, W_dec)
 
 
 class _BlockEndErrors(torch.autograd.Function):
@@ -238,9 +282,8 @@ class _BlockEndErrors(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, residual0, values, W_dec, indices, chunk, block):  # type: ignore[override]
-        slots = _block_slots(indices, block)
+        slots, coeffs = _blocked(indices, values, block)
         n_blocks = slots.shape[1]
-        coeffs = _padded(values, n_blocks * block)
         errors = residual0.new_empty(indices.shape[0], n_blocks)
         with exact_float32_matmul(residual0.device.type):
             for s, rows in _gathered_chunks(W_dec, slots, chunk, residual0.dtype):
@@ -248,7 +291,7 @@ class _BlockEndErrors(torch.autograd.Function):
                 P = residual0[s : s + n]
                 for b in range(n_blocks):
                     cols = slice(b * block, (b + 1) * block)
-                    P = P - torch.bmm(coeffs[s : s + n, None, cols], rows[:, b, :block]).squeeze(1)
+                    P = _after_block(P, coeffs[s : s + n, cols], rows[:, b, :block])
                     errors[s : s + n, b] = P.pow(2).sum(-1)
         ctx.save_for_backward(residual0, values, W_dec, indices)
         ctx.chunk, ctx.block = chunk, block
@@ -259,23 +302,20 @@ class _BlockEndErrors(torch.autograd.Function):
     def backward(ctx, grad_errors):  # type: ignore[override]
         residual0, values, W_dec, indices = ctx.saved_tensors
         block = ctx.block
-        B, K = values.shape
+        K = values.shape[1]
         d = W_dec.shape[1]
-        slots = _block_slots(indices, block)
+        slots, coeffs = _blocked(indices, values, block)
         n_blocks = slots.shape[1]
-        width = n_blocks * block
-        coeffs = _padded(values, width)
-        grad_values = values.new_empty(B, width)
+        grad_values = torch.empty_like(coeffs)
         grad_residual = torch.empty_like(residual0)
         grad_w = torch.zeros(W_dec.shape, dtype=residual0.dtype, device=W_dec.device)
-        grad_rows = residual0.new_empty(min(ctx.chunk, B), width, d)
         with exact_float32_matmul(residual0.device.type):
             for s, rows in _gathered_chunks(W_dec, slots, ctx.chunk, residual0.dtype):
                 n = rows.shape[0]
                 P = residual0[s : s + n]
                 for b in range(n_blocks):  # P_{b+1}, into block b's free slot
                     cols = slice(b * block, (b + 1) * block)
-                    P = P - torch.bmm(coeffs[s : s + n, None, cols], rows[:, b, :block]).squeeze(1)
+                    P = _after_block(P, coeffs[s : s + n, cols], rows[:, b, :block])
                     rows[:, b, block] = P
                 gP = torch.zeros_like(P)
                 for b in reversed(range(n_blocks)):
@@ -283,15 +323,12 @@ class _BlockEndErrors(torch.autograd.Function):
                     gP = gP + 2.0 * grad_errors[s : s + n, b, None] * rows[:, b, block]
                     D = rows[:, b, :block]
                     grad_values[s : s + n, cols] = -torch.bmm(D, gP.unsqueeze(-1)).squeeze(-1)
-                    grad_rows[:n, cols] = -coeffs[s : s + n, cols, None] * gP.unsqueeze(1)
+                    grad_D = -coeffs[s : s + n, cols, None] * gP.unsqueeze(1)
+                    grad_w.index_add_(
+                        0, slots[s : s + n, b, :block].reshape(-1), grad_D.view(-1, d)
+                    )
                 grad_residual[s : s + n] = gP
-                grad_w.index_add_(
-                    0, slots[s : s + n, :, :block].reshape(-1), grad_rows[:n].view(-1, d)
-                )
-        grad_values = grad_values[:, :K] if ctx.needs_input_grad[1] else None
-        grad_residual = grad_residual if ctx.needs_input_grad[0] else None
-        grad_w = grad_w.to(W_dec.dtype) if ctx.needs_input_grad[2] else None
-        return grad_residual, grad_values, grad_w, None, None, None
+        return _block_gradients(ctx, grad_residual, grad_values, grad_w, K, W_dec)
 
 
 def block_end_errors(
@@ -309,14 +346,9 @@ def block_end_errors(
     no Gram matrix."""
     _check_inputs(residual0, values)
     _check_decoder(residual0, values, W_dec, indices)
-    if not W_dec.dtype.is_floating_point:
-        raise ValueError(f"W_dec must be a floating-point tensor, got dtype {W_dec.dtype}")
     dtype = accumulation_dtype(residual0.dtype, values.dtype, W_dec.dtype)
-    B, K = indices.shape
-    block = min(PREFIX_BLOCK, K)
-    width = -(-K // block) * (block + 2)
     device_type = residual0.device.type
-    chunk = _chunk_rows(B, width, W_dec.shape[1], chunk_size, device_type)
+    block, chunk = _block_and_chunk(indices.shape, W_dec.shape[1], chunk_size, device_type)
     with full_precision(device_type):
         return _BlockEndErrors.apply(
             residual0.to(dtype), values.to(dtype), W_dec, indices.long(), chunk, block
@@ -394,12 +426,9 @@ def _prefix_errors(
         rows = torch.cat([gathered, residual0.unsqueeze(1)], dim=1)
         final = (residual0 - torch.einsum("bk,bkd->bd", values, gathered)).detach()
         return _errors_from_gram(torch.bmm(rows, rows.transpose(1, 2)), values), final
-    if not W_dec.dtype.is_floating_point:
-        raise ValueError(f"W_dec must be a floating-point tensor, got dtype {W_dec.dtype}")
-    B, K = indices.shape
-    block = min(PREFIX_BLOCK, K)
-    width = -(-K // block) * (block + 2)
-    chunk = _chunk_rows(B, width, W_dec.shape[1], chunk_size, residual0.device.type)
+    block, chunk = _block_and_chunk(
+        indices.shape, W_dec.shape[1], chunk_size, residual0.device.type
+    )
     return _PrefixErrors.apply(residual0, values, W_dec, indices.long(), chunk, block)
 
 
