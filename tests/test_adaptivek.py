@@ -179,6 +179,34 @@ def test_block_ends_warmup_loss_is_the_all_prefix_mean_at_block_ends(k_max):
     assert sae.W_dec.grad is not None and torch.isfinite(sae.W_dec.grad).all()
 
 
+def test_block_ends_warmup_labels_come_from_the_block_end_pass(monkeypatch):
+    """A ``block_ends`` labelling step reads every prefix error from the block-end pass (no
+    separate all-prefix pass) and labels its rows with the ``k*`` of those errors."""
+    from sae_adaptive_plugin.saes import topk_family
+
+    torch.manual_seed(2)
+    codes = torch.rand(256, 48) * (torch.rand(256, 48) < torch.rand(256, 1) * 0.3)
+    x = codes @ torch.randn(48, 16)  # rows of 0 to ~15 true features
+    sae = _training_sae(k_max=20, probe_warmup_steps=8, warmup_loss="block_ends")
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for _ in range(150):  # errors that fall with the prefix: labels that vary
+        optimizer.zero_grad()
+        _step(sae, x, 0).loss.backward()
+        optimizer.step()
+    full_errors = sae.prefix_errors_from_selection(x, sae.encode_selection(x).selection).detach()
+    want = sae.kstar_from_errors(full_errors, x)
+    seen = []
+    monkeypatch.setattr(sae, "collect_warmup_labels", lambda rows, labels: seen.append(labels))
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("a block_ends labelling step ran a separate all-prefix pass")
+
+    monkeypatch.setattr(topk_family, "prefix_errors_and_residual", no_second_pass)
+    _step(sae, x, 4)
+    assert len(seen) == 1 and len(torch.unique(want)) > 3
+    assert torch.equal(seen[0], want)
+
+
 def test_probe_path_sets_k_from_the_start(tmp_path):
     probe = _random_probe(16)
     path = probe.save(tmp_path / "probe.safetensors")

@@ -197,3 +197,35 @@ def test_block_end_errors_are_the_prefix_errors_at_block_ends_with_their_gradien
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+
+@pytest.mark.parametrize("K", [1, 8, 11, 24])
+def test_block_end_and_prefix_errors_adds_every_prefix_error_to_the_block_end_pass(K):
+    """``block_end_and_prefix_errors``: the block-end errors and gradients of
+    :func:`block_end_errors`, and every prefix's error as :func:`prefix_reconstruction_errors`
+    gives it (float64 against the naive reference), without gradient."""
+    from sae_adaptive_plugin.ops.hierarchical import block_end_and_prefix_errors, block_end_errors
+
+    args = _inputs(13, K, 30, 7, torch.float64, seed=40 + K)
+    weights = torch.rand(13, -(-K // 8), dtype=torch.float64)
+
+    def ends_only(r, v, w, i):
+        return (block_end_errors(r, v, w, i, chunk_size=4) * weights).sum()
+
+    def with_prefixes(r, v, w, i):
+        ends, prefixes = block_end_and_prefix_errors(r, v, w, i, chunk_size=5)
+        assert not prefixes.requires_grad
+        torch.testing.assert_close(
+            prefixes, prefix_reconstruction_errors_naive(*args), **TOL[torch.float64]
+        )
+        torch.testing.assert_close(
+            prefixes, prefix_reconstruction_errors(*args, chunk_size=5), rtol=0, atol=0
+        )
+        return (ends * weights).sum()
+
+    ref, ref_grads = _grads(ends_only, *args)
+    out, grads = _grads(with_prefixes, *args)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])

@@ -49,7 +49,7 @@ def _block_and_chunk(
     :data:`PREFIX_BLOCK` latents a block, and rows a chunk by the size of their gathered slots."""
     B, K = shape
     block = min(PREFIX_BLOCK, K)
-    width = -(-K // block) * (block + 2)
+    width = -(-K // block) * (block + 1)
     return block, _chunk_rows(B, width, d, chunk_size, device_type)
 
 
@@ -118,30 +118,41 @@ def _errors_from_gram(gram: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return gram[:, K, K].unsqueeze(-1) + torch.cumsum(mass, dim=-1)
 
 
-def _block_slots(indices: torch.Tensor, block: int) -> torch.Tensor:
-    """``[B, n_blocks, block + 2]`` gather slots: each block's latents (padded with latent 0 at
-    coefficient 0), then two free slots that the loops fill with ``P_b`` and ``∂L/∂P_{b+1}``."""
+def _blocked(
+    indices: torch.Tensor, values: torch.Tensor, block: int, free: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(slots, coefficients)``: gather slots ``[B, n_blocks, block + free]``, each block's
+    latents (padded with latent 0) then ``free`` slots for the loops to fill, and ``values``
+    zero-padded to ``[B, n_blocks · block]`` (so padding slots add nothing)."""
     B, K = indices.shape
     n_blocks = -(-K // block)
     padded = indices.new_zeros(B, n_blocks * block)
     padded[:, :K] = indices
-    free = indices.new_zeros(B, n_blocks, 2)
-    return torch.cat([padded.view(B, n_blocks, block), free], dim=-1)
+    slots = indices.new_zeros(B, n_blocks, block + free)
+    slots[:, :, :block] = padded.view(B, n_blocks, block)
+    return slots, _padded(values, n_blocks * block)
 
 
-def _blocked(
-    indices: torch.Tensor, values: torch.Tensor, block: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(slots, coefficients)``: :func:`_block_slots` and ``values`` zero-padded to a whole
-    number of blocks (``[B, n_blocks · block]``)."""
-    slots = _block_slots(indices, block)
-    return slots, _padded(values, slots.shape[1] * block)
+def _residuals_after_blocks(
+    residual0: torch.Tensor, coeffs: torch.Tensor, D: torch.Tensor
+) -> torch.Tensor:
+    """``P_{b+1} = e₀ − Σ_{i in blocks ≤ b} a_i D_i`` ``[n, n_blocks, d]`` for every block at once,
+    from ``coeffs [n, n_blocks · block]`` and rows ``D [n, n_blocks, block, d]``."""
+    n, n_blocks, block, d = D.shape
+    a = coeffs.reshape(n * n_blocks, 1, block)
+    sums = torch.bmm(a, D.reshape(n * n_blocks, block, d)).view(n, n_blocks, d)
+    return residual0.unsqueeze(1) - _block_sums(sums, later=False, inclusive=True)
 
 
-def _after_block(P: torch.Tensor, a: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    """``P − Σ_i a_i D_i``: the residual ``[n, d]`` after a block with coefficients ``a [n, m]``
-    and rows ``D [n, m, d]``."""
-    return P - torch.bmm(a.unsqueeze(1), D).squeeze(1)
+def _block_sums(t: torch.Tensor, *, later: bool, inclusive: bool) -> torch.Tensor:
+    """Sums of ``t [n, n_blocks, d]`` along the blocks: over ``b' ≤ b`` (``later=False``) or
+    ``b' ≥ b`` (``later=True``), ``b' = b`` included or not; a product with a triangular matrix
+    (faster on the CPU than ``cumsum`` along a middle dimension)."""
+    n_blocks = t.shape[1]
+    ones = torch.ones(n_blocks, n_blocks, dtype=t.dtype, device=t.device)
+    diagonal = 0 if inclusive else (1 if later else -1)
+    mask = ones.triu(diagonal) if later else ones.tril(diagonal)
+    return torch.matmul(mask, t)
 
 
 def _block_gradients(
@@ -168,7 +179,7 @@ def _block_gradients(
 def _gathered_chunks(
     W_dec: torch.Tensor, slots: torch.Tensor, chunk: int, dtype: torch.dtype
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(start, rows [n, n_blocks, block + 2, d])`` for consecutive chunks of ``chunk`` rows,
+    """``(start, rows [n, *slots.shape[1:], d])`` for consecutive chunks of ``chunk`` rows,
     gathered (in ``dtype``) into one reused buffer (valid until the next chunk)."""
     B = slots.shape[0]
     d = W_dec.shape[1]
@@ -186,37 +197,36 @@ class _PrefixErrors(torch.autograd.Function):
     gradient).
 
     The prefixes are taken in blocks of ``block`` latents. With ``P_b`` the residual before block
-    ``b`` (``P_0 = e₀``, ``P_{b+1} = P_b − Σ_{i∈b} a_i D_i``), the errors inside block ``b`` are
-    those of :func:`_errors_from_gram` on the Gram matrix of ``[D_b, P_b]``: ``O(K·block·d)``
-    arithmetic per row instead of ``O(K²·d)``. One gather per chunk of rows each way.
+    ``b`` (``P_0 = e₀``, ``P_{b+1} = P_b − Σ_{i∈b} a_i D_i``, all blocks at once by a cumulative
+    sum), the errors inside block ``b`` are those of :func:`_errors_from_gram` on the Gram matrix
+    of ``[D_b, P_b]``: ``O(K·block·d)`` arithmetic per row instead of ``O(K²·d)``, one batched
+    product over every block of a chunk of rows, one gather per chunk each way.
 
-    Backward, block by block in reverse with ``gP = ∂L/∂P_{b+1}``: inside the block
-    ``L_b = Σ_j g_j err_j = Σ_mn ã_m ã_n G_mn T_mn`` (``ã = [a_b, −1]``, ``T_mn = Σ_{j ≥ max(rank
-    m, rank n)} g_j``, ``P_b`` of rank 0), so ``∂L_b/∂ã = 2 (G ∘ T) ã``, ``∂L_b/∂[D_b, P_b] =
-    2 (ã ãᵀ ∘ T) [D_b, P_b]``; the recursion adds ``−a_i gP`` to ``∂L/∂D_i``, ``−⟨gP, D_i⟩`` to
-    ``∂L/∂a_i`` and ``gP`` to ``∂L/∂P_b``.
+    Backward: inside block ``b``, ``L_b = Σ_j g_j err_j = Σ_mn ã_m ã_n G_mn T_mn`` (``ã = [a_b,
+    −1]``, ``T_mn = Σ_{j ≥ max(rank m, rank n)} g_j``, ``P_b`` of rank 0), so ``∂L_b/∂ã = 2 (G ∘
+    T) ã`` and ``∂L_b/∂[D_b, P_b] = 2 (ã ãᵀ ∘ T) [D_b, P_b]``. ``P_b`` feeds every later block,
+    so ``∂L/∂P_{b+1} = Σ_{b' > b} ∂L_{b'}/∂P_{b'}`` =: ``gP_b``, which adds ``−a_i gP_b`` to
+    ``∂L/∂D_i`` and ``−⟨gP_b, D_i⟩`` to ``∂L/∂a_i`` for ``i`` in block ``b``; ``∂L/∂e₀`` is the
+    sum over all blocks.
     """
 
     @staticmethod
     @autocast_off
     def forward(ctx, residual0, values, W_dec, indices, chunk, block):  # type: ignore[override]
         B, K = indices.shape
-        slots, coeffs = _blocked(indices, values, block)
+        slots, coeffs = _blocked(indices, values, block, free=1)
         n_blocks = slots.shape[1]
         errors = residual0.new_empty(B, n_blocks * block)
         final = torch.empty_like(residual0)
         with exact_float32_matmul(residual0.device.type):
             for s, rows in _gathered_chunks(W_dec, slots, chunk, residual0.dtype):
                 n = rows.shape[0]
-                P = residual0[s : s + n]
-                for b in range(n_blocks):
-                    cols = slice(b * block, (b + 1) * block)
-                    V = rows[:, b, : block + 1]
-                    V[:, block] = P
-                    gram = torch.bmm(V, V.transpose(1, 2))
-                    errors[s : s + n, cols] = _errors_from_gram(gram, coeffs[s : s + n, cols])
-                    P = _after_block(P, coeffs[s : s + n, cols], V[:, :block])
-                final[s : s + n] = P
+                a = coeffs[s : s + n]
+                after = _residuals_after_blocks(residual0[s : s + n], a, rows[:, :, :block])
+                final[s : s + n] = after[:, -1]
+                V = _with_residuals_before(rows, residual0[s : s + n], after, block)
+                gram = torch.bmm(V, V.transpose(1, 2))
+                errors[s : s + n] = _errors_from_gram(gram, a.reshape(-1, block)).view(n, -1)
         ctx.save_for_backward(residual0, values, W_dec, indices)
         ctx.chunk, ctx.block = chunk, block
         ctx.mark_non_differentiable(final)
@@ -229,10 +239,10 @@ class _PrefixErrors(torch.autograd.Function):
         block = ctx.block
         B, K = values.shape
         d = W_dec.shape[1]
-        slots, coeffs = _blocked(indices, values, block)
+        slots, coeffs = _blocked(indices, values, block, free=2)
         n_blocks, width = slots.shape[1], coeffs.shape[1]
-        after = _padded(grad_errors, width).view(B, n_blocks, block)
-        after = after.flip(-1).cumsum(-1).flip(-1)  # within a block: Σ_{j≥i} g_j
+        later_g = _padded(grad_errors, width).view(B * n_blocks, block)
+        later_g = later_g.flip(-1).cumsum(-1).flip(-1)  # within a block: Σ_{j≥i} g_j
         rank = _prefix_ranks(block, values.device)
         pair = (torch.maximum(rank[:, None], rank[None, :]) - 1).clamp_min(0)  # rank 0 = rank 1
         grad_values = torch.empty_like(coeffs)
@@ -241,70 +251,82 @@ class _PrefixErrors(torch.autograd.Function):
         with exact_float32_matmul(residual0.device.type):
             for s, rows in _gathered_chunks(W_dec, slots, ctx.chunk, residual0.dtype):
                 n = rows.shape[0]
-                P = residual0[s : s + n]
-                for b in range(n_blocks):  # the residuals P_b, into their free slots
-                    cols = slice(b * block, (b + 1) * block)
-                    rows[:, b, block] = P
-                    P = _after_block(P, coeffs[s : s + n, cols], rows[:, b, :block])
-                gP = torch.zeros_like(P)
-                for b in reversed(range(n_blocks)):
-                    cols = slice(b * block, (b + 1) * block)
-                    a = coeffs[s : s + n, cols]
-                    V = rows[:, b]
-                    V[:, block + 1] = gP
-                    gram = torch.bmm(V, V.transpose(1, 2))  # [n, block+2, block+2]
-                    signed = _signed(a)
-                    T = after[s : s + n, b][:, pair]  # [n, block+1, block+1]
-                    g = torch.bmm(gram[:, : block + 1, : block + 1] * T, signed.unsqueeze(-1))
-                    grad_values[s : s + n, cols] = (
-                        2.0 * g[:, :block, 0] - gram[:, :block, block + 1]
-                    )
-                    Q = T.mul_(signed.unsqueeze(-1) * signed.unsqueeze(-2)).mul_(2.0)
-                    chain = torch.cat([-a, a.new_ones(n, 1)], dim=1).unsqueeze(-1)  # −a_i, then 1
-                    Q = torch.cat([Q, chain], dim=-1)  # rows: ∂L/∂D_b, then ∂L/∂P_b, as · V
-                    grad_D = torch.bmm(Q[:, :block], V)
-                    grad_w.index_add_(
-                        0, slots[s : s + n, b, :block].reshape(-1), grad_D.view(-1, d)
-                    )
-                    gP = torch.bmm(Q[:, block:], V).squeeze(1)
-                grad_residual[s : s + n] = gP
+                a = coeffs[s : s + n].reshape(n * n_blocks, block)
+                D = rows[:, :, :block]
+                after = _residuals_after_blocks(residual0[s : s + n], coeffs[s : s + n], D)
+                V = _with_residuals_before(rows, residual0[s : s + n], after, block)
+                ext = rows.view(n * n_blocks, block + 2, d)  # [D_b, P_b, gP_b]
+                signed = _signed(a)  # [n·nb, block+1]
+                T = later_g[s * n_blocks : (s + n) * n_blocks][:, pair]  # [n·nb, b+1, b+1]
+                gram = torch.bmm(V, V.transpose(1, 2))
+                direct = torch.bmm(gram.mul_(T), signed.unsqueeze(-1)).squeeze(-1)
+                Q = T.mul_(signed.unsqueeze(-1) * signed.unsqueeze(-2)).mul_(2.0)
+                own_P = torch.bmm(Q[:, block:], V).view(n, n_blocks, d)  # ∂L_b/∂P_b
+                gP = _block_sums(own_P, later=True, inclusive=False)  # ∂L/∂P_{b+1}
+                rows[:, :, block + 1] = gP
+                into_D = torch.bmm(ext[:, :block], gP.view(-1, d, 1)).view(n, -1)
+                grad_values[s : s + n] = 2.0 * direct[:, :block].reshape(n, -1) - into_D
+                # ∂L/∂D_b = Q_b [D_b, P_b] − a_b gP_b: one product with [D_b, P_b, gP_b]
+                grad_D = torch.bmm(torch.cat([Q[:, :block], -a.unsqueeze(-1)], dim=-1), ext)
+                grad_w.index_add_(0, slots[s : s + n, :, :block].reshape(-1), grad_D.view(-1, d))
+                grad_residual[s : s + n] = gP[:, 0] + own_P[:, 0]
         return _block_gradients(ctx, grad_residual, grad_values, grad_w, K, W_dec)
+
+
+def _with_residuals_before(
+    rows: torch.Tensor, residual0: torch.Tensor, after: torch.Tensor, block: int
+) -> torch.Tensor:
+    """``[D_b, P_b]`` ``[n · n_blocks, block + 1, d]`` (a view of ``rows``): each block's
+    gathered rows ``rows [n, n_blocks, ≥ block + 1, d]`` with the residual before the block
+    (``residual0``, then ``after [n, n_blocks, d]`` one block later) written into slot ``block``."""
+    n, n_blocks, _, d = rows.shape
+    rows[:, 0, block] = residual0
+    rows[:, 1:, block] = after[:, :-1]
+    return rows[:, :, : block + 1].view(n * n_blocks, block + 1, d)
 
 
 class _BlockEndErrors(torch.autograd.Function):
     """``‖P_{b+1}‖²`` ``[B, n_blocks]``: the error after each block of ``block`` prefixes (the
-    last block ends at ``K``), from the recursion ``P_{b+1} = P_b − Σ_{i∈b} a_i D_i`` alone.
+    last block ends at ``K``), from ``P_{b+1} = e₀ − Σ_{i in blocks ≤ b} a_i D_i`` alone; with
+    ``all_prefixes`` also every prefix's error ``[B, K]`` (no gradient; :class:`_PrefixErrors`'s
+    forward on the same gathered rows, else an empty tensor).
 
-    Backward in reverse with ``gP = ∂L/∂P_{b+1}`` (which gains ``2 g_b P_{b+1}``):
-    ``∂L/∂D_i = −a_i gP``, ``∂L/∂a_i = −⟨gP, D_i⟩``, and ``gP`` passes on to ``P_b``.
+    Backward with ``gP_b = ∂L/∂P_{b+1} = Σ_{b' ≥ b} 2 g_{b'} P_{b'+1}``: ``∂L/∂D_i = −a_i gP_b``
+    and ``∂L/∂a_i = −⟨gP_b, D_i⟩`` for ``i`` in block ``b``, ``∂L/∂e₀ = gP_0``.
     """
 
     @staticmethod
     @autocast_off
-    def forward(ctx, residual0, values, W_dec, indices, chunk, block):  # type: ignore[override]
-        slots, coeffs = _blocked(indices, values, block)
+    def forward(ctx, residual0, values, W_dec, indices, chunk, block, all_prefixes):  # type: ignore[override]
+        B, K = indices.shape
+        slots, coeffs = _blocked(indices, values, block, free=int(all_prefixes))
         n_blocks = slots.shape[1]
-        errors = residual0.new_empty(indices.shape[0], n_blocks)
+        errors = residual0.new_empty(B, n_blocks)
+        prefix = residual0.new_empty((B, n_blocks * block) if all_prefixes else (0, 0))
         with exact_float32_matmul(residual0.device.type):
             for s, rows in _gathered_chunks(W_dec, slots, chunk, residual0.dtype):
                 n = rows.shape[0]
-                P = residual0[s : s + n]
-                for b in range(n_blocks):
-                    cols = slice(b * block, (b + 1) * block)
-                    P = _after_block(P, coeffs[s : s + n, cols], rows[:, b, :block])
-                    errors[s : s + n, b] = P.pow(2).sum(-1)
+                a = coeffs[s : s + n]
+                after = _residuals_after_blocks(residual0[s : s + n], a, rows[:, :, :block])
+                errors[s : s + n] = after.pow(2).sum(-1)
+                if all_prefixes:
+                    V = _with_residuals_before(rows, residual0[s : s + n], after, block)
+                    gram = torch.bmm(V, V.transpose(1, 2))
+                    prefix[s : s + n] = _errors_from_gram(gram, a.reshape(-1, block)).view(n, -1)
         ctx.save_for_backward(residual0, values, W_dec, indices)
         ctx.chunk, ctx.block = chunk, block
-        return errors
+        prefix = prefix[:, :K]
+        ctx.mark_non_differentiable(prefix)
+        return errors, prefix
 
     @staticmethod
     @autocast_off
-    def backward(ctx, grad_errors):  # type: ignore[override]
+    def backward(ctx, grad_errors, _grad_prefix):  # type: ignore[override]
         residual0, values, W_dec, indices = ctx.saved_tensors
         block = ctx.block
         K = values.shape[1]
         d = W_dec.shape[1]
-        slots, coeffs = _blocked(indices, values, block)
+        slots, coeffs = _blocked(indices, values, block, free=0)
         n_blocks = slots.shape[1]
         grad_values = torch.empty_like(coeffs)
         grad_residual = torch.empty_like(residual0)
@@ -312,23 +334,17 @@ class _BlockEndErrors(torch.autograd.Function):
         with exact_float32_matmul(residual0.device.type):
             for s, rows in _gathered_chunks(W_dec, slots, ctx.chunk, residual0.dtype):
                 n = rows.shape[0]
-                P = residual0[s : s + n]
-                for b in range(n_blocks):  # P_{b+1}, into block b's free slot
-                    cols = slice(b * block, (b + 1) * block)
-                    P = _after_block(P, coeffs[s : s + n, cols], rows[:, b, :block])
-                    rows[:, b, block] = P
-                gP = torch.zeros_like(P)
-                for b in reversed(range(n_blocks)):
-                    cols = slice(b * block, (b + 1) * block)
-                    gP = gP + 2.0 * grad_errors[s : s + n, b, None] * rows[:, b, block]
-                    D = rows[:, b, :block]
-                    grad_values[s : s + n, cols] = -torch.bmm(D, gP.unsqueeze(-1)).squeeze(-1)
-                    grad_D = -coeffs[s : s + n, cols, None] * gP.unsqueeze(1)
-                    grad_w.index_add_(
-                        0, slots[s : s + n, b, :block].reshape(-1), grad_D.view(-1, d)
-                    )
-                grad_residual[s : s + n] = gP
-        return _block_gradients(ctx, grad_residual, grad_values, grad_w, K, W_dec)
+                a = coeffs[s : s + n]
+                after = _residuals_after_blocks(residual0[s : s + n], a, rows)
+                weighted = after.mul_(2.0 * grad_errors[s : s + n, :, None])
+                gP = _block_sums(weighted, later=True, inclusive=True)
+                D = rows.view(-1, block, d)
+                into_D = torch.bmm(D, gP.view(-1, d, 1)).view(n, -1)
+                grad_values[s : s + n] = -into_D
+                grad_D = a.view(n, n_blocks, block, 1) * gP.unsqueeze(2)
+                grad_w.index_add_(0, slots[s : s + n].reshape(-1), grad_D.view(-1, d), alpha=-1)
+                grad_residual[s : s + n] = gP[:, 0]
+        return (*_block_gradients(ctx, grad_residual, grad_values, grad_w, K, W_dec), None)
 
 
 def block_end_errors(
@@ -344,6 +360,32 @@ def block_end_errors(
     ``prefix_reconstruction_errors(...)[:, min(8(b+1), K) − 1]``. Same arguments (``indices``
     required), dtypes and gradients as :func:`prefix_reconstruction_errors`; ``O(B·K·d)`` work,
     no Gram matrix."""
+    return _block_end_errors(residual0, values, W_dec, indices, chunk_size, all_prefixes=False)[0]
+
+
+def block_end_and_prefix_errors(
+    residual0: torch.Tensor,
+    values: torch.Tensor,
+    W_dec: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block_end_errors(...), errors)``: the block-end errors (with gradients) and, from the
+    rows that pass gathers, every prefix's error ``[B, K]`` (no gradient; equal to
+    :func:`prefix_reconstruction_errors`'s values)."""
+    return _block_end_errors(residual0, values, W_dec, indices, chunk_size, all_prefixes=True)
+
+
+def _block_end_errors(
+    residual0: torch.Tensor,
+    values: torch.Tensor,
+    W_dec: torch.Tensor,
+    indices: torch.Tensor,
+    chunk_size: int | None,
+    *,
+    all_prefixes: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(residual0, values)
     _check_decoder(residual0, values, W_dec, indices)
     dtype = accumulation_dtype(residual0.dtype, values.dtype, W_dec.dtype)
@@ -351,7 +393,7 @@ def block_end_errors(
     block, chunk = _block_and_chunk(indices.shape, W_dec.shape[1], chunk_size, device_type)
     with full_precision(device_type):
         return _BlockEndErrors.apply(
-            residual0.to(dtype), values.to(dtype), W_dec, indices.long(), chunk, block
+            residual0.to(dtype), values.to(dtype), W_dec, indices.long(), chunk, block, all_prefixes
         )
 
 

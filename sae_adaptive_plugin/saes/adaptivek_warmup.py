@@ -98,9 +98,16 @@ class AdaptiveKWarmup:
         if self.is_adaptive or self.cfg.warmup_loss == "mse":
             return {PREFIX_EXCESS_LOSS: encoding.hidden_pre.new_zeros(())}
         if self.cfg.warmup_loss == "block_ends":
-            errors = self.block_end_errors_from_selection(
-                encoding.x_in, encoding.selection, self.prefix_loss_chunk_size
+            # a labelling step reads every prefix error from the rows this pass gathers
+            labelling = self._is_labelling(step_input.n_training_steps)
+            errors, all_errors = self.block_end_errors_from_selection(
+                encoding.x_in,
+                encoding.selection,
+                self.prefix_loss_chunk_size,
+                all_prefixes=labelling,
             )
+            if labelling:
+                encoding.prefix_errors = all_errors  # what prefix_errors_of returns this step
             return {PREFIX_EXCESS_LOSS: prefix_excess(errors)}
         return {PREFIX_EXCESS_LOSS: prefix_excess(self.prefix_errors_of(encoding))}
 

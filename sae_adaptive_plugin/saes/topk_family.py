@@ -31,6 +31,7 @@ from sae_adaptive_plugin.ops.dispatch import (
 )
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.hierarchical import (
+    block_end_and_prefix_errors,
     block_end_errors,
     prefix_errors_and_residual,
     prefix_reconstruction_errors,
@@ -312,13 +313,24 @@ class TopKFamilyMixin:
         )
 
     def block_end_errors_from_selection(
-        self, x_in: torch.Tensor, selection: TopKResult, chunk_size: int | None = None
-    ) -> torch.Tensor:
+        self,
+        x_in: torch.Tensor,
+        selection: TopKResult,
+        chunk_size: int | None = None,
+        *,
+        all_prefixes: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefix errors at the ends of the blocks of 8 latents of the sorted selection,
-        ``[N, ceil(width / 8)]`` (:func:`~sae_adaptive_plugin.ops.hierarchical.block_end_errors`);
-        differentiable."""
+        ``[N, ceil(width / 8)]``, differentiable, and with ``all_prefixes`` every prefix's error
+        ``[N, width]`` from the same gathered rows, without gradient (else an empty tensor):
+        :func:`~sae_adaptive_plugin.ops.hierarchical.block_end_and_prefix_errors`."""
         residual0, coefficients, indices = self._prefix_operands(x_in, selection)
-        return block_end_errors(residual0, coefficients, self.W_dec, indices, chunk_size=chunk_size)
+        if all_prefixes:
+            return block_end_and_prefix_errors(
+                residual0, coefficients, self.W_dec, indices, chunk_size=chunk_size
+            )
+        ends = block_end_errors(residual0, coefficients, self.W_dec, indices, chunk_size=chunk_size)
+        return ends, ends.new_empty(0, 0)
 
     # -- folds of the input (SAELens's), followed by the second reader ---------------------------
 
