@@ -199,7 +199,6 @@ def test_block_end_errors_are_the_prefix_errors_at_block_ends_with_their_gradien
         torch.testing.assert_close(got, want, **TOL[torch.float64])
 
 
-
 @pytest.mark.parametrize("K", [1, 8, 11, 24])
 def test_block_end_and_prefix_errors_adds_every_prefix_error_to_the_block_end_pass(K):
     """``block_end_and_prefix_errors``: the block-end errors and gradients of
