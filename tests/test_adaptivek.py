@@ -558,6 +558,27 @@ def test_fused_encode_matches_plain_path_float64(phase):
     assert_steps_match(outs[True], outs[False], fields=("feature_acts", "hidden_pre"))
 
 
+@pytest.mark.parametrize("warmup_loss", ["block_ends", "hierarchical"])
+@pytest.mark.parametrize("step", [0, 2])  # before and in the labelling half
+def test_warmup_output_and_mse_from_the_prefix_pass_match_the_decode_float64(warmup_loss, step):
+    """A prefix-loss warm-up step reads ``sae_out`` and ``mse_loss`` from its prefix pass (no
+    decode): the same losses, output and gradients as the plain path, which decodes."""
+    torch.manual_seed(3)
+    sae = _training_sae(
+        dtype="float64", k_max=20, probe_warmup_steps=4, warmup_loss=warmup_loss, target_fvu=0.5
+    )
+    x = torch.randn(40, 16, dtype=torch.float64)
+    dead = torch.rand(48) < 0.5
+    outs = {}
+    for fused in (True, False):
+        sae.fused_encode = fused
+        outs[fused] = loss_and_grads(sae, x, step, dead)
+    o1, o0 = outs[True][0], outs[False][0]
+    assert o1.sae_out.grad_fn is None and o0.sae_out.grad_fn is not None
+    assert float(o1.losses["prefix_excess_loss"]) > 0
+    assert_steps_match(outs[True], outs[False])
+
+
 def test_hook_on_acts_pre_falls_back_to_selecting_after_the_hook():
     torch.manual_seed(2)
     sae = _training_sae(rescale_acts_by_decoder_norm=False)

@@ -200,11 +200,11 @@ def test_block_end_errors_are_the_prefix_errors_at_block_ends_with_their_gradien
 
 
 @pytest.mark.parametrize("K", [1, 8, 11, 24])
-def test_block_end_and_prefix_errors_adds_every_prefix_error_to_the_block_end_pass(K):
-    """``block_end_and_prefix_errors``: the block-end errors and gradients of
-    :func:`block_end_errors`, and every prefix's error as :func:`prefix_reconstruction_errors`
-    gives it (float64 against the naive reference), without gradient."""
-    from sae_adaptive_plugin.ops.hierarchical import block_end_and_prefix_errors, block_end_errors
+def test_block_end_pass_adds_every_prefix_error_and_the_final_residual(K):
+    """``block_end_pass``: the block-end errors and gradients of :func:`block_end_errors`,
+    every prefix's error as :func:`prefix_reconstruction_errors` gives it (float64 against the
+    naive reference) and the last residual, without gradients."""
+    from sae_adaptive_plugin.ops.hierarchical import block_end_errors, block_end_pass
 
     args = _inputs(13, K, 30, 7, torch.float64, seed=40 + K)
     weights = torch.rand(13, -(-K // 8), dtype=torch.float64)
@@ -213,8 +213,11 @@ def test_block_end_and_prefix_errors_adds_every_prefix_error_to_the_block_end_pa
         return (block_end_errors(r, v, w, i, chunk_size=4) * weights).sum()
 
     def with_prefixes(r, v, w, i):
-        ends, prefixes = block_end_and_prefix_errors(r, v, w, i, chunk_size=5)
-        assert not prefixes.requires_grad
+        ends, prefixes, final = block_end_pass(r, v, w, i, all_prefixes=True, chunk_size=5)
+        assert not prefixes.requires_grad and not final.requires_grad
+        residual0, values, W_dec, indices = args
+        want = residual0 - (values.unsqueeze(-1) * W_dec[indices]).sum(1)
+        torch.testing.assert_close(final, want, **TOL[torch.float64])
         torch.testing.assert_close(
             prefixes, prefix_reconstruction_errors_naive(*args), **TOL[torch.float64]
         )

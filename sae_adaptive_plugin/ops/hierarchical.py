@@ -287,9 +287,9 @@ def _with_residuals_before(
 
 class _BlockEndErrors(torch.autograd.Function):
     """``‖P_{b+1}‖²`` ``[B, n_blocks]``: the error after each block of ``block`` prefixes (the
-    last block ends at ``K``), from ``P_{b+1} = e₀ − Σ_{i in blocks ≤ b} a_i D_i`` alone; with
-    ``all_prefixes`` also every prefix's error ``[B, K]`` (no gradient; :class:`_PrefixErrors`'s
-    forward on the same gathered rows, else an empty tensor).
+    last block ends at ``K``), from ``P_{b+1} = e₀ − Σ_{i in blocks ≤ b} a_i D_i`` alone; then,
+    without gradients, every prefix's error ``[B, K]`` with ``all_prefixes`` (:class:`_PrefixErrors`'s
+    forward on the same gathered rows; else an empty tensor) and the final residual ``P_K``.
 
     Backward with ``gP_b = ∂L/∂P_{b+1} = Σ_{b' ≥ b} 2 g_{b'} P_{b'+1}``: ``∂L/∂D_i = −a_i gP_b``
     and ``∂L/∂a_i = −⟨gP_b, D_i⟩`` for ``i`` in block ``b``, ``∂L/∂e₀ = gP_0``.
@@ -303,12 +303,14 @@ class _BlockEndErrors(torch.autograd.Function):
         n_blocks = slots.shape[1]
         errors = residual0.new_empty(B, n_blocks)
         prefix = residual0.new_empty((B, n_blocks * block) if all_prefixes else (0, 0))
+        final = torch.empty_like(residual0)
         with exact_float32_matmul(residual0.device.type):
             for s, rows in _gathered_chunks(W_dec, slots, chunk, residual0.dtype):
                 n = rows.shape[0]
                 a = coeffs[s : s + n]
                 after = _residuals_after_blocks(residual0[s : s + n], a, rows[:, :, :block])
                 errors[s : s + n] = after.pow(2).sum(-1)
+                final[s : s + n] = after[:, -1]
                 if all_prefixes:
                     V = _with_residuals_before(rows, residual0[s : s + n], after, block)
                     gram = torch.bmm(V, V.transpose(1, 2))
@@ -316,12 +318,12 @@ class _BlockEndErrors(torch.autograd.Function):
         ctx.save_for_backward(residual0, values, W_dec, indices)
         ctx.chunk, ctx.block = chunk, block
         prefix = prefix[:, :K]
-        ctx.mark_non_differentiable(prefix)
-        return errors, prefix
+        ctx.mark_non_differentiable(prefix, final)
+        return errors, prefix, final
 
     @staticmethod
     @autocast_off
-    def backward(ctx, grad_errors, _grad_prefix):  # type: ignore[override]
+    def backward(ctx, grad_errors, _grad_prefix, _grad_final):  # type: ignore[override]
         residual0, values, W_dec, indices = ctx.saved_tensors
         block = ctx.block
         K = values.shape[1]
@@ -363,18 +365,22 @@ def block_end_errors(
     return _block_end_errors(residual0, values, W_dec, indices, chunk_size, all_prefixes=False)[0]
 
 
-def block_end_and_prefix_errors(
+def block_end_pass(
     residual0: torch.Tensor,
     values: torch.Tensor,
     W_dec: torch.Tensor,
     indices: torch.Tensor,
     *,
+    all_prefixes: bool = False,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(block_end_errors(...), errors)``: the block-end errors (with gradients) and, from the
-    rows that pass gathers, every prefix's error ``[B, K]`` (no gradient; equal to
-    :func:`prefix_reconstruction_errors`'s values)."""
-    return _block_end_errors(residual0, values, W_dec, indices, chunk_size, all_prefixes=True)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ends, errors, final)``: :func:`block_end_errors` (with gradients), then from the rows
+    that pass gathers and without gradients every prefix's error ``[B, K]`` (the values of
+    :func:`prefix_reconstruction_errors`) with ``all_prefixes`` (else an empty tensor), and the
+    last prefix's residual ``residual0 − Σ_{i≤K} values_i W_dec[indices_i]`` ``[B, d]``."""
+    return _block_end_errors(
+        residual0, values, W_dec, indices, chunk_size, all_prefixes=all_prefixes
+    )
 
 
 def _block_end_errors(
@@ -385,7 +391,7 @@ def _block_end_errors(
     chunk_size: int | None,
     *,
     all_prefixes: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_inputs(residual0, values)
     _check_decoder(residual0, values, W_dec, indices)
     dtype = accumulation_dtype(residual0.dtype, values.dtype, W_dec.dtype)

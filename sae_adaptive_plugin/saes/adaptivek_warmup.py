@@ -52,6 +52,9 @@ class AdaptiveKWarmup:
     is_adaptive: bool
     set_probe: Any
     prefix_errors_of: Any
+    block_end_errors_of: Any
+    reconstructs_from_prefixes: Any
+    reconstruction_from_prefixes: Any
 
     def start_warmup(self) -> None:
         """No statistics yet; the ``k*`` threshold is ``target_fvu`` (None: chosen later)."""
@@ -97,19 +100,30 @@ class AdaptiveKWarmup:
         assert isinstance(encoding, TopKEncoding)
         if self.is_adaptive or self.cfg.warmup_loss == "mse":
             return {PREFIX_EXCESS_LOSS: encoding.hidden_pre.new_zeros(())}
+        return {PREFIX_EXCESS_LOSS: prefix_excess(self._warmup_errors(step_input, encoding))}
+
+    def _warmup_errors(self, step_input: TrainStepInput, encoding: TopKEncoding) -> torch.Tensor:
+        """The warm-up loss's prefix errors (once per step): at the block ends, where a
+        labelling step also reads every prefix error from the same pass, or at every prefix."""
         if self.cfg.warmup_loss == "block_ends":
-            # a labelling step reads every prefix error from the rows this pass gathers
             labelling = self._is_labelling(step_input.n_training_steps)
-            errors, all_errors = self.block_end_errors_from_selection(
-                encoding.x_in,
-                encoding.selection,
-                self.prefix_loss_chunk_size,
-                all_prefixes=labelling,
-            )
-            if labelling:
-                encoding.prefix_errors = all_errors  # what prefix_errors_of returns this step
-            return {PREFIX_EXCESS_LOSS: prefix_excess(errors)}
-        return {PREFIX_EXCESS_LOSS: prefix_excess(self.prefix_errors_of(encoding))}
+            return self.block_end_errors_of(encoding, all_prefixes=labelling)
+        return self.prefix_errors_of(encoding)
+
+    def training_reconstruction(
+        self, step_input: TrainStepInput, encoding: StepEncoding
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """During a prefix-loss warm-up, ``sae_out`` and ``mse_loss`` come from the warm-up's
+        prefix pass (no separate decode) wherever the decode would give the same."""
+        assert isinstance(encoding, TopKEncoding)
+        if (
+            self.is_adaptive
+            or self.cfg.warmup_loss == "mse"
+            or not self.reconstructs_from_prefixes()
+        ):
+            return super().training_reconstruction(step_input, encoding)  # type: ignore[misc]
+        errors = self._warmup_errors(step_input, encoding)
+        return self.reconstruction_from_prefixes(step_input, encoding, errors)
 
     def record_training_step(self, step_input: TrainStepInput, encoding: StepEncoding) -> None:
         assert isinstance(encoding, TopKEncoding)

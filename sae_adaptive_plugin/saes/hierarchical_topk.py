@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from sae_lens.saes.sae import SAEMetadata, TrainStepInput
-from sae_lens.saes.sae import mse_loss as sae_lens_mse_loss
 from sae_lens.saes.topk_sae import (
     TopKSAE,
     TopKSAEConfig,
@@ -247,18 +246,6 @@ class HierarchicalTopKTrainingSAE(_Budgets, TopKFamilyTrainingSAE):
     def prefix_loss_chunk_size(self) -> int | None:
         return self.cfg.loss_chunk_size
 
-    def _reconstructs_from_prefixes(self) -> bool:
-        """Whether the step's output and MSE can come from the prefix pass (the decode would
-        give the same): the fused path, no hooks on the code or the reconstruction, rows not
-        reshaped (hook_z), SAELens's plain MSE."""
-        return (
-            self.encodes_fused
-            and not self.hook_sae_acts_post._forward_hooks
-            and not self.hook_sae_recons._forward_hooks
-            and self.cfg.reshape_activations == "none"
-            and self.mse_loss_fn is sae_lens_mse_loss
-        )
-
     def training_reconstruction(
         self, step_input: TrainStepInput, encoding: StepEncoding
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,14 +253,11 @@ class HierarchicalTopKTrainingSAE(_Budgets, TopKFamilyTrainingSAE):
         error at ``K``, ``sae_out = x − residual`` (no gradient; the loss carries it); no
         separate decode. Elsewhere (hooks, hook_z, another MSE): the decode."""
         assert isinstance(encoding, TopKEncoding)
-        if not self._reconstructs_from_prefixes():
+        if not self.reconstructs_from_prefixes():
             return super().training_reconstruction(step_input, encoding)
-        errors = self.prefix_errors_of(encoding)
-        residual = encoding.prefix_residual
-        assert residual is not None
-        sae_in = step_input.sae_in
-        sae_out = sae_in.reshape(-1, self.cfg.d_in).to(residual.dtype) - residual
-        return sae_out.to(sae_in.dtype).reshape(sae_in.shape), errors[:, -1].mean()
+        return self.reconstruction_from_prefixes(
+            step_input, encoding, self.prefix_errors_of(encoding)
+        )
 
     def extra_losses(
         self, step_input: TrainStepInput, encoding: StepEncoding

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from sae_lens.saes.sae import mse_loss as sae_lens_mse_loss
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE
 
 from sae_adaptive_plugin.ops.dispatch import (
@@ -31,8 +32,7 @@ from sae_adaptive_plugin.ops.dispatch import (
 )
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.hierarchical import (
-    block_end_and_prefix_errors,
-    block_end_errors,
+    block_end_pass,
     prefix_errors_and_residual,
     prefix_reconstruction_errors,
 )
@@ -75,14 +75,17 @@ class StepEncoding:
 class TopKEncoding(StepEncoding):
     """A batch through the top-k encoder. ``x_in``: the rows as read (reshaped, after
     ``hook_sae_input``); ``sae_in``: what the encoder reads; ``selection``: the compact top-k,
-    whose values are the code's (after ``hook_sae_acts_post``); ``prefix_errors`` and
-    ``prefix_residual`` (the last prefix's residual, no gradient): filled once by
-    :meth:`TopKFamilyTrainingSAE.prefix_errors_of`."""
+    whose values are the code's (after ``hook_sae_acts_post``); ``prefix_errors``,
+    ``block_end_errors`` and ``prefix_residual`` (the last prefix's residual, no gradient):
+    filled once by :meth:`TopKFamilyTrainingSAE.prefix_errors_of` or
+    :meth:`~TopKFamilyTrainingSAE.block_end_errors_of` (whose ``prefix_errors`` carry no
+    gradient)."""
 
     x_in: torch.Tensor
     sae_in: torch.Tensor
     selection: TopKResult
     prefix_errors: torch.Tensor | None = None
+    block_end_errors: torch.Tensor | None = None
     prefix_residual: torch.Tensor | None = None
 
 
@@ -312,26 +315,6 @@ class TopKFamilyMixin:
             residual0, coefficients, self.W_dec, indices, chunk_size=chunk_size
         )
 
-    def block_end_errors_from_selection(
-        self,
-        x_in: torch.Tensor,
-        selection: TopKResult,
-        chunk_size: int | None = None,
-        *,
-        all_prefixes: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefix errors at the ends of the blocks of 8 latents of the sorted selection,
-        ``[N, ceil(width / 8)]``, differentiable, and with ``all_prefixes`` every prefix's error
-        ``[N, width]`` from the same gathered rows, without gradient (else an empty tensor):
-        :func:`~sae_adaptive_plugin.ops.hierarchical.block_end_and_prefix_errors`."""
-        residual0, coefficients, indices = self._prefix_operands(x_in, selection)
-        if all_prefixes:
-            return block_end_and_prefix_errors(
-                residual0, coefficients, self.W_dec, indices, chunk_size=chunk_size
-            )
-        ends = block_end_errors(residual0, coefficients, self.W_dec, indices, chunk_size=chunk_size)
-        return ends, ends.new_empty(0, 0)
-
     # -- folds of the input (SAELens's), followed by the second reader ---------------------------
 
     @torch.no_grad()
@@ -393,6 +376,31 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
         sae_out = self.training_decode(encoding)
         return sae_out, self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
 
+    def reconstructs_from_prefixes(self) -> bool:
+        """Whether the step's output and MSE can come from a prefix pass (the decode would give
+        the same): the fused path, no hooks on the code or the reconstruction, rows not
+        reshaped (hook_z), SAELens's plain MSE."""
+        return (
+            self.encodes_fused
+            and not self.hook_sae_acts_post._forward_hooks  # type: ignore[attr-defined]
+            and not self.hook_sae_recons._forward_hooks  # type: ignore[attr-defined]
+            and self.cfg.reshape_activations == "none"
+            and self.mse_loss_fn is sae_lens_mse_loss  # type: ignore[attr-defined]
+        )
+
+    def reconstruction_from_prefixes(
+        self, step_input: TrainStepInput, encoding: TopKEncoding, errors: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sae_out, mse_loss)`` from a prefix pass already run on ``encoding``: ``mse_loss``
+        is the last column of its ``errors`` (the error at the whole selection), ``sae_out =
+        x − residual`` (no gradient; the loss carries it). Only where
+        :meth:`reconstructs_from_prefixes`."""
+        residual = encoding.prefix_residual
+        assert residual is not None
+        sae_in = step_input.sae_in
+        sae_out = sae_in.reshape(-1, self.cfg.d_in).to(residual.dtype) - residual
+        return sae_out.to(sae_in.dtype).reshape(sae_in.shape), errors[:, -1].mean()
+
     def extra_losses(
         self, step_input: TrainStepInput, encoding: StepEncoding
     ) -> dict[str, torch.Tensor]:
@@ -413,6 +421,30 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
     def prefix_loss_chunk_size(self) -> int | None:
         """Rows gathered at once by :meth:`prefix_errors_of` (memory only; None = automatic)."""
         return None
+
+    def block_end_errors_of(
+        self, encoding: TopKEncoding, *, all_prefixes: bool = False
+    ) -> torch.Tensor:
+        """The prefix errors at the ends of the blocks of 8 latents of the step's sorted
+        selection, ``[N, ceil(width / 8)]``, differentiable, computed once per step
+        (:func:`~sae_adaptive_plugin.ops.hierarchical.block_end_pass`) with the last residual
+        and, with ``all_prefixes``, every prefix's error (no gradient) into ``encoding``."""
+        if encoding.block_end_errors is None:
+            residual0, coefficients, indices = self._prefix_operands(
+                encoding.x_in, encoding.selection
+            )
+            ends, errors, final = block_end_pass(
+                residual0,
+                coefficients,
+                self.W_dec,
+                indices,
+                all_prefixes=all_prefixes,
+                chunk_size=self.prefix_loss_chunk_size,
+            )
+            encoding.block_end_errors, encoding.prefix_residual = ends, final
+            if all_prefixes:
+                encoding.prefix_errors = errors
+        return encoding.block_end_errors
 
     def prefix_errors_of(self, encoding: TopKEncoding) -> torch.Tensor:
         """:meth:`prefix_errors_from_selection` of the step's encoding, computed once per step
