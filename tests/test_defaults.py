@@ -247,3 +247,36 @@ def test_softsae_defaults_keep_k_adaptive_on_a_short_run_with_lr_warm_up(tmp_pat
     assert soft["l0_std"] > 0.2 * soft["l0_mean"], soft
     assert abs(topk["l0_mean"] - soft["l0_mean"]) <= 1, (soft, topk)  # TopK at the matched k
     assert soft["explained_variance"] >= topk["explained_variance"], (soft, topk)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "complexity,steps", [("loguniform", 60), ("uniform", 60), ("loguniform", 240)]
+)
+def test_hierarchical_topk_warns_at_the_end_of_a_run_too_short_for_its_k(
+    tmp_path, complexity, steps
+):
+    """Only ``k`` set, trained through SAELens's trainer: where the held-out explained variance
+    at ``K`` ends below the one at ``K / 2`` (60 steps on the small sources), the last step warns
+    naming ``k``; where it rises with the budget (240 steps), it does not."""
+    cfg = CompareConfig(
+        source=_small_source(complexity),
+        steps=steps,
+        batch_size=128,
+        eval_samples=2048,
+        architectures=("hierarchical_topk",),
+        hierarchical_k_fractions=(0.5, 1.0),
+        topk_sweep=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_compare(cfg, tmp_path, log=lambda _: None)
+    ours = [str(w.message) for w in caught if str(w.message).startswith("hierarchical_topk: at")]
+    ev = {r["k_eval"]: r["explained_variance"] for r in result.rows}
+    K = max(ev)
+    assert K == 12 and K // 2 in ev
+    worse_at_k = ev[K] < ev[K // 2]
+    assert worse_at_k == (steps == 60), ev  # the runs this test stands for
+    assert bool(ours) == worse_at_k, (ours, ev)
+    if ours:
+        assert f"all k={K} latents" in ours[0] and "set a smaller k" in ours[0]

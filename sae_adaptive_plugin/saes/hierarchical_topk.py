@@ -12,6 +12,7 @@ a budget ``cfg.k`` that may change after loading (:meth:`HierarchicalTopKSAE.set
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ from sae_adaptive_plugin.saes.topk_family import (
 )
 
 NAME = "hierarchical_topk"
+#: Decay per step of the running training errors of the end-of-run budget check (≈ the last 10).
+BUDGET_CHECK_DECAY = 0.9
 
 #: ``normalize_activations`` values whose output transform is the identity, so that prefix errors
 #: in the SAE's reconstruction space are the errors of its real outputs.
@@ -238,13 +241,60 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
 
 
 class HierarchicalTopKTrainingSAE(_Budgets, TopKFamilyTrainingSAE):
-    """SAELens ``TopKTrainingSAE`` trained with the HierarchicalTopK all-prefix loss."""
+    """SAELens ``TopKTrainingSAE`` trained with the HierarchicalTopK all-prefix loss.
+
+    At the last step of a run of known length (``bind_run_length``, which SAELens's trainer
+    calls) it warns if the training batches' mean per-row explained variance ``1 − ‖x − x̂‖² /
+    ‖x − mean‖²`` with all ``K`` latents, a running mean over the last steps
+    (:data:`BUDGET_CHECK_DECAY`), is below the one with ``K // 2``: the largest budgets would
+    make reconstructions worse."""
 
     cfg: HierarchicalTopKTrainingSAEConfig  # type: ignore[assignment]
+    total_training_steps: int | None = None
+    #: running means of the per-row relative errors at ``K // 2`` and ``K`` (on the device)
+    _budget_errors: torch.Tensor | None = None
 
     @property
     def prefix_loss_chunk_size(self) -> int | None:
         return self.cfg.loss_chunk_size
+
+    def bind_run_length(self, total_steps: int) -> None:
+        """The run's length, for the end-of-run budget check (SAELens's trainer calls this)."""
+        self.total_training_steps = total_steps
+
+    def record_training_step(self, step_input: TrainStepInput, encoding: StepEncoding) -> None:
+        assert isinstance(encoding, TopKEncoding)
+        K = self.cfg.k
+        if K < 2:
+            return
+        with torch.no_grad():
+            errors = self.prefix_errors_of(encoding).detach()[:, [K // 2 - 1, K - 1]]
+            x = self.run_time_activation_norm_fn_in(encoding.x_in).reshape(-1, self.cfg.d_in)
+            variance = (x - x.mean(0)).pow(2).sum(-1, keepdim=True).to(errors.dtype)
+            pair = (errors / variance.clamp_min(torch.finfo(errors.dtype).tiny)).mean(0).float()
+            if self._budget_errors is None:
+                self._budget_errors = pair
+            else:
+                self._budget_errors.lerp_(pair, 1.0 - BUDGET_CHECK_DECAY)
+        if step_input.n_training_steps + 1 == self.total_training_steps:
+            self.check_full_budget()
+
+    def check_full_budget(self) -> None:
+        """Warn if the running explained variance at ``K`` is below the one at ``K // 2`` (one
+        host read)."""
+        if self._budget_errors is None:
+            return
+        half, full = (1.0 - e for e in self._budget_errors.tolist())
+        K = self.cfg.k
+        if full < half:
+            warnings.warn(
+                f"hierarchical_topk: at the end of this {self.total_training_steps}-step run the "
+                f"training batches' mean explained variance with all k={K} latents ({full:.3f}) "
+                f"is below the one with {K // 2} ({half:.3f}): its largest budgets make "
+                f"reconstructions worse, so the SAE is undertrained for k={K}. Train for more "
+                "steps, or set a smaller k (the largest budget you will use)",
+                stacklevel=2,
+            )
 
     def training_reconstruction(
         self, step_input: TrainStepInput, encoding: StepEncoding
