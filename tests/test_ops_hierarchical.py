@@ -174,11 +174,14 @@ def test_prefix_block_size_does_not_change_errors_or_gradients(block, monkeypatc
         torch.testing.assert_close(got, want, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("all_prefixes", [False, True])
 @pytest.mark.parametrize("K", [1, 8, 11, 24])
-def test_block_end_errors_are_the_prefix_errors_at_block_ends_with_their_gradients(K):
-    """Column b of block_end_errors is the prefix error after min(8(b+1), K) latents; the
-    closed-form backward equals autograd through the naive reference (float64)."""
-    from sae_adaptive_plugin.ops.hierarchical import PREFIX_BLOCK, block_end_errors
+def test_block_end_errors_are_the_prefix_errors_at_block_ends_with_their_gradients(K, all_prefixes):
+    """Column b of the block-end errors is the prefix error after min(8(b+1), K) latents; the
+    closed-form backward equals autograd through the naive reference (float64). With
+    ``all_prefixes``, ``block_end_pass`` also gives every prefix's error as
+    :func:`prefix_reconstruction_errors` does, and the last residual, without gradients."""
+    from sae_adaptive_plugin.ops.hierarchical import PREFIX_BLOCK, block_end_errors, block_end_pass
 
     args = _inputs(9, K, 30, 7, torch.float64, seed=20 + K)
     ends = [min(PREFIX_BLOCK * (b + 1), K) - 1 for b in range(-(-K // PREFIX_BLOCK))]
@@ -190,30 +193,9 @@ def test_block_end_errors_are_the_prefix_errors_at_block_ends_with_their_gradien
         return (prefix_reconstruction_errors_naive(r, v, w, i)[:, ends] * weights).sum()
 
     def blocked(r, v, w, i):
-        return (block_end_errors(r, v, w, i, chunk_size=4) * weights).sum()
-
-    ref, ref_grads = _grads(naive, *args)
-    out, grads = _grads(blocked, *args)
-    torch.testing.assert_close(out, ref, **TOL[torch.float64])
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, **TOL[torch.float64])
-
-
-@pytest.mark.parametrize("K", [1, 8, 11, 24])
-def test_block_end_pass_adds_every_prefix_error_and_the_final_residual(K):
-    """``block_end_pass``: the block-end errors and gradients of :func:`block_end_errors`,
-    every prefix's error as :func:`prefix_reconstruction_errors` gives it (float64 against the
-    naive reference) and the last residual, without gradients."""
-    from sae_adaptive_plugin.ops.hierarchical import block_end_errors, block_end_pass
-
-    args = _inputs(13, K, 30, 7, torch.float64, seed=40 + K)
-    weights = torch.rand(13, -(-K // 8), dtype=torch.float64)
-
-    def ends_only(r, v, w, i):
-        return (block_end_errors(r, v, w, i, chunk_size=4) * weights).sum()
-
-    def with_prefixes(r, v, w, i):
-        ends, prefixes, final = block_end_pass(r, v, w, i, all_prefixes=True, chunk_size=5)
+        if not all_prefixes:
+            return (block_end_errors(r, v, w, i, chunk_size=4) * weights).sum()
+        out, prefixes, final = block_end_pass(r, v, w, i, all_prefixes=True, chunk_size=4)
         assert not prefixes.requires_grad and not final.requires_grad
         residual0, values, W_dec, indices = args
         want = residual0 - (values.unsqueeze(-1) * W_dec[indices]).sum(1)
@@ -222,12 +204,12 @@ def test_block_end_pass_adds_every_prefix_error_and_the_final_residual(K):
             prefixes, prefix_reconstruction_errors_naive(*args), **TOL[torch.float64]
         )
         torch.testing.assert_close(
-            prefixes, prefix_reconstruction_errors(*args, chunk_size=5), rtol=0, atol=0
+            prefixes, prefix_reconstruction_errors(*args, chunk_size=4), rtol=0, atol=0
         )
-        return (ends * weights).sum()
+        return (out * weights).sum()
 
-    ref, ref_grads = _grads(ends_only, *args)
-    out, grads = _grads(with_prefixes, *args)
+    ref, ref_grads = _grads(naive, *args)
+    out, grads = _grads(blocked, *args)
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **TOL[torch.float64])

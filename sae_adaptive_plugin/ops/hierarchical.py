@@ -224,9 +224,7 @@ class _PrefixErrors(torch.autograd.Function):
                 a = coeffs[s : s + n]
                 after = _residuals_after_blocks(residual0[s : s + n], a, rows[:, :, :block])
                 final[s : s + n] = after[:, -1]
-                V = _with_residuals_before(rows, residual0[s : s + n], after, block)
-                gram = torch.bmm(V, V.transpose(1, 2))
-                errors[s : s + n] = _errors_from_gram(gram, a.reshape(-1, block)).view(n, -1)
+                errors[s : s + n] = _in_block_errors(rows, residual0[s : s + n], after, a, block)
         ctx.save_for_backward(residual0, values, W_dec, indices)
         ctx.chunk, ctx.block = chunk, block
         ctx.mark_non_differentiable(final)
@@ -285,6 +283,20 @@ def _with_residuals_before(
     return rows[:, :, : block + 1].view(n * n_blocks, block + 1, d)
 
 
+def _in_block_errors(
+    rows: torch.Tensor,
+    residual0: torch.Tensor,
+    after: torch.Tensor,
+    coeffs: torch.Tensor,
+    block: int,
+) -> torch.Tensor:
+    """Every prefix's error ``[n, n_blocks · block]`` of a chunk, from each block's Gram matrix
+    of ``[D_b, P_b]`` (:func:`_with_residuals_before`, :func:`_errors_from_gram`)."""
+    V = _with_residuals_before(rows, residual0, after, block)
+    gram = torch.bmm(V, V.transpose(1, 2))
+    return _errors_from_gram(gram, coeffs.reshape(-1, block)).view(rows.shape[0], -1)
+
+
 class _BlockEndErrors(torch.autograd.Function):
     """``‖P_{b+1}‖²`` ``[B, n_blocks]``: the error after each block of ``block`` prefixes (the
     last block ends at ``K``), from ``P_{b+1} = e₀ − Σ_{i in blocks ≤ b} a_i D_i`` alone; then,
@@ -312,9 +324,9 @@ class _BlockEndErrors(torch.autograd.Function):
                 errors[s : s + n] = after.pow(2).sum(-1)
                 final[s : s + n] = after[:, -1]
                 if all_prefixes:
-                    V = _with_residuals_before(rows, residual0[s : s + n], after, block)
-                    gram = torch.bmm(V, V.transpose(1, 2))
-                    prefix[s : s + n] = _errors_from_gram(gram, a.reshape(-1, block)).view(n, -1)
+                    prefix[s : s + n] = _in_block_errors(
+                        rows, residual0[s : s + n], after, a, block
+                    )
         ctx.save_for_backward(residual0, values, W_dec, indices)
         ctx.chunk, ctx.block = chunk, block
         prefix = prefix[:, :K]
@@ -362,7 +374,7 @@ def block_end_errors(
     ``prefix_reconstruction_errors(...)[:, min(8(b+1), K) − 1]``. Same arguments (``indices``
     required), dtypes and gradients as :func:`prefix_reconstruction_errors`; ``O(B·K·d)`` work,
     no Gram matrix."""
-    return _block_end_errors(residual0, values, W_dec, indices, chunk_size, all_prefixes=False)[0]
+    return block_end_pass(residual0, values, W_dec, indices, chunk_size=chunk_size)[0]
 
 
 def block_end_pass(
@@ -378,29 +390,22 @@ def block_end_pass(
     that pass gathers and without gradients every prefix's error ``[B, K]`` (the values of
     :func:`prefix_reconstruction_errors`) with ``all_prefixes`` (else an empty tensor), and the
     last prefix's residual ``residual0 − Σ_{i≤K} values_i W_dec[indices_i]`` ``[B, d]``."""
-    return _block_end_errors(
-        residual0, values, W_dec, indices, chunk_size, all_prefixes=all_prefixes
-    )
-
-
-def _block_end_errors(
-    residual0: torch.Tensor,
-    values: torch.Tensor,
-    W_dec: torch.Tensor,
-    indices: torch.Tensor,
-    chunk_size: int | None,
-    *,
-    all_prefixes: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_inputs(residual0, values)
-    _check_decoder(residual0, values, W_dec, indices)
-    dtype = accumulation_dtype(residual0.dtype, values.dtype, W_dec.dtype)
+    dtype = _checked_accumulation_dtype(residual0, values, W_dec, indices)
     device_type = residual0.device.type
     block, chunk = _block_and_chunk(indices.shape, W_dec.shape[1], chunk_size, device_type)
     with full_precision(device_type):
         return _BlockEndErrors.apply(
             residual0.to(dtype), values.to(dtype), W_dec, indices.long(), chunk, block, all_prefixes
         )
+
+
+def _checked_accumulation_dtype(
+    residual0: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, indices: torch.Tensor | None
+) -> torch.dtype:
+    """The dtype the prefix ops compute in, after refusing inputs of the wrong shapes or dtypes."""
+    _check_inputs(residual0, values)
+    _check_decoder(residual0, values, W_dec, indices)
+    return accumulation_dtype(residual0.dtype, values.dtype, W_dec.dtype)
 
 
 def _padded(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -454,9 +459,7 @@ def prefix_errors_and_residual(
     """``(errors, final)``: :func:`prefix_reconstruction_errors` (same arguments) and the last
     prefix's residual ``residual0 − Σ_{i≤K} values_i W_dec[indices_i]`` ``[B, d]`` (without
     gradient; ``x − residual`` is the reconstruction at ``K``), from the same pass."""
-    _check_inputs(residual0, values)
-    _check_decoder(residual0, values, W_dec, indices)
-    dtype = accumulation_dtype(residual0.dtype, values.dtype, W_dec.dtype)
+    dtype = _checked_accumulation_dtype(residual0, values, W_dec, indices)
     with full_precision(residual0.device.type):
         return _prefix_errors(residual0.to(dtype), values.to(dtype), W_dec, indices, chunk_size)
 
