@@ -268,7 +268,8 @@ class HierarchicalTopKTrainingSAE(_Budgets, TopKFamilyTrainingSAE):
         if K < 2:
             return
         with torch.no_grad():
-            errors = self.prefix_errors_of(encoding).detach()[:, [K // 2 - 1, K - 1]]
+            all_errors = self.prefix_errors_of(encoding).detach()
+            errors = torch.stack([all_errors[:, K // 2 - 1], all_errors[:, -1]], dim=1)
             x = self.run_time_activation_norm_fn_in(encoding.x_in).reshape(-1, self.cfg.d_in)
             variance = (x - x.mean(0)).pow(2).sum(-1, keepdim=True).to(errors.dtype)
             pair = (errors / variance.clamp_min(torch.finfo(errors.dtype).tiny)).mean(0).float()
