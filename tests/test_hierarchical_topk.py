@@ -81,6 +81,7 @@ def _decode_prefix_errors(sae, x):
         (dict(k=2.5), r"k must be an int"),
         (dict(k=4, normalize_activations="layer_norm"), "normalize_activations"),
         (dict(k=4, loss_chunk_size=0), "loss_chunk_size"),
+        (dict(k=4, prefix_weights="linear"), r"prefix_weights must be one of \('uniform'"),
     ],
 )
 def test_training_config_validation(kwargs, match):
@@ -105,17 +106,23 @@ def test_inference_config_validation(kwargs, match):
 # ------------------------------------------------------------------------------- training loss
 
 
-@pytest.mark.parametrize("rescale", [True, False])
-def test_training_loss_is_mean_of_decode_prefix_errors_with_same_gradients(rescale):
+@pytest.mark.parametrize(
+    ("rescale", "weights"), [(True, "uniform"), (False, "uniform"), (True, "harmonic")]
+)
+def test_training_loss_is_weighted_mean_of_decode_prefix_errors_with_same_gradients(
+    rescale, weights
+):
     x = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
-    sae = _training_sae(rescale=rescale)
+    sae = _training_sae(rescale=rescale, prefix_weights=weights)
     out = sae.training_forward_pass(_step(sae, x))
     loss = out.losses["mse_loss"] + out.losses["prefix_excess_loss"]  # the all-prefix mean
     grads = torch.autograd.grad(loss, [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec])
 
     ref_sae = _training_sae(rescale=rescale)
     ref_errors = _decode_prefix_errors(ref_sae, x)
-    ref_loss = ref_errors.mean()
+    j = torch.arange(1, sae.cfg.k + 1, dtype=torch.float32)
+    w = torch.ones_like(j) if weights == "uniform" else 1 / j  # harmonic: w_j ∝ 1/j
+    ref_loss = (ref_errors.mean(0) * w / w.sum()).sum()
     ref_grads = torch.autograd.grad(
         ref_loss, [ref_sae.W_enc, ref_sae.b_enc, ref_sae.W_dec, ref_sae.b_dec]
     )

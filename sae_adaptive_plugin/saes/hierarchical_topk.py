@@ -43,6 +43,9 @@ NAME = "hierarchical_topk"
 #: Decay per step of the running training errors of the end-of-run budget check (≈ the last 10).
 BUDGET_CHECK_DECAY = 0.9
 
+#: ``prefix_weights`` values: how the loss weighs the error of prefix ``j`` (``w_j``, summing to 1).
+PREFIX_WEIGHTS = ("uniform", "harmonic")
+
 #: ``normalize_activations`` values whose output transform is the identity, so that prefix errors
 #: in the SAE's reconstruction space are the errors of its real outputs.
 _SUPPORTED_NORMALIZATION = ("none", "expected_average_only_in")
@@ -68,6 +71,18 @@ def _check_normalization(value: str) -> None:
             f"(its prefix losses need an identity output transform); use one of "
             f"{_SUPPORTED_NORMALIZATION}"
         )
+
+
+def prefix_weights(scheme: str, K: int, device: torch.device) -> torch.Tensor | None:
+    """The loss weights ``w_j`` of prefixes ``j = 1..K`` (``[K]``, summing to 1): ``"uniform"``
+    → ``None`` (``w_j = 1/K``); ``"harmonic"`` → ``w_j ∝ 1/j``, which gives every doubling of
+    the budget about the same weight, so the smallest budgets weigh more."""
+    if scheme == "uniform":
+        return None
+    if scheme == "harmonic":
+        inverse = torch.arange(1, K + 1, device=device, dtype=torch.float32).reciprocal()
+        return inverse / inverse.sum()
+    raise ValueError(f"prefix_weights must be one of {PREFIX_WEIGHTS}, got {scheme!r}")
 
 
 def metric_budgets(k_max: int) -> list[int]:
@@ -213,6 +228,9 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             knob only; ``None`` = automatic, at most ``2**22`` gathered elements).
         decoder_unit_norm: keep decoder rows at unit norm during training and remove the
             gradient component parallel to each row (EleutherAI sparsify's decoder handling).
+        prefix_weights: how the loss weighs the prefixes' errors: ``"uniform"`` (the method's
+            ``mean_j``, default) or ``"harmonic"`` (``w_j ∝ 1/j``: more weight on the smallest
+            budgets; measured in docs/compare.md).
         Other fields: as SAELens's ``TopKTrainingSAEConfig`` (``aux_loss_coefficient``,
         ``rescale_acts_by_decoder_norm``, ``use_sparse_activations``, ``decoder_init_norm``, …).
         ``normalize_activations`` must be ``"none"`` or ``"expected_average_only_in"``.
@@ -220,10 +238,15 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
 
     loss_chunk_size: int | None = None
     decoder_unit_norm: bool = False
+    prefix_weights: str = "uniform"
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae")
         self.k = check_int("k", self.k, 1, self.d_sae, hi_name="d_sae")
+        if self.prefix_weights not in PREFIX_WEIGHTS:
+            raise ValueError(
+                f"prefix_weights must be one of {PREFIX_WEIGHTS}, got {self.prefix_weights!r}"
+            )
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1 or None, got {self.loss_chunk_size}")
         _check_normalization(self.normalize_activations)
@@ -314,7 +337,9 @@ class HierarchicalTopKTrainingSAE(_Budgets, TopKFamilyTrainingSAE):
         self, step_input: TrainStepInput, encoding: StepEncoding
     ) -> dict[str, torch.Tensor]:
         assert isinstance(encoding, TopKEncoding)
-        return {PREFIX_EXCESS_LOSS: prefix_excess(self.prefix_errors_of(encoding))}
+        errors = self.prefix_errors_of(encoding)
+        weights = prefix_weights(self.cfg.prefix_weights, self.cfg.k, errors.device)
+        return {PREFIX_EXCESS_LOSS: prefix_excess(errors, weights)}
 
     @torch.no_grad()
     def extra_metrics(self, step_input: TrainStepInput, encoding: StepEncoding) -> dict[str, Any]:

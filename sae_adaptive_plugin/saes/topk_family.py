@@ -133,10 +133,13 @@ def sparse_code(selection: TopKResult, d_sae: int) -> torch.Tensor:
     )
 
 
-def prefix_excess(errors: torch.Tensor) -> torch.Tensor:
-    """``mean_j (e_j − e_K)`` of prefix errors ``[N, K]``: what the shorter prefixes add to
-    ``e_K`` in the all-prefix objective."""
-    return errors.mean() - errors[:, -1].mean()
+def prefix_excess(errors: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ_j w_j (e_j − e_K)`` of prefix errors ``[N, K]`` averaged over rows: what the shorter
+    prefixes add to ``e_K`` in the all-prefix objective. ``weights`` (``[K]``, summing to 1):
+    ``None`` is the uniform ``w_j = 1/K``."""
+    if weights is None:
+        return errors.mean() - errors[:, -1].mean()
+    return (errors.mean(0) * weights.to(errors.dtype)).sum() - errors[:, -1].mean()
 
 
 def _without_parallel_component(W_dec: torch.Tensor):
