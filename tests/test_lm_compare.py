@@ -261,4 +261,53 @@ def test_compare_lm_with_seeds_reports_mean_and_std(tmp_path, llama_dir, corpora
     assert math.isclose(row["explained_variance"], sum(evs) / 2, rel_tol=1e-9)
     assert math.isclose(row["explained_variance_std"], abs(evs[0] - evs[1]) / 2, rel_tol=1e-9)
     assert (out / "seed0" / "saes").is_dir() and (out / "seed1" / "saes").is_dir()
-    assert " ± " in capsys.readouterr().out
+    # softsae against the TopK trained at its own rounded mean L0 in the same seed
+    (paired,) = [r for r in payload["paired_differences"] if r["name"].startswith("softsae")]
+    diffs = []
+    for run in payload["per_seed"]:
+        rows = {r["name"]: r for r in run["results"]}
+        k = run["info"]["matched_k"]["softsae"]
+        diffs.append(
+            rows["softsae"]["explained_variance"] - rows[f"topk@k={k}"]["explained_variance"]
+        )
+    assert paired["n_seeds"] == 2
+    assert math.isclose(paired["explained_variance"], sum(diffs) / 2, rel_tol=1e-9)
+    printed = capsys.readouterr().out
+    assert " ± " in printed and "softsae − topk at its L0" in printed
+
+
+def _single_seed_run(folder: Path, seed: int, ev_soft: float, ev_topk: float, k: int) -> None:
+    rows = [
+        {
+            "name": "softsae",
+            "architecture": "softsae",
+            "k_eval": None,
+            "explained_variance": ev_soft,
+        },
+        {"name": f"topk@k={k}", "architecture": "topk", "k_eval": k, "explained_variance": ev_topk},
+    ]
+    payload = {"config": {"seed": seed, "d_sae": 48}, "info": {"matched_k": {"softsae": k}}}
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(payload | {"results": rows}))
+
+
+def test_merge_of_single_seed_runs_pairs_each_sae_with_its_seeds_topk(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "examples" / "merge_lm_seeds.py"
+    _single_seed_run(tmp_path / "s0", 0, 0.80, 0.70, k=33)
+    _single_seed_run(tmp_path / "s1", 1, 0.60, 0.70, k=35)  # another matched k in this seed
+    out = tmp_path / "merged.json"
+    cmd = [sys.executable, str(script), str(out), str(tmp_path / "s0"), str(tmp_path / "s1")]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    merged = json.loads(out.read_text())
+    assert merged["seeds"] == [0, 1] and merged["config"] == {"d_sae": 48}
+    (paired,) = merged["paired_differences"]
+    assert paired["name"] == "softsae − topk at its L0" and paired["n_seeds"] == 2
+    assert math.isclose(paired["explained_variance"], 0.0, abs_tol=1e-12)  # +0.1 and −0.1
+    assert math.isclose(paired["explained_variance_std"], 0.1, rel_tol=1e-9)
+    soft = next(r for r in merged["results"] if r["name"] == "softsae")
+    assert math.isclose(soft["explained_variance"], 0.70, rel_tol=1e-9)
+    again = subprocess.run(cmd, capture_output=True, text=True)  # nothing is overwritten
+    assert again.returncode == 2 and "exists" in again.stderr

@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,69 @@ _WITH_STD = ("explained_variance", "ce_loss_score", "kl_div", "l0_mean", "dead_l
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The result rows as a GitHub Markdown table (``mean ± std`` over seeds where present)."""
     return reporting.markdown_table(rows, TABLE_COLUMNS, cell=reporting.cell_with_std(_WITH_STD))
+
+
+#: Differences of a paired comparison (the SAE's value minus the TopK's), shown ``mean ± std``.
+_PAIRED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("SAE − TopK trained in the same seed", "name", "{}"),
+    ("seeds", "n_seeds", "{:.0f}"),
+    ("EV", "explained_variance", "{:+.3f}"),
+    ("CE score", "ce_loss_score", "{:+.3f}"),
+    ("KL", "kl_div", "{:+.3f}"),
+    ("dead", "dead_latents", "{:+.0f}"),
+)
+
+
+def paired_differences(per_seed: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per-seed differences merged over seeds (:func:`reporting.aggregate_rows`: mean, std,
+    ``n_seeds``). In each seed (``{"info": …, "results": […]}`` of one run) every variable-k SAE
+    is paired with the TopK trained at its rounded mean L0 (``info["matched_k"]``; the row is
+    named ``"<sae> − topk at its L0"``, with that k as ``topk_k``) and every HierarchicalTopK
+    budget ``k'`` with the TopK trained at ``k'``; each row holds the SAE's EV, CE score, KL
+    and dead latents minus the TopK's."""
+    runs = []
+    for run in per_seed:
+        by_name = {row["name"]: row for row in run["results"]}
+        pairs = [
+            (f"{arch} − topk at its L0", arch, k)
+            for arch, k in run["info"].get("matched_k", {}).items()
+        ]
+        pairs += [
+            (f"{row['name']} − topk@k={row['k_eval']}", row["name"], row["k_eval"])
+            for row in run["results"]
+            if row["architecture"] == "hierarchical_topk"
+        ]
+        rows = []
+        for label, name, k in pairs:
+            sae, topk = by_name.get(name), by_name.get(f"topk@k={k}")
+            if sae is None or topk is None:
+                continue
+            row: dict[str, Any] = {"name": label, "topk_k": k}
+            for key in ("explained_variance", "ce_loss_score", "kl_div", "dead_latents"):
+                if sae.get(key) is not None and topk.get(key) is not None:
+                    row[key] = sae[key] - topk[key]
+            rows.append(row)
+        runs.append(rows)
+    return reporting.aggregate_rows(runs)
+
+
+def paired_table(rows: list[dict[str, Any]]) -> str:
+    """:func:`paired_differences` as a GitHub Markdown table (``mean ± std``)."""
+    keys = [key for _, key, _ in _PAIRED_COLUMNS[2:]]
+    return reporting.markdown_table(rows, _PAIRED_COLUMNS, cell=reporting.cell_with_std(keys))
+
+
+def seeds_payload(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``results.json`` of several seeds' runs (each ``{"seed", "info", "results"}``): the
+    first run's ``info``, rows merged over seeds, the paired differences, and every run."""
+    return {
+        "config": dict(config),
+        "info": runs[0]["info"],
+        "results": reporting.aggregate_rows([run["results"] for run in runs]),
+        "paired_differences": paired_differences(runs),
+        "seeds": [run["seed"] for run in runs],
+        "per_seed": [dict(run) for run in runs],
+    }
 
 
 def default_model() -> str | None:
@@ -146,20 +210,20 @@ def run_lm(args: argparse.Namespace) -> int:
                 seed_out = staging if args.seeds == 1 else staging / f"seed{seed_cfg.seed}"
                 runs.append(run_lm_compare(seed_cfg, seed_out))
             result = runs[0]  # per-token pictures: the first seed's SAEs
-            if len(runs) > 1:
-                rows = reporting.aggregate_rows([run.rows for run in runs])
-                result = dataclasses.replace(result, rows=rows)
             payload: dict[str, Any] = {
                 "config": config_dict(cfg),
                 "info": result.info,
                 "results": result.rows,
             }
             if len(runs) > 1:
-                payload["seeds"] = seeds
-                payload["per_seed"] = [
-                    {"seed": seed, "info": run.info, "results": run.rows}
-                    for seed, run in zip(seeds, runs)
-                ]
+                payload = seeds_payload(
+                    config_dict(cfg),
+                    [
+                        {"seed": seed, "info": run.info, "results": run.rows}
+                        for seed, run in zip(seeds, runs)
+                    ],
+                )
+                result = dataclasses.replace(result, rows=payload["results"])
             (staging / RESULTS_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
             plot_k_per_token(result, staging / K_PER_TOKEN_PNG)
             plot_k_vs_surprisal(result, staging / K_VS_SURPRISAL_PNG)
@@ -180,6 +244,9 @@ def run_lm(args: argparse.Namespace) -> int:
     print()
     print(markdown_table(result.rows))
     print()
+    if len(runs) > 1:
+        print(paired_table(payload["paired_differences"]))
+        print()
     print(
         f"wrote {out / RESULTS_FILENAME} and {K_PER_TOKEN_PNG}, {K_VS_SURPRISAL_PNG}, {CE_VS_L0_PNG}"
     )
