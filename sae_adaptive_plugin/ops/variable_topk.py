@@ -193,15 +193,22 @@ class _TopKEncode(torch.autograd.Function):
     @autocast_off
     def forward(ctx, sae_in, W_enc, b_enc, scale, k_per_row, k_max):  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        h = torch.addmm(b_enc, sae_in, W_enc)
-        hidden_pre = h * scale if scale is not None else h
+        hidden_pre = torch.addmm(b_enc, sae_in, W_enc)
+        if scale is not None:
+            if torch.promote_types(hidden_pre.dtype, scale.dtype) == hidden_pre.dtype:
+                hidden_pre.mul_(scale)  # the values of h * scale, in the one [N, d_sae] buffer
+            else:  # e.g. bf16 h (autocast) · float32 scale: a float32 hidden_pre, as SAELens's
+                hidden_pre = hidden_pre * scale
         top = hidden_pre.topk(k_max, dim=-1, sorted=True)
         ranks = torch.arange(k_max, device=hidden_pre.device)
         mask = ranks < k_per_row.unsqueeze(-1).to(ranks.dtype)
         positive = mask & (top.values > 0)
         values = torch.where(positive, top.values, 0)
-        h_sel = h.gather(-1, top.indices) if scale is not None else None
-        del h
+        h_sel = None
+        if scale is not None:  # the unscaled pre-activations there, for ∂L/∂scale
+            s_sel = scale[top.indices]
+            # a zero scale makes the slot's value 0, never positive: its h_sel is never used
+            h_sel = torch.where(s_sel != 0, top.values / torch.where(s_sel != 0, s_sel, 1), 0)
         ctx.save_for_backward(sae_in, W_enc, b_enc, scale, top.indices, positive, h_sel)
         ctx.mark_non_differentiable(top.indices, mask)
         return hidden_pre, values, top.indices, mask
