@@ -107,7 +107,8 @@ def test_inference_config_validation(kwargs, match):
 
 
 @pytest.mark.parametrize(
-    ("rescale", "weights"), [(True, "uniform"), (False, "uniform"), (True, "harmonic")]
+    ("rescale", "weights"),
+    [(True, "uniform"), (False, "uniform"), (True, "harmonic"), (True, "inverse_sqrt")],
 )
 def test_training_loss_is_weighted_mean_of_decode_prefix_errors_with_same_gradients(
     rescale, weights
@@ -121,7 +122,7 @@ def test_training_loss_is_weighted_mean_of_decode_prefix_errors_with_same_gradie
     ref_sae = _training_sae(rescale=rescale)
     ref_errors = _decode_prefix_errors(ref_sae, x)
     j = torch.arange(1, sae.cfg.k + 1, dtype=torch.float32)
-    w = torch.ones_like(j) if weights == "uniform" else 1 / j  # harmonic: w_j ∝ 1/j
+    w = {"uniform": torch.ones_like(j), "harmonic": 1 / j, "inverse_sqrt": j**-0.5}[weights]
     ref_loss = (ref_errors.mean(0) * w / w.sum()).sum()
     ref_grads = torch.autograd.grad(
         ref_loss, [ref_sae.W_enc, ref_sae.b_enc, ref_sae.W_dec, ref_sae.b_dec]

@@ -44,7 +44,7 @@ NAME = "hierarchical_topk"
 BUDGET_CHECK_DECAY = 0.9
 
 #: ``prefix_weights`` values: how the loss weighs the error of prefix ``j`` (``w_j``, summing to 1).
-PREFIX_WEIGHTS = ("uniform", "harmonic")
+PREFIX_WEIGHTS = ("uniform", "harmonic", "inverse_sqrt")
 
 #: ``normalize_activations`` values whose output transform is the identity, so that prefix errors
 #: in the SAE's reconstruction space are the errors of its real outputs.
@@ -76,11 +76,13 @@ def _check_normalization(value: str) -> None:
 def prefix_weights(scheme: str, K: int, device: torch.device) -> torch.Tensor | None:
     """The loss weights ``w_j`` of prefixes ``j = 1..K`` (``[K]``, summing to 1): ``"uniform"``
     → ``None`` (``w_j = 1/K``); ``"harmonic"`` → ``w_j ∝ 1/j``, which gives every doubling of
-    the budget about the same weight, so the smallest budgets weigh more."""
+    the budget about the same weight, so the smallest budgets weigh more; ``"inverse_sqrt"`` →
+    ``w_j ∝ 1/√j``, between the two."""
     if scheme == "uniform":
         return None
-    if scheme == "harmonic":
-        inverse = torch.arange(1, K + 1, device=device, dtype=torch.float32).reciprocal()
+    if scheme in ("harmonic", "inverse_sqrt"):
+        j = torch.arange(1, K + 1, device=device, dtype=torch.float32)
+        inverse = j.reciprocal() if scheme == "harmonic" else j.rsqrt()
         return inverse / inverse.sum()
     raise ValueError(f"prefix_weights must be one of {PREFIX_WEIGHTS}, got {scheme!r}")
 
@@ -229,8 +231,8 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
         decoder_unit_norm: keep decoder rows at unit norm during training and remove the
             gradient component parallel to each row (EleutherAI sparsify's decoder handling).
         prefix_weights: how the loss weighs the prefixes' errors: ``"uniform"`` (the method's
-            ``mean_j``, default) or ``"harmonic"`` (``w_j ∝ 1/j``: more weight on the smallest
-            budgets; measured in docs/compare.md).
+            ``mean_j``, default), ``"harmonic"`` (``w_j ∝ 1/j``: more weight on the smallest
+            budgets) or ``"inverse_sqrt"`` (``w_j ∝ 1/√j``); measured in docs/compare.md.
         Other fields: as SAELens's ``TopKTrainingSAEConfig`` (``aux_loss_coefficient``,
         ``rescale_acts_by_decoder_norm``, ``use_sparse_activations``, ``decoder_init_norm``, …).
         ``normalize_activations`` must be ``"none"`` or ``"expected_average_only_in"``.
