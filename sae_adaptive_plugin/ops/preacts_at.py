@@ -14,18 +14,14 @@ from __future__ import annotations
 import torch
 
 from sae_adaptive_plugin.ops.dispatch import accumulation_dtype, autocast_off, full_precision
-from sae_adaptive_plugin.ops.variable_topk import sparse_encoder_backward
+from sae_adaptive_plugin.ops.variable_topk import sparse_encoder_backward, unscaled_at
 
 
 class _PreactsAt(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, sae_in, W_enc, b_enc, scale, indices, values):  # type: ignore[override]
-        h_sel = None
-        if scale is not None:  # the unscaled pre-activation; a zero scale (a zero decoder row,
-            # whose norm has zero gradient) contributes nothing to ∂scale
-            s = scale[indices]
-            h_sel = torch.where(s != 0, values / torch.where(s != 0, s, 1), 0)
+        h_sel = unscaled_at(values, scale, indices) if scale is not None else None
         ctx.save_for_backward(sae_in, W_enc, b_enc, scale, indices, h_sel)
         return values.clone()
 

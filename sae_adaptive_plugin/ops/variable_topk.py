@@ -204,11 +204,7 @@ class _TopKEncode(torch.autograd.Function):
         mask = ranks < k_per_row.unsqueeze(-1).to(ranks.dtype)
         positive = mask & (top.values > 0)
         values = torch.where(positive, top.values, 0)
-        h_sel = None
-        if scale is not None:  # the unscaled pre-activations there, for ∂L/∂scale
-            s_sel = scale[top.indices]
-            # a zero scale makes the slot's value 0, never positive: its h_sel is never used
-            h_sel = torch.where(s_sel != 0, top.values / torch.where(s_sel != 0, s_sel, 1), 0)
+        h_sel = unscaled_at(top.values, scale, top.indices) if scale is not None else None
         ctx.save_for_backward(sae_in, W_enc, b_enc, scale, top.indices, positive, h_sel)
         ctx.mark_non_differentiable(top.indices, mask)
         return hidden_pre, values, top.indices, mask
@@ -260,6 +256,16 @@ def _dense_backward(needs, g, sae_in, W_enc, b_enc, scale):
     grad_x = g.to(W_enc.dtype) @ W_enc.t() if need_x else None
     grad_b = col_sum.to(b_enc.dtype) if need_b else None
     return grad_x, grad_w, grad_b, grad_s, None, None
+
+
+def unscaled_at(values: torch.Tensor, scale: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``values / scale[indices]``: the unscaled pre-activations ``h`` at the slots ``indices``
+    from the scaled ``h · scale`` there (the ``h_sel`` of :func:`sparse_encoder_backward`). A
+    zero scale gives 0: its scaled value is 0 whatever ``h`` is, so it contributes nothing to
+    ``∂L/∂scale`` (a zero decoder row's norm has zero gradient) and is never a positive
+    selection."""
+    s = scale[indices]
+    return torch.where(s != 0, values / torch.where(s != 0, s, 1), 0)
 
 
 def sparse_encoder_backward(
