@@ -73,18 +73,22 @@ def _check_normalization(value: str) -> None:
         )
 
 
+def _check_prefix_weights(scheme: str) -> None:
+    if scheme not in PREFIX_WEIGHTS:
+        raise ValueError(f"prefix_weights must be one of {PREFIX_WEIGHTS}, got {scheme!r}")
+
+
 def prefix_weights(scheme: str, K: int, device: torch.device) -> torch.Tensor | None:
     """The loss weights ``w_j`` of prefixes ``j = 1..K`` (``[K]``, summing to 1): ``"uniform"``
     → ``None`` (``w_j = 1/K``); ``"harmonic"`` → ``w_j ∝ 1/j``, which gives every doubling of
     the budget about the same weight, so the smallest budgets weigh more; ``"inverse_sqrt"`` →
     ``w_j ∝ 1/√j``, between the two."""
+    _check_prefix_weights(scheme)
     if scheme == "uniform":
         return None
-    if scheme in ("harmonic", "inverse_sqrt"):
-        j = torch.arange(1, K + 1, device=device, dtype=torch.float32)
-        inverse = j.reciprocal() if scheme == "harmonic" else j.rsqrt()
-        return inverse / inverse.sum()
-    raise ValueError(f"prefix_weights must be one of {PREFIX_WEIGHTS}, got {scheme!r}")
+    j = torch.arange(1, K + 1, device=device, dtype=torch.float32)
+    inverse = j.reciprocal() if scheme == "harmonic" else j.rsqrt()
+    return inverse / inverse.sum()
 
 
 def metric_budgets(k_max: int) -> list[int]:
@@ -245,10 +249,7 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae")
         self.k = check_int("k", self.k, 1, self.d_sae, hi_name="d_sae")
-        if self.prefix_weights not in PREFIX_WEIGHTS:
-            raise ValueError(
-                f"prefix_weights must be one of {PREFIX_WEIGHTS}, got {self.prefix_weights!r}"
-            )
+        _check_prefix_weights(self.prefix_weights)
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1 or None, got {self.loss_chunk_size}")
         _check_normalization(self.normalize_activations)
