@@ -121,20 +121,67 @@ def test_soft_phase_trains_estimator_and_reports_metrics() -> None:
 
 
 def test_k_penalty_follows_annealed_target() -> None:
+    """The target falls from min(d_in, k_max) to k; the penalty is the two-sided softplus of
+    the batch-mean excess, weighted by the step's mse_loss over the target (default) or by 1."""
     cfg = _cfg(k_anneal_steps=10, d_in=16, hard_topk_start_step=None)
+    assert cfg.k_target_start == 8 == cfg.k_max  # d_in = 16 is above k_max: start at k_max
     schedule = cfg.schedule(total_steps=1000)
-    assert schedule.k_target_at(0) == 16 and schedule.k_target_at(5) == 10
+    assert schedule.k_target_at(0) == 8 and schedule.k_target_at(5) == 6
     assert schedule.k_target_at(99) == 4
-    sae = SoftSAETrainingSAE(cfg)
-    sae.bind_run_length(1000)
+    assert _cfg(d_in=16, k_max=12, k_estimator_hidden=12).k_target_start == 12
     x = torch.randn(32, 16)
-    for step in (0, 5, 10):
-        out = _step(sae, x, step)
-        mean_k = sae.estimate_k_from_sae_in(sae.process_sae_in(x)).mean()
-        e = mean_k - schedule.k_target_at(step)
-        softplus = torch.nn.functional.softplus
-        expected = softplus(e, beta=5.0) + softplus(-e, beta=5.0) - 2 * math.log(2) / 5.0
-        torch.testing.assert_close(out.losses["k_penalty"], expected)
+    softplus = torch.nn.functional.softplus
+    for scale in ("mse", "constant"):
+        sae = SoftSAETrainingSAE(
+            _cfg(k_anneal_steps=10, hard_topk_start_step=None, k_penalty_scale=scale)
+        )
+        sae.bind_run_length(1000)
+        for step in (0, 5, 10):
+            out = _step(sae, x, step)
+            mean_k = sae.estimate_k_from_sae_in(sae.process_sae_in(x)).mean()
+            target = schedule.k_target_at(step)
+            e = mean_k - target
+            expected = softplus(e, beta=5.0) + softplus(-e, beta=5.0) - 2 * math.log(2) / 5.0
+            expected = expected * sae.cfg.k_penalty_coefficient
+            if scale == "mse":
+                expected = expected * out.losses["mse_loss"].detach() / target
+            torch.testing.assert_close(out.losses["k_penalty"], expected)
+
+
+def test_k_penalty_scale_mse_holds_its_pull_at_any_activation_scale() -> None:
+    """Activations 10× larger make the reconstruction's gradient on the estimator 100× larger;
+    the "mse" penalty's gradient grows with it (their ratio is unchanged), the constant one's
+    does not, so at large scales the reconstruction would outweigh it."""
+
+    def grads(scale: str, factor: float) -> tuple[float, float]:
+        torch.manual_seed(0)
+        sae = SoftSAETrainingSAE(
+            _cfg(k_anneal_steps=0, hard_topk_start_step=None, k_penalty_scale=scale)
+        )
+        sae.bind_run_length(100)
+        x = torch.randn(64, 16) * factor
+        with torch.no_grad():  # the same k̂ and mask; code, output and error scale with x
+            sae.k_est_W_enc.div_(factor)
+            sae.k_est_b_out.add_(2.0)  # mean k̂ above the target: the penalty pulls
+        out = _step(sae, x, 1)
+        g_mse = torch.autograd.grad(out.losses["mse_loss"], sae.k_est_b_out, retain_graph=True)[0]
+        g_pen = torch.autograd.grad(out.losses["k_penalty"], sae.k_est_b_out)[0]
+        return float(g_mse.abs()), float(g_pen.abs())
+
+    for scale, same_ratio in (("mse", True), ("constant", False)):
+        m1, p1 = grads(scale, 1.0)
+        m10, p10 = grads(scale, 10.0)
+        assert m10 == pytest.approx(100 * m1, rel=1e-3)
+        assert (p10 / m10 == pytest.approx(p1 / m1, rel=1e-3)) is same_ratio, scale
+
+
+def test_k_target_start_and_penalty_scale_are_checked() -> None:
+    with pytest.raises(ValueError, match="k_target_start must be >= 1"):
+        _cfg(k_target_start=0.5)
+    with pytest.raises(ValueError, match="k_penalty_scale must be one of"):
+        _cfg(k_penalty_scale="mean")
+    with pytest.warns(UserWarning, match="k_target_start=16 is above k_max=8"):
+        _cfg(k_target_start=16)
 
 
 def test_k_penalty_is_two_sided_and_trains_only_the_estimator() -> None:

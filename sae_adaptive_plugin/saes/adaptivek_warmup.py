@@ -95,7 +95,7 @@ class AdaptiveKWarmup:
             self.fit_probe_now(gather_rows(self.reshape_fn_in(step_input.sae_in.to(self.dtype))))
 
     def extra_losses(
-        self, step_input: TrainStepInput, encoding: StepEncoding
+        self, step_input: TrainStepInput, encoding: StepEncoding, mse_loss: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         assert isinstance(encoding, TopKEncoding)
         if self.is_adaptive or self.cfg.warmup_loss == "mse":

@@ -337,7 +337,7 @@ class HierarchicalTopKTrainingSAE(_Budgets, TopKFamilyTrainingSAE):
         )
 
     def extra_losses(
-        self, step_input: TrainStepInput, encoding: StepEncoding
+        self, step_input: TrainStepInput, encoding: StepEncoding, mse_loss: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         assert isinstance(encoding, TopKEncoding)
         errors = self.prefix_errors_of(encoding)

@@ -5,8 +5,9 @@ A k-estimator ``k̂(x) = clamp(k_max · σ(v · ReLU(U (x − b_dec) + c) + c₀
 
 - soft phase: code ``z ⊙ m`` with ``z = ReLU(pre-acts)`` and the LapSum soft top-k mask ``m``
   (``Σ m = k̂`` per row) at scale ``α_t``; losses ``mse_loss``, AuxK and
-  ``k_penalty = softplus_β(e) + softplus_β(−e) − 2 ln 2 / β`` with ``e = mean k̂ − K_t`` (two-sided:
-  it holds the mean at the target ``K_t``, annealed from ``d_in`` to ``k``, from above and below);
+  ``k_penalty = λ_k · (softplus_β(e) + softplus_β(−e) − 2 ln 2 / β)`` with ``e = mean k̂ − K_t``
+  (two-sided: it holds the mean at the target ``K_t``, annealed from ``min(d_in, k_max)`` to
+  ``k``, from above and below) and ``λ_k`` the step's ``mse_loss / K_t`` (``k_penalty_scale``);
 - hard phase (the last half of the run by default): per-row hard top-``⌊k̂⌋`` with the estimator
   frozen (``k_penalty`` 0) — what the saved inference SAE (:class:`SoftSAE`) computes.
 
@@ -45,9 +46,8 @@ from sae_adaptive_plugin.saes.topk_family import (
     TopKFamilyTrainingSAE,
 )
 
-#: softplus sharpness β and weight λ_k of the penalty on the batch-mean k̂ (docs/METHODS.md §2).
+#: softplus sharpness β of the penalty on the batch-mean k̂ (docs/METHODS.md §2).
 K_PENALTY_BETA = 5.0
-K_PENALTY_COEFFICIENT = 1.0
 
 
 def two_sided_softplus(x: torch.Tensor, beta: float) -> torch.Tensor:
@@ -304,14 +304,23 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         return global_mean(k_hat.float())
 
     def extra_losses(
-        self, step_input: TrainStepInput, encoding: StepEncoding
+        self, step_input: TrainStepInput, encoding: StepEncoding, mse_loss: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         if not isinstance(encoding, SoftEncoding):  # hard phase: the estimator is frozen
             return {"k_penalty": encoding.hidden_pre.new_zeros(())}
-        excess = self.batch_mean_k_hat(encoding.k_hat) - self.schedule.k_target_at(
-            step_input.n_training_steps
-        )
-        return {"k_penalty": K_PENALTY_COEFFICIENT * two_sided_softplus(excess, K_PENALTY_BETA)}
+        target = self.schedule.k_target_at(step_input.n_training_steps)
+        excess = self.batch_mean_k_hat(encoding.k_hat) - target
+        penalty = two_sided_softplus(excess, K_PENALTY_BETA)
+        return {"k_penalty": self.k_penalty_weight(mse_loss, target) * penalty}
+
+    def k_penalty_weight(self, mse_loss: torch.Tensor, target: float) -> torch.Tensor | float:
+        """``λ_k`` of the step: ``k_penalty_coefficient`` times, for ``k_penalty_scale = "mse"``,
+        the global batch's ``mse_loss`` (detached) over the target ``K_t`` (the reconstruction
+        error per latent of the target budget: the same pull at any activation scale), or 1
+        for ``"constant"``."""
+        if self.cfg.k_penalty_scale == "constant":
+            return self.cfg.k_penalty_coefficient
+        return self.cfg.k_penalty_coefficient * global_mean(mse_loss.detach().float()) / target
 
     def extra_metrics(self, step_input: TrainStepInput, encoding: StepEncoding) -> dict[str, Any]:
         if not isinstance(encoding, SoftEncoding):

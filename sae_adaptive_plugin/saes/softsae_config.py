@@ -1,7 +1,8 @@
 """SoftSAE's configs (inference and training) and its schedules as functions of the step.
 
 ``α_t`` falls linearly from ``alpha_start`` to ``alpha_end`` over ``alpha_anneal_steps``; the
-penalty's target ``K_t`` falls linearly from ``d_in`` to ``k`` over ``k_anneal_steps``; from
+penalty's target ``K_t`` falls linearly from ``k_target_start`` (default ``min(d_in, k_max)``) to
+``k`` over ``k_anneal_steps``; from
 ``hard_topk_start_step`` on, training uses hard top-``⌊k̂⌋`` with the estimator frozen. Step fields
 left ``None`` are fractions of the run (α over the first third, the k target over the first 1%,
 the hard phase over the last half), resolved when SAELens's trainer tells the run length.
@@ -78,6 +79,8 @@ class SoftSAEConfig(TopKSAEConfig):
 ALPHA_ANNEAL_FRACTION = 1 / 3
 K_ANNEAL_FRACTION = 0.01
 HARD_PHASE_FRACTION = 0.5
+#: Allowed ``k_penalty_scale`` values (the penalty weight ``λ_k``).
+K_PENALTY_SCALES = ("mse", "constant")
 #: Default width of the k-estimator's hidden layer per input dimension (capped at ``d_sae``).
 ESTIMATOR_WIDTH_PER_INPUT = 4
 
@@ -132,8 +135,17 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             values suit activations of any scale); False: in units of the pre-activations (the
             reference).
         alpha_anneal_steps: steps of the linear α schedule (≥ 0; 0 = ``alpha_end`` throughout).
-        k_anneal_steps: steps over which the penalty's target falls linearly from ``d_in`` to
-            ``k`` (≥ 0; 0 = ``k`` throughout).
+        k_anneal_steps: steps over which the penalty's target falls linearly from
+            ``k_target_start`` to ``k`` (≥ 0; 0 = ``k`` throughout).
+        k_target_start: the penalty's target at step 0 (≥ 1; above ``k_max`` warned); default
+            ``min(d_in, k_max)`` (the reference starts at ``d_in``, which a ``k_max`` below
+            ``d_in`` cannot reach: its pull drives the estimator's sigmoid into saturation).
+        k_penalty_scale: the unit of the k penalty's weight ``λ_k``: ``"mse"`` (default), the
+            step's ``mse_loss`` (detached) over the target ``K_t`` — the reconstruction error
+            per latent of the budget, so the penalty holds the mean ``k̂`` against the
+            reconstruction's pull at any activation scale; ``"constant"``: 1.
+        k_penalty_coefficient: ``λ_k`` in that unit (> 0; default 4). The reference's penalty is
+            ``k_penalty_scale="constant"``, ``k_penalty_coefficient=1``.
         hard_topk_start_step: first step of the hard phase (≥ 1, before the end of the run: the
             saved SAE always uses hard top-``⌊k̂⌋``, so the run must train it that way).
         decoder_unit_norm: keep decoder rows at unit norm during training and remove the
@@ -148,6 +160,9 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
     alpha_relative: bool = True
     alpha_anneal_steps: int | None = None
     k_anneal_steps: int | None = None
+    k_target_start: float | None = None
+    k_penalty_scale: str = "mse"
+    k_penalty_coefficient: float = 4.0
     hard_topk_start_step: int | None = None
     decoder_unit_norm: bool = False
 
@@ -171,6 +186,27 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             # step 0 would freeze the k-estimator before it ever trained
             self.hard_topk_start_step = _check_int(
                 "hard_topk_start_step", self.hard_topk_start_step, 1
+            )
+        if self.k_target_start is None:
+            self.k_target_start = float(min(self.d_in, self.k_max))
+        _check_positive("k_target_start", self.k_target_start)
+        if self.k_target_start < 1:
+            raise ValueError(
+                f"k_target_start must be >= 1 (k̂ is at least 1), got {self.k_target_start!r}; "
+                "leave it unset for min(d_in, k_max)"
+            )
+        if self.k_target_start > self.k_max:
+            warnings.warn(
+                f"softsae: k_target_start={self.k_target_start:g} is above k_max={self.k_max}: "
+                "k̂ cannot reach it, and its pull drives the k-estimator's sigmoid into "
+                "saturation (every input at k_max); leave it unset for min(d_in, k_max)",
+                UserWarning,
+                stacklevel=3,
+            )
+        _check_positive("k_penalty_coefficient", self.k_penalty_coefficient)
+        if self.k_penalty_scale not in K_PENALTY_SCALES:
+            raise ValueError(
+                f"k_penalty_scale must be one of {K_PENALTY_SCALES}, got {self.k_penalty_scale!r}"
             )
         if self.use_sparse_activations:
             raise ValueError("use_sparse_activations must be False for softsae (not supported)")
@@ -203,7 +239,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
         schedule = SoftSAESchedule(
             alpha_start=float(self.alpha_start),
             alpha_end=float(self.alpha_end),
-            k_start=float(self.d_in),
+            k_start=float(self.k_target_start),
             k=float(self.k),
             **steps,
         )

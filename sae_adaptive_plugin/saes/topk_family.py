@@ -405,10 +405,11 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
         return sae_out.to(sae_in.dtype).reshape(sae_in.shape), errors[:, -1].mean()
 
     def extra_losses(
-        self, step_input: TrainStepInput, encoding: StepEncoding
+        self, step_input: TrainStepInput, encoding: StepEncoding, mse_loss: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Named losses added to the step's loss; the same names in every phase (zero when a
-        phase has no such term). Default: none."""
+        """Named losses added to the step's loss (``mse_loss``: the step's reconstruction loss,
+        for terms scaled to it); the same names in every phase (zero when a phase has no such
+        term). Default: none."""
         return {}
 
     def record_training_step(self, step_input: TrainStepInput, encoding: StepEncoding) -> None:
@@ -580,7 +581,7 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
         sae_out, mse_loss = self.training_reconstruction(step_input, encoding)
         losses = {"mse_loss": mse_loss}
         losses.update(self.auxk_losses(step_input, encoding, sae_out))
-        losses.update(self.extra_losses(step_input, encoding))
+        losses.update(self.extra_losses(step_input, encoding, mse_loss))
         self.record_training_step(step_input, encoding)
         k = encoding.k.detach().float()
         metrics = {"mean_k": k.mean(), "std_k": k.std(correction=0)}
