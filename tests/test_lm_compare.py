@@ -163,9 +163,11 @@ def test_compare_lm_cli_writes_table_json_and_pngs(tmp_path, llama_dir, corpora,
         for key in RESULT_KEYS:
             value = row[key]
             assert key in ("name", "architecture", "k_eval") or math.isfinite(value), (row, key)
+        assert 0 <= row["dead_latents_train"] <= 48
     for png in ("k_per_token.png", "k_vs_surprisal.png", "ce_vs_l0.png"):
         assert (out / png).stat().st_size > 5000
-    assert "| adaptivek |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| adaptivek |" in printed and "dead (train)" in printed
 
 
 def test_gguf_file_loads_model_and_tokenizer_like_the_folder(gguf_file, llama):
@@ -272,8 +274,24 @@ def test_compare_lm_with_seeds_reports_mean_and_std(tmp_path, llama_dir, corpora
         )
     assert paired["n_seeds"] == 2
     assert math.isclose(paired["explained_variance"], sum(diffs) / 2, rel_tol=1e-9)
+    assert "dead_latents_train" in paired
     printed = capsys.readouterr().out
     assert " ± " in printed and "softsae − topk at its L0" in printed
+
+
+def test_dead_latents_counts_latents_that_fire_on_no_row():
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    from sae_adaptive_plugin.experiments.registry_saes import dead_latents
+
+    sae = TopKSAE(TopKSAEConfig(d_in=16, d_sae=16, k=1))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(16))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    rows = torch.eye(16)[torch.arange(30) % 10]  # only latents 0..9 are ever the largest
+    assert dead_latents(sae, rows, batch_size=7) == 6
+    assert dead_latents(sae, torch.eye(16)) == 0
 
 
 def _single_seed_run(folder: Path, seed: int, ev_soft: float, ev_topk: float, k: int) -> None:

@@ -175,6 +175,10 @@ def train_on_cache(sae: Any, acts: torch.Tensor, cfg: LMCompareConfig) -> float:
 # Runner
 # --------------------------------------------------------------------------------------------
 
+#: Training tokens (a fixed random sample) on which ``dead_latents_train`` counts latents that
+#: never fire: the held-out text is another domain and short, so it counts more latents dead.
+DEAD_SAMPLE_TOKENS = 65_536
+
 RESULT_KEYS: tuple[str, ...] = (
     *RESULT_ROW_HEAD,
     "ce_loss_score",
@@ -183,6 +187,7 @@ RESULT_KEYS: tuple[str, ...] = (
     "l0_mean",
     "l0_std",
     "dead_latents",
+    "dead_latents_train",
     "spearman_l0_surprisal",
     "spearman_l0_position",
     "spearman_l0_norm",
@@ -211,6 +216,7 @@ def run_lm_compare(
     """Cache, train every requested architecture, evaluate; SAEs go to ``out_dir/saes/<name>``."""
     from sae_adaptive_plugin.data.corpus import read_documents
     from sae_adaptive_plugin.experiments.registry_saes import (
+        dead_latents,
         reconstruction_metrics,
         registered_training_architectures,
         to_inference_sae,
@@ -262,6 +268,9 @@ def run_lm_compare(
         )
     cache_seconds = time.perf_counter() - t_cache
     train_acts = caches["train"].acts[: cfg.train_tokens]
+    # the same sample of training tokens for every SAE and seed: dead latents in-distribution
+    order = torch.randperm(train_acts.shape[0], generator=torch.Generator().manual_seed(0))
+    dead_sample = train_acts[order[:DEAD_SAMPLE_TOKENS]]
     held = caches["heldout"]
     held_acts = held.acts
     surprisal, positions = held.surprisal, held.positions.float()
@@ -289,6 +298,7 @@ def run_lm_compare(
                 "architecture": arch,
                 "k_eval": k_eval,
                 **metrics,
+                "dead_latents_train": dead_latents(sae, dead_sample),
                 "spearman_l0_surprisal": spearman(l0, surprisal),
                 "spearman_l0_position": spearman(l0, positions),
                 "spearman_l0_norm": spearman(l0, norms),

@@ -41,6 +41,7 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("L0 mean", "l0_mean", "{:.1f}"),
     ("L0 std", "l0_std", "{:.1f}"),
     ("dead", "dead_latents", "{:.0f}"),
+    ("dead (train)", "dead_latents_train", "{:.0f}"),
     ("ρ(L0, surprisal)", "spearman_l0_surprisal", "{:.3f}"),
     ("ρ(L0, position)", "spearman_l0_position", "{:.3f}"),
     ("ρ(L0, ‖x‖)", "spearman_l0_norm", "{:.3f}"),
@@ -49,7 +50,14 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 
 #: Columns shown as ``mean ± std`` when the rows come from several seeds.
-_WITH_STD = ("explained_variance", "ce_loss_score", "kl_div", "l0_mean", "dead_latents")
+_WITH_STD = (
+    "explained_variance",
+    "ce_loss_score",
+    "kl_div",
+    "l0_mean",
+    "dead_latents",
+    "dead_latents_train",
+)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -65,6 +73,16 @@ _PAIRED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("CE score", "ce_loss_score", "{:+.3f}"),
     ("KL", "kl_div", "{:+.3f}"),
     ("dead", "dead_latents", "{:+.0f}"),
+    ("dead (train)", "dead_latents_train", "{:+.0f}"),
+)
+
+
+PAIRED_KEYS = (
+    "explained_variance",
+    "ce_loss_score",
+    "kl_div",
+    "dead_latents",
+    "dead_latents_train",
 )
 
 
@@ -74,7 +92,7 @@ def paired_differences(per_seed: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     is paired with the TopK trained at its rounded mean L0 (``info["matched_k"]``; the row is
     named ``"<sae> − topk at its L0"``, with that k as ``topk_k``) and every HierarchicalTopK
     budget ``k'`` with the TopK trained at ``k'``; each row holds the SAE's EV, CE score, KL
-    and dead latents minus the TopK's."""
+    and dead latents (held-out and training tokens) minus the TopK's."""
     runs = []
     for run in per_seed:
         by_name = {row["name"]: row for row in run["results"]}
@@ -93,7 +111,7 @@ def paired_differences(per_seed: Sequence[Mapping[str, Any]]) -> list[dict[str, 
             if sae is None or topk is None:
                 continue
             row: dict[str, Any] = {"name": label, "topk_k": k}
-            for key in ("explained_variance", "ce_loss_score", "kl_div", "dead_latents"):
+            for key in PAIRED_KEYS:
                 if sae.get(key) is not None and topk.get(key) is not None:
                     row[key] = sae[key] - topk[key]
             rows.append(row)

@@ -87,6 +87,18 @@ def to_inference_sae(training_sae: Any, path: Path) -> Any:
 
 
 @torch.no_grad()
+def dead_latents(sae: Any, acts: torch.Tensor, batch_size: int = 4096) -> int:
+    """Latents of an inference SAE that fire on none of the rows of ``acts [N, d_in]``."""
+    from sae_lens.synthetic import DeadLatentsCalculator
+
+    sae.eval()
+    dead = DeadLatentsCalculator(sae.cfg.d_sae)
+    for start in range(0, acts.shape[0], batch_size):
+        dead.add_batch(sae.encode(acts[start : start + batch_size].to(sae.W_dec.device)))
+    return int(dead.compute())
+
+
+@torch.no_grad()
 def reconstruction_metrics(
     sae: Any, acts: torch.Tensor, batch_size: int = 4096
 ) -> tuple[dict[str, float], torch.Tensor]:
