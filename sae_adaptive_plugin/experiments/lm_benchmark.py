@@ -179,6 +179,14 @@ def train_on_cache(sae: Any, acts: torch.Tensor, cfg: LMCompareConfig) -> float:
 #: never fire: the held-out text is another domain and short, so it counts more latents dead.
 DEAD_SAMPLE_TOKENS = 65_536
 
+
+def dead_latent_sample(train_acts: torch.Tensor) -> torch.Tensor:
+    """The rows ``dead_latents_train`` is counted on: ``DEAD_SAMPLE_TOKENS`` training tokens
+    drawn by a fixed generator, the same for every SAE and seed of a cache."""
+    order = torch.randperm(train_acts.shape[0], generator=torch.Generator().manual_seed(0))
+    return train_acts[order[:DEAD_SAMPLE_TOKENS]]
+
+
 RESULT_KEYS: tuple[str, ...] = (
     *RESULT_ROW_HEAD,
     "ce_loss_score",
@@ -268,9 +276,7 @@ def run_lm_compare(
         )
     cache_seconds = time.perf_counter() - t_cache
     train_acts = caches["train"].acts[: cfg.train_tokens]
-    # the same sample of training tokens for every SAE and seed: dead latents in-distribution
-    order = torch.randperm(train_acts.shape[0], generator=torch.Generator().manual_seed(0))
-    dead_sample = train_acts[order[:DEAD_SAMPLE_TOKENS]]
+    dead_sample = dead_latent_sample(train_acts)
     held = caches["heldout"]
     held_acts = held.acts
     surprisal, positions = held.surprisal, held.positions.float()
