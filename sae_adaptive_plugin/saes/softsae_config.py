@@ -144,7 +144,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             step's ``mse_loss`` (detached) over the target ``K_t`` — the reconstruction error
             per latent of the budget, so the penalty holds the mean ``k̂`` against the
             reconstruction's pull at any activation scale; ``"constant"``: 1.
-        k_penalty_coefficient: ``λ_k`` in that unit (> 0; default 4). The reference's penalty is
+        k_penalty_coefficient: ``λ_k`` in that unit (> 0; default 1). The reference's penalty is
             ``k_penalty_scale="constant"``, ``k_penalty_coefficient=1``.
         hard_topk_start_step: first step of the hard phase (≥ 1, before the end of the run: the
             saved SAE always uses hard top-``⌊k̂⌋``, so the run must train it that way).
@@ -162,7 +162,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
     k_anneal_steps: int | None = None
     k_target_start: float | None = None
     k_penalty_scale: str = "mse"
-    k_penalty_coefficient: float = 4.0
+    k_penalty_coefficient: float = 1.0
     hard_topk_start_step: int | None = None
     decoder_unit_norm: bool = False
 
