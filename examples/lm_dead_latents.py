@@ -1,6 +1,7 @@
 """Dead latents of the SAEs saved by ``sae-adaptive compare --lm`` runs, counted on the held-out
 text and on the compare's fixed sample of training tokens (``dead_latents_train``), for runs made
-before that column existed. Prints one Markdown row per SAE and run::
+before that column existed (single-seed runs: ``--seed S``, not ``--seeds N``). HierarchicalTopK is
+counted at its saved largest budget. Prints one Markdown row per SAE and run::
 
     python examples/lm_dead_latents.py --train-cache runs/lm_cache/train-1fdb04f35d9d24da.safetensors \\
         --heldout-cache runs/lm_cache/heldout-4ca02f9aeaacbd95.safetensors runs/lm_1m/seed0 runs/lm_1m/seed1
@@ -21,7 +22,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="--out folders of compare --lm runs")
+    parser.add_argument(
+        "runs", nargs="+", type=Path, help="--out folders of single-seed compare --lm runs"
+    )
     parser.add_argument("--train-cache", required=True, type=Path)
     parser.add_argument("--heldout-cache", required=True, type=Path)
     parser.add_argument("--threads", type=int, default=1)

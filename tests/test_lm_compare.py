@@ -294,6 +294,18 @@ def test_dead_latents_counts_latents_that_fire_on_no_row():
     assert dead_latents(sae, torch.eye(16)) == 0
 
 
+def test_dead_latent_sample_is_fixed_distinct_rows_of_the_training_cache():
+    from sae_adaptive_plugin.experiments.lm_benchmark import DEAD_SAMPLE_TOKENS, dead_latent_sample
+
+    small = torch.arange(300.0).unsqueeze(1)
+    sample = dead_latent_sample(small)
+    assert sorted(sample.squeeze(1).tolist()) == list(range(300))  # all rows, each once
+    big = torch.arange(DEAD_SAMPLE_TOKENS + 500.0).unsqueeze(1)
+    first, again = dead_latent_sample(big), dead_latent_sample(big)
+    assert first.shape == (DEAD_SAMPLE_TOKENS, 1) and first.unique().numel() == DEAD_SAMPLE_TOKENS
+    assert torch.equal(first, again)
+
+
 def _single_seed_run(folder: Path, seed: int, ev_soft: float, ev_topk: float, k: int) -> None:
     rows = [
         {

@@ -176,8 +176,6 @@ def test_k_penalty_scale_mse_holds_its_pull_at_any_activation_scale() -> None:
 
 
 def test_k_target_start_and_penalty_scale_are_checked() -> None:
-    with pytest.raises(ValueError, match="k_target_start must be >= 1"):
-        _cfg(k_target_start=0.5)
     with pytest.raises(ValueError, match="k_penalty_scale must be one of"):
         _cfg(k_penalty_scale="mean")
     with pytest.warns(UserWarning, match="k_target_start=16 is above k_max=8"):
@@ -379,6 +377,10 @@ def test_fold_w_dec_norm_and_saving_keep_outputs(tmp_path: Path) -> None:
         ({"hard_topk_start_step": 0}, "hard_topk_start_step=0 must lie in \\[1, inf\\)"),
         ({"k_estimator_hidden": 0}, "k_estimator_hidden=0 must lie in \\[1, inf\\)"),
         ({"k": 0}, "k=0 must lie in \\[1, d_sae=48\\]"),
+        ({"k_penalty_coefficient": 0}, "k_penalty_coefficient must be a finite number > 0"),
+        ({"k_target_start": float("nan")}, "k_target_start must be a finite number >= 1"),
+        ({"k_target_start": float("inf")}, "k_target_start must be a finite number >= 1"),
+        ({"k_target_start": 0.5}, "k_target_start must be a finite number >= 1"),
     ],
 )
 def test_bad_config_is_rejected(overrides: dict, field: str) -> None:

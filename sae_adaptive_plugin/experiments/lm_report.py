@@ -77,13 +77,8 @@ _PAIRED_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-PAIRED_KEYS = (
-    "explained_variance",
-    "ce_loss_score",
-    "kl_div",
-    "dead_latents",
-    "dead_latents_train",
-)
+#: The keys :func:`paired_differences` subtracts (the numeric columns of the paired table).
+PAIRED_KEYS = tuple(key for _, key, _ in _PAIRED_COLUMNS[2:])
 
 
 def paired_differences(per_seed: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -121,8 +116,9 @@ def paired_differences(per_seed: Sequence[Mapping[str, Any]]) -> list[dict[str, 
 
 def paired_table(rows: list[dict[str, Any]]) -> str:
     """:func:`paired_differences` as a GitHub Markdown table (``mean ± std``)."""
-    keys = [key for _, key, _ in _PAIRED_COLUMNS[2:]]
-    return reporting.markdown_table(rows, _PAIRED_COLUMNS, cell=reporting.cell_with_std(keys))
+    return reporting.markdown_table(
+        rows, _PAIRED_COLUMNS, cell=reporting.cell_with_std(PAIRED_KEYS)
+    )
 
 
 def seeds_payload(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

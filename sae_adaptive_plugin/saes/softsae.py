@@ -7,7 +7,8 @@ A k-estimator ``k̂(x) = clamp(k_max · σ(v · ReLU(U (x − b_dec) + c) + c₀
   (``Σ m = k̂`` per row) at scale ``α_t``; losses ``mse_loss``, AuxK and
   ``k_penalty = λ_k · (softplus_β(e) + softplus_β(−e) − 2 ln 2 / β)`` with ``e = mean k̂ − K_t``
   (two-sided: it holds the mean at the target ``K_t``, annealed from ``min(d_in, k_max)`` to
-  ``k``, from above and below) and ``λ_k`` the step's ``mse_loss / K_t`` (``k_penalty_scale``);
+  ``k``, from above and below) and ``λ_k = k_penalty_coefficient · mse_loss / K_t`` (the step's
+  loss, detached; ``k_penalty_scale="constant"``: the coefficient alone);
 - hard phase (the last half of the run by default): per-row hard top-``⌊k̂⌋`` with the estimator
   frozen (``k_penalty`` 0) — what the saved inference SAE (:class:`SoftSAE`) computes.
 

@@ -1,8 +1,8 @@
 """SoftSAE's configs (inference and training) and its schedules as functions of the step.
 
 ``α_t`` falls linearly from ``alpha_start`` to ``alpha_end`` over ``alpha_anneal_steps``; the
-penalty's target ``K_t`` falls linearly from ``k_target_start`` (default ``min(d_in, k_max)``) to
-``k`` over ``k_anneal_steps``; from
+penalty's target ``K_t`` moves linearly from ``k_target_start`` (default ``min(d_in, k_max)``) to
+``k`` over ``k_anneal_steps``. From
 ``hard_topk_start_step`` on, training uses hard top-``⌊k̂⌋`` with the estimator frozen. Step fields
 left ``None`` are fractions of the run (α over the first third, the k target over the first 1%,
 the hard phase over the last half), resolved when SAELens's trainer tells the run length.
@@ -135,7 +135,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             values suit activations of any scale); False: in units of the pre-activations (the
             reference).
         alpha_anneal_steps: steps of the linear α schedule (≥ 0; 0 = ``alpha_end`` throughout).
-        k_anneal_steps: steps over which the penalty's target falls linearly from
+        k_anneal_steps: steps over which the penalty's target moves linearly from
             ``k_target_start`` to ``k`` (≥ 0; 0 = ``k`` throughout).
         k_target_start: the penalty's target at step 0 (≥ 1; above ``k_max`` warned); default
             ``min(d_in, k_max)`` (the reference starts at ``d_in``, which a ``k_max`` below
@@ -144,7 +144,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             step's ``mse_loss`` (detached) over the target ``K_t`` — the reconstruction error
             per latent of the budget, so the penalty holds the mean ``k̂`` against the
             reconstruction's pull at any activation scale; ``"constant"``: 1.
-        k_penalty_coefficient: ``λ_k`` in that unit (> 0; default 1). The reference's penalty is
+        k_penalty_coefficient: ``λ_k`` in that unit (> 0; default 1). The reference's weight is
             ``k_penalty_scale="constant"``, ``k_penalty_coefficient=1``.
         hard_topk_start_step: first step of the hard phase (≥ 1, before the end of the run: the
             saved SAE always uses hard top-``⌊k̂⌋``, so the run must train it that way).
@@ -189,10 +189,14 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             )
         if self.k_target_start is None:
             self.k_target_start = float(min(self.d_in, self.k_max))
-        _check_positive("k_target_start", self.k_target_start)
-        if self.k_target_start < 1:
+        start = self.k_target_start
+        if (
+            isinstance(start, bool)
+            or not isinstance(start, (int, float))
+            or not (math.isfinite(start) and start >= 1)
+        ):
             raise ValueError(
-                f"k_target_start must be >= 1 (k̂ is at least 1), got {self.k_target_start!r}; "
+                f"k_target_start must be a finite number >= 1 (k̂ is at least 1), got {start!r}; "
                 "leave it unset for min(d_in, k_max)"
             )
         if self.k_target_start > self.k_max:
