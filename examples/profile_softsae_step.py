@@ -56,7 +56,9 @@ def _table(title: str, ops: list[tuple[str, float, int]], wall: float, top: int)
     return "\n".join(lines)
 
 
-def _profile_row(row: Any, x: torch.Tensor, dead: torch.Tensor, top: int) -> str:
+def _profile_row(
+    row: Any, x: torch.Tensor, dead: torch.Tensor, top: int, autocast: bool = False
+) -> str:
     sae = row.train_sae
     step_input = TrainStepInput(
         sae_in=x,
@@ -65,7 +67,11 @@ def _profile_row(row: Any, x: torch.Tensor, dead: torch.Tensor, top: int) -> str
         n_training_steps=row.step_index,
         is_logging_step=False,
     )
-    out, fwd, fwd_wall = _profiled(lambda: sae.training_forward_pass(step_input))
+    def forward() -> Any:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            return sae.training_forward_pass(step_input)
+
+    out, fwd, fwd_wall = _profiled(forward)
     _, bwd, bwd_wall = _profiled(lambda: out.loss.backward())
 
     def rest() -> None:
@@ -93,6 +99,10 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", choices=ROW_NAMES, default=["topk", "softsae_soft"])
     parser.add_argument("--plain-soft", action="store_true", help="also the plain soft phase")
     parser.add_argument("--top", type=int, default=10, help="ops listed per table")
+    parser.add_argument("--autocast", action="store_true", help="forward under bf16 autocast")
+    parser.add_argument(
+        "--dead-fraction", type=float, default=0.1, help="latents marked dead for AuxK"
+    )
     args = parser.parse_args()
     cfg = BenchConfig(
         **shape_from_args(args),
@@ -100,6 +110,8 @@ def main() -> None:
         threads=args.threads,
         rows=tuple(args.rows),
         inference=False,
+        dead_fraction=args.dead_fraction,
+        autocast=args.autocast,
     )
     x, dead = bench_inputs(cfg)
     print(
@@ -118,9 +130,9 @@ def main() -> None:
             if hasattr(row.train_sae, "fused_soft"):
                 row.train_sae.fused_soft = fused
             for _ in range(args.warmup):
-                train_step(row, x, dead)
+                train_step(row, x, dead, args.autocast)
             print(f"\n#### {name} ({cfg.threads} thread{'s' * (cfg.threads > 1)})\n")
-            print(_profile_row(row, x, dead, args.top))
+            print(_profile_row(row, x, dead, args.top, args.autocast))
 
 
 if __name__ == "__main__":
