@@ -67,6 +67,7 @@ def _profile_row(
         n_training_steps=row.step_index,
         is_logging_step=False,
     )
+
     def forward() -> Any:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             return sae.training_forward_pass(step_input)
