@@ -7,9 +7,10 @@ token's surprisal ``−log p(x_t | x_<t)`` beside its activation. Sequences are 
 tokens, a BOS token first; BOS positions are not used. Every SAE is trained by SAELens's
 ``SAETrainer`` on the same seeded batches of the training cache, saved in SAELens's inference
 format and reloaded, then evaluated on the held-out tokens: explained variance, L0 mean/std,
-dead latents (on the held-out tokens and on a fixed sample of training tokens), Spearman of per-token L0 against surprisal / position / activation norm, and the
-CE-loss score ``(CE_zero − CE_sae) / (CE_zero − CE_clean)`` and KL(clean ‖ spliced) with the
-reconstruction spliced into the full model at every non-BOS position.
+dead latents (on the held-out tokens and on a fixed sample of training tokens), Spearman of
+per-token L0 against surprisal / position / activation norm, and the CE-loss score
+``(CE_zero − CE_sae) / (CE_zero − CE_clean)`` and KL(clean ‖ spliced) with the reconstruction
+spliced into the full model at every non-BOS position.
 """
 
 from __future__ import annotations

@@ -195,13 +195,11 @@ class _TopKEncode(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         hidden_pre = torch.addmm(b_enc, sae_in, W_enc)
         if scale is not None:
-            if torch.promote_types(hidden_pre.dtype, scale.dtype) == hidden_pre.dtype:
-                hidden_pre.mul_(scale)  # the values of h * scale, in the one [N, d_sae] buffer
-            else:  # e.g. bf16 h (autocast) · float32 scale: a float32 hidden_pre, as SAELens's
-                # h * scale; converted once and scaled in place (a mixed-dtype multiply on the
-                # CPU first copies h to float32, then writes a second buffer)
-                hidden_pre = hidden_pre.to(torch.promote_types(hidden_pre.dtype, scale.dtype))
-                hidden_pre.mul_(scale)
+            # the values of SAELens's h * scale (float32 for bf16 h under autocast) in one
+            # [N, d_sae] buffer: `to` is a no-op at the same dtype, else one conversion (a
+            # mixed-dtype multiply on the CPU copies h to float32, then writes a second buffer)
+            hidden_pre = hidden_pre.to(torch.promote_types(hidden_pre.dtype, scale.dtype))
+            hidden_pre.mul_(scale)
         top = hidden_pre.topk(k_max, dim=-1, sorted=True)
         ranks = torch.arange(k_max, device=hidden_pre.device)
         mask = ranks < k_per_row.unsqueeze(-1).to(ranks.dtype)
