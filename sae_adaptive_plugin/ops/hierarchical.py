@@ -133,26 +133,37 @@ def _blocked(
     return slots, _padded(values, n_blocks * block)
 
 
+def _scratch(like: torch.Tensor, count: int, chunk: int, n_blocks: int, d: int) -> torch.Tensor:
+    """``count`` buffers ``[chunk, n_blocks, d]`` that every chunk of a blocked op reuses (slice
+    ``[:n]``): on the CPU a fresh multi-MiB tensor per chunk costs its page faults each time."""
+    return like.new_empty(count, min(chunk, like.shape[0]), n_blocks, d)
+
+
 def _residuals_after_blocks(
-    residual0: torch.Tensor, coeffs: torch.Tensor, D: torch.Tensor
+    residual0: torch.Tensor, coeffs: torch.Tensor, D: torch.Tensor, scratch: torch.Tensor
 ) -> torch.Tensor:
     """``P_{b+1} = e₀ − Σ_{i in blocks ≤ b} a_i D_i`` ``[n, n_blocks, d]`` for every block at once,
-    from ``coeffs [n, n_blocks · block]`` and rows ``D [n, n_blocks, block, d]``."""
+    from ``coeffs [n, n_blocks · block]`` and rows ``D [n, n_blocks, block, d]``, written into
+    ``scratch[1, :n]`` (``scratch[0, :n]`` is overwritten too)."""
     n, n_blocks, block, d = D.shape
     a = coeffs.reshape(n * n_blocks, 1, block)
-    sums = torch.bmm(a, D.reshape(n * n_blocks, block, d)).view(n, n_blocks, d)
-    return residual0.unsqueeze(1) - _block_sums(sums, later=False, inclusive=True)
+    sums = scratch[0, :n]
+    torch.bmm(a, D.reshape(n * n_blocks, block, d), out=sums.view(n * n_blocks, 1, d))
+    after = _block_sums(sums, later=False, inclusive=True, out=scratch[1, :n])
+    return torch.sub(residual0.unsqueeze(1), after, out=after)
 
 
-def _block_sums(t: torch.Tensor, *, later: bool, inclusive: bool) -> torch.Tensor:
+def _block_sums(
+    t: torch.Tensor, *, later: bool, inclusive: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sums of ``t [n, n_blocks, d]`` along the blocks: over ``b' ≤ b`` (``later=False``) or
     ``b' ≥ b`` (``later=True``), ``b' = b`` included or not; a product with a triangular matrix
-    (faster on the CPU than ``cumsum`` along a middle dimension)."""
+    (faster on the CPU than ``cumsum`` along a middle dimension), into ``out`` if given."""
     n_blocks = t.shape[1]
     ones = torch.ones(n_blocks, n_blocks, dtype=t.dtype, device=t.device)
     diagonal = 0 if inclusive else (1 if later else -1)
     mask = ones.triu(diagonal) if later else ones.tril(diagonal)
-    return torch.matmul(mask, t)
+    return torch.matmul(mask, t, out=out)
 
 
 def _block_gradients(
@@ -218,11 +229,14 @@ class _PrefixErrors(torch.autograd.Function):
         n_blocks = slots.shape[1]
         errors = residual0.new_empty(B, n_blocks * block)
         final = torch.empty_like(residual0)
+        scratch = _scratch(residual0, 2, chunk, n_blocks, residual0.shape[1])
         with exact_float32_matmul(residual0.device.type):
             for s, rows in _gathered_chunks(W_dec, slots, chunk, residual0.dtype):
                 n = rows.shape[0]
                 a = coeffs[s : s + n]
-                after = _residuals_after_blocks(residual0[s : s + n], a, rows[:, :, :block])
+                after = _residuals_after_blocks(
+                    residual0[s : s + n], a, rows[:, :, :block], scratch
+                )
                 final[s : s + n] = after[:, -1]
                 errors[s : s + n] = _in_block_errors(rows, residual0[s : s + n], after, a, block)
         ctx.save_for_backward(residual0, values, W_dec, indices)
@@ -246,12 +260,14 @@ class _PrefixErrors(torch.autograd.Function):
         grad_values = torch.empty_like(coeffs)
         grad_residual = torch.empty_like(residual0)
         grad_w = torch.zeros(W_dec.shape, dtype=residual0.dtype, device=W_dec.device)
+        grad_D_buffer = residual0.new_empty(min(ctx.chunk, B) * n_blocks, block, d)
+        scratch = _scratch(residual0, 2, ctx.chunk, n_blocks, d)
         with exact_float32_matmul(residual0.device.type):
             for s, rows in _gathered_chunks(W_dec, slots, ctx.chunk, residual0.dtype):
                 n = rows.shape[0]
                 a = coeffs[s : s + n].reshape(n * n_blocks, block)
                 D = rows[:, :, :block]
-                after = _residuals_after_blocks(residual0[s : s + n], coeffs[s : s + n], D)
+                after = _residuals_after_blocks(residual0[s : s + n], coeffs[s : s + n], D, scratch)
                 V = _with_residuals_before(rows, residual0[s : s + n], after, block)
                 ext = rows.view(n * n_blocks, block + 2, d)  # [D_b, P_b, gP_b]
                 signed = _signed(a)  # [n·nb, block+1]
@@ -259,13 +275,15 @@ class _PrefixErrors(torch.autograd.Function):
                 gram = torch.bmm(V, V.transpose(1, 2))
                 direct = torch.bmm(gram.mul_(T), signed.unsqueeze(-1)).squeeze(-1)
                 Q = T.mul_(signed.unsqueeze(-1) * signed.unsqueeze(-2)).mul_(2.0)
-                own_P = torch.bmm(Q[:, block:], V).view(n, n_blocks, d)  # ∂L_b/∂P_b
-                gP = _block_sums(own_P, later=True, inclusive=False)  # ∂L/∂P_{b+1}
+                # ∂L_b/∂P_b, then ∂L/∂P_{b+1} (`after` is in rows now, its buffer free)
+                own_P = torch.bmm(Q[:, block:], V, out=scratch[0, :n].view(-1, 1, d)).view(n, -1, d)
+                gP = _block_sums(own_P, later=True, inclusive=False, out=scratch[1, :n])
                 rows[:, :, block + 1] = gP
                 into_D = torch.bmm(ext[:, :block], gP.view(-1, d, 1)).view(n, -1)
                 grad_values[s : s + n] = 2.0 * direct[:, :block].reshape(n, -1) - into_D
                 # ∂L/∂D_b = Q_b [D_b, P_b] − a_b gP_b: one product with [D_b, P_b, gP_b]
-                grad_D = torch.bmm(torch.cat([Q[:, :block], -a.unsqueeze(-1)], dim=-1), ext)
+                Q_a = torch.cat([Q[:, :block], -a.unsqueeze(-1)], dim=-1)
+                grad_D = torch.bmm(Q_a, ext, out=grad_D_buffer[: n * n_blocks])
                 grad_w.index_add_(0, slots[s : s + n, :, :block].reshape(-1), grad_D.view(-1, d))
                 grad_residual[s : s + n] = gP[:, 0] + own_P[:, 0]
         return _block_gradients(ctx, grad_residual, grad_values, grad_w, K, W_dec)
@@ -316,11 +334,14 @@ class _BlockEndErrors(torch.autograd.Function):
         errors = residual0.new_empty(B, n_blocks)
         prefix = residual0.new_empty((B, n_blocks * block) if all_prefixes else (0, 0))
         final = torch.empty_like(residual0)
+        scratch = _scratch(residual0, 2, chunk, n_blocks, residual0.shape[1])
         with exact_float32_matmul(residual0.device.type):
             for s, rows in _gathered_chunks(W_dec, slots, chunk, residual0.dtype):
                 n = rows.shape[0]
                 a = coeffs[s : s + n]
-                after = _residuals_after_blocks(residual0[s : s + n], a, rows[:, :, :block])
+                after = _residuals_after_blocks(
+                    residual0[s : s + n], a, rows[:, :, :block], scratch
+                )
                 errors[s : s + n] = after.pow(2).sum(-1)
                 final[s : s + n] = after[:, -1]
                 if all_prefixes:
@@ -338,24 +359,28 @@ class _BlockEndErrors(torch.autograd.Function):
     def backward(ctx, grad_errors, _grad_prefix, _grad_final):  # type: ignore[override]
         residual0, values, W_dec, indices = ctx.saved_tensors
         block = ctx.block
-        K = values.shape[1]
+        B, K = values.shape
         d = W_dec.shape[1]
         slots, coeffs = _blocked(indices, values, block, free=0)
         n_blocks = slots.shape[1]
         grad_values = torch.empty_like(coeffs)
         grad_residual = torch.empty_like(residual0)
         grad_w = torch.zeros(W_dec.shape, dtype=residual0.dtype, device=W_dec.device)
+        scratch = _scratch(residual0, 2, ctx.chunk, n_blocks, d)
+        grad_D_buffer = residual0.new_empty(min(ctx.chunk, B), n_blocks, block, d)
         with exact_float32_matmul(residual0.device.type):
             for s, rows in _gathered_chunks(W_dec, slots, ctx.chunk, residual0.dtype):
                 n = rows.shape[0]
                 a = coeffs[s : s + n]
-                after = _residuals_after_blocks(residual0[s : s + n], a, rows)
+                after = _residuals_after_blocks(residual0[s : s + n], a, rows, scratch)
                 weighted = after.mul_(2.0 * grad_errors[s : s + n, :, None])
-                gP = _block_sums(weighted, later=True, inclusive=True)
+                gP = _block_sums(weighted, later=True, inclusive=True, out=scratch[0, :n])
                 D = rows.view(-1, block, d)
                 into_D = torch.bmm(D, gP.view(-1, d, 1)).view(n, -1)
                 grad_values[s : s + n] = -into_D
-                grad_D = a.view(n, n_blocks, block, 1) * gP.unsqueeze(2)
+                grad_D = torch.mul(
+                    a.view(n, n_blocks, block, 1), gP.unsqueeze(2), out=grad_D_buffer[:n]
+                )
                 grad_w.index_add_(0, slots[s : s + n].reshape(-1), grad_D.view(-1, d), alpha=-1)
                 grad_residual[s : s + n] = gP[:, 0]
         return (*_block_gradients(ctx, grad_residual, grad_values, grad_w, K, W_dec), None)
