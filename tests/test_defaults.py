@@ -60,8 +60,9 @@ def _step(sae, x: torch.Tensor, step: int):
 def test_softsae_default_schedule_scales_with_the_run(total):
     cfg = SoftSAETrainingSAEConfig(d_in=16, d_sae=48, k=4)
     schedule = cfg.schedule(total)
-    assert schedule.hard_topk_start_step == round(0.5 * total) < total
-    assert schedule.alpha_anneal_steps == round(total / 3) <= schedule.hard_topk_start_step
+    # a soft phase of a quarter of the run, α reaching alpha_end two thirds of the way through
+    assert schedule.hard_topk_start_step == round(0.25 * total) < total
+    assert schedule.alpha_anneal_steps == round(total / 6) <= schedule.hard_topk_start_step
     assert schedule.k_anneal_steps == round(0.01 * total)
     assert schedule.alpha_at(schedule.alpha_anneal_steps) == pytest.approx(cfg.alpha_end)
 
@@ -74,8 +75,8 @@ def test_softsae_trainer_tells_the_sae_the_run_length(trainer_config):
     trainer_cfg = trainer_config(40, 16, dead_feature_window=10, feature_sampling_window=10)
     SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=source.stream(16, seed=0))
     assert sae.total_training_steps == 40
-    assert sae.schedule.hard_topk_start_step == 20
-    assert sae.cfg.metadata.softsae_schedule["hard_topk_start_step"] == 20
+    assert sae.schedule.hard_topk_start_step == 10
+    assert sae.cfg.metadata.softsae_schedule["hard_topk_start_step"] == 10
 
 
 def test_softsae_without_a_run_length_names_the_fields():

@@ -9,7 +9,7 @@ A k-estimator ``k̂(x) = clamp(k_max · σ(v · ReLU(U (x − b_dec) + c) + c₀
   (two-sided: it holds the mean at the target ``K_t``, annealed from ``min(d_in, k_max)`` to
   ``k``, from above and below) and ``λ_k = k_penalty_coefficient · mse_loss / K_t`` (the step's
   loss, detached; ``k_penalty_scale="constant"``: the coefficient alone);
-- hard phase (the last half of the run by default): per-row hard top-``⌊k̂⌋`` with the estimator
+- hard phase (the last three quarters of the run by default): per-row hard top-``⌊k̂⌋`` with the estimator
   frozen (``k_penalty`` 0) — what the saved inference SAE (:class:`SoftSAE`) computes.
 
 Schedules are pure functions of SAELens's step count; unset step fields are fractions of the run

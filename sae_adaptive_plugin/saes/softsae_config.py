@@ -4,8 +4,8 @@
 penalty's target ``K_t`` moves linearly from ``k_target_start`` (default ``min(d_in, k_max)``) to
 ``k`` over ``k_anneal_steps``. From
 ``hard_topk_start_step`` on, training uses hard top-``⌊k̂⌋`` with the estimator frozen. Step fields
-left ``None`` are fractions of the run (α over the first third, the k target over the first 1%,
-the hard phase over the last half), resolved when SAELens's trainer tells the run length.
+left ``None`` are fractions of the run (α over the first sixth, the k target over the first 1%,
+the hard phase over the last three quarters), resolved when SAELens's trainer tells the run length.
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ class SoftSAEConfig(TopKSAEConfig):
 
 
 #: Default schedules, as fractions of the run's training steps (``bind_run_length``).
-ALPHA_ANNEAL_FRACTION = 1 / 3
+ALPHA_ANNEAL_FRACTION = 1 / 6
 K_ANNEAL_FRACTION = 0.01
-HARD_PHASE_FRACTION = 0.5
+HARD_PHASE_FRACTION = 0.25
 #: Allowed ``k_penalty_scale`` values (the penalty weight ``λ_k``).
 K_PENALTY_SCALES = ("mse", "constant")
 #: Default width of the k-estimator's hidden layer per input dimension (capped at ``d_sae``).
@@ -122,8 +122,8 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
     """Training config of ``softsae`` (fields beyond SAELens's TopK training config).
 
     Step-keyed fields left ``None`` are fractions of the run, which SAELens's trainer tells the
-    SAE (``bind_run_length``): ``alpha_anneal_steps`` 1/3, ``k_anneal_steps`` 1%,
-    ``hard_topk_start_step`` half of the training steps.
+    SAE (``bind_run_length``): ``alpha_anneal_steps`` 1/6, ``k_anneal_steps`` 1%,
+    ``hard_topk_start_step`` a quarter of the training steps.
 
     Args:
         k: target mean number of active latents (required, no default; ``1 ≤ k ≤ k_max``).
