@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sae_adaptive_plugin.ops.hierarchical import (
+    block_end_errors,
     hierarchical_loss,
     hierarchical_loss_naive,
     prefix_reconstruction_errors,
@@ -85,12 +86,22 @@ def test_gathered_rows_form_matches_indexed_form():
 
 
 def test_chunk_size_does_not_change_results():
-    r, v, W, idx = _inputs(11, 4, 15, 6, torch.float64, seed=2)
-    base = prefix_reconstruction_errors(r, v, W, idx, chunk_size=11)
+    """Values and gradients alike, whatever the chunking (the ops reuse one set of work buffers
+    across chunks, the last one ragged)."""
+    r, v, W, idx = _inputs(11, 20, 40, 6, torch.float64, seed=2)
+    weights = torch.rand(11, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def run(chunk):
+        leaves = [t.clone().requires_grad_() for t in (r, v, W)]
+        errors = prefix_reconstruction_errors(*leaves, idx, chunk_size=chunk)
+        ends = block_end_errors(*leaves, idx, chunk_size=chunk)
+        ((errors * weights).sum() + ends.sum()).backward()
+        return [errors.detach(), ends.detach(), *(t.grad for t in leaves)]
+
+    base = run(11)
     for chunk in (1, 2, 5, 100):
-        torch.testing.assert_close(
-            prefix_reconstruction_errors(r, v, W, idx, chunk_size=chunk), base, rtol=0, atol=1e-12
-        )
+        for got, want in zip(run(chunk), base):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
 def test_prefix_errors_gradcheck_with_duplicate_latents():
