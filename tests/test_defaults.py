@@ -60,7 +60,7 @@ def _step(sae, x: torch.Tensor, step: int):
 def test_softsae_default_schedule_scales_with_the_run(total):
     cfg = SoftSAETrainingSAEConfig(d_in=16, d_sae=48, k=4)
     schedule = cfg.schedule(total)
-    # a soft phase of a quarter of the run, α reaching alpha_end two thirds of the way through
+    # a soft phase of a quarter of the run, α reaching alpha_end two thirds of the way through it
     assert schedule.hard_topk_start_step == round(0.25 * total) < total
     assert schedule.alpha_anneal_steps == round(total / 6) <= schedule.hard_topk_start_step
     assert schedule.k_anneal_steps == round(0.01 * total)
