@@ -26,13 +26,15 @@ def _check_int(name: str, value: Any, lo: int, hi: float | None = None, hi_name:
     return check_int(name, value, lo, hi, hi_name=hi_name)
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (value > 0 and math.isfinite(value))
-    ):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+def _check_number(
+    name: str, value: Any, low: float = 0, *, inclusive: bool = False, note: str = ""
+) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a finite real number (not a
+    bool) above ``low`` (at least ``low`` if ``inclusive``); ``note`` ends the message."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and (value >= low if inclusive else value > low)):
+        bound = f">= {low:g}" if inclusive else f"> {low:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}{note}")
 
 
 def _validate_common(cfg: Any) -> None:
@@ -176,8 +178,8 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
         if self.k_estimator_hidden is None:
             self.k_estimator_hidden = min(self.d_sae, ESTIMATOR_WIDTH_PER_INPUT * self.d_in)
         _validate_common(self)
-        _check_positive("alpha_start", self.alpha_start)
-        _check_positive("alpha_end", self.alpha_end)
+        _check_number("alpha_start", self.alpha_start)
+        _check_number("alpha_end", self.alpha_end)
         if self.alpha_anneal_steps is not None:
             self.alpha_anneal_steps = _check_int("alpha_anneal_steps", self.alpha_anneal_steps, 0)
         if self.k_anneal_steps is not None:
@@ -189,16 +191,13 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             )
         if self.k_target_start is None:
             self.k_target_start = float(min(self.d_in, self.k_max))
-        start = self.k_target_start
-        if (
-            isinstance(start, bool)
-            or not isinstance(start, (int, float))
-            or not (math.isfinite(start) and start >= 1)
-        ):
-            raise ValueError(
-                f"k_target_start must be a finite number >= 1 (k̂ is at least 1), got {start!r}; "
-                "leave it unset for min(d_in, k_max)"
-            )
+        _check_number(
+            "k_target_start",
+            self.k_target_start,
+            1,
+            inclusive=True,
+            note=" (k̂ is at least 1); leave it unset for min(d_in, k_max)",
+        )
         if self.k_target_start > self.k_max:
             warnings.warn(
                 f"softsae: k_target_start={self.k_target_start:g} is above k_max={self.k_max}: "
@@ -207,7 +206,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
                 UserWarning,
                 stacklevel=3,
             )
-        _check_positive("k_penalty_coefficient", self.k_penalty_coefficient)
+        _check_number("k_penalty_coefficient", self.k_penalty_coefficient)
         if self.k_penalty_scale not in K_PENALTY_SCALES:
             raise ValueError(
                 f"k_penalty_scale must be one of {K_PENALTY_SCALES}, got {self.k_penalty_scale!r}"
