@@ -83,6 +83,8 @@ def test_bad_compare_config_names_the_field():
         CompareConfig(steps=0).validate()
     with pytest.raises(ValueError, match="device"):
         CompareConfig(device="not-a-device").validate()
+    with pytest.raises(ValueError, match="b_dec_init_method must be one of"):
+        CompareConfig(b_dec_init_method="median").validate()
 
 
 def test_spearman_is_zero_for_a_constant_l0_and_one_for_a_monotone_one():
@@ -221,9 +223,12 @@ def test_set_overrides_a_field_of_one_architecture(tmp_path):
     out = tmp_path / "out"
     args = ["compare", "--quick", "--architectures", "softsae,topk", "--threads", "1"]
     overrides = '{"softsae": {"k_estimator_hidden": 16}}'
-    assert main([*args, "--set", overrides, "--out", str(out)]) == 0
+    start = ["--b-dec-init-method", "mean"]
+    assert main([*args, "--set", overrides, *start, "--out", str(out)]) == 0
     saved = json.loads((out / "saes" / "softsae" / "cfg.json").read_text())
     assert saved["k_estimator_hidden"] == 16
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["b_dec_init_method"] == "mean"
 
 
 @pytest.mark.parametrize(
@@ -242,3 +247,40 @@ def test_set_refuses_what_is_not_a_field_before_training(tmp_path, capsys, overr
         assert code == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("architecture", ["topk", "hierarchical_topk"])
+def test_b_dec_mean_start_reaches_sae_lens_saes_and_ours_alike(architecture):
+    """A comparison's ``b_dec_init_method = "mean"`` starts SAELens's own TopK (no such field:
+    patched in) and ours (the field) at the first batch's mean; ``"zeros"`` leaves b_dec at 0."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    from sae_adaptive_plugin.experiments.registry_saes import build_training_sae
+
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0)) + 3
+
+    def first_step(method: str):
+        sae = build_training_sae(
+            architecture, {"k": 4, "b_dec_init_method": method}, {}, d_in=16, d_sae=32
+        )
+        step = TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=None,
+            n_training_steps=0,
+            is_logging_step=False,
+        )
+        sae.training_forward_pass(step)
+        return sae
+
+    torch.testing.assert_close(first_step("mean").b_dec.detach(), x.mean(0))
+    assert not first_step("zeros").b_dec.any()
+    # an explicit override of one of ours wins over the comparison's setting
+    ours = build_training_sae(
+        "hierarchical_topk",
+        {"k": 4, "b_dec_init_method": "mean"},
+        {"hierarchical_topk": {"b_dec_init_method": "zeros"}},
+        d_in=16,
+        d_sae=32,
+    )
+    assert ours.cfg.b_dec_init_method == "zeros"

@@ -47,6 +47,8 @@ SAE_BLOCKS = {
     "topk": {"k": 4, "normalize_activations": "expected_average_only_in"},
     "batchtopk": {"k": 4},
     "matryoshka_batchtopk": {"k": 4, "matryoshka_widths": [16, 64]},
+    # b_dec starts at the global batch's mean: both ranks' rows, as the 1-process run's
+    "softsae": {**TINY_SAE_BLOCKS["softsae"], "b_dec_init_method": "mean"},
 }
 #: a checkpoint after 5 of 16 steps: AdaptiveK is inside its label-gathering window.
 RESUMED = "adaptivek"

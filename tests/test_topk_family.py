@@ -152,3 +152,84 @@ def test_decoder_unit_norm_hooks_a_deep_copy_too():
     out.loss.backward()
     parallel = (sae.W_dec.grad * sae.W_dec.detach()).sum(-1)
     torch.testing.assert_close(parallel, torch.zeros(D_SAE), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("architecture", ["adaptivek", "softsae", "hierarchical_topk"])
+def test_b_dec_init_mean_starts_the_decoder_bias_at_the_first_batch_mean(architecture):
+    from sae_lens import SAE
+
+    sae = _sae(architecture, "warmup" if architecture == "adaptivek" else "soft")
+    sae.cfg.b_dec_init_method = "mean"
+    with torch.no_grad():
+        sae.b_dec.zero_()  # a fresh SAE's start
+    x = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(3)) + 5
+    sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=None,
+            n_training_steps=0,
+            is_logging_step=False,
+        )
+    )
+    torch.testing.assert_close(sae.b_dec.detach(), x.mean(0))
+    # later steps leave it to the optimiser
+    sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x + 100,
+            coefficients={},
+            dead_neuron_mask=None,
+            n_training_steps=1,
+            is_logging_step=False,
+        )
+    )
+    torch.testing.assert_close(sae.b_dec.detach(), x.mean(0))
+    infer = SAE.from_dict(sae.cfg.get_inference_sae_cfg_dict())
+    assert not hasattr(infer.cfg, "b_dec_init_method")  # training-only
+
+
+def _first_step(sae, x: torch.Tensor) -> None:
+    sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=None,
+            n_training_steps=0,
+            is_logging_step=False,
+        )
+    )
+
+
+def test_b_dec_init_mean_keeps_a_trained_bias_and_zeros_keeps_zeros():
+    x = torch.randn(16, D_IN) + 5
+    trained = _sae("hierarchical_topk", "all_prefixes")  # b_dec drawn non-zero, as if loaded
+    trained.cfg.b_dec_init_method = "mean"
+    before = trained.b_dec.detach().clone()
+    _first_step(trained, x)
+    torch.testing.assert_close(trained.b_dec.detach(), before)
+    fresh = _sae("hierarchical_topk", "all_prefixes")  # the default: SAELens's zeros
+    with torch.no_grad():
+        fresh.b_dec.zero_()
+    _first_step(fresh, x)
+    assert not fresh.b_dec.any()
+
+
+def test_b_dec_init_mean_refuses_a_non_finite_first_batch():
+    sae = _sae("hierarchical_topk", "all_prefixes")
+    sae.cfg.b_dec_init_method = "mean"
+    with torch.no_grad():
+        sae.b_dec.zero_()
+    x = torch.randn(8, D_IN)
+    x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"b_dec_init_method='mean'.*non-finite"):
+        _first_step(sae, x)
+    assert not sae.b_dec.isnan().any()
+
+
+@pytest.mark.parametrize(
+    "config_class",
+    [HierarchicalTopKTrainingSAEConfig, AdaptiveKTrainingSAEConfig, SoftSAETrainingSAEConfig],
+)
+def test_b_dec_init_method_is_checked(config_class):
+    with pytest.raises(ValueError, match=r"b_dec_init_method must be one of \('zeros', 'mean'\)"):
+        config_class(d_in=D_IN, d_sae=D_SAE, k=4, b_dec_init_method="median")

@@ -266,6 +266,13 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
         '\'{"softsae": {"k_estimator_hidden": 576}}\' (default: none)',
     )
     parser.add_argument(
+        "--b-dec-init-method",
+        choices=("zeros", "mean"),
+        default=None,
+        help="how every SAE starts b_dec: zeros (SAELens's start) or mean (the first batch's "
+        "mean; SAELens's own SAEs get the same start patched in) (default zeros)",
+    )
+    parser.add_argument(
         "--out",
         default=None,
         help="output folder (default runs/compare; runs/compare_lm with --lm)",

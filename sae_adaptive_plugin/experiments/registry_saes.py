@@ -2,7 +2,8 @@
 
 :func:`build_training_sae` makes a fresh training SAE from SAELens's registry: the experiment's
 settings that the architecture's config has, then per-architecture overrides (each must be a
-field). :func:`reconstruction_metrics` measures an inference SAE on held-out activations:
+field; a ``"mean"`` ``b_dec_init_method`` setting reaches SAELens's own SAEs too).
+:func:`reconstruction_metrics` measures an inference SAE on held-out activations:
 explained variance (SAELens's ``ExplainedVarianceCalculator``), squared error summed over
 dimensions and averaged over rows (as in ``run_evals``), cosine similarity, L0 mean / std / p90
 and dead latents over the held-out set (SAELens's ``DeadLatentsCalculator``).
@@ -53,7 +54,27 @@ def build_training_sae(
     check_overrides({architecture: overrides.get(architecture, {})})
     valid = overrides.get(architecture, {})
     kwargs = {**filter_valid_dataclass_fields(settings, cfg_class), **valid}
-    return sae_class(cfg_class(**base, **kwargs))
+    sae = sae_class(cfg_class(**base, **kwargs))
+    if settings.get("b_dec_init_method") == "mean" and "b_dec_init_method" not in kwargs:
+        start_b_dec_at_mean_like_ours(sae)
+    return sae
+
+
+def start_b_dec_at_mean_like_ours(sae: Any) -> None:
+    """Give a training SAE whose config has no ``b_dec_init_method`` (SAELens's own TopK,
+    BatchTopK, …) the adaptive SAEs' ``"mean"`` start, so that a comparison trains every SAE
+    with the same recipe: its first training step first sets ``b_dec`` to the batch mean
+    (:func:`~sae_adaptive_plugin.saes.topk_family.start_b_dec_at_batch_mean`)."""
+    from sae_adaptive_plugin.saes.topk_family import start_b_dec_at_batch_mean
+
+    step = sae.training_forward_pass
+
+    def training_forward_pass(step_input: Any) -> Any:
+        if step_input.n_training_steps == 0:
+            start_b_dec_at_batch_mean(sae, step_input.sae_in)
+        return step(step_input)
+
+    sae.training_forward_pass = training_forward_pass
 
 
 def check_overrides(overrides: dict[str, dict[str, Any]]) -> None:

@@ -35,6 +35,7 @@ from sae_adaptive_plugin.registration.plugin import (
     ADAPTIVE_ARCHITECTURES,
     HIERARCHICAL_ARCHITECTURE,
 )
+from sae_adaptive_plugin.saes.config_checks import check_b_dec_init_method
 from sae_adaptive_plugin.stats import spearman  # noqa: F401  (re-exported, as above)
 
 #: Distributions of a sample's expected true L0 (``VariableComplexityConfig.complexity``).
@@ -279,6 +280,9 @@ class CompareConfig:
         device: torch device.
         overrides: per-architecture config fields applied over the compare's own settings
             (e.g. ``{"adaptivek": {"target_fvu": 0.3}}``).
+        b_dec_init_method: how every SAE of the comparison starts ``b_dec``: ``"zeros"`` or
+            ``"mean"`` (the first batch's mean; SAELens's own SAEs, which have no such field,
+            get the same start patched in, so the recipe is the same for all).
     """
 
     source: VariableComplexityConfig = field(default_factory=VariableComplexityConfig)
@@ -295,9 +299,11 @@ class CompareConfig:
     seed: int = 0
     device: str = "cpu"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    b_dec_init_method: str = "zeros"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and its allowed range."""
+        check_b_dec_init_method(self.b_dec_init_method)
         self.source.validate()
         if self.d_sae is not None and self.d_sae < 2:
             raise ValueError(f"d_sae must be >= 2, got {self.d_sae}")

@@ -27,7 +27,12 @@ from sae_adaptive_plugin.probe import ComplexityProbe
 from sae_adaptive_plugin.registration.hookspecs import Architecture
 from sae_adaptive_plugin.saes.adaptivek_warmup import ACC_PREFIX as ACC_PREFIX
 from sae_adaptive_plugin.saes.adaptivek_warmup import WARMUP_FRACTION, AdaptiveKWarmup
-from sae_adaptive_plugin.saes.config_checks import check_int, missing_k_error, resolve_sizes
+from sae_adaptive_plugin.saes.config_checks import (
+    check_b_dec_init_method,
+    check_int,
+    missing_k_error,
+    resolve_sizes,
+)
 from sae_adaptive_plugin.saes.per_row_topk import PerRowTopK
 from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
 from sae_adaptive_plugin.saes.topk_family import (
@@ -210,6 +215,10 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
         rescale_acts_by_decoder_norm: as SAELens's TopK (select on ``hidden_pre·‖W_dec‖``).
         decoder_unit_norm: keep decoder rows at unit norm during training and remove the
             gradient component parallel to each row (EleutherAI sparsify's decoder handling).
+        b_dec_init_method: how training starts the decoder bias: ``"zeros"`` (SAELens's
+            start, default) or ``"mean"`` (the first training batch's mean, over every rank;
+            EleutherAI sparsify's start). A ``b_dec`` that is not all zeros at the first step
+            (a loaded SAE) is kept.
         Other fields: as SAELens's ``TrainingSAEConfig``.
     """
 
@@ -227,9 +236,11 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
     aux_loss_coefficient: float = 1.0
     rescale_acts_by_decoder_norm: bool = True
     decoder_unit_norm: bool = False
+    b_dec_init_method: str = "zeros"
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae")
+        check_b_dec_init_method(self.b_dec_init_method)
         if self.k is None:
             raise missing_k_error(
                 NAME, "k_min and k_max default to 1 and min(4k, d_sae) (per-row k in between)"

@@ -71,3 +71,14 @@ def missing_k_error(architecture: str, defaults: str) -> ValueError:
         f"{architecture}: k is not set. k is the target mean number of active latents (L0) and "
         f"has no default; set it (e.g. k=32, in YAML sae.k: 32); {defaults}"
     )
+
+
+#: How a training run starts the decoder bias ``b_dec`` (field ``b_dec_init_method``):
+#: ``"zeros"``, SAELens's start, or ``"mean"``, the first training batch's mean.
+B_DEC_INIT_METHODS = ("zeros", "mean")
+
+
+def check_b_dec_init_method(value: Any) -> None:
+    """``ValueError`` naming ``b_dec_init_method`` unless it is one of :data:`B_DEC_INIT_METHODS`."""
+    if value not in B_DEC_INIT_METHODS:
+        raise ValueError(f"b_dec_init_method must be one of {B_DEC_INIT_METHODS}, got {value!r}")

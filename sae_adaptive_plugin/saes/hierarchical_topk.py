@@ -28,7 +28,11 @@ from typing_extensions import override
 
 from sae_adaptive_plugin.provenance import PROVIDER_METADATA_KEY, PROVIDER_VERSION_METADATA_KEY
 from sae_adaptive_plugin.registration.hookspecs import Architecture
-from sae_adaptive_plugin.saes.config_checks import check_int, resolve_sizes
+from sae_adaptive_plugin.saes.config_checks import (
+    check_b_dec_init_method,
+    check_int,
+    resolve_sizes,
+)
 from sae_adaptive_plugin.saes.topk_family import (
     PREFIX_EXCESS_LOSS,
     StepEncoding,
@@ -234,6 +238,10 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             knob only; ``None`` = automatic, at most ``2**22`` gathered elements).
         decoder_unit_norm: keep decoder rows at unit norm during training and remove the
             gradient component parallel to each row (EleutherAI sparsify's decoder handling).
+        b_dec_init_method: how training starts the decoder bias: ``"zeros"`` (SAELens's
+            start, default) or ``"mean"`` (the first training batch's mean, over every rank;
+            EleutherAI sparsify's start). A ``b_dec`` that is not all zeros at the first step
+            (a loaded SAE) is kept.
         prefix_weights: how the loss weighs the prefixes' errors: ``"uniform"`` (the method's
             ``mean_j``, default), ``"harmonic"`` (``w_j ∝ 1/j``: more weight on the smallest
             budgets) or ``"inverse_sqrt"`` (``w_j ∝ 1/√j``); measured in docs/compare.md.
@@ -244,12 +252,14 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
 
     loss_chunk_size: int | None = None
     decoder_unit_norm: bool = False
+    b_dec_init_method: str = "zeros"
     prefix_weights: str = "uniform"
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae")
         self.k = check_int("k", self.k, 1, self.d_sae, hi_name="d_sae")
         _check_prefix_weights(self.prefix_weights)
+        check_b_dec_init_method(self.b_dec_init_method)
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1 or None, got {self.loss_chunk_size}")
         _check_normalization(self.normalize_activations)

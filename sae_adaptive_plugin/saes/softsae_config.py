@@ -18,7 +18,12 @@ from typing import Any
 
 from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAEConfig
 
-from sae_adaptive_plugin.saes.config_checks import check_int, missing_k_error, resolve_sizes
+from sae_adaptive_plugin.saes.config_checks import (
+    check_b_dec_init_method,
+    check_int,
+    missing_k_error,
+    resolve_sizes,
+)
 from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
 
 
@@ -152,6 +157,10 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             saved SAE always uses hard top-``⌊k̂⌋``, so the run must train it that way).
         decoder_unit_norm: keep decoder rows at unit norm during training and remove the
             gradient component parallel to each row (EleutherAI sparsify's decoder handling).
+        b_dec_init_method: how training starts the decoder bias: ``"zeros"`` (SAELens's
+            start, default) or ``"mean"`` (the first training batch's mean, over every rank;
+            EleutherAI sparsify's start). A ``b_dec`` that is not all zeros at the first step
+            (a loaded SAE) is kept.
     """
 
     k: int | None = None  # type: ignore[assignment]  # required: SAELens TopK's 100 is no target
@@ -167,9 +176,11 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
     k_penalty_coefficient: float = 1.0
     hard_topk_start_step: int | None = None
     decoder_unit_norm: bool = False
+    b_dec_init_method: str = "zeros"
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae")
+        check_b_dec_init_method(self.b_dec_init_method)
         if self.k is None:
             raise missing_k_error("softsae", "k_max defaults to min(2k, d_sae)")
         self.k = _check_int("k", self.k, 1, self.d_sae, "d_sae")

@@ -25,6 +25,7 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.sae import mse_loss as sae_lens_mse_loss
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE
 
+from sae_adaptive_plugin.distributed import gather_rows
 from sae_adaptive_plugin.ops.dispatch import (
     accumulation_dtype,
     full_precision,
@@ -140,6 +141,25 @@ def prefix_excess(errors: torch.Tensor, weights: torch.Tensor | None = None) -> 
     if weights is None:
         return errors.mean() - errors[:, -1].mean()
     return (errors.mean(0) * weights.to(errors.dtype)).sum() - errors[:, -1].mean()
+
+
+@torch.no_grad()
+def start_b_dec_at_batch_mean(sae: Any, sae_in: torch.Tensor) -> None:
+    """``b_dec_init_method = "mean"``, run at the first training step: a training SAE's ``b_dec``
+    (SAELens's or ours) set to the mean of the batch as its encoder reads it (the global batch
+    under data parallelism), so the encoder starts on centred inputs. A ``b_dec`` that is not
+    all zeros (a loaded or already trained SAE) is kept; a non-finite batch mean is refused."""
+    if bool(sae.b_dec.any()):
+        return
+    # with b_dec = 0, process_sae_in is the input as the encoder reads it (normalised, reshaped)
+    rows = gather_rows(sae.process_sae_in(sae_in).reshape(-1, sae.cfg.d_in))
+    mean = rows.float().mean(dim=0)
+    if not bool(torch.isfinite(mean).all()):
+        raise ValueError(
+            "b_dec_init_method='mean': the first training batch has non-finite values "
+            "(NaN or inf), so its mean cannot start b_dec"
+        )
+    sae.b_dec.copy_(mean.to(sae.b_dec.dtype))
 
 
 def _without_parallel_component(W_dec: torch.Tensor):
@@ -551,6 +571,11 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
         return {"auxiliary_reconstruction_loss": weight * loss}
 
     @property
+    def starts_b_dec_at_mean(self) -> bool:
+        """``b_dec_init_method = "mean"`` (see :func:`start_b_dec_at_batch_mean`)."""
+        return getattr(self.cfg, "b_dec_init_method", "zeros") == "mean"
+
+    @property
     def keeps_unit_decoder(self) -> bool:
         """``decoder_unit_norm``: sparsify's decoder handling (see :meth:`keep_decoder_unit`)."""
         return bool(getattr(self.cfg, "decoder_unit_norm", False))
@@ -566,6 +591,8 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
             W_dec.register_hook(_without_parallel_component(W_dec))
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        if step_input.n_training_steps == 0 and self.starts_b_dec_at_mean:
+            start_b_dec_at_batch_mean(self, step_input.sae_in)
         if self.keeps_unit_decoder:
             self.keep_decoder_unit()
         rescale = self.cfg.rescale_acts_by_decoder_norm
