@@ -30,6 +30,7 @@ from sae_adaptive_plugin.saes.adaptivek_warmup import WARMUP_FRACTION, AdaptiveK
 from sae_adaptive_plugin.saes.config_checks import (
     check_b_dec_init_method,
     check_int,
+    check_number,
     missing_k_error,
     resolve_sizes,
 )
@@ -65,10 +66,7 @@ def _validate_k_fields(cfg: Any) -> None:
     if number and cfg.k_min > cfg.k_max:
         raise ValueError(f"k_min={cfg.k_min} must be <= k_max={cfg.k_max} (k_min in [1, k_max])")
     cfg.k_min = _check_int("k_min", cfg.k_min, 1, cfg.k_max, "k_max")
-    if not (isinstance(cfg.steepness, (int, float)) and math.isfinite(cfg.steepness)):
-        raise ValueError(f"steepness must be a finite number > 0, got {cfg.steepness!r}")
-    if cfg.steepness <= 0:
-        raise ValueError(f"steepness={cfg.steepness} must be > 0")
+    check_number("steepness", cfg.steepness)
 
 
 class _ProbeK(TopKFamilyMixin):

@@ -50,6 +50,17 @@ def check_int(
     return value
 
 
+def check_number(
+    name: str, value: Any, low: float = 0, *, inclusive: bool = False, note: str = ""
+) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a finite real number (not a
+    bool) above ``low`` (at least ``low`` if ``inclusive``); ``note`` ends the message."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and (value >= low if inclusive else value > low)):
+        bound = f">= {low:g}" if inclusive else f"> {low:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}{note}")
+
+
 def resolve_sizes(cfg: Any, *names: str, lo: int | None = 1) -> None:
     """Replace each named field of ``cfg`` that is set by its int, checked to be ``>= lo``
     (``lo=None``: integrality only, the range is checked later against other fields)."""

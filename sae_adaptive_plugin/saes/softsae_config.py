@@ -11,7 +11,6 @@ the hard phase over the last three quarters), resolved when SAELens's trainer te
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAEConfig
 from sae_adaptive_plugin.saes.config_checks import (
     check_b_dec_init_method,
     check_int,
+    check_number,
     missing_k_error,
     resolve_sizes,
 )
@@ -29,17 +29,6 @@ from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_len
 
 def _check_int(name: str, value: Any, lo: int, hi: float | None = None, hi_name: str = "") -> int:
     return check_int(name, value, lo, hi, hi_name=hi_name)
-
-
-def _check_number(
-    name: str, value: Any, low: float = 0, *, inclusive: bool = False, note: str = ""
-) -> None:
-    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a finite real number (not a
-    bool) above ``low`` (at least ``low`` if ``inclusive``); ``note`` ends the message."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and math.isfinite(value) and (value >= low if inclusive else value > low)):
-        bound = f">= {low:g}" if inclusive else f"> {low:g}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}{note}")
 
 
 def _validate_common(cfg: Any) -> None:
@@ -189,8 +178,8 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
         if self.k_estimator_hidden is None:
             self.k_estimator_hidden = min(self.d_sae, ESTIMATOR_WIDTH_PER_INPUT * self.d_in)
         _validate_common(self)
-        _check_number("alpha_start", self.alpha_start)
-        _check_number("alpha_end", self.alpha_end)
+        check_number("alpha_start", self.alpha_start)
+        check_number("alpha_end", self.alpha_end)
         if self.alpha_anneal_steps is not None:
             self.alpha_anneal_steps = _check_int("alpha_anneal_steps", self.alpha_anneal_steps, 0)
         if self.k_anneal_steps is not None:
@@ -202,7 +191,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             )
         if self.k_target_start is None:
             self.k_target_start = float(min(self.d_in, self.k_max))
-        _check_number(
+        check_number(
             "k_target_start",
             self.k_target_start,
             1,
@@ -217,7 +206,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
                 UserWarning,
                 stacklevel=3,
             )
-        _check_number("k_penalty_coefficient", self.k_penalty_coefficient)
+        check_number("k_penalty_coefficient", self.k_penalty_coefficient)
         if self.k_penalty_scale not in K_PENALTY_SCALES:
             raise ValueError(
                 f"k_penalty_scale must be one of {K_PENALTY_SCALES}, got {self.k_penalty_scale!r}"
