@@ -48,7 +48,7 @@ SAE_BLOCKS = {
     "batchtopk": {"k": 4},
     "matryoshka_batchtopk": {"k": 4, "matryoshka_widths": [16, 64]},
     # b_dec starts at the global batch's mean: both ranks' rows, as the 1-process run's
-    "softsae": {**TINY_SAE_BLOCKS["softsae"], "b_dec_init_method": "mean"},
+    "hierarchical_topk": {**TINY_SAE_BLOCKS["hierarchical_topk"], "b_dec_init_method": "mean"},
 }
 #: a checkpoint after 5 of 16 steps: AdaptiveK is inside its label-gathering window.
 RESUMED = "adaptivek"

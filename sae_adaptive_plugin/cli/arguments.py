@@ -270,7 +270,8 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("zeros", "mean"),
         default=None,
         help="how every SAE starts b_dec: zeros (SAELens's start) or mean (the first batch's "
-        "mean; SAELens's own SAEs get the same start patched in) (default zeros)",
+        "mean; SAELens's own SAEs get the same start patched in) (default: each SAE's own "
+        "default, zeros for SAELens's)",
     )
     parser.add_argument(
         "--out",

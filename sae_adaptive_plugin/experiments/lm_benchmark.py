@@ -61,8 +61,8 @@ class LMCompareConfig:
         architectures: which of the six to train.
         seed, device, cache_dir: as named.
         overrides: per-architecture config fields (``{"adaptivek": {"target_fvu": 0.2}}``).
-        b_dec_init_method: how every SAE starts ``b_dec`` (``"zeros"`` or ``"mean"``; SAELens's
-            own SAEs get the same start patched in).
+        b_dec_init_method: ``None`` (each SAE's own default) or how every SAE starts ``b_dec``
+            (``"zeros"`` or ``"mean"``; SAELens's own SAEs get the same start patched in).
     """
 
     model: str = ""
@@ -84,11 +84,12 @@ class LMCompareConfig:
     device: str = "cpu"
     cache_dir: str = "runs/lm_cache"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    b_dec_init_method: str = "zeros"
+    b_dec_init_method: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field."""
-        check_b_dec_init_method(self.b_dec_init_method)
+        if self.b_dec_init_method is not None:
+            check_b_dec_init_method(self.b_dec_init_method)
         from sae_adaptive_plugin.experiments.synthetic import ALL_ARCHITECTURES
 
         for name in ("model", "text", "heldout_text"):
@@ -132,11 +133,9 @@ def sae_settings(architecture: str, cfg: LMCompareConfig, k: int) -> dict[str, A
     """The fields this comparison sets: the target sparsity ``k`` (and Matryoshka's widths);
     everything else is the architecture's default, as a user would train it (the adaptive
     SAEs' schedules follow the run's length)."""
-    settings: dict[str, Any] = {
-        "normalize_activations": "expected_average_only_in",
-        "k": k,
-        "b_dec_init_method": cfg.b_dec_init_method,
-    }
+    settings: dict[str, Any] = {"normalize_activations": "expected_average_only_in", "k": k}
+    if cfg.b_dec_init_method is not None:
+        settings["b_dec_init_method"] = cfg.b_dec_init_method
     if architecture == "matryoshka_batchtopk":
         w = cfg.d_sae
         settings["matryoshka_widths"] = sorted({w // 8, w // 4, w // 2, w})

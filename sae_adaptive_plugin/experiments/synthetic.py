@@ -280,7 +280,8 @@ class CompareConfig:
         device: torch device.
         overrides: per-architecture config fields applied over the compare's own settings
             (e.g. ``{"adaptivek": {"target_fvu": 0.3}}``).
-        b_dec_init_method: how every SAE of the comparison starts ``b_dec``: ``"zeros"`` or
+        b_dec_init_method: ``None`` (each SAE's own default: SAELens's start ``b_dec`` at
+            zeros) or how every SAE of the comparison starts ``b_dec``: ``"zeros"`` or
             ``"mean"`` (the first batch's mean; SAELens's own SAEs, which have no such field,
             get the same start patched in, so the recipe is the same for all).
     """
@@ -299,11 +300,12 @@ class CompareConfig:
     seed: int = 0
     device: str = "cpu"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    b_dec_init_method: str = "zeros"
+    b_dec_init_method: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and its allowed range."""
-        check_b_dec_init_method(self.b_dec_init_method)
+        if self.b_dec_init_method is not None:
+            check_b_dec_init_method(self.b_dec_init_method)
         self.source.validate()
         if self.d_sae is not None and self.d_sae < 2:
             raise ValueError(f"d_sae must be >= 2, got {self.d_sae}")

@@ -97,9 +97,11 @@ def architecture_settings(
 def build_compare_sae(architecture: str, cfg: CompareConfig, target_l0: float, fixed_k: int) -> Any:
     """A fresh training SAE of ``architecture`` from SAELens's registry."""
     settings = architecture_settings(architecture, cfg, target_l0, fixed_k)
+    if cfg.b_dec_init_method is not None:
+        settings["b_dec_init_method"] = cfg.b_dec_init_method
     return build_training_sae(
         architecture,
-        {**settings, "b_dec_init_method": cfg.b_dec_init_method},
+        settings,
         cfg.overrides,
         d_in=cfg.source.hidden_dim,
         d_sae=cfg.width,

@@ -213,9 +213,9 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
         rescale_acts_by_decoder_norm: as SAELens's TopK (select on ``hidden_pre·‖W_dec‖``).
         decoder_unit_norm: keep decoder rows at unit norm during training and remove the
             gradient component parallel to each row (EleutherAI sparsify's decoder handling).
-        b_dec_init_method: how training starts the decoder bias: ``"zeros"`` (SAELens's
-            start, default) or ``"mean"`` (the first training batch's mean, over every rank;
-            EleutherAI sparsify's start). A ``b_dec`` that is not all zeros at the first step
+        b_dec_init_method: how training starts the decoder bias: ``"mean"`` (default: the
+            first training batch's mean, over every rank; EleutherAI sparsify's start) or
+            ``"zeros"`` (SAELens's start). A ``b_dec`` that is not all zeros at the first step
             (a loaded SAE) is kept.
         Other fields: as SAELens's ``TrainingSAEConfig``.
     """
@@ -234,7 +234,7 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
     aux_loss_coefficient: float = 1.0
     rescale_acts_by_decoder_norm: bool = True
     decoder_unit_norm: bool = False
-    b_dec_init_method: str = "zeros"
+    b_dec_init_method: str = "mean"
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae")

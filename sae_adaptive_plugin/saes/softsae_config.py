@@ -207,6 +207,15 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
                 stacklevel=3,
             )
         check_number("k_penalty_coefficient", self.k_penalty_coefficient)
+        if self.b_dec_init_method == "mean":
+            warnings.warn(
+                "softsae: b_dec_init_method='mean' gives the k-estimator centred inputs, and "
+                "in the package's measurements its per-input k then stopped following the "
+                "input's complexity and its mean L0 overshot k (docs/compare.md, 'Starting "
+                "b_dec at the data mean'); leave it 'zeros' unless you check k̂ yourself",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.k_penalty_scale not in K_PENALTY_SCALES:
             raise ValueError(
                 f"k_penalty_scale must be one of {K_PENALTY_SCALES}, got {self.k_penalty_scale!r}"
