@@ -236,3 +236,28 @@ def test_b_dec_init_method_is_checked(config_class):
             config_class(d_in=D_IN, d_sae=D_SAE, k=4, b_dec_init_method="mean")
     with pytest.raises(ValueError, match=r"b_dec_init_method must be one of \('zeros', 'mean'\)"):
         config_class(d_in=D_IN, d_sae=D_SAE, k=4, b_dec_init_method="median")
+
+
+def test_b_dec_starts_at_the_mean_by_default_for_adaptivek_only():
+    """The measured defaults (docs/compare.md, 'Starting b_dec at the data mean'): a fresh
+    AdaptiveK's first step moves b_dec to the batch mean; HierarchicalTopK's and SoftSAE's stay
+    at SAELens's zeros."""
+    x = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(4)) + 2
+    for moves in (True, False):  # AdaptiveK, then HierarchicalTopK
+        torch.manual_seed(0)
+        if moves:
+            config = AdaptiveKTrainingSAEConfig(
+                d_in=D_IN, d_sae=D_SAE, k=6, probe_warmup_steps=1000
+            )
+            sae = AdaptiveKTrainingSAE(config)
+        else:
+            sae = HierarchicalTopKTrainingSAE(
+                HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=6)
+            )
+        assert not sae.b_dec.any()
+        _first_step(sae, x)
+        if moves:
+            torch.testing.assert_close(sae.b_dec.detach(), x.mean(0))
+        else:
+            assert not sae.b_dec.any()
+    assert SoftSAETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4).b_dec_init_method == "zeros"
