@@ -1,0 +1,66 @@
+"""Training HierarchicalTopK with SAELens's ``use_sparse_activations=True`` (a field of SAELens's
+TopK config, which HierarchicalTopK's extends): each step returns its code as a COO tensor
+instead of a dense ``[B, d_sae]`` one, and SAELens's ``SAETrainer`` keeps its firing statistics
+from either form. Trained through ``SAETrainer`` side by side with the dense default, the run must
+be the same run: same weights, same dead latents, same firing frequencies."""
+
+from __future__ import annotations
+
+import pytest
+import sae_lens  # noqa: F401  (first: the plugin registers before our modules import)
+import torch
+
+from sae_adaptive_plugin.experiments.lm_activations import CachedBatches
+from sae_adaptive_plugin.experiments.registry_saes import build_training_sae
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+D_IN, D_SAE, BATCH, STEPS = 16, 64, 32, 24
+
+
+def _train(architecture: str, sparse: bool, acts: torch.Tensor):
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(0)
+    sae = build_training_sae(
+        architecture,
+        {"k": 4},
+        {architecture: {"use_sparse_activations": sparse}},
+        d_in=D_IN,
+        d_sae=D_SAE,
+    )
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=STEPS * BATCH,
+        train_batch_size_samples=BATCH,
+        lr=3e-3,
+        lr_end=3e-3,
+        lr_warm_up_steps=0,
+        device="cpu",
+        dead_feature_window=4,  # short: some latents count as dead, so AuxK runs
+        feature_sampling_window=STEPS,
+        logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=2,
+    )
+    trainer = SAETrainer(
+        cfg=trainer_cfg, sae=sae, data_provider=CachedBatches(acts, BATCH, 0, "cpu")
+    )
+    trainer.fit()
+    return sae, trainer
+
+
+@pytest.mark.parametrize("architecture", ["hierarchical_topk"])
+def test_sparse_activations_train_the_same_sae_as_the_dense_code(architecture):
+    acts = torch.randn(512, D_IN, generator=torch.Generator().manual_seed(1)) + 0.5
+    dense_sae, dense = _train(architecture, False, acts)
+    sparse_sae, sparse = _train(architecture, True, acts)
+    for name, value in dense_sae.state_dict().items():
+        torch.testing.assert_close(sparse_sae.state_dict()[name], value, msg=name)
+    assert torch.equal(sparse.n_forward_passes_since_fired, dense.n_forward_passes_since_fired)
+    assert int(dense.dead_neurons.sum()) > 0  # the comparison covered AuxK steps
+    torch.testing.assert_close(sparse.act_freq_scores, dense.act_freq_scores)
+    # the trained SAE's codes: COO from the sparse one, equal to the dense one's
+    x = acts[:64]
+    code = sparse_sae.encode(x)
+    assert code.is_sparse
+    torch.testing.assert_close(code.to_dense(), dense_sae.encode(x))
