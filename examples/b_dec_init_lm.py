@@ -4,7 +4,8 @@ at the first batch's mean, evaluated on the held-out cache; prints one JSON line
 The SAE is built and trained as ``sae-adaptive compare --lm`` trains its first SAE of a seed
 (only ``k`` set, SAELens's ``SAETrainer`` on the cache, ``torch.manual_seed(seed + 1000)``).
 ``--b-dec-init-method mean`` sets the field on ours and patches the same start into SAELens's
-own SAEs (as ``compare --b-dec-init-method mean`` does). Reported: held-out explained variance,
+own SAEs (as ``compare --b-dec-init-method mean`` does); ``--set JSON`` sets more fields of
+ours. Reported: held-out explained variance,
 mean L0, latents dead on the held-out cache and on the compare's fixed sample of 65,536
 training tokens, and training seconds::
 
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", default="{}", help="more config fields of ours, as JSON")
     args = parser.parse_args()
 
     import torch
@@ -67,6 +69,7 @@ def main() -> None:
         k=args.k,
         batch_size=args.batch_size,
         b_dec_init_method=args.b_dec_init_method,
+        overrides={args.architecture: json.loads(args.set)},
     )
     torch.manual_seed(args.seed + 1000)
     sae = build_sae(args.architecture, cfg, train.shape[1], args.k)
@@ -78,6 +81,7 @@ def main() -> None:
     row = {
         "architecture": args.architecture,
         "b_dec_init_method": args.b_dec_init_method,
+        "set": json.loads(args.set),
         "seed": args.seed,
         "steps": args.steps,
         "d_sae": args.d_sae,
