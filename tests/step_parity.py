@@ -1,4 +1,4 @@
-"""Test helpers: one SAELens training step's outputs and parameter gradients, and the check that
+"""Test helpers: one SAELens training step, its outputs and parameter gradients, and the check that
 two code paths (fused vs plain encode, top-m vs full-sort LapSum) give the same step."""
 
 from __future__ import annotations
@@ -12,6 +12,26 @@ from sae_lens.saes.sae import TrainStepInput
 Step = tuple[Any, dict[str, torch.Tensor]]
 
 
+def train_step(
+    sae: Any,
+    x: torch.Tensor,
+    step: int = 0,
+    dead: torch.Tensor | None = None,
+    *,
+    is_logging_step: bool = False,
+) -> Any:
+    """``training_forward_pass`` on ``x`` at ``step`` (no backward): the ``TrainStepOutput``."""
+    return sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=dead,
+            n_training_steps=step,
+            is_logging_step=is_logging_step,
+        )
+    )
+
+
 def loss_and_grads(
     sae: Any,
     x: torch.Tensor,
@@ -22,15 +42,7 @@ def loss_and_grads(
 ) -> Step:
     """``training_forward_pass`` at ``step`` + backward: ``(TrainStepOutput, {param: grad})``."""
     sae.zero_grad(set_to_none=True)
-    out = sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=x,
-            coefficients={},
-            dead_neuron_mask=dead,
-            n_training_steps=step,
-            is_logging_step=is_logging_step,
-        )
-    )
+    out = train_step(sae, x, step, dead, is_logging_step=is_logging_step)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
     return out, grads

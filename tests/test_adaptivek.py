@@ -9,7 +9,7 @@ import pytest
 import sae_lens  # noqa: F401  (first: the plugin registers before our modules import)
 import torch
 from safetensors.torch import load_file
-from step_parity import assert_steps_match, loss_and_grads
+from step_parity import assert_steps_match, loss_and_grads, train_step
 from tiny_lm import (
     D_MODEL,
     reload_outputs_in_subprocess,
@@ -113,17 +113,7 @@ def test_runner_trains_with_warmup_saves_reloads_and_evals(tmp_path):
 
 
 def _step(sae, x, step):
-    from sae_lens.saes.sae import TrainStepInput
-
-    return sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=x,
-            coefficients={},
-            dead_neuron_mask=None,
-            n_training_steps=step,
-            is_logging_step=False,
-        )
-    )
+    return train_step(sae, x, step)
 
 
 def test_warmup_switch_is_recorded_and_resumes(tmp_path):

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import sae_lens  # noqa: F401  (first: the plugin registers before our modules import)
 import torch
-from sae_lens.saes.sae import TrainStepInput
+from step_parity import train_step
 
 from sae_adaptive_plugin.experiments.synthetic import (
     CompareConfig,
@@ -40,15 +40,7 @@ def _small_source(complexity: str = "loguniform") -> VariableComplexityConfig:
 
 
 def _step(sae, x: torch.Tensor, step: int):
-    return sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=x,
-            coefficients={},
-            dead_neuron_mask=None,
-            n_training_steps=step,
-            is_logging_step=False,
-        )
-    )
+    return train_step(sae, x, step)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import sae_lens  # noqa: F401  (first: the plugin registers before our modules import)
 import torch
 from sae_lens.saes.sae import TrainStepInput
+from step_parity import train_step
 
 from sae_adaptive_plugin.probe import ComplexityProbe
 from sae_adaptive_plugin.saes.adaptivek import AdaptiveKTrainingSAE, AdaptiveKTrainingSAEConfig
@@ -163,41 +164,12 @@ def test_b_dec_init_mean_starts_the_decoder_bias_at_the_first_batch_mean(archite
     with torch.no_grad():
         sae.b_dec.zero_()  # a fresh SAE's start
     x = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(3)) + 5
-    sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=x,
-            coefficients={},
-            dead_neuron_mask=None,
-            n_training_steps=0,
-            is_logging_step=False,
-        )
-    )
+    train_step(sae, x)
     torch.testing.assert_close(sae.b_dec.detach(), x.mean(0))
-    # later steps leave it to the optimiser
-    sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=x + 100,
-            coefficients={},
-            dead_neuron_mask=None,
-            n_training_steps=1,
-            is_logging_step=False,
-        )
-    )
+    train_step(sae, x + 100, step=1)  # later steps leave it to the optimiser
     torch.testing.assert_close(sae.b_dec.detach(), x.mean(0))
     infer = SAE.from_dict(sae.cfg.get_inference_sae_cfg_dict())
     assert not hasattr(infer.cfg, "b_dec_init_method")  # training-only
-
-
-def _first_step(sae, x: torch.Tensor) -> None:
-    sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=x,
-            coefficients={},
-            dead_neuron_mask=None,
-            n_training_steps=0,
-            is_logging_step=False,
-        )
-    )
 
 
 def test_b_dec_init_mean_keeps_a_trained_bias_and_zeros_keeps_zeros():
@@ -205,12 +177,12 @@ def test_b_dec_init_mean_keeps_a_trained_bias_and_zeros_keeps_zeros():
     trained = _sae("hierarchical_topk", "all_prefixes")  # b_dec drawn non-zero, as if loaded
     trained.cfg.b_dec_init_method = "mean"
     before = trained.b_dec.detach().clone()
-    _first_step(trained, x)
+    train_step(trained, x)
     torch.testing.assert_close(trained.b_dec.detach(), before)
     fresh = _sae("hierarchical_topk", "all_prefixes")  # the default: SAELens's zeros
     with torch.no_grad():
         fresh.b_dec.zero_()
-    _first_step(fresh, x)
+    train_step(fresh, x)
     assert not fresh.b_dec.any()
 
 
@@ -222,7 +194,7 @@ def test_b_dec_init_mean_refuses_a_non_finite_first_batch():
     x = torch.randn(8, D_IN)
     x[3, 2] = float("nan")
     with pytest.raises(ValueError, match=r"b_dec_init_method='mean'.*non-finite"):
-        _first_step(sae, x)
+        train_step(sae, x)
     assert not sae.b_dec.isnan().any()
 
 
@@ -255,7 +227,7 @@ def test_b_dec_starts_at_the_mean_by_default_for_adaptivek_only():
                 HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=6)
             )
         assert not sae.b_dec.any()
-        _first_step(sae, x)
+        train_step(sae, x)
         if moves:
             torch.testing.assert_close(sae.b_dec.detach(), x.mean(0))
         else:
