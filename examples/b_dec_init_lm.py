@@ -5,7 +5,8 @@ The SAE is built and trained as ``sae-adaptive compare --lm`` trains its first S
 (only ``k`` set, SAELens's ``SAETrainer`` on the cache, ``torch.manual_seed(seed + 1000)``).
 ``--b-dec-init-method mean`` sets the field on ours and patches the same start into SAELens's
 own SAEs (as ``compare --b-dec-init-method mean`` does); ``--set JSON`` sets more fields of
-ours. Reported: held-out explained variance,
+ours; ``--unit-patch`` gives an SAE without ``decoder_unit_norm`` (SAELens's TopK) the same
+decoder handling. Reported: held-out explained variance,
 mean L0, latents dead on the held-out cache and on the compare's fixed sample of 65,536
 training tokens, and training seconds::
 
@@ -39,6 +40,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", default="{}", help="more config fields of ours, as JSON")
+    parser.add_argument(
+        "--unit-patch",
+        action="store_true",
+        help="patch decoder_unit_norm's recipe into an SAE without the field (SAELens's TopK)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -73,6 +79,16 @@ def main() -> None:
     )
     torch.manual_seed(args.seed + 1000)
     sae = build_sae(args.architecture, cfg, train.shape[1], args.k)
+    if args.unit_patch:
+        from sae_adaptive_plugin.saes.topk_family import TopKFamilyTrainingSAE
+
+        step = sae.training_forward_pass
+
+        def unit_step(step_input):  # unit rows before each step, the parallel gradient removed
+            TopKFamilyTrainingSAE.keep_decoder_unit(sae)
+            return step(step_input)
+
+        sae.training_forward_pass = unit_step
     seconds = train_on_cache(sae, train, cfg)
     with tempfile.TemporaryDirectory() as folder:
         inference = to_inference_sae(sae, Path(folder) / "sae")
@@ -82,6 +98,7 @@ def main() -> None:
         "architecture": args.architecture,
         "b_dec_init_method": args.b_dec_init_method,
         "set": json.loads(args.set),
+        "unit_patch": args.unit_patch,
         "seed": args.seed,
         "steps": args.steps,
         "d_sae": args.d_sae,
