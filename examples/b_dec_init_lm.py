@@ -80,12 +80,12 @@ def main() -> None:
     torch.manual_seed(args.seed + 1000)
     sae = build_sae(args.architecture, cfg, train.shape[1], args.k)
     if args.unit_patch:
-        from sae_adaptive_plugin.saes.topk_family import TopKFamilyTrainingSAE
+        from sae_adaptive_plugin.saes.topk_family import keep_decoder_unit
 
         step = sae.training_forward_pass
 
         def unit_step(step_input):  # unit rows before each step, the parallel gradient removed
-            TopKFamilyTrainingSAE.keep_decoder_unit(sae)
+            keep_decoder_unit(sae)
             return step(step_input)
 
         sae.training_forward_pass = unit_step

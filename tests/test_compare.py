@@ -253,7 +253,7 @@ def test_set_refuses_what_is_not_a_field_before_training(tmp_path, capsys, overr
 def test_b_dec_mean_start_reaches_sae_lens_saes_and_ours_alike(architecture):
     """A comparison's ``b_dec_init_method = "mean"`` starts SAELens's own TopK (no such field:
     patched in) and ours (the field) at the first batch's mean; ``"zeros"`` leaves b_dec at 0."""
-    from sae_lens.saes.sae import TrainStepInput
+    from step_parity import train_step
 
     from sae_adaptive_plugin.experiments.registry_saes import build_training_sae
 
@@ -263,14 +263,7 @@ def test_b_dec_mean_start_reaches_sae_lens_saes_and_ours_alike(architecture):
         sae = build_training_sae(
             architecture, {"k": 4, "b_dec_init_method": method}, {}, d_in=16, d_sae=32
         )
-        step = TrainStepInput(
-            sae_in=x,
-            coefficients={},
-            dead_neuron_mask=None,
-            n_training_steps=0,
-            is_logging_step=False,
-        )
-        sae.training_forward_pass(step)
+        train_step(sae, x, 0)
         return sae
 
     torch.testing.assert_close(first_step("mean").b_dec.detach(), x.mean(0))

@@ -173,6 +173,18 @@ def _without_parallel_component(W_dec: torch.Tensor):
     return hook
 
 
+@torch.no_grad()
+def keep_decoder_unit(sae: Any) -> None:
+    """``decoder_unit_norm``, run before each training step (so after each optimizer step): a
+    training SAE's decoder rows (SAELens's or ours) set to unit norm, and the part of each row's
+    gradient parallel to the row removed (a gradient hook on the current ``W_dec``): the update
+    moves a row along its unit sphere."""
+    W_dec = sae.W_dec
+    W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(W_dec.dtype).eps))
+    if not W_dec._backward_hooks:  # a new tensor (loaded, deep-copied) has none yet
+        W_dec.register_hook(_without_parallel_component(W_dec))
+
+
 class TopKFamilyMixin:
     """Input reading, hook-aware per-row top-k encode and compact decode (inference and
     training classes alike)."""
@@ -577,24 +589,14 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
 
     @property
     def keeps_unit_decoder(self) -> bool:
-        """``decoder_unit_norm``: sparsify's decoder handling (see :meth:`keep_decoder_unit`)."""
+        """``decoder_unit_norm``: sparsify's decoder handling (see :func:`keep_decoder_unit`)."""
         return bool(getattr(self.cfg, "decoder_unit_norm", False))
-
-    @torch.no_grad()
-    def keep_decoder_unit(self) -> None:
-        """Decoder rows set to unit norm (before each step, so after each optimizer step), and
-        the part of each row's gradient parallel to the row removed (a gradient hook on the
-        current ``W_dec``): the update moves a row along its unit sphere."""
-        W_dec = self.W_dec
-        W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(W_dec.dtype).eps))
-        if not W_dec._backward_hooks:  # a new tensor (loaded, deep-copied) has none yet
-            W_dec.register_hook(_without_parallel_component(W_dec))
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         if step_input.n_training_steps == 0 and self.starts_b_dec_at_mean:
             start_b_dec_at_batch_mean(self, step_input.sae_in)
         if self.keeps_unit_decoder:
-            self.keep_decoder_unit()
+            keep_decoder_unit(self)
         rescale = self.cfg.rescale_acts_by_decoder_norm
         self._step_decoder_norms = self.W_dec.norm(dim=-1) if rescale else None
         try:
