@@ -233,3 +233,25 @@ def test_b_dec_starts_at_the_mean_by_default_for_adaptivek_only():
         else:
             assert not sae.b_dec.any()
     assert SoftSAETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4).b_dec_init_method == "zeros"
+
+
+@pytest.mark.parametrize(("dtype", "autocast"), [("bfloat16", False), ("float32", True)])
+def test_b_dec_mean_start_in_bf16_and_under_autocast_with_dead_latents(dtype, autocast):
+    """AdaptiveK's default mean start with a bf16 SAE or under CPU bf16 autocast, AuxK on: b_dec
+    is the batch mean in the SAE's dtype (the mean taken in float32) and the step is finite."""
+    torch.manual_seed(0)
+    config = AdaptiveKTrainingSAEConfig(
+        d_in=D_IN, d_sae=D_SAE, k=4, probe_warmup_steps=1000, dtype=dtype
+    )
+    sae = AdaptiveKTrainingSAE(config)
+    x = (torch.randn(32, D_IN, generator=torch.Generator().manual_seed(5)) + 3).to(sae.dtype)
+    dead = torch.arange(D_SAE) % 3 == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = train_step(sae, x, 0, dead)
+    out.loss.backward()
+    assert sae.b_dec.dtype == sae.dtype
+    torch.testing.assert_close(sae.b_dec.detach(), x.float().mean(0).to(sae.dtype))
+    assert out.losses["auxiliary_reconstruction_loss"].item() > 0
+    assert torch.isfinite(out.loss) and all(
+        torch.isfinite(p.grad).all() for p in sae.parameters() if p.grad is not None
+    )
