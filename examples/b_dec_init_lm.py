@@ -6,7 +6,8 @@ The SAE is built and trained as ``sae-adaptive compare --lm`` trains its first S
 ``--b-dec-init-method mean`` sets the field on ours and patches the same start into SAELens's
 own SAEs (as ``compare --b-dec-init-method mean`` does); ``--set JSON`` sets more fields of
 ours; ``--unit-patch`` gives an SAE without ``decoder_unit_norm`` (SAELens's TopK) the same
-decoder handling. Reported: held-out explained variance,
+decoder handling; ``--auxk-rare-tokens N`` sets ``auxk_rare_tokens`` (patched into SAELens's
+own SAEs likewise). Reported: held-out explained variance,
 mean L0, latents dead on the held-out cache and on the compare's fixed sample of 65,536
 training tokens, and training seconds::
 
@@ -40,6 +41,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", default="{}", help="more config fields of ours, as JSON")
+    parser.add_argument(
+        "--auxk-rare-tokens",
+        type=int,
+        default=None,
+        help="auxk_rare_tokens for the SAE (patched into SAELens's own, as compare does)",
+    )
     parser.add_argument(
         "--unit-patch",
         action="store_true",
@@ -75,6 +82,7 @@ def main() -> None:
         k=args.k,
         batch_size=args.batch_size,
         b_dec_init_method=args.b_dec_init_method,
+        auxk_rare_tokens=args.auxk_rare_tokens,
         overrides={args.architecture: json.loads(args.set)},
     )
     torch.manual_seed(args.seed + 1000)
@@ -99,6 +107,7 @@ def main() -> None:
         "b_dec_init_method": args.b_dec_init_method,
         "set": json.loads(args.set),
         "unit_patch": args.unit_patch,
+        "auxk_rare_tokens": args.auxk_rare_tokens,
         "seed": args.seed,
         "steps": args.steps,
         "d_sae": args.d_sae,

@@ -274,6 +274,15 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
         "default, zeros for SAELens's)",
     )
     parser.add_argument(
+        "--auxk-rare-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="every SAE's AuxK also trains latents firing less than once per N training tokens "
+        "(the adaptive SAEs' auxk_rare_tokens; SAELens's own SAEs get it patched in) "
+        "(default: SAELens's dead-feature window only)",
+    )
+    parser.add_argument(
         "--out",
         default=None,
         help="output folder (default runs/compare; runs/compare_lm with --lm)",

@@ -94,9 +94,12 @@ def build_config(args: argparse.Namespace) -> Any:
     if args.architectures:
         cfg.architectures = tuple(a.strip() for a in args.architectures.split(",") if a.strip())
     cfg.overrides = dict(getattr(args, "overrides", {}) or {})
-    if getattr(args, "b_dec_init_method", None) is not None:
-        cfg.b_dec_init_method = args.b_dec_init_method
-    from sae_adaptive_plugin.experiments.registry_saes import check_overrides
+    from sae_adaptive_plugin.experiments.registry_saes import (
+        check_overrides,
+        copy_recipe_arguments,
+    )
+
+    copy_recipe_arguments(args, cfg)
 
     check_overrides(cfg.overrides)
     return cfg

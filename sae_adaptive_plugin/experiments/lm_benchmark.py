@@ -35,8 +35,8 @@ from sae_adaptive_plugin.experiments.lm_activations import (
     load_causal_lm,
     splice_scores,
 )
-from sae_adaptive_plugin.experiments.registry_saes import RESULT_ROW_HEAD
-from sae_adaptive_plugin.saes.config_checks import check_b_dec_init_method
+from sae_adaptive_plugin.experiments.registry_saes import RESULT_ROW_HEAD, recipe_settings
+from sae_adaptive_plugin.saes.config_checks import check_recipe
 
 
 @dataclass
@@ -63,6 +63,8 @@ class LMCompareConfig:
         overrides: per-architecture config fields (``{"adaptivek": {"target_fvu": 0.2}}``).
         b_dec_init_method: ``None`` (each SAE's own default) or how every SAE starts ``b_dec``
             (``"zeros"`` or ``"mean"``; SAELens's own SAEs get the same start patched in).
+        auxk_rare_tokens: ``None`` (each SAE's own default) or every SAE's ``auxk_rare_tokens``
+            (patched into SAELens's own SAEs likewise).
     """
 
     model: str = ""
@@ -85,11 +87,11 @@ class LMCompareConfig:
     cache_dir: str = "runs/lm_cache"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     b_dec_init_method: str | None = None
+    auxk_rare_tokens: int | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field."""
-        if self.b_dec_init_method is not None:
-            check_b_dec_init_method(self.b_dec_init_method)
+        check_recipe(self)
         from sae_adaptive_plugin.experiments.synthetic import ALL_ARCHITECTURES
 
         for name in ("model", "text", "heldout_text"):
@@ -134,8 +136,7 @@ def sae_settings(architecture: str, cfg: LMCompareConfig, k: int) -> dict[str, A
     everything else is the architecture's default, as a user would train it (the adaptive
     SAEs' schedules follow the run's length)."""
     settings: dict[str, Any] = {"normalize_activations": "expected_average_only_in", "k": k}
-    if cfg.b_dec_init_method is not None:
-        settings["b_dec_init_method"] = cfg.b_dec_init_method
+    settings.update(recipe_settings(cfg))
     if architecture == "matryoshka_batchtopk":
         w = cfg.d_sae
         settings["matryoshka_widths"] = sorted({w // 8, w // 4, w // 2, w})

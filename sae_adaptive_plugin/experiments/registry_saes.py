@@ -2,7 +2,8 @@
 
 :func:`build_training_sae` makes a fresh training SAE from SAELens's registry: the experiment's
 settings that the architecture's config has, then per-architecture overrides (each must be a
-field; a ``"mean"`` ``b_dec_init_method`` setting reaches SAELens's own SAEs too).
+field; a ``"mean"`` ``b_dec_init_method`` and an ``auxk_rare_tokens`` setting reach SAELens's
+own SAEs too).
 :func:`reconstruction_metrics` measures an inference SAE on held-out activations:
 explained variance (SAELens's ``ExplainedVarianceCalculator``), squared error summed over
 dimensions and averaged over rows (as in ``run_evals``), cosine similarity, L0 mean / std / p90
@@ -39,6 +40,23 @@ def registered_training_architectures() -> set[str]:
     return set(SAE_TRAINING_CLASS_REGISTRY)
 
 
+#: Training-recipe settings a comparison can give every SAE alike (``None``: each SAE's own
+#: default); SAELens's own SAEs, whose configs lack them, get them patched in.
+RECIPE_SETTINGS = ("b_dec_init_method", "auxk_rare_tokens")
+
+
+def recipe_settings(cfg: Any) -> dict[str, Any]:
+    """The :data:`RECIPE_SETTINGS` that ``cfg`` (a comparison's config) sets."""
+    return {k: getattr(cfg, k) for k in RECIPE_SETTINGS if getattr(cfg, k, None) is not None}
+
+
+def copy_recipe_arguments(args: Any, cfg: Any) -> None:
+    """Copy ``--b-dec-init-method`` and ``--auxk-rare-tokens`` from parsed ``args``, if given."""
+    for name in RECIPE_SETTINGS:
+        if getattr(args, name, None) is not None:
+            setattr(cfg, name, getattr(args, name))
+
+
 def build_training_sae(
     architecture: str,
     settings: dict[str, Any],
@@ -57,6 +75,8 @@ def build_training_sae(
     sae = sae_class(cfg_class(**base, **kwargs))
     if settings.get("b_dec_init_method") == "mean" and "b_dec_init_method" not in kwargs:
         start_b_dec_at_mean_like_ours(sae)
+    if settings.get("auxk_rare_tokens") is not None and "auxk_rare_tokens" not in kwargs:
+        count_rare_latents_dead_like_ours(sae, settings["auxk_rare_tokens"])
     return sae
 
 
@@ -73,6 +93,25 @@ def start_b_dec_at_mean_like_ours(sae: Any) -> None:
         if step_input.n_training_steps == 0:
             start_b_dec_at_batch_mean(sae, step_input.sae_in)
         return step(step_input)
+
+    sae.training_forward_pass = training_forward_pass
+
+
+def count_rare_latents_dead_like_ours(sae: Any, every_tokens: int) -> None:
+    """Give a training SAE whose config has no ``auxk_rare_tokens`` (SAELens's own TopK, …) the
+    adaptive SAEs' criterion: each step's AuxK dead mask also holds the latents firing less than
+    once per ``every_tokens`` tokens (:mod:`~sae_adaptive_plugin.saes.rare_latents`), counted
+    from the step's ``feature_acts``."""
+    from sae_adaptive_plugin.saes.rare_latents import RareLatents, firing_counts
+
+    rare = RareLatents(every_tokens)
+    step = sae.training_forward_pass
+
+    def training_forward_pass(step_input: Any) -> Any:
+        out = step(rare.step_input(step_input))
+        rows = out.feature_acts.reshape(-1, sae.cfg.d_sae).shape[0]
+        rare.record(firing_counts(out.feature_acts.detach()), rows)
+        return out
 
     sae.training_forward_pass = training_forward_pass
 

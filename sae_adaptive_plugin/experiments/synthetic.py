@@ -35,7 +35,7 @@ from sae_adaptive_plugin.registration.plugin import (
     ADAPTIVE_ARCHITECTURES,
     HIERARCHICAL_ARCHITECTURE,
 )
-from sae_adaptive_plugin.saes.config_checks import check_b_dec_init_method
+from sae_adaptive_plugin.saes.config_checks import check_recipe
 from sae_adaptive_plugin.stats import spearman  # noqa: F401  (re-exported, as above)
 
 #: Distributions of a sample's expected true L0 (``VariableComplexityConfig.complexity``).
@@ -284,6 +284,9 @@ class CompareConfig:
             zeros) or how every SAE of the comparison starts ``b_dec``: ``"zeros"`` or
             ``"mean"`` (the first batch's mean; SAELens's own SAEs, which have no such field,
             get the same start patched in, so the recipe is the same for all).
+        auxk_rare_tokens: ``None`` (each SAE's own default: SAELens's dead-feature window only)
+            or the ``auxk_rare_tokens`` of every SAE of the comparison (patched into SAELens's
+            own SAEs likewise).
     """
 
     source: VariableComplexityConfig = field(default_factory=VariableComplexityConfig)
@@ -301,11 +304,11 @@ class CompareConfig:
     device: str = "cpu"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     b_dec_init_method: str | None = None
+    auxk_rare_tokens: int | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and its allowed range."""
-        if self.b_dec_init_method is not None:
-            check_b_dec_init_method(self.b_dec_init_method)
+        check_recipe(self)
         self.source.validate()
         if self.d_sae is not None and self.d_sae < 2:
             raise ValueError(f"d_sae must be >= 2, got {self.d_sae}")

@@ -23,6 +23,7 @@ import torch
 from sae_adaptive_plugin.experiments.registry_saes import (
     RESULT_ROW_HEAD,
     build_training_sae,
+    recipe_settings,
     registered_training_architectures,
     to_inference_sae,
 )
@@ -97,8 +98,7 @@ def architecture_settings(
 def build_compare_sae(architecture: str, cfg: CompareConfig, target_l0: float, fixed_k: int) -> Any:
     """A fresh training SAE of ``architecture`` from SAELens's registry."""
     settings = architecture_settings(architecture, cfg, target_l0, fixed_k)
-    if cfg.b_dec_init_method is not None:
-        settings["b_dec_init_method"] = cfg.b_dec_init_method
+    settings.update(recipe_settings(cfg))
     return build_training_sae(
         architecture,
         settings,

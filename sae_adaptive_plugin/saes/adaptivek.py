@@ -217,6 +217,10 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
             first training batch's mean, over every rank; EleutherAI sparsify's start) or
             ``"zeros"`` (SAELens's start). A ``b_dec`` that is not all zeros at the first step
             (a loaded SAE) is kept.
+        auxk_rare_tokens: a latent firing less than once per this many training tokens (a
+            moving estimate over the last 4× as many) also counts as dead for the AuxK loss, as
+            well as those SAELens's dead-feature window marks (``None``, default: that window
+            only; SAELens counts one firing in the window as alive).
         Other fields: as SAELens's ``TrainingSAEConfig``.
     """
 
@@ -235,9 +239,10 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
     rescale_acts_by_decoder_norm: bool = True
     decoder_unit_norm: bool = False
     b_dec_init_method: str = "mean"
+    auxk_rare_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        resolve_sizes(self, "d_in", "d_sae")
+        resolve_sizes(self, "d_in", "d_sae", "auxk_rare_tokens")
         check_b_dec_init_method(self.b_dec_init_method)
         if self.k is None:
             raise missing_k_error(

@@ -93,3 +93,11 @@ def check_b_dec_init_method(value: Any) -> None:
     """``ValueError`` naming ``b_dec_init_method`` unless it is one of :data:`B_DEC_INIT_METHODS`."""
     if value not in B_DEC_INIT_METHODS:
         raise ValueError(f"b_dec_init_method must be one of {B_DEC_INIT_METHODS}, got {value!r}")
+
+
+def check_recipe(cfg: Any) -> None:
+    """A comparison's recipe settings, each ``None`` or valid: ``b_dec_init_method`` one of
+    :data:`B_DEC_INIT_METHODS`, ``auxk_rare_tokens`` an int ``>= 1`` (integral floats taken)."""
+    if cfg.b_dec_init_method is not None:
+        check_b_dec_init_method(cfg.b_dec_init_method)
+    resolve_sizes(cfg, "auxk_rare_tokens")

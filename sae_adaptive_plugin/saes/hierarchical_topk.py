@@ -242,6 +242,10 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             start, default) or ``"mean"`` (the first training batch's mean, over every rank;
             EleutherAI sparsify's start). A ``b_dec`` that is not all zeros at the first step
             (a loaded SAE) is kept.
+        auxk_rare_tokens: a latent firing less than once per this many training tokens (a
+            moving estimate over the last 4× as many) also counts as dead for the AuxK loss, as
+            well as those SAELens's dead-feature window marks (``None``, default: that window
+            only; SAELens counts one firing in the window as alive).
         prefix_weights: how the loss weighs the prefixes' errors: ``"uniform"`` (the method's
             ``mean_j``, default), ``"harmonic"`` (``w_j ∝ 1/j``: more weight on the smallest
             budgets) or ``"inverse_sqrt"`` (``w_j ∝ 1/√j``); measured in docs/compare.md.
@@ -253,10 +257,11 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     loss_chunk_size: int | None = None
     decoder_unit_norm: bool = False
     b_dec_init_method: str = "zeros"
+    auxk_rare_tokens: int | None = None
     prefix_weights: str = "uniform"
 
     def __post_init__(self) -> None:
-        resolve_sizes(self, "d_in", "d_sae")
+        resolve_sizes(self, "d_in", "d_sae", "auxk_rare_tokens")
         self.k = check_int("k", self.k, 1, self.d_sae, hi_name="d_sae")
         _check_prefix_weights(self.prefix_weights)
         check_b_dec_init_method(self.b_dec_init_method)

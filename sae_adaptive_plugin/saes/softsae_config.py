@@ -150,6 +150,10 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             start, default) or ``"mean"`` (the first training batch's mean, over every rank;
             EleutherAI sparsify's start). A ``b_dec`` that is not all zeros at the first step
             (a loaded SAE) is kept.
+        auxk_rare_tokens: a latent firing less than once per this many training tokens (a
+            moving estimate over the last 4× as many) also counts as dead for the AuxK loss, as
+            well as those SAELens's dead-feature window marks (``None``, default: that window
+            only; SAELens counts one firing in the window as alive).
     """
 
     k: int | None = None  # type: ignore[assignment]  # required: SAELens TopK's 100 is no target
@@ -166,9 +170,10 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
     hard_topk_start_step: int | None = None
     decoder_unit_norm: bool = False
     b_dec_init_method: str = "zeros"
+    auxk_rare_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        resolve_sizes(self, "d_in", "d_sae")
+        resolve_sizes(self, "d_in", "d_sae", "auxk_rare_tokens")
         check_b_dec_init_method(self.b_dec_init_method)
         if self.k is None:
             raise missing_k_error("softsae", "k_max defaults to min(2k, d_sae)")

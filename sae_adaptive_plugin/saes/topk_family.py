@@ -52,6 +52,7 @@ from sae_adaptive_plugin.saes.input_checks import (
     mark_not_finite,
     nan_where_not_finite,
 )
+from sae_adaptive_plugin.saes.rare_latents import firing_counts, rare_latents_of
 
 #: Extra loss of the all-prefix objective ``mean_j e_j`` (``e_j = ‖x − x̂_j‖²``, prefixes
 #: ``j = 1..K`` of the sorted selection), written as ``mse_loss`` (``e_K``) plus this excess.
@@ -582,6 +583,18 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
         weight = self.cfg.aux_loss_coefficient * (dead.sum() / k_aux_full).clamp(max=1.0)
         return {"auxiliary_reconstruction_loss": weight * loss}
 
+    def firings(self, encoding: StepEncoding) -> tuple[torch.Tensor, int]:
+        """``(counts, rows)``: how many of the step's rows each latent fired on, from the
+        compact selection where it is the code (else from ``feature_acts``, as SAELens's
+        trainer counts)."""
+        rows = encoding.feature_acts.reshape(-1, self.cfg.d_sae).shape[0]
+        if not isinstance(encoding, TopKEncoding) or self.hook_sae_acts_post._forward_hooks:
+            return firing_counts(encoding.feature_acts), rows
+        values, indices, _ = encoding.selection  # values are 0 outside each row's k
+        fired = (values.detach() > 0).reshape(-1).float()
+        counts = fired.new_zeros(self.cfg.d_sae).index_add_(0, indices.reshape(-1), fired)
+        return counts, rows
+
     @property
     def starts_b_dec_at_mean(self) -> bool:
         """``b_dec_init_method = "mean"`` (see :func:`start_b_dec_at_batch_mean`)."""
@@ -606,12 +619,17 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
 
     def _training_step(self, step_input: TrainStepInput) -> TrainStepOutput:
         self.prepare_training_step(step_input)
+        rare = rare_latents_of(self)  # auxk_rare_tokens: rare latents join the dead mask
+        if rare is not None:
+            step_input = rare.step_input(step_input)
         encoding = self.training_encoding(step_input)
         sae_out, mse_loss = self.training_reconstruction(step_input, encoding)
         losses = {"mse_loss": mse_loss}
         losses.update(self.auxk_losses(step_input, encoding, sae_out))
         losses.update(self.extra_losses(step_input, encoding, mse_loss))
         self.record_training_step(step_input, encoding)
+        if rare is not None:
+            rare.record(*self.firings(encoding))
         k = encoding.k.detach().float()
         metrics = {"mean_k": k.mean(), "std_k": k.std(correction=0)}
         metrics.update(self.extra_metrics(step_input, encoding))
