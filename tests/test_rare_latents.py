@@ -93,6 +93,7 @@ def test_firings_from_the_selection_match_the_code():
 def test_auxk_rare_tokens_is_checked(config_class):
     cfg = config_class(d_in=D_IN, d_sae=D_SAE, k=4, auxk_rare_tokens=1000.0)
     assert cfg.auxk_rare_tokens == 1000 and isinstance(cfg.auxk_rare_tokens, int)
+    assert "auxk_rare_tokens" not in cfg.get_inference_sae_cfg_dict()  # training-only
     assert config_class(d_in=D_IN, d_sae=D_SAE, k=4).auxk_rare_tokens is None
     for bad in (0, -5, 2.5, True, "1000"):
         with pytest.raises(ValueError, match="auxk_rare_tokens"):
