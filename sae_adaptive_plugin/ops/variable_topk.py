@@ -305,7 +305,9 @@ def sparse_encoder_backward(
             grad_x = weighted_bag(indices, W_t, g_sel.to(bag), positive)
             if need_w:
                 (grad_w_t,) = torch.autograd.grad(grad_x, W_t, grad_outputs=sae_in.to(bag))
-                grad_w = grad_w_t.t().to(W_enc.dtype).contiguous()
+                # a transposed view: autograd lays the first gradient of W_enc out as W_enc
+                # (one copy) and adds later ones (AuxK's) in place, without a copy of each
+                grad_w = grad_w_t.t().to(W_enc.dtype)
         grad_x = grad_x.detach().to(sae_in.dtype) if need_x else None
     return grad_x, grad_w, grad_b, grad_s, None, None
 
