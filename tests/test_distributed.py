@@ -48,11 +48,11 @@ SAE_BLOCKS = {
     "batchtopk": {"k": 4},
     "matryoshka_batchtopk": {"k": 4, "matryoshka_widths": [16, 64]},
     # b_dec starts at the global batch's mean: both ranks' rows, as the 1-process run's; rare
-    # latents (firing counts of the global batch, a horizon of one step) join AuxK's dead mask
+    # latents (firing counts of the global batch, a horizon of 4 steps) join AuxK's dead mask
     "hierarchical_topk": {
         **TINY_SAE_BLOCKS["hierarchical_topk"],
         "b_dec_init_method": "mean",
-        "auxk_rare_tokens": 16,
+        "auxk_rare_tokens": 64,
     },
 }
 #: a checkpoint after 5 of 16 steps: AdaptiveK is inside its label-gathering window.

@@ -41,7 +41,11 @@ def test_firing_rate_is_a_decayed_rate_and_silent_for_the_first_horizon():
 
 def _hierarchical(**extra):
     torch.manual_seed(0)
-    cfg = HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, **extra)
+    if extra.get("auxk_rare_tokens", 10**9) < 8 * D_SAE / 4:  # small N: a one-batch horizon
+        with pytest.warns(UserWarning, match="auxk_rare_tokens"):
+            cfg = HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, **extra)
+    else:
+        cfg = HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, **extra)
     return HierarchicalTopKTrainingSAE(cfg)
 
 
@@ -120,3 +124,19 @@ def test_saelens_topk_gets_the_same_criterion_in_a_comparison():
         train_step(plain, x, 1, expected_dead).losses[AUX],
     )
     assert train_step(patched, x, 1, none_dead).losses[AUX] > 0
+
+
+@pytest.mark.parametrize(
+    "config_class",
+    [HierarchicalTopKTrainingSAEConfig, AdaptiveKTrainingSAEConfig, SoftSAETrainingSAEConfig],
+)
+def test_an_auxk_rare_tokens_near_the_mean_rate_is_warned_about(config_class):
+    """d_sae / k = 12 tokens per firing on average: N below 8 · 12 = 96 would hand AuxK latents
+    that fire at an ordinary rate."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"auxk_rare_tokens=50 .* at least 8·d_sae/k = 96"):
+        config_class(d_in=D_IN, d_sae=D_SAE, k=4, auxk_rare_tokens=50)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*auxk_rare_tokens.*")
+        config_class(d_in=D_IN, d_sae=D_SAE, k=4, auxk_rare_tokens=96)

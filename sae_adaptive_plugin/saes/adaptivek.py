@@ -33,6 +33,7 @@ from sae_adaptive_plugin.saes.config_checks import (
     check_number,
     missing_k_error,
     resolve_sizes,
+    warn_if_auxk_rare_tokens_too_few,
 )
 from sae_adaptive_plugin.saes.per_row_topk import PerRowTopK
 from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
@@ -291,6 +292,7 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
             raise ValueError(
                 f"warmup_loss must be one of {_WARMUP_LOSSES}, got {self.warmup_loss!r}"
             )
+        warn_if_auxk_rare_tokens_too_few(self, NAME)
         super().__post_init__()
 
     @override

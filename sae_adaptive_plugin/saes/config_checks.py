@@ -8,6 +8,7 @@ name: ``k=10 must lie in [1, k_max=8]``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 
@@ -101,3 +102,25 @@ def check_recipe(cfg: Any) -> None:
     if cfg.b_dec_init_method is not None:
         check_b_dec_init_method(cfg.b_dec_init_method)
     resolve_sizes(cfg, "auxk_rare_tokens")
+
+
+#: ``auxk_rare_tokens`` below this many times ``d_sae / k`` marks latents firing at more than
+#: ``1/AUXK_RARE_MIN_FACTOR`` of the mean rate ``k / d_sae`` as dead (measured: about 60×).
+AUXK_RARE_MIN_FACTOR = 8
+
+
+def warn_if_auxk_rare_tokens_too_few(cfg: Any, architecture: str) -> None:
+    """Warn, naming the field, when ``auxk_rare_tokens`` would hand AuxK latents that fire at an
+    ordinary rate: fewer than ``AUXK_RARE_MIN_FACTOR · d_sae / k`` tokens per firing."""
+    every = cfg.auxk_rare_tokens
+    if every is None or every * cfg.k >= AUXK_RARE_MIN_FACTOR * cfg.d_sae:
+        return
+    warnings.warn(
+        f"{architecture}: auxk_rare_tokens={every} counts as dead every latent firing less than "
+        f"once per {every} tokens, while the mean latent fires once per d_sae/k = "
+        f"{cfg.d_sae / cfg.k:.0f} tokens: AuxK would train latents that fire at an ordinary "
+        f"rate. Use at least {AUXK_RARE_MIN_FACTOR}·d_sae/k = "
+        f"{math.ceil(AUXK_RARE_MIN_FACTOR * cfg.d_sae / cfg.k)} (measured: ~60·d_sae/k)",
+        UserWarning,
+        stacklevel=4,
+    )

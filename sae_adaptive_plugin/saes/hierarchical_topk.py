@@ -32,6 +32,7 @@ from sae_adaptive_plugin.saes.config_checks import (
     check_b_dec_init_method,
     check_int,
     resolve_sizes,
+    warn_if_auxk_rare_tokens_too_few,
 )
 from sae_adaptive_plugin.saes.topk_family import (
     PREFIX_EXCESS_LOSS,
@@ -268,6 +269,7 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1 or None, got {self.loss_chunk_size}")
         _check_normalization(self.normalize_activations)
+        warn_if_auxk_rare_tokens_too_few(self, "hierarchical_topk")
         super().__post_init__()
 
     @property

@@ -23,6 +23,7 @@ from sae_adaptive_plugin.saes.config_checks import (
     check_number,
     missing_k_error,
     resolve_sizes,
+    warn_if_auxk_rare_tokens_too_few,
 )
 from sae_adaptive_plugin.saes.run_length import fraction_of_run, unknown_run_length_error
 
@@ -227,6 +228,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             )
         if self.use_sparse_activations:
             raise ValueError("use_sparse_activations must be False for softsae (not supported)")
+        warn_if_auxk_rare_tokens_too_few(self, "softsae")
         super().__post_init__()
 
     @classmethod
