@@ -14,7 +14,7 @@ from sae_adaptive_plugin.saes.hierarchical_topk import (
     HierarchicalTopKTrainingSAE,
     HierarchicalTopKTrainingSAEConfig,
 )
-from sae_adaptive_plugin.saes.rare_latents import RARE_HORIZON, FiringRate, firing_counts
+from sae_adaptive_plugin.saes.rare_latents import RARE_HORIZON, RareLatents, firing_counts
 from sae_adaptive_plugin.saes.softsae_config import SoftSAETrainingSAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,12 +24,12 @@ AUX = "auxiliary_reconstruction_loss"
 
 
 def test_firing_rate_is_a_decayed_rate_and_silent_for_the_first_horizon():
-    rate = FiringRate(every_tokens=10)  # rare: below 1 firing per 10 tokens
+    rate = RareLatents(every_tokens=10)  # rare: below 1 firing per 10 tokens
     horizon = RARE_HORIZON * 10
     steps = [(torch.tensor([5.0, 1.0, 0.0]), 20), (torch.tensor([0.0, 4.0, 0.0]), 20)]
-    rate.update(*steps[0])
+    rate.record(*steps[0])
     assert rate.rare() is None  # 20 < 40 tokens seen
-    rate.update(*steps[1])
+    rate.record(*steps[1])
     decay = math.exp(-20 / horizon)
     fires = torch.tensor([5.0 * decay, 1.0 * decay + 4.0, 0.0])
     tokens = 20 * decay + 20
@@ -67,7 +67,7 @@ def test_rare_latents_get_the_auxk_loss_where_saelens_sees_none_dead():
     torch.testing.assert_close(
         second.losses[AUX], train_step(plain, x, 1, expected_dead).losses[AUX]
     )
-    assert torch.equal(rare._rare_latents.rate.rare(), expected_dead)
+    assert torch.equal(rare._rare_latents.rare(), expected_dead)
     # SAELens's own dead latents stay dead for AuxK too (the two masks are OR'ed)
     saelens_dead = ~expected_dead & (torch.arange(D_SAE) % 2 == 0)
     torch.testing.assert_close(
@@ -140,3 +140,4 @@ def test_an_auxk_rare_tokens_near_the_mean_rate_is_warned_about(config_class):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*auxk_rare_tokens.*")
         config_class(d_in=D_IN, d_sae=D_SAE, k=4, auxk_rare_tokens=96)
+

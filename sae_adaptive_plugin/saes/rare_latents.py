@@ -25,8 +25,18 @@ from sae_adaptive_plugin.distributed import all_reduce_, is_distributed, world_s
 RARE_HORIZON = 4
 
 
-class FiringRate:
-    """The decayed firing counts of ``auxk_rare_tokens`` (module docstring)."""
+def firing_counts(feature_acts: torch.Tensor) -> torch.Tensor:
+    """How many rows each latent fired on: ``[..., d_sae]`` code (dense or COO) → ``[d_sae]``."""
+    d_sae = feature_acts.shape[-1]
+    if feature_acts.is_sparse:
+        feature_acts = feature_acts.to_dense()
+    return (feature_acts.reshape(-1, d_sae) != 0).sum(0)
+
+
+class RareLatents:
+    """One training SAE's ``auxk_rare_tokens`` criterion (module docstring): :meth:`record`
+    counts a step's firings, :meth:`step_input` adds the latents now rare to SAELens's dead
+    mask."""
 
     def __init__(self, every_tokens: int):
         self.every_tokens = every_tokens
@@ -43,7 +53,7 @@ class FiringRate:
         return self.fires < self.tokens / self.every_tokens
 
     @torch.no_grad()
-    def update(self, counts: torch.Tensor, tokens: int) -> None:
+    def record(self, counts: torch.Tensor, tokens: int) -> None:
         """Count one step: ``counts[j]`` firings of latent ``j`` over ``tokens`` tokens (this
         rank's; summed over ranks here)."""
         counts = counts.float()
@@ -57,34 +67,14 @@ class FiringRate:
         self.tokens = self.tokens * decay + tokens
         self.seen += tokens
 
-
-def firing_counts(feature_acts: torch.Tensor) -> torch.Tensor:
-    """How many rows each latent fired on: ``[..., d_sae]`` code (dense or COO) → ``[d_sae]``."""
-    d_sae = feature_acts.shape[-1]
-    if feature_acts.is_sparse:
-        feature_acts = feature_acts.to_dense()
-    return (feature_acts.reshape(-1, d_sae) != 0).sum(0)
-
-
-class RareLatents:
-    """One training SAE's ``auxk_rare_tokens`` criterion: :meth:`step_input` adds the rare
-    latents to SAELens's dead mask, :meth:`record` counts a step's firings."""
-
-    def __init__(self, every_tokens: int):
-        self.rate = FiringRate(every_tokens)
-
     def step_input(self, step_input: TrainStepInput) -> TrainStepInput:
         """``step_input`` with its ``dead_neuron_mask`` OR the latents now rare."""
-        rare = self.rate.rare()
+        rare = self.rare()
         if rare is None:
             return step_input
         dead = step_input.dead_neuron_mask
-        rare = rare.to(dead.device) if dead is not None else rare
-        mask = rare if dead is None else dead.bool() | rare
+        mask = rare if dead is None else dead.bool() | rare.to(dead.device)
         return dataclasses.replace(step_input, dead_neuron_mask=mask)
-
-    def record(self, counts: torch.Tensor, tokens: int) -> None:
-        self.rate.update(counts, tokens)
 
 
 def rare_latents_of(sae: Any) -> RareLatents | None:
@@ -94,7 +84,7 @@ def rare_latents_of(sae: Any) -> RareLatents | None:
     if every is None:
         return None
     tracker = getattr(sae, "_rare_latents", None)
-    if tracker is None or tracker.rate.every_tokens != every:
+    if tracker is None or tracker.every_tokens != every:
         tracker = RareLatents(every)
         sae._rare_latents = tracker
     return tracker
