@@ -141,3 +141,27 @@ def test_an_auxk_rare_tokens_near_the_mean_rate_is_warned_about(config_class):
         warnings.filterwarnings("error", message=".*auxk_rare_tokens.*")
         config_class(d_in=D_IN, d_sae=D_SAE, k=4, auxk_rare_tokens=96)
 
+
+@pytest.mark.parametrize(("dtype", "autocast"), [("bfloat16", False), ("float32", True)])
+def test_rare_latents_in_bf16_and_under_autocast(dtype, autocast):
+    """A bf16 SAE, or CPU bf16 autocast: the counts are float32 and exact (the selection's
+    firings), the rare latents reach AuxK (SAELens's mask all False) and the step is finite."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="auxk_rare_tokens"):  # a one-batch horizon
+        cfg = HierarchicalTopKTrainingSAEConfig(
+            d_in=D_IN, d_sae=D_SAE, k=4, auxk_rare_tokens=8, dtype=dtype
+        )
+    sae = HierarchicalTopKTrainingSAE(cfg)
+    x = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(1)).to(sae.dtype)
+    none_dead = torch.zeros(D_SAE, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        first = train_step(sae, x, 0, none_dead)
+        out = train_step(sae, x, 1, none_dead)
+    assert sae._rare_latents.fires.dtype == torch.float32
+    expected = firing_counts(first.feature_acts) < 4  # fewer than 32 / 8 rows
+    assert torch.equal(sae._rare_latents.rare(), expected) and 0 < expected.sum() < D_SAE
+    out.loss.backward()
+    assert out.losses[AUX].item() > 0
+    assert torch.isfinite(out.loss) and all(
+        torch.isfinite(p.grad).all() for p in sae.parameters() if p.grad is not None
+    )
