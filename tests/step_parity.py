@@ -48,6 +48,11 @@ def loss_and_grads(
     return out, grads
 
 
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a dense tensor (a training step's code may come as COO: ``sparse_training_code``)."""
+    return t.to_dense() if t.is_sparse else t
+
+
 def assert_steps_match(
     a: Step,
     b: Step,
@@ -65,7 +70,9 @@ def assert_steps_match(
     for name in o1.losses:
         torch.testing.assert_close(o1.losses[name], o0.losses[name], rtol=rtol, atol=atol)
     for field in fields:
-        torch.testing.assert_close(getattr(o1, field), getattr(o0, field), rtol=rtol, atol=atol)
+        torch.testing.assert_close(
+            dense(getattr(o1, field)), dense(getattr(o0, field)), rtol=rtol, atol=atol
+        )
     assert set(g1) == set(g0) and set(required_grads) <= set(g1)
     for name in g1:
         torch.testing.assert_close(g1[name], g0[name], rtol=grad_rtol, atol=grad_atol, msg=name)

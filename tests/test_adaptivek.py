@@ -9,7 +9,7 @@ import pytest
 import sae_lens  # noqa: F401  (first: the plugin registers before our modules import)
 import torch
 from safetensors.torch import load_file
-from step_parity import assert_steps_match, loss_and_grads, train_step
+from step_parity import assert_steps_match, dense, loss_and_grads, train_step
 from tiny_lm import (
     D_MODEL,
     reload_outputs_in_subprocess,
@@ -209,7 +209,7 @@ def test_probe_path_sets_k_from_the_start(tmp_path):
     assert float(out.metrics["mean_k"]) == pytest.approx(expected.float().mean().item())
     out.loss.backward()
     assert sae.probe_weight.grad is None and not sae.probe_weight.requires_grad
-    l0 = (out.feature_acts != 0).sum(-1)
+    l0 = (dense(out.feature_acts) != 0).sum(-1)
     assert torch.all(l0 <= expected)
 
 

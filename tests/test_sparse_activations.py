@@ -1,14 +1,16 @@
-"""Training HierarchicalTopK with SAELens's ``use_sparse_activations=True`` (a field of SAELens's
-TopK config, which HierarchicalTopK's extends): each step returns its code as a COO tensor
-instead of a dense ``[B, d_sae]`` one, and SAELens's ``SAETrainer`` keeps its firing statistics
-from either form. Trained through ``SAETrainer`` side by side with the dense default, the run must
-be the same run: same weights, same dead latents, same firing frequencies."""
+"""Codes as COO tensors in training. HierarchicalTopK with SAELens's ``use_sparse_activations=True``
+(a field of SAELens's TopK config, which HierarchicalTopK's extends): each step and ``encode``
+return the code as a COO tensor instead of a dense ``[B, d_sae]`` one. ``sparse_training_code``
+(ours, default True, all three architectures): the training steps alone do. SAELens's
+``SAETrainer`` keeps its firing statistics from either form: trained side by side with the dense
+code, the run must be the same run (same weights, same dead latents, same firing frequencies)."""
 
 from __future__ import annotations
 
 import pytest
 import sae_lens  # noqa: F401  (first: the plugin registers before our modules import)
 import torch
+from step_parity import train_step
 
 from sae_adaptive_plugin.experiments.lm_activations import CachedBatches
 from sae_adaptive_plugin.experiments.registry_saes import build_training_sae
@@ -16,9 +18,16 @@ from sae_adaptive_plugin.experiments.registry_saes import build_training_sae
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 D_IN, D_SAE, BATCH, STEPS = 16, 64, 32, 24
+#: SoftSAE's hard phase (where its step selects top-k) over the second half of the run
+EXTRA = {
+    "softsae": {"hard_topk_start_step": STEPS // 2},
+    "adaptivek": {"probe_min_r2": 0.0},  # Gaussian rows: no complexity for the probe to find
+}
 
 
-def _train(architecture: str, sparse: bool, acts: torch.Tensor):
+def _train(
+    architecture: str, sparse: bool, acts: torch.Tensor, field: str = "use_sparse_activations"
+):
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
@@ -26,7 +35,7 @@ def _train(architecture: str, sparse: bool, acts: torch.Tensor):
     sae = build_training_sae(
         architecture,
         {"k": 4},
-        {architecture: {"use_sparse_activations": sparse}},
+        {architecture: {field: sparse, **EXTRA.get(architecture, {})}},
         d_in=D_IN,
         d_sae=D_SAE,
     )
@@ -64,3 +73,39 @@ def test_sparse_activations_train_the_same_sae_as_the_dense_code(architecture):
     code = sparse_sae.encode(x)
     assert code.is_sparse
     torch.testing.assert_close(code.to_dense(), dense_sae.encode(x))
+
+
+@pytest.mark.parametrize("architecture", ["adaptivek", "hierarchical_topk", "softsae"])
+def test_sparse_training_code_trains_the_same_sae_as_the_dense_code(architecture):
+    acts = torch.randn(512, D_IN, generator=torch.Generator().manual_seed(1)) + 0.5
+    dense_sae, dense = _train(architecture, False, acts, "sparse_training_code")
+    sparse_sae, sparse = _train(architecture, True, acts, "sparse_training_code")
+    for name, value in dense_sae.state_dict().items():
+        torch.testing.assert_close(sparse_sae.state_dict()[name], value, msg=name)
+    assert torch.equal(sparse.n_forward_passes_since_fired, dense.n_forward_passes_since_fired)
+    assert int(dense.dead_neurons.sum()) > 0  # the comparison covered AuxK steps
+    torch.testing.assert_close(sparse.act_freq_scores, dense.act_freq_scores)
+    x = acts[:64]
+    assert not sparse_sae.encode(x).is_sparse  # encode is unaffected
+    step = STEPS - 1  # SoftSAE: in its hard phase
+    for sae in (sparse_sae, dense_sae):
+        sae.bind_run_length(STEPS)
+    assert train_step(sparse_sae, x, step).feature_acts.is_sparse
+    assert not train_step(dense_sae, x, step).feature_acts.is_sparse
+
+
+def test_sparse_training_code_is_the_default_and_hooks_get_the_dense_code():
+    torch.manual_seed(0)
+    sae = build_training_sae("adaptivek", {"k": 4}, {}, d_in=D_IN, d_sae=D_SAE)
+    assert sae.cfg.sparse_training_code
+    sae.bind_run_length(STEPS)
+    x = torch.randn(8, D_IN)
+    out = train_step(sae, x)
+    assert out.feature_acts.is_sparse
+    seen = []
+    sae.hook_sae_acts_post.add_hook(lambda acts, hook: seen.append(acts.is_sparse))
+    hooked = train_step(sae, x)
+    sae.hook_sae_acts_post.remove_hooks()
+    assert seen == [False] and not hooked.feature_acts.is_sparse
+    torch.testing.assert_close(hooked.feature_acts, out.feature_acts.to_dense())
+    assert train_step(sae, x).feature_acts.is_sparse  # hooks gone: COO again

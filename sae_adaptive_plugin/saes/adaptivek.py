@@ -222,6 +222,11 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
             moving estimate over the last 4× as many) also counts as dead for the AuxK loss, as
             well as those SAELens's dead-feature window marks (``None``, default: that window
             only; SAELens counts one firing in the window as alive).
+        sparse_training_code: training steps hand SAELens's trainer the code as a COO tensor
+            built from the selection (default True): no dense ``[batch, d_sae]`` code is
+            built for the trainer's firing counts. Only where nothing hooks
+            ``hook_sae_acts_pre``/``hook_sae_acts_post``; ``encode`` is unaffected. ``False``:
+            the dense code, as SAELens's TopK.
         Other fields: as SAELens's ``TrainingSAEConfig``.
     """
 
@@ -241,6 +246,7 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
     decoder_unit_norm: bool = False
     b_dec_init_method: str = "mean"
     auxk_rare_tokens: int | None = None
+    sparse_training_code: bool = True
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae", "auxk_rare_tokens")

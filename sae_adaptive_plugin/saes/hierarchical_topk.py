@@ -247,6 +247,11 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             moving estimate over the last 4× as many) also counts as dead for the AuxK loss, as
             well as those SAELens's dead-feature window marks (``None``, default: that window
             only; SAELens counts one firing in the window as alive).
+        sparse_training_code: training steps hand SAELens's trainer the code as a COO tensor
+            built from the selection (default True): no dense ``[batch, d_sae]`` code is
+            built for the trainer's firing counts. Only where nothing hooks
+            ``hook_sae_acts_pre``/``hook_sae_acts_post``; ``encode`` is unaffected. ``False``:
+            the dense code, as SAELens's TopK.
         prefix_weights: how the loss weighs the prefixes' errors: ``"uniform"`` (the method's
             ``mean_j``, default), ``"harmonic"`` (``w_j ∝ 1/j``: more weight on the smallest
             budgets) or ``"inverse_sqrt"`` (``w_j ∝ 1/√j``); measured in docs/compare.md.
@@ -260,6 +265,7 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     b_dec_init_method: str = "zeros"
     auxk_rare_tokens: int | None = None
     prefix_weights: str = "uniform"
+    sparse_training_code: bool = True
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae", "auxk_rare_tokens")

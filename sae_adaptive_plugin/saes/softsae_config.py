@@ -155,6 +155,12 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             moving estimate over the last 4× as many) also counts as dead for the AuxK loss, as
             well as those SAELens's dead-feature window marks (``None``, default: that window
             only; SAELens counts one firing in the window as alive).
+        sparse_training_code: training steps hand SAELens's trainer the code as a COO tensor
+            built from the selection (default True; hard phase only: the soft phase's code
+            comes dense from its decode): no dense ``[batch, d_sae]`` code is built for the
+            trainer's firing counts. Only where nothing hooks
+            ``hook_sae_acts_pre``/``hook_sae_acts_post``; ``encode`` is unaffected. ``False``:
+            the dense code, as SAELens's TopK.
     """
 
     k: int | None = None  # type: ignore[assignment]  # required: SAELens TopK's 100 is no target
@@ -172,6 +178,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
     decoder_unit_norm: bool = False
     b_dec_init_method: str = "zeros"
     auxk_rare_tokens: int | None = None
+    sparse_training_code: bool = True
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae", "auxk_rare_tokens")

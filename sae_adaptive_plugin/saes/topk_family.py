@@ -276,15 +276,27 @@ class TopKFamilyMixin:
         hidden_pre = self.plain_hidden_pre(sae_in)
         return hidden_pre, variable_topk(hidden_pre, k, self.k_max)
 
-    def encode_selection(self, x: torch.Tensor) -> TopKEncoding:
-        """``x`` through the encoder: each row's top-k, as a dense code and a compact selection."""
+    def sparse_code_in_step(self) -> bool:
+        """Whether a training step hands SAELens the code as a COO tensor
+        (``sparse_training_code``, default True): only on the fused path with no forward hooks
+        on ``hook_sae_acts_pre``/``hook_sae_acts_post``, where the step reads the compact
+        selection alone and a hook never sees a COO code it did not ask for."""
+        return (
+            bool(getattr(self.cfg, "sparse_training_code", False))
+            and self.encodes_fused
+            and not self.hook_sae_acts_post._forward_hooks
+        )
+
+    def encode_selection(self, x: torch.Tensor, sparse: bool = False) -> TopKEncoding:
+        """``x`` through the encoder: each row's top-k, as a code (dense, or COO with ``sparse``
+        or SAELens's ``use_sparse_activations``) and a compact selection."""
         x_in = self.read_input(x)
         sae_in = self.center_input(x_in)
         k = self.selection_k(x_in, sae_in)
         hidden_pre, selection = self.select_top_k(sae_in, k)
         # a row holding NaN/Inf encodes to NaN (as SAELens's topk), never to a clean code
         selection = selection._replace(values=nan_where_not_finite(selection.values, x_in))
-        if getattr(self.cfg, "use_sparse_activations", False):
+        if sparse or getattr(self.cfg, "use_sparse_activations", False):
             code = sparse_code(selection, self.cfg.d_sae)
         else:
             code = scatter_topk(selection, self.cfg.d_sae)
@@ -396,8 +408,9 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
         """Run before the step's forward pass (e.g. a phase switch). Default: nothing."""
 
     def training_encoding(self, step_input: TrainStepInput) -> StepEncoding:
-        """The step's encoding. Default: :meth:`encode_selection` of the batch."""
-        return self.encode_selection(step_input.sae_in)
+        """The step's encoding. Default: :meth:`encode_selection` of the batch, its code COO
+        where :meth:`sparse_code_in_step`."""
+        return self.encode_selection(step_input.sae_in, sparse=self.sparse_code_in_step())
 
     def training_decode(self, encoding: StepEncoding) -> torch.Tensor:
         """The step's ``sae_out``. Default: :meth:`decode_selection`."""
@@ -587,7 +600,7 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
         """``(counts, rows)``: how many of the step's rows each latent fired on, from the
         compact selection where it is the code (else from ``feature_acts``, as SAELens's
         trainer counts)."""
-        rows = encoding.feature_acts.reshape(-1, self.cfg.d_sae).shape[0]
+        rows = math.prod(encoding.feature_acts.shape[:-1])
         if not isinstance(encoding, TopKEncoding) or self.hook_sae_acts_post._forward_hooks:
             return firing_counts(encoding.feature_acts), rows
         values, indices, _ = encoding.selection  # values are 0 outside each row's k
