@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sae_adaptive_plugin.ops import variable_topk as variable_topk_module
 from sae_adaptive_plugin.ops.variable_topk import (
     check_k,
     decode_topk,
     decode_topk_dense,
     decode_topk_gather,
+    rows_topk,
     scatter_topk,
     topk_encode,
     variable_topk,
@@ -222,3 +224,66 @@ def test_weighted_bag_keeps_only_the_used_slots_with_the_same_values_and_gradien
     assert torch.all(results[0][2][~used] == 0)  # unused slots get no gradient
     reference = (per_slot * used).unsqueeze(-1).mul(weight[indices]).sum(1)
     torch.testing.assert_close(results[0][0], reference)
+
+
+def _grouped_case():
+    """Rows whose k spans every width of k_max = 64 (64, 32, 16): k 0..64, the k_max ones last."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(70, 300, generator=g, dtype=torch.float64)
+    k = torch.randint(0, 65, (70,), generator=g)
+    k[:3] = torch.tensor([5, 20, 40])
+    return h, k
+
+
+@pytest.mark.parametrize("gather_elements", [1 << 24, 900])  # one chunk a group; 3 rows a chunk
+def test_rows_topk_groups_rows_by_width_exact_up_to_each_k(monkeypatch, gather_elements):
+    monkeypatch.setattr(variable_topk_module, "GROUP_GATHER_ELEMENTS", gather_elements)
+    h, k = _grouped_case()
+    values, indices = rows_topk(h, k, 64)
+    full = h.topk(64, dim=-1, sorted=True)
+    for row, width in ((0, 16), (1, 32), (2, 64)):  # the narrowest width holding its k
+        torch.testing.assert_close(values[row, :width], full.values[row, :width], rtol=0, atol=0)
+        assert torch.equal(indices[row, :width], full.indices[row, :width])
+        assert (values[row, width:] == 0).all()
+        assert (indices[row, width:] == indices[row, 0]).all()  # the grouping ran
+    result = variable_topk(h, k, 64)
+    assert torch.equal(scatter_topk(result, 300), variable_topk_reference(h, k))
+    assert torch.equal(result.mask.sum(-1), k)
+    W_dec = torch.randn(300, 7, dtype=torch.float64)
+    ref = variable_topk_reference(h, k) @ W_dec
+    for impl in ("dense", "gather"):
+        out = decode_topk(result.values, result.indices, W_dec, impl=impl, mask=result.mask)
+        torch.testing.assert_close(out, ref)
+
+
+def test_rows_topk_is_one_topk_when_every_row_needs_k_max():
+    h, _ = _grouped_case()
+    k = torch.full((70,), 64)
+    k[0] = 33  # above k_max / 2: still the k_max width
+    values, indices = rows_topk(h, k, 64)
+    full = h.topk(64, dim=-1, sorted=True)
+    assert torch.equal(values, full.values) and torch.equal(indices, full.indices)
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_topk_encode_sparse_matches_dense_with_grouped_rows(with_scale):
+    g = torch.Generator().manual_seed(4)
+    sae_in = torch.randn(50, 12, generator=g, dtype=torch.float64).requires_grad_()
+    W_enc = torch.randn(12, 200, generator=g, dtype=torch.float64).requires_grad_()
+    b_enc = (0.1 * torch.randn(200, generator=g, dtype=torch.float64)).requires_grad_()
+    scale = (torch.rand(200, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    scale = scale if with_scale else None
+    k = torch.randint(1, 65, (50,), generator=g)
+    k[:2] = torch.tensor([3, 64])
+    inputs = [t for t in (sae_in, W_enc, b_enc, scale) if t is not None]
+    up = torch.randn(50, 64, generator=g, dtype=torch.float64)
+    results = []
+    for impl in ("dense", "sparse"):
+        hidden_pre, top = topk_encode(sae_in, W_enc, b_enc, k, 64, scale=scale, impl=impl)
+        assert (top.indices[0, 16:] == top.indices[0, 0]).all()  # row 0 took the 16 width
+        loss = (top.values * up).sum()
+        results.append((top.values, *torch.autograd.grad(loss, inputs)))
+        ref = variable_topk_reference(hidden_pre.detach(), k)
+        assert torch.equal(scatter_topk(top, 200).detach(), ref)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

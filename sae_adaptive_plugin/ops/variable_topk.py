@@ -1,10 +1,12 @@
 """Per-row variable-k top-k and the sparse decode it feeds; shared by all adaptive architectures.
 
 Each row ``b`` keeps its own ``k[b]`` largest pre-activations (ReLU'd). It is computed without a
-Python loop over rows: one ``topk`` at the batch's largest k (``k_max``), then a rank mask
-``rank < k[b]``. Results stay in the compact ``[..., k_max]`` form (:class:`TopKResult`), from which
-:func:`scatter_topk` builds the dense ``[..., d_sae]`` code and :func:`decode_topk` the
-reconstruction ``Σ_i values_i · W_dec[indices_i]`` (no bias).
+Python loop over rows: a sorted ``topk`` at ``k_max`` (the batch's largest k by default), then a
+rank mask ``rank < k[b]``. On the CPU (:func:`rows_topk`) rows whose k is well below ``k_max`` take
+their ``topk`` at a narrower width, a group per width. Results stay in the compact
+``[..., k_max]`` form (:class:`TopKResult`), from which :func:`scatter_topk` builds the dense
+``[..., d_sae]`` code and :func:`decode_topk` the reconstruction ``Σ_i values_i ·
+W_dec[indices_i]`` (no bias).
 
 :func:`decode_topk` has two implementations with the same values and gradients: a dense reference
 (scatter to ``[B, d_sae]`` then one matmul, what SAELens's TopK does) and a gather path
@@ -34,6 +36,9 @@ class TopKResult(NamedTuple):
 
     ``values``: ReLU'd activations, exactly zero where ``mask`` is False. ``indices``: latent ids.
     ``mask``: True for the first ``k[b]`` ranks of row ``b``. All three are ``[..., k_max]``.
+    Past a row's ``topk`` width (:func:`rows_topk`; never inside its ``k``) the indices repeat
+    the row's first one: sums over slots (scatter-add, bags, index-add) are exact, since those
+    slots' values are 0, but an overwriting scatter is not.
     """
 
     values: torch.Tensor
@@ -48,6 +53,58 @@ def check_k(k_per_row: torch.Tensor, d_sae: int, name: str = "k") -> None:
     lo, hi = int(k_per_row.min()), int(k_per_row.max())
     if lo < 0 or hi > d_sae:
         raise ValueError(f"{name} must lie in [0, d_sae={d_sae}] for every row, got [{lo}, {hi}]")
+
+
+#: :func:`rows_topk` groups rows by width only from this ``k_max`` up; its narrowest width.
+GROUP_MIN_WIDTH = 16
+#: Elements of the reused buffer :func:`rows_topk` gathers a group's rows into (64 MiB in fp32).
+GROUP_GATHER_ELEMENTS = 1 << 24
+
+
+def rows_topk(
+    hidden_pre: torch.Tensor, k_per_row: torch.Tensor, k_max: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)`` ``[N, k_max]`` of ``hidden_pre`` ``[N, d_sae]``, sorted descending,
+    each row exact up to its ``k``: ``hidden_pre.topk(k_max)``'s values and indices up to the row's
+    ``topk`` width. On the CPU, where reading ``k_per_row`` is free, a row whose ``k`` fits a
+    narrower width (``⌈k_max / 2⌉``, ``⌈k_max / 4⌉``, … down to :data:`GROUP_MIN_WIDTH`) takes its
+    ``topk`` at the narrowest such width, its rows gathered by groups into one reused buffer; the
+    slots past that width hold value 0 and the row's first index (see :class:`TopKResult`).
+    Elsewhere, or when every row needs ``k_max``: one ``topk`` at ``k_max``."""
+    N, d_sae = hidden_pre.shape
+    if not host_check_is_free(k_per_row) or k_max < 2 * GROUP_MIN_WIDTH or N == 0:
+        return tuple(hidden_pre.topk(k_max, dim=-1, sorted=True))  # type: ignore[return-value]
+    widths = [k_max]
+    while -(-widths[-1] // 2) >= GROUP_MIN_WIDTH:
+        widths.append(-(-widths[-1] // 2))
+    bounds = torch.tensor(widths[::-1], device=k_per_row.device)  # ascending
+    group = torch.bucketize(k_per_row, bounds)  # index of the narrowest width ≥ k, ascending
+    counts = torch.bincount(group, minlength=len(widths)).tolist()
+    if counts[-1] == N:
+        return tuple(hidden_pre.topk(k_max, dim=-1, sorted=True))  # type: ignore[return-value]
+    values = hidden_pre.new_zeros(N, k_max)
+    indices = torch.empty(N, k_max, dtype=torch.long, device=hidden_pre.device)
+    chunk = max(1, GROUP_GATHER_ELEMENTS // max(d_sae, 1))
+    buffer = hidden_pre.new_empty(min(chunk, N), d_sae)
+    with torch.no_grad():
+        for g, count in enumerate(counts):
+            if count == 0:
+                continue
+            width = int(bounds[g])
+            rows = (group == g).nonzero().squeeze(-1)
+            for s in range(0, count, chunk):
+                ids = rows[s : s + chunk]
+                part = torch.index_select(hidden_pre, 0, ids, out=buffer[: ids.numel()])
+                top = part.topk(width, dim=-1, sorted=True)
+                values[ids, :width] = top.values
+                indices[ids] = top.indices[:, :1].expand(-1, k_max)
+                indices[ids, :width] = top.indices
+    if hidden_pre.requires_grad and torch.is_grad_enabled():
+        # the same values with a gradient to the selected entries (zero past each row's width)
+        ranks = torch.arange(k_max, device=hidden_pre.device)
+        inside = ranks < bounds[group].unsqueeze(-1)
+        values = torch.where(inside, hidden_pre.gather(-1, indices), 0)
+    return values, indices
 
 
 def variable_topk(
@@ -70,11 +127,13 @@ def variable_topk(
         k_max = int(k_per_row.max()) if k_per_row.numel() else 0
     if not 0 <= k_max <= d_sae:
         raise ValueError(f"k_max must lie in [0, d_sae={d_sae}], got {k_max}")
-    top = hidden_pre.topk(k_max, dim=-1, sorted=True)
+    top_values, top_indices = rows_topk(hidden_pre.reshape(-1, d_sae), k_per_row.reshape(-1), k_max)
+    top_values = top_values.reshape(*hidden_pre.shape[:-1], k_max)
+    top_indices = top_indices.reshape(*hidden_pre.shape[:-1], k_max)
     ranks = torch.arange(k_max, device=hidden_pre.device)
     mask = ranks < k_per_row.unsqueeze(-1).to(ranks.dtype)
-    values = torch.where(mask, top.values.relu(), 0)
-    return TopKResult(values, top.indices, mask)
+    values = torch.where(mask, top_values.relu(), 0)
+    return TopKResult(values, top_indices, mask)
 
 
 def variable_topk_reference(hidden_pre: torch.Tensor, k_per_row: torch.Tensor) -> torch.Tensor:
@@ -91,7 +150,8 @@ def variable_topk_reference(hidden_pre: torch.Tensor, k_per_row: torch.Tensor) -
 def scatter_topk(result: TopKResult, d_sae: int) -> torch.Tensor:
     """Dense feature activations ``[..., d_sae]`` from a :class:`TopKResult`."""
     shape = (*result.values.shape[:-1], d_sae)
-    return result.values.new_zeros(shape).scatter_(-1, result.indices, result.values)
+    # an add: slots past a row's topk width repeat an index with value 0 (TopKResult)
+    return result.values.new_zeros(shape).scatter_add_(-1, result.indices, result.values)
 
 
 def decode_topk_dense(
@@ -99,7 +159,7 @@ def decode_topk_dense(
 ) -> torch.Tensor:
     """Reference decode: scatter to ``[..., d_sae]`` then one dense matmul with ``W_dec``."""
     dense = values.new_zeros((*values.shape[:-1], W_dec.shape[0]))
-    return dense.scatter(-1, indices, values) @ W_dec
+    return dense.scatter_add(-1, indices, values) @ W_dec
 
 
 #: Below this fraction of used slots a CPU bag keeps only the used ones (:func:`weighted_bag`).
@@ -200,15 +260,15 @@ class _TopKEncode(torch.autograd.Function):
             # mixed-dtype multiply on the CPU copies h to float32, then writes a second buffer)
             hidden_pre = hidden_pre.to(torch.promote_types(hidden_pre.dtype, scale.dtype))
             hidden_pre.mul_(scale)
-        top = hidden_pre.topk(k_max, dim=-1, sorted=True)
+        top_values, top_indices = rows_topk(hidden_pre, k_per_row, k_max)
         ranks = torch.arange(k_max, device=hidden_pre.device)
         mask = ranks < k_per_row.unsqueeze(-1).to(ranks.dtype)
-        positive = mask & (top.values > 0)
-        values = torch.where(positive, top.values, 0)
-        h_sel = unscaled_at(top.values, scale, top.indices) if scale is not None else None
-        ctx.save_for_backward(sae_in, W_enc, b_enc, scale, top.indices, positive, h_sel)
-        ctx.mark_non_differentiable(top.indices, mask)
-        return hidden_pre, values, top.indices, mask
+        positive = mask & (top_values > 0)
+        values = torch.where(positive, top_values, 0)
+        h_sel = unscaled_at(top_values, scale, top_indices) if scale is not None else None
+        ctx.save_for_backward(sae_in, W_enc, b_enc, scale, top_indices, positive, h_sel)
+        ctx.mark_non_differentiable(top_indices, mask)
+        return hidden_pre, values, top_indices, mask
 
     @staticmethod
     @autocast_off
