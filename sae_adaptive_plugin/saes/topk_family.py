@@ -59,8 +59,9 @@ from sae_adaptive_plugin.saes.rare_latents import firing_counts, rare_latents_of
 PREFIX_EXCESS_LOSS = "prefix_excess_loss"
 
 #: AuxK on the CPU decodes with matmuls over all dead columns once it chooses at least
-#: ``1 / AUXK_DENSE_RATIO`` of them per row (else with bags of the chosen ones).
-AUXK_DENSE_RATIO = 8
+#: ``1 / AUXK_DENSE_RATIO`` of them per row (else with bags of the chosen ones). 12: where the
+#: two took the same step time at d_in 576, d_sae 4,608, B 1,024, one thread (docs/bench.md).
+AUXK_DENSE_RATIO = 12
 
 
 @dataclass
