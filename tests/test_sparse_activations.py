@@ -26,7 +26,11 @@ EXTRA = {
 
 
 def _train(
-    architecture: str, sparse: bool, acts: torch.Tensor, field: str = "use_sparse_activations"
+    architecture: str,
+    sparse: bool,
+    acts: torch.Tensor,
+    field: str = "use_sparse_activations",
+    k: int = 4,
 ):
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -34,7 +38,7 @@ def _train(
     torch.manual_seed(0)
     sae = build_training_sae(
         architecture,
-        {"k": 4},
+        {"k": k},
         {architecture: {field: sparse, **EXTRA.get(architecture, {})}},
         d_in=D_IN,
         d_sae=D_SAE,
@@ -109,3 +113,22 @@ def test_sparse_training_code_is_the_default_and_hooks_get_the_dense_code():
     assert seen == [False] and not hooked.feature_acts.is_sparse
     torch.testing.assert_close(hooked.feature_acts, out.feature_acts.to_dense())
     assert train_step(sae, x).feature_acts.is_sparse  # hooks gone: COO again
+
+
+def test_grouped_topk_widths_train_the_same_adaptivek(monkeypatch):
+    """rows_topk's narrower top-k widths for rows with a small k (k_max = 64: widths 64, 32,
+    16) against one top-k at k_max for every row: the same run through SAETrainer."""
+    from sae_adaptive_plugin.ops import variable_topk
+
+    acts = torch.randn(512, D_IN, generator=torch.Generator().manual_seed(1)) + 0.5
+    acts = acts * torch.rand(512, 1, generator=torch.Generator().manual_seed(2)) * 3  # k varies
+    runs = []
+    for min_width in (16, 10**9):  # grouped; one width
+        monkeypatch.setattr(variable_topk, "GROUP_MIN_WIDTH", min_width)
+        runs.append(_train("adaptivek", True, acts, "sparse_training_code", k=16))
+    (grouped, g_trainer), (single, s_trainer) = runs
+    ks = grouped.k_per_sample(acts[:128])
+    assert int(ks.min()) <= 16 < int(ks.max())  # rows in at least two width groups
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(grouped.state_dict()[name], value, msg=name)
+    torch.testing.assert_close(g_trainer.act_freq_scores, s_trainer.act_freq_scores)
