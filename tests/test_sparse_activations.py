@@ -98,10 +98,18 @@ def test_sparse_training_code_trains_the_same_sae_as_the_dense_code(architecture
     assert not train_step(dense_sae, x, step).feature_acts.is_sparse
 
 
-def test_sparse_training_code_is_the_default_and_hooks_get_the_dense_code():
+def test_sparse_training_code_is_the_cpu_default_and_hooks_get_the_dense_code(monkeypatch):
+    from sae_adaptive_plugin.saes import topk_family
+
     torch.manual_seed(0)
     sae = build_training_sae("adaptivek", {"k": 4}, {}, d_in=D_IN, d_sae=D_SAE)
-    assert sae.cfg.sparse_training_code
+    assert sae.cfg.sparse_training_code is None  # COO on the CPU, dense on other devices
+    with monkeypatch.context() as m:  # a device whose host reads are not free (a GPU's)
+        m.setattr(topk_family, "host_check_is_free", lambda t: False)
+        assert not sae.sparse_code_in_step()
+        sae.cfg.sparse_training_code = True  # asked for: COO there too
+        assert sae.sparse_code_in_step()
+        sae.cfg.sparse_training_code = None
     sae.bind_run_length(STEPS)
     x = torch.randn(8, D_IN)
     out = train_step(sae, x)
@@ -132,3 +140,15 @@ def test_grouped_topk_widths_train_the_same_adaptivek(monkeypatch):
     for name, value in single.state_dict().items():
         torch.testing.assert_close(grouped.state_dict()[name], value, msg=name)
     torch.testing.assert_close(g_trainer.act_freq_scores, s_trainer.act_freq_scores)
+
+
+@pytest.mark.parametrize("architecture", ["adaptivek", "hierarchical_topk", "softsae"])
+def test_sparse_training_code_refuses_other_values(architecture):
+    with pytest.raises(ValueError, match="sparse_training_code must be true, false or null"):
+        build_training_sae(
+            architecture,
+            {"k": 4},
+            {architecture: {"sparse_training_code": "yes"}},
+            d_in=8,
+            d_sae=32,
+        )

@@ -31,6 +31,7 @@ from sae_adaptive_plugin.saes.config_checks import (
     check_b_dec_init_method,
     check_int,
     check_number,
+    check_sparse_training_code,
     missing_k_error,
     resolve_sizes,
     warn_if_auxk_rare_tokens_too_few,
@@ -223,10 +224,11 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
             well as those SAELens's dead-feature window marks (``None``, default: that window
             only; SAELens counts one firing in the window as alive).
         sparse_training_code: training steps hand SAELens's trainer the code as a COO tensor
-            built from the selection (default True): no dense ``[batch, d_sae]`` code is
-            built for the trainer's firing counts. Only where nothing hooks
-            ``hook_sae_acts_pre``/``hook_sae_acts_post``; ``encode`` is unaffected. ``False``:
-            the dense code, as SAELens's TopK.
+            built from the selection (``True``), so no dense ``[batch, d_sae]`` code is built for
+            its firing counts, or the dense code (``False``, as SAELens's TopK). ``None``
+            (default): COO on the CPU, dense elsewhere (SAELens's sums over a COO code make a
+            GPU's host wait). COO only where nothing hooks ``hook_sae_acts_pre``/
+            ``hook_sae_acts_post``; ``encode`` is unaffected.
         Other fields: as SAELens's ``TrainingSAEConfig``.
     """
 
@@ -246,11 +248,12 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
     decoder_unit_norm: bool = False
     b_dec_init_method: str = "mean"
     auxk_rare_tokens: int | None = None
-    sparse_training_code: bool = True
+    sparse_training_code: bool | None = None
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae", "auxk_rare_tokens")
         check_b_dec_init_method(self.b_dec_init_method)
+        check_sparse_training_code(self.sparse_training_code)
         if self.k is None:
             raise missing_k_error(
                 NAME, "k_min and k_max default to 1 and min(4k, d_sae) (per-row k in between)"

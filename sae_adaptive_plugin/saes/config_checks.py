@@ -96,6 +96,14 @@ def check_b_dec_init_method(value: Any) -> None:
         raise ValueError(f"b_dec_init_method must be one of {B_DEC_INIT_METHODS}, got {value!r}")
 
 
+def check_sparse_training_code(value: Any) -> None:
+    """``ValueError`` naming ``sparse_training_code`` unless it is ``None``, ``True`` or ``False``."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(
+            f"sparse_training_code must be true, false or null (COO on the CPU), got {value!r}"
+        )
+
+
 def check_recipe(cfg: Any) -> None:
     """A comparison's recipe settings, each ``None`` or valid: ``b_dec_init_method`` one of
     :data:`B_DEC_INIT_METHODS`, ``auxk_rare_tokens`` an int ``>= 1`` (integral floats taken)."""

@@ -31,6 +31,7 @@ from sae_adaptive_plugin.registration.hookspecs import Architecture
 from sae_adaptive_plugin.saes.config_checks import (
     check_b_dec_init_method,
     check_int,
+    check_sparse_training_code,
     resolve_sizes,
     warn_if_auxk_rare_tokens_too_few,
 )
@@ -248,10 +249,11 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             well as those SAELens's dead-feature window marks (``None``, default: that window
             only; SAELens counts one firing in the window as alive).
         sparse_training_code: training steps hand SAELens's trainer the code as a COO tensor
-            built from the selection (default True): no dense ``[batch, d_sae]`` code is
-            built for the trainer's firing counts. Only where nothing hooks
-            ``hook_sae_acts_pre``/``hook_sae_acts_post``; ``encode`` is unaffected. ``False``:
-            the dense code, as SAELens's TopK.
+            built from the selection (``True``), so no dense ``[batch, d_sae]`` code is built for
+            its firing counts, or the dense code (``False``, as SAELens's TopK). ``None``
+            (default): COO on the CPU, dense elsewhere (SAELens's sums over a COO code make a
+            GPU's host wait). COO only where nothing hooks ``hook_sae_acts_pre``/
+            ``hook_sae_acts_post``; ``encode`` is unaffected.
         prefix_weights: how the loss weighs the prefixes' errors: ``"uniform"`` (the method's
             ``mean_j``, default), ``"harmonic"`` (``w_j ∝ 1/j``: more weight on the smallest
             budgets) or ``"inverse_sqrt"`` (``w_j ∝ 1/√j``); measured in docs/compare.md.
@@ -265,13 +267,14 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     b_dec_init_method: str = "zeros"
     auxk_rare_tokens: int | None = None
     prefix_weights: str = "uniform"
-    sparse_training_code: bool = True
+    sparse_training_code: bool | None = None
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae", "auxk_rare_tokens")
         self.k = check_int("k", self.k, 1, self.d_sae, hi_name="d_sae")
         _check_prefix_weights(self.prefix_weights)
         check_b_dec_init_method(self.b_dec_init_method)
+        check_sparse_training_code(self.sparse_training_code)
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1 or None, got {self.loss_chunk_size}")
         _check_normalization(self.normalize_activations)

@@ -21,6 +21,7 @@ from sae_adaptive_plugin.saes.config_checks import (
     check_b_dec_init_method,
     check_int,
     check_number,
+    check_sparse_training_code,
     missing_k_error,
     resolve_sizes,
     warn_if_auxk_rare_tokens_too_few,
@@ -155,12 +156,13 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             moving estimate over the last 4× as many) also counts as dead for the AuxK loss, as
             well as those SAELens's dead-feature window marks (``None``, default: that window
             only; SAELens counts one firing in the window as alive).
-        sparse_training_code: training steps hand SAELens's trainer the code as a COO tensor
-            built from the selection (default True; hard phase only: the soft phase's code
-            comes dense from its decode): no dense ``[batch, d_sae]`` code is built for the
-            trainer's firing counts. Only where nothing hooks
-            ``hook_sae_acts_pre``/``hook_sae_acts_post``; ``encode`` is unaffected. ``False``:
-            the dense code, as SAELens's TopK.
+        sparse_training_code: hard-phase training steps hand SAELens's trainer the code as a
+            COO tensor built from the selection (``True``), so no dense ``[batch, d_sae]`` code
+            is built for its firing counts, or the dense code (``False``, as SAELens's TopK; the
+            soft phase's code always comes dense from its decode). ``None`` (default): COO on
+            the CPU, dense elsewhere (SAELens's sums over a COO code make a GPU's host wait).
+            COO only where nothing hooks ``hook_sae_acts_pre``/``hook_sae_acts_post``;
+            ``encode`` is unaffected.
     """
 
     k: int | None = None  # type: ignore[assignment]  # required: SAELens TopK's 100 is no target
@@ -178,11 +180,12 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
     decoder_unit_norm: bool = False
     b_dec_init_method: str = "zeros"
     auxk_rare_tokens: int | None = None
-    sparse_training_code: bool = True
+    sparse_training_code: bool | None = None
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae", "auxk_rare_tokens")
         check_b_dec_init_method(self.b_dec_init_method)
+        check_sparse_training_code(self.sparse_training_code)
         if self.k is None:
             raise missing_k_error("softsae", "k_max defaults to min(2k, d_sae)")
         self.k = _check_int("k", self.k, 1, self.d_sae, "d_sae")

@@ -279,14 +279,15 @@ class TopKFamilyMixin:
 
     def sparse_code_in_step(self) -> bool:
         """Whether a training step hands SAELens the code as a COO tensor
-        (``sparse_training_code``, default True): only on the fused path with no forward hooks
-        on ``hook_sae_acts_pre``/``hook_sae_acts_post``, where the step reads the compact
-        selection alone and a hook never sees a COO code it did not ask for."""
-        return (
-            bool(getattr(self.cfg, "sparse_training_code", False))
-            and self.encodes_fused
-            and not self.hook_sae_acts_post._forward_hooks
-        )
+        (``sparse_training_code``; ``None``, the default: on the CPU only, since SAELens's
+        trainer sums the COO code, and a sparse sum coalesces, whose output size a GPU's host
+        would wait for). Only on the fused path with no forward hooks on
+        ``hook_sae_acts_pre``/``hook_sae_acts_post``, where the step reads the compact selection
+        alone and a hook never sees a COO code it did not ask for."""
+        wanted = getattr(self.cfg, "sparse_training_code", False)
+        if wanted is None:
+            wanted = host_check_is_free(self.W_enc)
+        return bool(wanted) and self.encodes_fused and not self.hook_sae_acts_post._forward_hooks
 
     def encode_selection(self, x: torch.Tensor, sparse: bool = False) -> TopKEncoding:
         """``x`` through the encoder: each row's top-k, as a code (dense, or COO with ``sparse``
