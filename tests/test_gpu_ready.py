@@ -270,7 +270,9 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path):
         assert r["events_package"] == (1 if r["case"] == "adaptivek_labelling" else 0), r
     assert {r["k"] for r in sections["C"]["results"]} == {4, 8}
     runs = sections["D"]["results"]
-    assert len(runs) == 8 and not any("error" in r for r in runs)
+    assert len(runs) == 10 and not any("error" in r for r in runs)
+    coo = [r for r in runs if r["variant"] == "sparse_training_code=True"]
+    assert [r["architecture"] for r in coo] == ["hierarchical_topk"] * 2
     assert all(r["steps"] == 8 and r["nan_losses"] == 0 and r["steps_per_s"] > 0 for r in runs)
     assert "| topk |" in sections["E"]["results"][0]["table"]
     summary = (tmp_path / "summary.md").read_text()

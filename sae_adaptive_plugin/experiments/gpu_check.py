@@ -8,7 +8,8 @@
 - C ``op_speed``: each op's forward + backward time and peak memory at B 4096, d_in 2304,
   F 131,072, K 64 and 256;
 - D ``trainer``: 80-step ``SAETrainer`` runs of topk, adaptivek, softsae and hierarchical_topk at
-  d_in 768, F 16,384, B 4,096 on a synthetic stream, autocast off and on;
+  d_in 768, F 16,384, B 4,096 on a synthetic stream, autocast off and on, and hierarchical_topk
+  with ``sparse_training_code=True`` (the CPU default's COO code, against the dense one);
 - E ``bench``: ``sae-adaptive bench`` at d_in 768 / F 16,384 and 2,304 / 131,072.
 
 Each section runs under its own timeout (in a child process with ``--isolate``, the default on
@@ -523,7 +524,14 @@ def section_op_speed(device: Any, shapes: Shapes) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _train_once(arch: str, autocast: bool, device: Any, shapes: Shapes, pool: list) -> dict:
+def _train_once(
+    arch: str,
+    autocast: bool,
+    device: Any,
+    shapes: Shapes,
+    pool: list,
+    variant: dict[str, Any] | None = None,
+) -> dict:
     import torch
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.registry import get_sae_training_class
@@ -532,6 +540,7 @@ def _train_once(arch: str, autocast: bool, device: Any, shapes: Shapes, pool: li
     batch, d_in, d_sae, k, steps = shapes.trainer
     sae_class, cfg_class = get_sae_training_class(arch)
     fields: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae, "k": k, "device": str(device)}
+    fields.update(variant or {})
     if arch == "adaptivek":
         fields["probe_min_r2"] = -math.inf  # speed and memory here, not probe quality
     sae = sae_class(cfg_class(**fields))
@@ -584,6 +593,7 @@ def _train_once(arch: str, autocast: bool, device: Any, shapes: Shapes, pool: li
     steady_steps = len(losses) - min(10, steps // 2)
     return {
         "architecture": arch,
+        "variant": ", ".join(f"{k}={v}" for k, v in (variant or {}).items()) or "defaults",
         "autocast": autocast,
         "steps": len(losses),
         "steps_per_s": len(losses) / elapsed,
@@ -607,14 +617,23 @@ def section_trainer(device: Any, shapes: Shapes) -> list[dict[str, Any]]:
 
     pool = synthetic_batches(batch, d_in, 8, device)
     results = []
-    for arch in ("topk", "adaptivek", "softsae", "hierarchical_topk"):
+    runs: list[tuple[str, dict[str, Any] | None]] = [
+        ("topk", None),
+        ("adaptivek", None),
+        ("softsae", None),
+        ("hierarchical_topk", None),
+        # the COO training code the CPU default uses, against the dense default off the CPU
+        ("hierarchical_topk", {"sparse_training_code": True}),
+    ]
+    for arch, variant in runs:
         for autocast in (False, True):
             try:
-                results.append(_train_once(arch, autocast, device, shapes, pool))
+                results.append(_train_once(arch, autocast, device, shapes, pool, variant))
             except Exception as e:
                 results.append(
                     {
                         "architecture": arch,
+                        "variant": str(variant or "defaults"),
                         "autocast": autocast,
                         "error": f"{type(e).__name__}: {e}",
                     }
@@ -850,6 +869,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         ],
         "D": [
             ("architecture", "architecture", "{}"),
+            ("variant", "variant", "{}"),
             ("autocast", "autocast", "{}"),
             ("steps/s", "steps_per_s", "{:.2f}"),
             ("steady steps/s", "steady_steps_per_s", "{:.2f}"),
