@@ -152,3 +152,21 @@ def test_sparse_training_code_refuses_other_values(architecture):
             d_in=8,
             d_sae=32,
         )
+
+
+def test_sparse_code_keeps_each_rows_k_on_the_cpu_and_every_slot_elsewhere(monkeypatch):
+    from sae_adaptive_plugin.ops.variable_topk import scatter_topk, variable_topk
+    from sae_adaptive_plugin.saes import topk_family
+
+    h = torch.randn(2, 3, 40, generator=torch.Generator().manual_seed(0))
+    k = torch.tensor([[0, 3, 7], [40, 1, 5]])
+    selection = variable_topk(h, k, 40)
+    dense = scatter_topk(selection, 40)
+    cpu = topk_family.sparse_code(selection, 40)
+    assert cpu._nnz() == int(k.sum())  # the slots inside each row's k only
+    torch.testing.assert_close(cpu.to_dense(), dense)
+    with monkeypatch.context() as m:  # a device whose host reads are not free: no mask read
+        m.setattr(topk_family, "host_check_is_free", lambda t: False)
+        every = topk_family.sparse_code(selection, 40)
+    assert every._nnz() == 6 * 40
+    torch.testing.assert_close(every.to_dense(), dense)

@@ -124,15 +124,24 @@ def refuse_deterministic_cuda_cumsum(device: torch.device, who: str) -> None:
 
 def sparse_code(selection: TopKResult, d_sae: int) -> torch.Tensor:
     """The code ``[..., d_sae]`` of ``selection`` as a sparse COO tensor built from its indices
-    and values (never dense): every selected slot is stored, those past a row's k with value 0,
-    so its size does not depend on the data (no host read)."""
+    and values (never dense). On the CPU, where reading the mask back is free, it stores the
+    slots inside each row's k only (what a sum over it, e.g. SAELens's firing counts, then
+    sorts); elsewhere every slot, those past a row's k with value 0, so its size does not
+    depend on the data (no host read)."""
     lead = selection.values.shape[:-1]
     width = selection.values.shape[-1]
-    rows = torch.arange(math.prod(lead), device=selection.indices.device)
-    rows = rows.repeat_interleave(width, output_size=rows.numel() * width)
-    coords = [*torch.unravel_index(rows, tuple(lead)), selection.indices.reshape(-1)]
+    values = selection.values.reshape(-1)
+    columns = selection.indices.reshape(-1)
+    if host_check_is_free(selection.mask):
+        slots = selection.mask.reshape(-1).nonzero().squeeze(-1)
+        rows = torch.div(slots, max(width, 1), rounding_mode="floor")
+        values, columns = values[slots], columns[slots]
+    else:
+        rows = torch.arange(math.prod(lead), device=selection.indices.device)
+        rows = rows.repeat_interleave(width, output_size=rows.numel() * width)
+    coords = [*torch.unravel_index(rows, tuple(lead)), columns]
     return torch.sparse_coo_tensor(
-        torch.stack(coords), selection.values.reshape(-1), (*lead, d_sae), check_invariants=False
+        torch.stack(coords), values, (*lead, d_sae), check_invariants=False
     )
 
 
