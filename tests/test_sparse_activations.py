@@ -62,16 +62,24 @@ def _train(
     return sae, trainer
 
 
-@pytest.mark.parametrize("architecture", ["hierarchical_topk"])
-def test_sparse_activations_train_the_same_sae_as_the_dense_code(architecture):
+def _dense_and_sparse_runs(architecture: str, field: str):
+    """The same run with ``field`` false and true: ``(acts, dense_sae, sparse_sae)``, after
+    checking they trained the same SAE (weights, steps since each latent fired, with AuxK steps
+    in the run, and firing frequencies)."""
     acts = torch.randn(512, D_IN, generator=torch.Generator().manual_seed(1)) + 0.5
-    dense_sae, dense = _train(architecture, False, acts)
-    sparse_sae, sparse = _train(architecture, True, acts)
+    dense_sae, dense = _train(architecture, False, acts, field)
+    sparse_sae, sparse = _train(architecture, True, acts, field)
     for name, value in dense_sae.state_dict().items():
         torch.testing.assert_close(sparse_sae.state_dict()[name], value, msg=name)
     assert torch.equal(sparse.n_forward_passes_since_fired, dense.n_forward_passes_since_fired)
     assert int(dense.dead_neurons.sum()) > 0  # the comparison covered AuxK steps
     torch.testing.assert_close(sparse.act_freq_scores, dense.act_freq_scores)
+    return acts, dense_sae, sparse_sae
+
+
+@pytest.mark.parametrize("architecture", ["hierarchical_topk"])
+def test_sparse_activations_train_the_same_sae_as_the_dense_code(architecture):
+    acts, dense_sae, sparse_sae = _dense_and_sparse_runs(architecture, "use_sparse_activations")
     # the trained SAE's codes: COO from the sparse one, equal to the dense one's
     x = acts[:64]
     code = sparse_sae.encode(x)
@@ -81,14 +89,7 @@ def test_sparse_activations_train_the_same_sae_as_the_dense_code(architecture):
 
 @pytest.mark.parametrize("architecture", ["adaptivek", "hierarchical_topk", "softsae"])
 def test_sparse_training_code_trains_the_same_sae_as_the_dense_code(architecture):
-    acts = torch.randn(512, D_IN, generator=torch.Generator().manual_seed(1)) + 0.5
-    dense_sae, dense = _train(architecture, False, acts, "sparse_training_code")
-    sparse_sae, sparse = _train(architecture, True, acts, "sparse_training_code")
-    for name, value in dense_sae.state_dict().items():
-        torch.testing.assert_close(sparse_sae.state_dict()[name], value, msg=name)
-    assert torch.equal(sparse.n_forward_passes_since_fired, dense.n_forward_passes_since_fired)
-    assert int(dense.dead_neurons.sum()) > 0  # the comparison covered AuxK steps
-    torch.testing.assert_close(sparse.act_freq_scores, dense.act_freq_scores)
+    acts, dense_sae, sparse_sae = _dense_and_sparse_runs(architecture, "sparse_training_code")
     x = acts[:64]
     assert not sparse_sae.encode(x).is_sparse  # encode is unaffected
     step = STEPS - 1  # SoftSAE: in its hard phase
