@@ -1,7 +1,8 @@
 """Time the bench's training steps with round 8's step changes switched off and on, in one
 process, on the same SAEs: the dense training code (``sparse_training_code=False``) against the
-COO one, and one top-k width for every row against ``rows_topk``'s grouped widths. Not used by
-the package (docs/bench.md, issue 23, round 8).
+COO one, one top-k width for every row against ``rows_topk``'s grouped widths, and the block-end
+backward's decoder-row gradient index-added against added by one sparse product (AdaptiveK's
+warm-up). Not used by the package (docs/bench.md, issue 23, round 8).
 
     python examples/step_variants_ab.py DEAD THREADS ROUNDS [--autocast]
     python examples/step_variants_ab.py 0 1 2 --autocast     # the run quoted in docs/bench.md
@@ -15,11 +16,17 @@ import time
 
 from sae_adaptive_plugin.experiments.bench import prepare_row, train_step
 from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, bench_inputs, build_rows
-from sae_adaptive_plugin.ops import variable_topk
+from sae_adaptive_plugin.ops import dispatch, hierarchical, variable_topk
 
-ROWS = ("sparsify_topk", "hierarchical_topk", "adaptivek", "softsae_hard")
-#: variant: (sparse_training_code, GROUP_MIN_WIDTH); a width above every k_max: one top-k width
-VARIANTS = {"dense code": (False, 10**9), "coo": (True, 10**9), "coo + widths": (True, 16)}
+ROWS = ("sparsify_topk", "hierarchical_topk", "adaptivek", "softsae_hard", "adaptivek_warmup")
+#: variant: (sparse_training_code, GROUP_MIN_WIDTH, the sparse product); a width above every
+#: k_max: one top-k width
+VARIANTS = {
+    "dense code": (False, 10**9, False),
+    "coo": (True, 10**9, False),
+    "coo + widths": (True, 16, False),
+    "+ rank-one": (True, 16, True),
+}
 
 
 def main() -> None:
@@ -49,7 +56,11 @@ def main() -> None:
             variants = {"-": None} if row.name == "sparsify_topk" else VARIANTS
             for name, setting in variants.items():
                 if setting is not None:
-                    row.train_sae.cfg.sparse_training_code, variable_topk.GROUP_MIN_WIDTH = setting
+                    code, variable_topk.GROUP_MIN_WIDTH, product = setting
+                    row.train_sae.cfg.sparse_training_code = code
+                    hierarchical.host_check_is_free = (
+                        dispatch.host_check_is_free if product else (lambda t: False)
+                    )
                 timed(row)  # one untimed step after a switch
                 times.setdefault((row.name, name), []).append(min(timed(row), timed(row)))
     base = min(times[("sparsify_topk", "-")])

@@ -224,3 +224,26 @@ def test_block_end_errors_are_the_prefix_errors_at_block_ends_with_their_gradien
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_block_end_decoder_gradient_is_the_same_by_sparse_product_and_by_index_add(monkeypatch):
+    """The CPU adds each block's rank-one decoder-row gradient with one sparse-dense product;
+    elsewhere it is written out and index-added: the same gradients (a latent twice in a row and
+    a ragged last chunk included)."""
+    from sae_adaptive_plugin.ops import hierarchical
+
+    r, v, W, idx = _inputs(7, 20, 30, 6, torch.float64, seed=9)
+    idx[0, 2] = idx[0, 11]  # one latent in two blocks of a row
+    weights = torch.rand(7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def grads():
+        leaves = [t.clone().requires_grad_() for t in (r, v, W)]
+        (block_end_errors(*leaves, idx, chunk_size=3) * weights).sum().backward()
+        return [t.grad for t in leaves]
+
+    on_cpu = grads()
+    monkeypatch.setattr(hierarchical, "host_check_is_free", lambda t: False)
+    elsewhere = grads()
+    for got, want in zip(on_cpu, elsewhere):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert on_cpu[2].abs().sum() > 0

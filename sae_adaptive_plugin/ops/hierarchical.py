@@ -26,6 +26,7 @@ from sae_adaptive_plugin.ops.dispatch import (
     block_rows,
     exact_float32_matmul,
     full_precision,
+    host_check_is_free,
 )
 
 #: Upper bound on the number of elements of one chunk's gathered ``[chunk, K, d]`` decoder rows.
@@ -367,7 +368,13 @@ class _BlockEndErrors(torch.autograd.Function):
         grad_residual = torch.empty_like(residual0)
         grad_w = torch.zeros(W_dec.shape, dtype=residual0.dtype, device=W_dec.device)
         scratch = _scratch(residual0, 2, ctx.chunk, n_blocks, d)
-        grad_D_buffer = residual0.new_empty(min(ctx.chunk, B), n_blocks, block, d)
+        # ∂L/∂D_i = −a_i gP_b is rank one per block: on the CPU one sparse-dense product adds a
+        # chunk's Σ a_i gP_b into grad_w rows (no [n, n_blocks, block, d] tensor); elsewhere
+        # (a sparse product's coalesce would make a GPU's host wait) the product, index-added
+        on_cpu = host_check_is_free(residual0)
+        grad_D_buffer = (
+            None if on_cpu else residual0.new_empty(min(ctx.chunk, B), n_blocks, block, d)
+        )
         with exact_float32_matmul(residual0.device.type):
             for s, rows in _gathered_chunks(W_dec, slots, ctx.chunk, residual0.dtype):
                 n = rows.shape[0]
@@ -378,12 +385,31 @@ class _BlockEndErrors(torch.autograd.Function):
                 D = rows.view(-1, block, d)
                 into_D = torch.bmm(D, gP.view(-1, d, 1)).view(n, -1)
                 grad_values[s : s + n] = -into_D
-                grad_D = torch.mul(
-                    a.view(n, n_blocks, block, 1), gP.unsqueeze(2), out=grad_D_buffer[:n]
-                )
-                grad_w.index_add_(0, slots[s : s + n].reshape(-1), grad_D.view(-1, d), alpha=-1)
+                if on_cpu:
+                    _add_block_rank_one(grad_w, slots[s : s + n], a, gP)
+                else:
+                    grad_D = torch.mul(
+                        a.view(n, n_blocks, block, 1), gP.unsqueeze(2), out=grad_D_buffer[:n]
+                    )
+                    grad_w.index_add_(0, slots[s : s + n].reshape(-1), grad_D.view(-1, d), alpha=-1)
                 grad_residual[s : s + n] = gP[:, 0]
         return (*_block_gradients(ctx, grad_residual, grad_values, grad_w, K, W_dec), None)
+
+
+def _add_block_rank_one(
+    grad_w: torch.Tensor, slots: torch.Tensor, coeffs: torch.Tensor, gP: torch.Tensor
+) -> None:
+    """``grad_w[slots[r, b, i]] −= coeffs[r, b·block + i] · gP[r, b]`` for every slot, as one
+    sparse-dense ``addmm_`` (``slots [n, n_blocks, block]``, ``gP [n, n_blocks, d]``)."""
+    n, n_blocks, block = slots.shape
+    owners = torch.arange(n * n_blocks, device=slots.device).repeat_interleave(block)
+    pairs = torch.sparse_coo_tensor(
+        torch.stack([slots.reshape(-1), owners]),
+        coeffs.reshape(-1),
+        (grad_w.shape[0], n * n_blocks),
+        check_invariants=False,
+    )
+    grad_w.addmm_(pairs, gP.reshape(n * n_blocks, -1), alpha=-1)
 
 
 def block_end_errors(
