@@ -524,6 +524,11 @@ def section_op_speed(device: Any, shapes: Shapes) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _variant_label(variant: dict[str, Any] | None) -> str:
+    """A section D run's config fields beyond the defaults, ``name=value, …`` (or ``defaults``)."""
+    return ", ".join(f"{k}={v}" for k, v in (variant or {}).items()) or "defaults"
+
+
 def _train_once(
     arch: str,
     autocast: bool,
@@ -593,7 +598,7 @@ def _train_once(
     steady_steps = len(losses) - min(10, steps // 2)
     return {
         "architecture": arch,
-        "variant": ", ".join(f"{k}={v}" for k, v in (variant or {}).items()) or "defaults",
+        "variant": _variant_label(variant),
         "autocast": autocast,
         "steps": len(losses),
         "steps_per_s": len(losses) / elapsed,
@@ -633,7 +638,7 @@ def section_trainer(device: Any, shapes: Shapes) -> list[dict[str, Any]]:
                 results.append(
                     {
                         "architecture": arch,
-                        "variant": str(variant or "defaults"),
+                        "variant": _variant_label(variant),
                         "autocast": autocast,
                         "error": f"{type(e).__name__}: {e}",
                     }
