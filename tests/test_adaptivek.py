@@ -591,3 +591,45 @@ def test_hook_on_acts_pre_falls_back_to_selecting_after_the_hook():
     assert torch.all(acts[:, 0] == 1e3) and torch.all(out.feature_acts[:, 0] == 1e3)
     assert torch.all(out.hidden_pre[:, 0] == 1e3)
     assert not torch.all(sae.encode(x)[:, 0] == 1e3)  # hook removed: fused path again
+
+
+@pytest.mark.parametrize("precision", ["bf16", "autocast"])
+def test_grouped_widths_and_sparse_product_hold_in_bf16_and_autocast_with_dead_latents(
+    precision, monkeypatch
+):
+    """CPU bf16 SAE and float32 SAE under bf16 autocast, with AuxK on: rows_topk's grouped widths
+    (k_max 64: widths 64, 32, 16) give the step of one width exactly, and the warm-up's
+    decoder-row gradient by sparse product equals the index-added one to float32 rounding."""
+    from sae_adaptive_plugin.ops import hierarchical, variable_topk
+
+    dtype = "bfloat16" if precision == "bf16" else "float32"
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "autocast" else None
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(5)) * 2
+    x = x * torch.rand(64, 1, generator=torch.Generator().manual_seed(6))
+    dead = torch.rand(192, generator=torch.Generator().manual_seed(7)) < 0.4
+
+    def step(sae):
+        with context if context is not None else torch.enable_grad():
+            return loss_and_grads(sae, x.to(sae.W_enc.dtype), 0, dead)
+
+    torch.manual_seed(2)
+    sae = _training_sae(d_sae=192, k_min=1, k_max=64, k=16, dtype=dtype, probe_warmup_steps=4)
+    sae.set_probe(_random_probe(16))
+    ks = sae.k_per_sample(x.to(sae.W_enc.dtype))
+    assert int(ks.min()) <= 16 and int(ks.max()) > 32  # rows in every width group
+    grouped = step(sae)
+    monkeypatch.setattr(variable_topk, "GROUP_MIN_WIDTH", 10**9)
+    one_width = step(sae)
+    assert "auxiliary_reconstruction_loss" in grouped[0].losses
+    assert all(torch.isfinite(g).all() for g in grouped[1].values())
+    assert_steps_match(grouped, one_width, rtol=0, atol=0, grad_rtol=0, grad_atol=0)
+
+    torch.manual_seed(2)
+    warm = _training_sae(d_sae=192, k_min=1, k_max=64, k=16, dtype=dtype, probe_warmup_steps=4)
+    product = step(warm)
+    monkeypatch.setattr(hierarchical, "host_check_is_free", lambda t: False)
+    index_added = step(warm)
+    assert "prefix_excess_loss" in product[0].losses
+    assert all(torch.isfinite(g).all() for g in product[1].values())
+    tol = 2e-2 if precision == "bf16" else 1e-5
+    assert_steps_match(product, index_added, rtol=tol, atol=tol, grad_rtol=tol, grad_atol=tol)
