@@ -37,7 +37,7 @@ def main() -> None:
         sae_in = sae.process_sae_in(x)
         z = sae.plain_hidden_pre(sae_in).relu()
         k_hat = sae.estimate_k_from_sae_in(sae_in)
-        alpha = float(sae.schedule.alpha_at(row.step_index) * sae._alpha_unit(z))
+        alpha = float(sae.schedule.alpha_at(row.step_index) * sae._alpha_unit(z.amax(dim=-1)))
         tau = lapsum_threshold(z, k_hat, alpha, sae.cfg.k_max)
         u = (z - tau[:, None]) / alpha
     print(

@@ -383,6 +383,9 @@ def test_fold_w_dec_norm_and_saving_keep_outputs(tmp_path: Path) -> None:
         ({"k_target_start": float("nan")}, "k_target_start must be a finite number >= 1"),
         ({"k_target_start": float("inf")}, "k_target_start must be a finite number >= 1"),
         ({"k_target_start": 0.5}, "k_target_start must be a finite number >= 1"),
+        ({"soft_candidates": 8}, "soft_candidates=8 must lie in \\[k_max \\+ 1=9, d_sae=48\\]"),
+        ({"soft_candidates": 49}, "soft_candidates=49 must lie in \\[k_max \\+ 1=9, d_sae=48\\]"),
+        ({"soft_candidates": 12.5}, "soft_candidates must be an integer"),
     ],
 )
 def test_bad_config_is_rejected(overrides: dict, field: str) -> None:
@@ -473,10 +476,11 @@ def test_ground_truth_l0_tracking_beats_topk_at_matched_l0(tmp_path: Path) -> No
     assert soft["explained_variance"] >= topk["explained_variance"], (soft, topk)
 
 
+@pytest.mark.parametrize("candidates", [None, 20])
 @pytest.mark.parametrize("step", [0, 9])  # soft phase, hard phase
-def test_autocast_bfloat16_training_step_is_finite(step: int) -> None:
+def test_autocast_bfloat16_training_step_is_finite(step: int, candidates: int | None) -> None:
     """SAELens's ``autocast=True`` trains under bf16 autocast: both phases stay finite."""
-    sae = SoftSAETrainingSAE(_cfg())
+    sae = SoftSAETrainingSAE(_cfg(soft_candidates=candidates))
     x = torch.randn(32, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _step(sae, x, step, dead=torch.ones(48, dtype=torch.bool))
@@ -629,3 +633,75 @@ def test_soft_phase_hooks_take_the_plain_composition() -> None:
             handle.remove()
         assert out.feature_acts.requires_grad  # the plain composition ran
         assert torch.all(out.feature_acts[:, j] == 0)
+
+
+def _soft_step_pair(candidates: int | None, rescale: bool, auxk: bool, step: int, **cfg):
+    """One soft-phase step through the blocked ops and through the plain composition (float64)."""
+    torch.manual_seed(5)
+    sae = SoftSAETrainingSAE(
+        _cfg(
+            d_sae=96,
+            k=4,
+            k_max=8,
+            dtype="float64",
+            rescale_acts_by_decoder_norm=rescale,
+            soft_candidates=candidates,
+            **cfg,
+        )
+    )
+    with torch.no_grad():  # non-trivial decoder norms and biases
+        sae.W_dec.mul_(torch.rand(96, 1, dtype=torch.float64) * 2 + 0.3)
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    dead = (torch.arange(96) % 3 == 0) if auxk else None
+    outs = {}
+    for fused in (True, False):
+        sae.fused_soft = fused
+        sae.calibrate_k_estimator = lambda sae_in: None  # same estimator in both runs
+        outs[fused] = loss_and_grads(sae, x, step, dead)
+    return outs[True], outs[False]
+
+
+SOFT_GRADS = ("W_enc", "b_enc", "W_dec", "b_dec", "k_est_W_enc", "k_est_w_out")
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("auxk", [False, True])
+@pytest.mark.parametrize("step", [0, 3, 7])  # α annealing, α at its end
+def test_candidate_soft_phase_matches_plain_composition_float64(
+    rescale: bool, auxk: bool, step: int
+) -> None:
+    """``soft_candidates``: the sparse soft step (fused top-M encoder, LapSum over the M
+    candidates, bag decode, sparse AuxK) is the plain composition's (a dense top-M of ReLU(h),
+    the mask scattered back): same losses, outputs, metrics and gradients in float64."""
+    fused, plain = _soft_step_pair(20, rescale, auxk, step)
+    (o1, _), (o0, _) = fused, plain
+    assert o1.feature_acts.is_sparse and not o0.feature_acts.is_sparse  # two paths ran
+    assert bool(o1.losses["auxiliary_reconstruction_loss"] > 0) == auxk
+    assert float(o1.metrics["soft_l0"]) <= 20
+    for name in ("soft_l0", "mean_k", "std_k"):
+        torch.testing.assert_close(o1.metrics[name], o0.metrics[name], rtol=1e-12, atol=0)
+    assert_steps_match(fused, plain, required_grads=SOFT_GRADS)
+
+
+def test_soft_candidates_at_d_sae_is_the_soft_phase_over_every_latent() -> None:
+    """``soft_candidates = d_sae`` is the method as published (``None``); fewer candidates
+    change the step (the mask is 0 off each row's top M, and Σ m = k̂ over the M)."""
+    whole = _soft_step_pair(None, True, True, 3)[0]
+    every = _soft_step_pair(96, True, True, 3)[0]
+    assert every[0].feature_acts.is_sparse and not whole[0].feature_acts.is_sparse
+    assert_steps_match(every, whole, required_grads=SOFT_GRADS)
+    fewer = _soft_step_pair(12, True, True, 3)[0]
+    assert float(fewer[0].metrics["soft_l0"]) <= 12 < float(whole[0].metrics["soft_l0"])
+    assert not torch.allclose(fewer[0].losses["mse_loss"], whole[0].losses["mse_loss"])
+
+
+def test_candidate_soft_phase_nan_row_gives_nan() -> None:
+    """A non-finite input row gives a NaN code and output, never a clean one."""
+    sae = SoftSAETrainingSAE(_cfg(soft_candidates=20))
+    x = torch.randn(8, 16)
+    x[3, 5] = float("nan")
+    out = _step(sae, x, 3)
+    assert torch.isnan(out.sae_out[3]).all() and torch.isfinite(out.sae_out[[0, 1, 2, 4]]).all()
+    assert torch.isnan(dense(out.feature_acts)[3]).any()

@@ -29,10 +29,13 @@ from sae_lens.saes.sae import TrainStepInput
 from torch import nn
 
 from sae_adaptive_plugin.distributed import gather_rows, global_mean
+from sae_adaptive_plugin.ops.dispatch import accumulation_dtype
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
 from sae_adaptive_plugin.ops.lapsum_decode import lapsum_decode
 from sae_adaptive_plugin.ops.shifted_linear import shifted_linear
+from sae_adaptive_plugin.ops.variable_topk import TopKResult, decode_topk, scatter_topk, topk_encode
 from sae_adaptive_plugin.registration.hookspecs import Architecture
+from sae_adaptive_plugin.saes.input_checks import nan_where_not_finite
 from sae_adaptive_plugin.saes.per_row_topk import PerRowTopK
 from sae_adaptive_plugin.saes.softsae_config import (
     SoftSAEConfig,
@@ -42,9 +45,11 @@ from sae_adaptive_plugin.saes.softsae_config import (
 from sae_adaptive_plugin.saes.topk_family import (
     InputReader,
     StepEncoding,
+    TopKEncoding,
     TopKFamilyMixin,
     TopKFamilySAE,
     TopKFamilyTrainingSAE,
+    sparse_code,
 )
 
 #: softplus sharpness β of the penalty on the batch-mean k̂ (docs/METHODS.md §2).
@@ -115,17 +120,30 @@ class SoftSAE(_KEstimator, TopKFamilySAE):
     cfg: SoftSAEConfig  # type: ignore[assignment]
 
 
-@dataclass
-class SoftEncoding(StepEncoding):
-    """A soft-phase batch, encoded and decoded in one pass (:meth:`SoftSAETrainingSAE.soft_decode`):
-    ``sae_out``, ``k̂`` with its gradient, the step's (unscaled) ``α``, and per row the number of
-    latents with any weight in the code ``z ⊙ m``. ``feature_acts``: the code's latents with
-    ``m > ½``, what SAELens counts as firing."""
+@dataclass(kw_only=True)
+class SoftFields:
+    """What a soft-phase step adds to its encoding: ``sae_out`` (the batch decoded with its soft
+    code), ``k̂`` with its gradient, the step's (unscaled) ``α``, and per row the number of
+    latents with any weight in the code ``z ⊙ m``. The encoding's ``feature_acts`` are the
+    code's latents with ``m > ½``, what SAELens counts as firing."""
 
     sae_out: torch.Tensor
     k_hat: torch.Tensor
     alpha: float
     soft_l0: torch.Tensor
+
+
+@dataclass(kw_only=True)
+class SoftEncoding(StepEncoding, SoftFields):
+    """A soft-phase batch over every latent (:meth:`SoftSAETrainingSAE.soft_decode`)."""
+
+
+@dataclass(kw_only=True)
+class CandidateSoftEncoding(TopKEncoding, SoftFields):
+    """A soft-phase batch over each row's top ``soft_candidates`` latents
+    (:meth:`SoftSAETrainingSAE.candidate_soft_encoding`): its ``selection`` holds the code's
+    latents with ``m > ½`` (mask) among the candidates, so AuxK and the firing counts take the
+    hard phase's sparse paths."""
 
 
 class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
@@ -207,9 +225,12 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             return super().training_encoding(step_input)
         return self.soft_encoding(step_input.sae_in, step)
 
-    def soft_encoding(self, x: torch.Tensor, step: int) -> SoftEncoding:
-        """The soft phase at ``step``: pre-activations and ``k̂`` of the batch
+    def soft_encoding(self, x: torch.Tensor, step: int) -> StepEncoding:
+        """The soft phase at ``step``: with ``soft_candidates`` on the blocked path,
+        :meth:`candidate_soft_encoding`; else pre-activations and ``k̂`` of the batch
         (:meth:`soft_encode`), then :meth:`soft_decode`."""
+        if self.cfg.soft_candidates is not None and self.soft_blocked() and self.encodes_fused:
+            return self.candidate_soft_encoding(x, step)
         x_in = self.run_time_activation_norm_fn_in(self.read_input(x))
         shift = self.b_dec * self.cfg.apply_b_dec_to_input  # process_sae_in(x) = x_in − shift
         hidden_pre, k_hat = self.soft_encode(x_in, shift)
@@ -223,6 +244,59 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             k_hat=k_hat,
             alpha=alpha,
             soft_l0=soft_l0,
+        )
+
+    def candidate_soft_encoding(self, x: torch.Tensor, step: int) -> CandidateSoftEncoding:
+        """The soft phase over each row's top ``M = soft_candidates`` latents, sparse
+        throughout: the fused encoder selects the top ``M`` ReLU'd pre-activations ``z`` (its
+        backward touches those ``B·M`` latents only), the LapSum mask ``m`` is solved over them
+        (``Σ m = k̂``), and the code ``z ⊙ m`` is decoded from the ``M`` decoder rows. The same
+        values and gradients as :meth:`soft_decode`'s plain path with ``soft_candidates``."""
+        x_in = self.read_input(x)
+        lead = x_in.shape[:-1]
+        normalised = self.run_time_activation_norm_fn_in(x_in)
+        shift = self.b_dec * self.cfg.apply_b_dec_to_input
+        sae_in = normalised - shift
+        flat = sae_in.reshape(-1, self.cfg.d_in)
+        width = self.cfg.soft_candidates
+        scale = self.decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
+        k_all = torch.full(flat.shape[:1], width, dtype=torch.long, device=flat.device)
+        hidden_pre, top = topk_encode(flat, self.W_enc, self.b_enc, k_all, width, scale=scale)
+        hidden = shifted_linear(
+            normalised.reshape(-1, self.cfg.d_in),
+            shift.detach(),
+            self.k_est_W_enc,
+            self.k_est_b_enc,
+        )
+        k_hat = self._k_hat(hidden)
+        alpha = self.schedule.alpha_at(step)
+        z = top.values.to(accumulation_dtype(top.values.dtype))  # ReLU'd, sorted descending
+        scaled_alpha = alpha * self._alpha_unit(z[:, 0]) if self.cfg.alpha_relative else alpha
+        mask = lapsum_topk(z, k_hat, scaled_alpha)
+        rows = x_in.reshape(-1, self.cfg.d_in)  # a row holding NaN/Inf: NaN code and output
+        code = nan_where_not_finite(z * mask, rows)
+        fires = ~(mask.detach() <= 0.5)  # m > ½, or NaN (kept: NaN in is never a clean code)
+        acts = nan_where_not_finite(torch.where(fires, code, 0).detach(), rows)
+        chosen = TopKResult(acts, top.indices, fires)
+        selection = TopKResult(*(t.reshape(*lead, width) for t in chosen))
+        out = decode_topk(self.decoder_coefficients(code, top.indices), top.indices, self.W_dec)
+        out = self.hook_sae_recons((out + self.b_dec).reshape(*lead, -1))
+        sae_out = self.reshape_fn_out(self.run_time_activation_norm_fn_out(out), self.d_head)
+        if self.sparse_code_in_step():
+            feature_acts = sparse_code(selection, self.cfg.d_sae)
+        else:
+            feature_acts = scatter_topk(selection, self.cfg.d_sae)
+        return CandidateSoftEncoding(
+            hidden_pre=self.hook_sae_acts_pre(hidden_pre.reshape(*lead, -1)),
+            feature_acts=self.hook_sae_acts_post(feature_acts),
+            k=k_hat.detach().reshape(lead),
+            x_in=x_in,
+            sae_in=sae_in,
+            selection=selection,
+            sae_out=sae_out,
+            k_hat=k_hat.reshape(lead),
+            alpha=alpha,
+            soft_l0=(code.detach() != 0).sum(dim=-1).reshape(lead),
         )
 
     def soft_blocked(self) -> bool:
@@ -259,12 +333,17 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(sae_out, feature_acts, latents with weight per row)`` of the code
         ``hook_sae_acts_post(z ⊙ m)``, ``z = ReLU(hidden_pre)``, ``m`` the LapSum mask
-        (``Σ m = k̂``) at scale α; ``feature_acts`` keeps the latents with ``m > ½``. Blocked
-        (:meth:`soft_blocked`): one op, :func:`~sae_adaptive_plugin.ops.lapsum_decode.lapsum_decode`,
-        that holds no ``[B, d_sae]`` mask, code or their gradients."""
-        scaled_alpha = alpha * self._alpha_unit(hidden_pre) if self.cfg.alpha_relative else alpha
-        # τ is solved from each row's top 2·k_max + 2 pre-activations
-        if self.soft_blocked():
+        (``Σ m = k̂``) at scale α; ``feature_acts`` keeps the latents with ``m > ½``. With
+        ``soft_candidates``, ``m`` is solved over each row's top ``soft_candidates`` latents and
+        is 0 on the others. Blocked (:meth:`soft_blocked`, no ``soft_candidates``): one op,
+        :func:`~sae_adaptive_plugin.ops.lapsum_decode.lapsum_decode`, that holds no
+        ``[B, d_sae]`` mask, code or their gradients."""
+        if self.cfg.alpha_relative:
+            scaled_alpha = alpha * self._alpha_unit(hidden_pre.detach().amax(dim=-1))
+        else:
+            scaled_alpha = alpha
+        if self.soft_blocked() and self.cfg.soft_candidates is None:
+            # τ is solved from each row's top 2·k_max + 2 pre-activations
             dec_scale = 1 / self.decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
             res = lapsum_decode(
                 hidden_pre.reshape(-1, self.cfg.d_sae),
@@ -281,7 +360,12 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             feature_acts = res.feature_acts.reshape(hidden_pre.shape)
             return sae_out, feature_acts, res.nonzero.reshape(k_hat.shape)
         z = hidden_pre.relu()
-        mask = lapsum_topk(z, k_hat, scaled_alpha, k_max=self.cfg.k_max)
+        if self.cfg.soft_candidates is None:
+            mask = lapsum_topk(z, k_hat, scaled_alpha, k_max=self.cfg.k_max)
+        else:  # the mask over each row's top soft_candidates latents, 0 elsewhere
+            top = z.topk(self.cfg.soft_candidates, dim=-1)
+            on_top = lapsum_topk(top.values, k_hat, scaled_alpha)
+            mask = torch.zeros_like(z).scatter(-1, top.indices, on_top)
         code = self.hook_sae_acts_post(z * mask)
         # SAELens counts firings (dead latents → AuxK, logged L0) from feature_acts: report
         # the latents the soft top-k selects (m > ½), not every latent with a tiny weight
@@ -289,14 +373,15 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         return self.decode(code), feature_acts, (code.detach() != 0).sum(dim=-1)
 
     @staticmethod
-    def _alpha_unit(hidden_pre: torch.Tensor) -> torch.Tensor:
-        """The batch's mean largest ReLU'd pre-activation (detached; ``alpha_relative``; the global
-        batch under data parallelism, as are the k̂ penalty and the estimator's calibration)."""
-        top = hidden_pre.detach().amax(dim=-1).clamp(min=0)  # max ReLU(h) = ReLU(max h)
-        return global_mean(top).clamp(min=torch.finfo(hidden_pre.dtype).tiny)
+    def _alpha_unit(row_max: torch.Tensor) -> torch.Tensor:
+        """The batch's mean largest ReLU'd pre-activation, from each row's largest one (detached;
+        ``alpha_relative``; the global batch under data parallelism, as are the k̂ penalty and
+        the estimator's calibration)."""
+        top = row_max.detach().clamp(min=0)  # max ReLU(h) = ReLU(max h)
+        return global_mean(top).clamp(min=torch.finfo(row_max.dtype).tiny)
 
     def training_decode(self, encoding: StepEncoding) -> torch.Tensor:
-        if isinstance(encoding, SoftEncoding):  # decoded with its code
+        if isinstance(encoding, SoftFields):  # decoded with its code
             return encoding.sae_out
         return super().training_decode(encoding)
 
@@ -307,7 +392,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
     def extra_losses(
         self, step_input: TrainStepInput, encoding: StepEncoding, mse_loss: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        if not isinstance(encoding, SoftEncoding):  # hard phase: the estimator is frozen
+        if not isinstance(encoding, SoftFields):  # hard phase: the estimator is frozen
             return {"k_penalty": encoding.hidden_pre.new_zeros(())}
         target = self.schedule.k_target_at(step_input.n_training_steps)
         excess = self.batch_mean_k_hat(encoding.k_hat) - target
@@ -324,7 +409,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         return self.cfg.k_penalty_coefficient * global_mean(mse_loss.detach().float()) / target
 
     def extra_metrics(self, step_input: TrainStepInput, encoding: StepEncoding) -> dict[str, Any]:
-        if not isinstance(encoding, SoftEncoding):
+        if not isinstance(encoding, SoftFields):
             return {}
         return {
             "soft_l0": encoding.soft_l0.float().mean(),

@@ -156,10 +156,15 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             moving estimate over the last 4× as many) also counts as dead for the AuxK loss, as
             well as those SAELens's dead-feature window marks (``None``, default: that window
             only; SAELens counts one firing in the window as alive).
-        sparse_training_code: hard-phase training steps hand SAELens's trainer the code as a
-            COO tensor built from the selection (``True``), so no dense ``[batch, d_sae]`` code
-            is built for its firing counts, or the dense code (``False``, as SAELens's TopK; the
-            soft phase's code always comes dense from its decode). ``None`` (default): COO on
+        soft_candidates: the soft phase's support: each row's top ``soft_candidates`` ReLU'd
+            pre-activations, over which the LapSum mask is solved (``Σ m = k̂`` over them; 0 on
+            the other latents). The code, its decode and the encoder's backward then touch
+            ``batch × soft_candidates`` latents, not ``batch × d_sae``. ``None`` (default):
+            every latent, as the method is published. In ``(k_max, d_sae]``.
+        sparse_training_code: training steps hand SAELens's trainer the code as a COO tensor
+            built from the selection (``True``), so no dense ``[batch, d_sae]`` code is built
+            for its firing counts, or the dense code (``False``, as SAELens's TopK; a soft
+            phase over every latent always gives it dense, from its decode). ``None`` (default): COO on
             the CPU, dense elsewhere (SAELens's sums over a COO code make a GPU's host wait).
             COO only where nothing hooks ``hook_sae_acts_pre``/``hook_sae_acts_post``;
             ``encode`` is unaffected.
@@ -180,6 +185,7 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
     decoder_unit_norm: bool = False
     b_dec_init_method: str = "zeros"
     auxk_rare_tokens: int | None = None
+    soft_candidates: int | None = None
     sparse_training_code: bool | None = None
 
     def __post_init__(self) -> None:
@@ -194,6 +200,17 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
         if self.k_estimator_hidden is None:
             self.k_estimator_hidden = min(self.d_sae, ESTIMATOR_WIDTH_PER_INPUT * self.d_in)
         _validate_common(self)
+        if self.soft_candidates is not None:
+            self.soft_candidates = check_int(
+                "soft_candidates",
+                self.soft_candidates,
+                self.k_max + 1,
+                self.d_sae,
+                lo_name="k_max + 1",
+                hi_name="d_sae",
+                why="the soft mask sums to k̂ ≤ k_max over the candidates, each weighing below "
+                "1; leave it unset (null) for every latent",
+            )
         check_number("alpha_start", self.alpha_start)
         check_number("alpha_end", self.alpha_end)
         if self.alpha_anneal_steps is not None:
