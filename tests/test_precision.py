@@ -335,16 +335,20 @@ def _softsae(**overrides):
     return SoftSAETrainingSAE(SoftSAETrainingSAEConfig(**cfg))
 
 
+@pytest.mark.parametrize("candidates", [48, None])  # every latent (lapsum_decode), the default
 @pytest.mark.parametrize(("dtype", "ctx"), [("float32", autocast), ("bfloat16", None)])
 @pytest.mark.parametrize("rescale", [False, True])
 def test_softsae_soft_phase_takes_the_blocked_ops_under_autocast_and_bf16(
-    dtype, ctx, rescale, monkeypatch
+    dtype, ctx, rescale, candidates, monkeypatch
 ) -> None:
+    """The soft phase's blocked ops (over every latent: ``lapsum_decode``; over the default
+    candidates: the fused top-M encoder) under bf16 autocast and in bf16 give the plain
+    composition's losses and gradients to bf16 rounding."""
     calls = []
-    monkeypatch.setattr(
-        softsae_module, "lapsum_decode", lambda *a, **k: calls.append(1) or lapsum_decode(*a, **k)
-    )
-    sae = _softsae(dtype=dtype, rescale_acts_by_decoder_norm=rescale)
+    op = "lapsum_decode" if candidates else "topk_encode"
+    blocked = getattr(softsae_module, op)
+    monkeypatch.setattr(softsae_module, op, lambda *a, **k: calls.append(1) or blocked(*a, **k))
+    sae = _softsae(dtype=dtype, rescale_acts_by_decoder_norm=rescale, soft_candidates=candidates)
     x = torch.randn(64, 16).to(sae.dtype)
     loss_and_grads(sae, x, 0)  # calibration step
     steps = {}

@@ -99,7 +99,7 @@ def test_runner_train_save_reload_and_evals(tmp_path: Path) -> None:
 
 
 def test_soft_phase_trains_estimator_and_reports_metrics() -> None:
-    sae = SoftSAETrainingSAE(_cfg())
+    sae = SoftSAETrainingSAE(_cfg(soft_candidates=48))  # every latent: the published soft phase
     x = torch.randn(32, 16)
     out = _step(sae, x, step=0)
     assert set(out.metrics) >= {"mean_k", "std_k", "soft_l0", "alpha", "k_target"}
@@ -396,6 +396,8 @@ def test_bad_config_is_rejected(overrides: dict, field: str) -> None:
 def test_config_defaults_and_inference_config() -> None:
     cfg = SoftSAETrainingSAEConfig(d_in=16, d_sae=48, k=5)
     assert cfg.k_max == 10 and cfg.k_estimator_hidden == 48  # d_sae ≤ 4·d_in: d_sae
+    assert cfg.soft_candidates == 22  # 2·k_max + 2
+    assert SoftSAETrainingSAEConfig(d_in=16, d_sae=48, k=20).soft_candidates == 48  # capped
     wide = SoftSAETrainingSAEConfig(d_in=16, d_sae=256, k=5)
     assert wide.k_estimator_hidden == 64  # a wide SAE: 4·d_in
     assert SoftSAETrainingSAEConfig(d_in=16, d_sae=48, k=30).k_max == 48
@@ -549,7 +551,8 @@ def test_soft_phase_top_m_threshold_matches_full_sort_float64(monkeypatch) -> No
     import sae_adaptive_plugin.saes.softsae as softsae_module
 
     torch.manual_seed(4)
-    sae = SoftSAETrainingSAE(_cfg(d_sae=96, k=4, k_max=8, dtype="float64"))  # m = 18 < 96
+    # every latent a candidate (soft_candidates = d_sae); the solve's top m = 18 < 96
+    sae = SoftSAETrainingSAE(_cfg(d_sae=96, k=4, k_max=8, dtype="float64", soft_candidates=96))
     sae.fused_soft = False  # the plain composition calls lapsum_topk
     x = torch.randn(32, 16, dtype=torch.float64)
     seen = []
@@ -580,11 +583,18 @@ def test_soft_phase_top_m_threshold_matches_full_sort_float64(monkeypatch) -> No
 def test_blocked_soft_phase_matches_plain_composition_float64(
     rescale: bool, auxk: bool, step: int
 ) -> None:
-    """The soft phase through ``lapsum_decode`` (blocked) is the plain LapSum step: same losses,
-    outputs, metrics and gradients (estimator included) in float64."""
+    """The soft phase over every latent through ``lapsum_decode`` (blocked) is the plain LapSum
+    step: same losses, outputs, metrics and gradients (estimator included) in float64."""
     torch.manual_seed(5)
     sae = SoftSAETrainingSAE(
-        _cfg(d_sae=96, k=4, k_max=8, dtype="float64", rescale_acts_by_decoder_norm=rescale)
+        _cfg(
+            d_sae=96,
+            k=4,
+            k_max=8,
+            dtype="float64",
+            rescale_acts_by_decoder_norm=rescale,
+            soft_candidates=96,
+        )
     )
     with torch.no_grad():  # non-trivial decoder norms and biases
         sae.W_dec.mul_(torch.rand(96, 1, dtype=torch.float64) * 2 + 0.3)
@@ -616,7 +626,7 @@ def test_soft_phase_hooks_take_the_plain_composition() -> None:
     sae = SoftSAETrainingSAE(_cfg(rescale_acts_by_decoder_norm=False))
     sae.calibrate_k_estimator = lambda sae_in: None
     x = torch.randn(20, 16)
-    fired = _step(sae, x, 3).feature_acts.ne(0).sum(dim=0)  # blocked path
+    fired = dense(_step(sae, x, 3).feature_acts).ne(0).sum(dim=0)  # blocked path
     j = int(fired.argmax())
     assert fired[j] > 0
 
@@ -635,8 +645,11 @@ def test_soft_phase_hooks_take_the_plain_composition() -> None:
         assert torch.all(out.feature_acts[:, j] == 0)
 
 
-def _soft_step_pair(candidates: int | None, rescale: bool, auxk: bool, step: int, **cfg):
-    """One soft-phase step through the blocked ops and through the plain composition (float64)."""
+def _soft_step_pair(
+    candidates: int | None, rescale: bool, auxk: bool, step: int, *, every_width: bool = False
+):
+    """One soft-phase step through the blocked ops and through the plain composition (float64);
+    ``every_width``: the candidate path also at ``soft_candidates = d_sae``."""
     torch.manual_seed(5)
     sae = SoftSAETrainingSAE(
         _cfg(
@@ -646,9 +659,10 @@ def _soft_step_pair(candidates: int | None, rescale: bool, auxk: bool, step: int
             dtype="float64",
             rescale_acts_by_decoder_norm=rescale,
             soft_candidates=candidates,
-            **cfg,
         )
     )
+    if every_width:
+        sae.soft_width = lambda: sae.cfg.soft_candidates
     with torch.no_grad():  # non-trivial decoder norms and biases
         sae.W_dec.mul_(torch.rand(96, 1, dtype=torch.float64) * 2 + 0.3)
         sae.b_enc.normal_(0, 0.1)
@@ -686,10 +700,11 @@ def test_candidate_soft_phase_matches_plain_composition_float64(
 
 
 def test_soft_candidates_at_d_sae_is_the_soft_phase_over_every_latent() -> None:
-    """``soft_candidates = d_sae`` is the method as published (``None``); fewer candidates
-    change the step (the mask is 0 off each row's top M, and Σ m = k̂ over the M)."""
-    whole = _soft_step_pair(None, True, True, 3)[0]
-    every = _soft_step_pair(96, True, True, 3)[0]
+    """The candidate path with every latent a candidate is the soft phase as published
+    (``lapsum_decode``, what ``soft_candidates = d_sae`` runs); fewer candidates change the
+    step (the mask is 0 off each row's top M, and Σ m = k̂ over the M)."""
+    whole = _soft_step_pair(96, True, True, 3)[0]
+    every = _soft_step_pair(96, True, True, 3, every_width=True)[0]
     assert every[0].feature_acts.is_sparse and not whole[0].feature_acts.is_sparse
     assert_steps_match(every, whole, required_grads=SOFT_GRADS)
     fewer = _soft_step_pair(12, True, True, 3)[0]

@@ -229,7 +229,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         """The soft phase at ``step``: with ``soft_candidates`` on the blocked path,
         :meth:`candidate_soft_encoding`; else pre-activations and ``k̂`` of the batch
         (:meth:`soft_encode`), then :meth:`soft_decode`."""
-        if self.cfg.soft_candidates is not None and self.soft_blocked() and self.encodes_fused:
+        if self.soft_width() is not None and self.soft_blocked() and self.encodes_fused:
             return self.candidate_soft_encoding(x, step)
         x_in = self.run_time_activation_norm_fn_in(self.read_input(x))
         shift = self.b_dec * self.cfg.apply_b_dec_to_input  # process_sae_in(x) = x_in − shift
@@ -279,7 +279,8 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         acts = nan_where_not_finite(torch.where(fires, code, 0).detach(), rows)
         chosen = TopKResult(acts, top.indices, fires)
         selection = TopKResult(*(t.reshape(*lead, width) for t in chosen))
-        out = decode_topk(self.decoder_coefficients(code, top.indices), top.indices, self.W_dec)
+        coefficients = self.decoder_coefficients(code.to(self.W_dec.dtype), top.indices)
+        out = decode_topk(coefficients, top.indices, self.W_dec)
         out = self.hook_sae_recons((out + self.b_dec).reshape(*lead, -1))
         sae_out = self.reshape_fn_out(self.run_time_activation_norm_fn_out(out), self.d_head)
         if self.sparse_code_in_step():
@@ -298,6 +299,12 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             alpha=alpha,
             soft_l0=(code.detach() != 0).sum(dim=-1).reshape(lead),
         )
+
+    def soft_width(self) -> int | None:
+        """The soft phase's candidates per row, ``soft_candidates``; ``None`` when every latent
+        is one (``soft_candidates = d_sae``: the soft phase as published)."""
+        width = self.cfg.soft_candidates
+        return None if width is None or width >= self.cfg.d_sae else width
 
     def soft_blocked(self) -> bool:
         """Whether the soft phase takes the blocked ops: ``fused_soft`` and no forward hooks on
@@ -334,15 +341,17 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         """``(sae_out, feature_acts, latents with weight per row)`` of the code
         ``hook_sae_acts_post(z ⊙ m)``, ``z = ReLU(hidden_pre)``, ``m`` the LapSum mask
         (``Σ m = k̂``) at scale α; ``feature_acts`` keeps the latents with ``m > ½``. With
-        ``soft_candidates``, ``m`` is solved over each row's top ``soft_candidates`` latents and
-        is 0 on the others. Blocked (:meth:`soft_blocked`, no ``soft_candidates``): one op,
+        ``soft_candidates`` below ``d_sae``, ``m`` is solved over each row's top
+        ``soft_candidates`` latents and is 0 on the others. Blocked (:meth:`soft_blocked`, every
+        latent a candidate): one op,
         :func:`~sae_adaptive_plugin.ops.lapsum_decode.lapsum_decode`, that holds no
         ``[B, d_sae]`` mask, code or their gradients."""
         if self.cfg.alpha_relative:
             scaled_alpha = alpha * self._alpha_unit(hidden_pre.detach().amax(dim=-1))
         else:
             scaled_alpha = alpha
-        if self.soft_blocked() and self.cfg.soft_candidates is None:
+        width = self.soft_width()
+        if self.soft_blocked() and width is None:
             # τ is solved from each row's top 2·k_max + 2 pre-activations
             dec_scale = 1 / self.decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
             res = lapsum_decode(
@@ -360,10 +369,10 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             feature_acts = res.feature_acts.reshape(hidden_pre.shape)
             return sae_out, feature_acts, res.nonzero.reshape(k_hat.shape)
         z = hidden_pre.relu()
-        if self.cfg.soft_candidates is None:
+        if width is None:
             mask = lapsum_topk(z, k_hat, scaled_alpha, k_max=self.cfg.k_max)
         else:  # the mask over each row's top soft_candidates latents, 0 elsewhere
-            top = z.topk(self.cfg.soft_candidates, dim=-1)
+            top = z.topk(width, dim=-1)
             on_top = lapsum_topk(top.values, k_hat, scaled_alpha)
             mask = torch.zeros_like(z).scatter(-1, top.indices, on_top)
         code = self.hook_sae_acts_post(z * mask)

@@ -79,6 +79,9 @@ K_ANNEAL_FRACTION = 0.01
 HARD_PHASE_FRACTION = 0.25
 #: Allowed ``k_penalty_scale`` values (the penalty weight ``λ_k``).
 K_PENALTY_SCALES = ("mse", "constant")
+#: Default soft-phase candidates per row: this many per unit of ``k_max``, plus 2 (capped at
+#: ``d_sae``): the entries the exact LapSum threshold reads when every latent is a candidate.
+SOFT_CANDIDATES_PER_K_MAX = 2
 #: Default width of the k-estimator's hidden layer per input dimension (capped at ``d_sae``).
 ESTIMATOR_WIDTH_PER_INPUT = 4
 
@@ -159,8 +162,9 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
         soft_candidates: the soft phase's support: each row's top ``soft_candidates`` ReLU'd
             pre-activations, over which the LapSum mask is solved (``Σ m = k̂`` over them; 0 on
             the other latents). The code, its decode and the encoder's backward then touch
-            ``batch × soft_candidates`` latents, not ``batch × d_sae``. ``None`` (default):
-            every latent, as the method is published. In ``(k_max, d_sae]``.
+            ``batch × soft_candidates`` latents, not ``batch × d_sae``. In ``(k_max, d_sae]``;
+            default ``min(2·k_max + 2, d_sae)``; ``d_sae``: every latent, the soft phase as the
+            method is published.
         sparse_training_code: training steps hand SAELens's trainer the code as a COO tensor
             built from the selection (``True``), so no dense ``[batch, d_sae]`` code is built
             for its firing counts, or the dense code (``False``, as SAELens's TopK; a soft
@@ -200,16 +204,18 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
         if self.k_estimator_hidden is None:
             self.k_estimator_hidden = min(self.d_sae, ESTIMATOR_WIDTH_PER_INPUT * self.d_in)
         _validate_common(self)
-        if self.soft_candidates is not None:
+        if self.soft_candidates is None:
+            self.soft_candidates = min(SOFT_CANDIDATES_PER_K_MAX * self.k_max + 2, self.d_sae)
+        else:
             self.soft_candidates = check_int(
                 "soft_candidates",
                 self.soft_candidates,
-                self.k_max + 1,
+                min(self.k_max + 1, self.d_sae),
                 self.d_sae,
                 lo_name="k_max + 1",
                 hi_name="d_sae",
                 why="the soft mask sums to k̂ ≤ k_max over the candidates, each weighing below "
-                "1; leave it unset (null) for every latent",
+                "1; d_sae: every latent; leave it unset for min(2·k_max + 2, d_sae)",
             )
         check_number("alpha_start", self.alpha_start)
         check_number("alpha_end", self.alpha_end)
