@@ -4,6 +4,7 @@ within bfloat16 rounding of the plain reference, sums and Gram forms in float32.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -478,3 +479,50 @@ def test_ops_trace_without_graph_breaks(op: str) -> None:
     torch._dynamo.reset()
     losses = torch.compile(_ops_losses()[op], backend="aot_eager", fullgraph=True)
     torch.autograd.backward(losses())
+
+
+# -- the layout of low-precision weights: nn.Linear's ------------------------------------------
+
+
+class _LowMatmuls(TorchDispatchMode):
+    """Records, for each bf16 ``mm``/``addmm``, whether its right operand is laid out as
+    ``nn.Linear``'s weight (a transposed view of a contiguous ``[N, K]``: stride ``(1, K)``)."""
+
+    OPS: ClassVar[dict] = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.right_is_linear_layout: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        position = self.OPS.get(func)
+        if position is not None and args[position].dtype == BF16:
+            right = args[position]
+            self.right_is_linear_layout.append(right.stride() == (1, right.shape[0]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_linear_weight_casts_in_nn_linear_layout_with_gradients() -> None:
+    w = torch.randn(6, 10, requires_grad=True)
+    low = dispatch.linear_weight(w, BF16)
+    assert low.dtype == BF16 and low.shape == (6, 10) and low.stride() == (1, 6)
+    assert torch.equal(low, w.detach().to(BF16))
+    (low.float() * torch.arange(60.0).reshape(6, 10)).sum().backward()
+    torch.testing.assert_close(w.grad, torch.arange(60.0).reshape(6, 10))
+    assert dispatch.linear_weight(w, torch.float32) is w
+
+
+def test_autocast_forward_matmuls_read_weights_in_nn_linear_layout() -> None:
+    """Under CPU bf16 autocast, the encoder (``topk_encode``), ``shifted_linear`` and SoftSAE's
+    estimator multiply by weights cast in ``nn.Linear``'s layout, whose CPU kernels are several
+    times faster than a row-major right operand's on CPUs without bf16 units."""
+    torch.manual_seed(0)
+    x, W, b = torch.randn(32, 16), torch.randn(16, 48), torch.randn(48)
+    sae = _softsae()
+    recorder = _LowMatmuls()
+    with autocast(), recorder:
+        topk_encode(x, W, b, 4, 4)
+        shifted_linear(x, torch.randn(16), W, b)
+        sae.estimate_k_from_sae_in(x)
+    assert len(recorder.right_is_linear_layout) == 3
+    assert all(recorder.right_is_linear_layout)

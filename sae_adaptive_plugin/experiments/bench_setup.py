@@ -260,13 +260,14 @@ def _build_sparsify(cfg: BenchConfig, x: Any) -> list[BenchRow]:
 
 
 def _softsae_phase_steps(sae_cfg: Any) -> tuple[int, int]:
-    """(a step of the soft phase after the ``K_t`` and ``α`` anneals, the first hard step)."""
+    """(a step of the soft phase after the ``K_t`` and ``α`` anneals, the second hard step:
+    the first also checks the estimator's spread, once per run)."""
     hard = int(sae_cfg.hard_topk_start_step)
     soft = max(
         int(getattr(sae_cfg, "k_anneal_steps", 0)), int(getattr(sae_cfg, "alpha_anneal_steps", 0))
     )
     soft = min(soft, hard - 1)
-    return max(0, soft), hard
+    return max(0, soft), hard + 1
 
 
 def _build_softsae(cfg: BenchConfig, x: Any) -> list[BenchRow]:

@@ -44,6 +44,19 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def linear_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w`` (``[K, N]``, the right operand of ``x @ w``) cast to ``dtype``, differentiable. On
+    the CPU in ``nn.Linear``'s weight layout, a transposed view of a contiguous ``[N, K]``: the
+    one copy ``w.to(dtype)`` makes, in the layout PyTorch's own CPU kernels multiply fastest when
+    the CPU has no bf16 units (about 0.65 s against 4.3 s for a bf16 ``[1,024, 576] @ [576,
+    4,608]`` on an AVX2 CPU, one thread; docs/bench.md, round 9). Its products may differ from a
+    row-major operand's by one rounding step of ``dtype`` in a few entries. Elsewhere (and when
+    ``w`` already has ``dtype``): ``w.to(dtype)``, as autocast casts."""
+    if w.dtype == dtype or w.device.type != "cpu":
+        return w.to(dtype)
+    return w.t().to(dtype, memory_format=torch.contiguous_format).t()
+
+
 def host_check_is_free(t: torch.Tensor) -> bool:
     """Whether reading a value of ``t`` back to Python costs nothing: a CPU tensor, not under
     ``torch.compile`` (where it would break the graph). Input checks that need a value run only

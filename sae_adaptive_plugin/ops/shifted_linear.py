@@ -18,7 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from sae_adaptive_plugin.ops.dispatch import accumulation_dtype, autocast_dtype, autocast_off
+from sae_adaptive_plugin.ops.dispatch import (
+    accumulation_dtype,
+    autocast_dtype,
+    autocast_off,
+    linear_weight,
+)
 
 
 class _ShiftedLinear(torch.autograd.Function):
@@ -82,7 +87,7 @@ def shifted_linear(
             raise ValueError(f"{name} must have shape ({W.shape[1]},), got {tuple(t.shape)}")
     low = autocast_dtype(x.device.type)
     if low is not None:  # what autocast does to F.linear's weight and bias
-        W = W.to(low)
+        W = linear_weight(W, low)
         b = b.to(low) if b is not None else None
     return _ShiftedLinear.apply(x, shift, W, b, scale)
 

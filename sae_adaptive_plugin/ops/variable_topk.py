@@ -28,6 +28,7 @@ from sae_adaptive_plugin.ops.dispatch import (
     autocast_dtype,
     autocast_off,
     host_check_is_free,
+    linear_weight,
 )
 
 
@@ -425,7 +426,7 @@ def topk_encode(
         raise ValueError(f"impl must be 'auto', 'dense' or 'sparse', got {impl!r}")
     low = autocast_dtype(sae_in.device.type)
     if low is not None:  # what autocast's addmm does to its operands
-        sae_in, W_enc, b_enc = sae_in.to(low), W_enc.to(low), b_enc.to(low)
+        sae_in, W_enc, b_enc = sae_in.to(low), linear_weight(W_enc, low), b_enc.to(low)
     hidden_pre, values, indices, mask = _TopKEncode.apply(
         sae_in.reshape(-1, sae_in.shape[-1]), W_enc, b_enc, scale, k_per_row.reshape(-1), k_max
     )

@@ -29,7 +29,7 @@ from sae_lens.saes.sae import TrainStepInput
 from torch import nn
 
 from sae_adaptive_plugin.distributed import gather_rows, global_mean
-from sae_adaptive_plugin.ops.dispatch import accumulation_dtype
+from sae_adaptive_plugin.ops.dispatch import accumulation_dtype, autocast_dtype, linear_weight
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
 from sae_adaptive_plugin.ops.lapsum_decode import lapsum_decode
 from sae_adaptive_plugin.ops.shifted_linear import shifted_linear
@@ -97,7 +97,14 @@ class _KEstimator(TopKFamilyMixin):
 
     def estimate_k_from_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
         """Continuous ``k̂ ∈ [1, k_max]``, shape ``sae_in.shape[:-1]``."""
-        return self._k_hat(sae_in @ self.k_est_W_enc + self.k_est_b_enc)
+        return self._k_hat(self._estimator_hidden(sae_in))
+
+    def _estimator_hidden(self, sae_in: torch.Tensor) -> torch.Tensor:
+        """``U·sae_in + c``; under autocast ``U`` cast in ``nn.Linear``'s layout
+        (:func:`~sae_adaptive_plugin.ops.dispatch.linear_weight`), as the encoder's is."""
+        low = autocast_dtype(sae_in.device.type)
+        weight = self.k_est_W_enc if low is None else linear_weight(self.k_est_W_enc, low)
+        return sae_in @ weight + self.k_est_b_enc
 
     def _k_hat(self, hidden: torch.Tensor) -> torch.Tensor:
         """``k̂`` from the estimator's hidden layer before its ReLU, ``U·sae_in + c``."""
@@ -182,7 +189,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         so ``k̂`` grows with the activation of the encoder copy ``U`` (more active latents, larger
         ``k̂``), then ``v`` and ``c₀`` rescaled so the batch's logits have unit spread around
         ``logit(k / k_max)`` (mean ``k̂`` near the target ``k``)."""
-        h = torch.relu(sae_in.reshape(-1, self.cfg.d_in) @ self.k_est_W_enc + self.k_est_b_enc)
+        h = torch.relu(self._estimator_hidden(sae_in.reshape(-1, self.cfg.d_in)))
         v = self.k_est_w_out.abs()
         logit = (h @ v).float()
         spread = float(logit.std()) if logit.numel() > 1 else 0.0
