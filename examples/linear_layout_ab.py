@@ -12,13 +12,12 @@ faster of two steps after one untimed step following the switch) and its ratio t
 """
 
 import sys
-import time
+
+from ab_timing import prepared_rows, report
 
 import sae_adaptive_plugin.ops.shifted_linear as shifted_linear_module
 import sae_adaptive_plugin.ops.variable_topk as variable_topk_module
 import sae_adaptive_plugin.saes.softsae as softsae_module
-from sae_adaptive_plugin.experiments.bench import prepare_row, train_step
-from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, bench_inputs, build_rows
 from sae_adaptive_plugin.ops.dispatch import linear_weight
 
 ROWS = (
@@ -37,24 +36,7 @@ VARIANTS = {"nn.Linear layout": linear_weight, "row-major": lambda w, dtype: w.t
 def main() -> None:
     dead, threads, rounds = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     shape = dict(zip(("d_in", "d_sae", "k", "batch"), map(int, sys.argv[4:8]), strict=False))
-    cfg = BenchConfig(
-        threads=threads,
-        dead_fraction=dead,
-        autocast=True,
-        rows=ROWS,
-        inference=False,
-        memory=False,
-        **shape,
-    )
-    x, dead_mask = bench_inputs(cfg)
-    rows = build_rows(cfg, x)
-    for row in rows:
-        prepare_row(row, cfg, x)
-
-    def timed(row) -> float:
-        start = time.process_time()
-        train_step(row, x, dead_mask, True)
-        return time.process_time() - start
+    rows, step_time = prepared_rows(ROWS, dead, threads, True, **shape)
 
     times: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
@@ -63,11 +45,8 @@ def main() -> None:
             for name, cast in VARIANTS.items() if ours else [("-", None)]:
                 for module in MODULES if cast is not None else ():
                     module.linear_weight = cast
-                timed(row)  # one untimed step after a switch
-                times.setdefault((row.name, name), []).append(min(timed(row), timed(row)))
-    base = min(times[("sparsify_topk", "-")])
-    for (row_name, variant), ts in times.items():
-        print(f"{row_name:18s} {variant:17s} {min(ts):.3f} s  / sparsify {min(ts) / base:.2f}")
+                times.setdefault((row.name, name), []).append(step_time(row))
+    report(times)
 
 
 if __name__ == "__main__":

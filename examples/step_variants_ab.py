@@ -12,10 +12,9 @@ faster of two steps after one untimed step following the switch) and its ratio t
 """
 
 import sys
-import time
 
-from sae_adaptive_plugin.experiments.bench import prepare_row, train_step
-from sae_adaptive_plugin.experiments.bench_setup import BenchConfig, bench_inputs, build_rows
+from ab_timing import prepared_rows, report
+
 from sae_adaptive_plugin.ops import dispatch, hierarchical, variable_topk
 
 ROWS = ("sparsify_topk", "hierarchical_topk", "adaptivek", "softsae_hard", "adaptivek_warmup")
@@ -32,23 +31,7 @@ VARIANTS = {
 def main() -> None:
     dead, threads, rounds = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     autocast = "--autocast" in sys.argv
-    cfg = BenchConfig(
-        threads=threads,
-        dead_fraction=dead,
-        autocast=autocast,
-        rows=ROWS,
-        inference=False,
-        memory=False,
-    )
-    x, dead_mask = bench_inputs(cfg)
-    rows = build_rows(cfg, x)
-    for row in rows:
-        prepare_row(row, cfg, x)
-
-    def timed(row) -> float:
-        start = time.process_time()
-        train_step(row, x, dead_mask, autocast)
-        return time.process_time() - start
+    rows, step_time = prepared_rows(ROWS, dead, threads, autocast)
 
     times: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
@@ -61,11 +44,8 @@ def main() -> None:
                     hierarchical.host_check_is_free = (
                         dispatch.host_check_is_free if product else (lambda t: False)
                     )
-                timed(row)  # one untimed step after a switch
-                times.setdefault((row.name, name), []).append(min(timed(row), timed(row)))
-    base = min(times[("sparsify_topk", "-")])
-    for (row_name, variant), ts in times.items():
-        print(f"{row_name:18s} {variant:13s} {min(ts):.3f} s  / sparsify {min(ts) / base:.2f}")
+                times.setdefault((row.name, name), []).append(step_time(row))
+    report(times)
 
 
 if __name__ == "__main__":

@@ -577,49 +577,6 @@ def test_soft_phase_top_m_threshold_matches_full_sort_float64(monkeypatch) -> No
     )
 
 
-@pytest.mark.parametrize("rescale", [True, False])
-@pytest.mark.parametrize("auxk", [False, True])
-@pytest.mark.parametrize("step", [0, 3, 7])  # α annealing, α at its end
-def test_blocked_soft_phase_matches_plain_composition_float64(
-    rescale: bool, auxk: bool, step: int
-) -> None:
-    """The soft phase over every latent through ``lapsum_decode`` (blocked) is the plain LapSum
-    step: same losses, outputs, metrics and gradients (estimator included) in float64."""
-    torch.manual_seed(5)
-    sae = SoftSAETrainingSAE(
-        _cfg(
-            d_sae=96,
-            k=4,
-            k_max=8,
-            dtype="float64",
-            rescale_acts_by_decoder_norm=rescale,
-            soft_candidates=96,
-        )
-    )
-    with torch.no_grad():  # non-trivial decoder norms and biases
-        sae.W_dec.mul_(torch.rand(96, 1, dtype=torch.float64) * 2 + 0.3)
-        sae.b_enc.normal_(0, 0.1)
-        sae.b_dec.normal_(0, 0.1)
-    x = torch.randn(40, 16, dtype=torch.float64)
-    dead = (torch.arange(96) % 3 == 0) if auxk else None
-    outs = {}
-    for fused in (True, False):
-        sae.fused_soft = fused
-        sae.calibrate_k_estimator = lambda sae_in: None  # same estimator in both runs
-        outs[fused] = loss_and_grads(sae, x, step, dead)
-    (o1, _), (o0, _) = outs[True], outs[False]
-    assert not o1.feature_acts.requires_grad and o0.feature_acts.requires_grad  # two paths ran
-    assert "k_penalty" in o1.losses and set(o1.metrics) == set(o0.metrics)
-    assert bool(o1.losses["auxiliary_reconstruction_loss"] > 0) == auxk
-    for name in ("soft_l0", "mean_k", "std_k"):
-        torch.testing.assert_close(o1.metrics[name], o0.metrics[name], rtol=1e-12, atol=0)
-    assert_steps_match(
-        outs[True],
-        outs[False],
-        required_grads=("W_enc", "b_enc", "W_dec", "b_dec", "k_est_W_enc", "k_est_w_out"),
-    )
-
-
 def test_soft_phase_hooks_take_the_plain_composition() -> None:
     """A forward hook on ``hook_sae_acts_pre`` or ``hook_sae_acts_post`` sees and changes the
     soft phase's tensors: those steps take the plain composition."""
@@ -680,20 +637,24 @@ def _soft_step_pair(
 SOFT_GRADS = ("W_enc", "b_enc", "W_dec", "b_dec", "k_est_W_enc", "k_est_w_out")
 
 
+@pytest.mark.parametrize("candidates", [96, 20])  # every latent (lapsum_decode), the top 20
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("auxk", [False, True])
 @pytest.mark.parametrize("step", [0, 3, 7])  # α annealing, α at its end
-def test_candidate_soft_phase_matches_plain_composition_float64(
-    rescale: bool, auxk: bool, step: int
+def test_blocked_soft_phase_matches_plain_composition_float64(
+    candidates: int, rescale: bool, auxk: bool, step: int
 ) -> None:
-    """``soft_candidates``: the sparse soft step (fused top-M encoder, LapSum over the M
-    candidates, bag decode, sparse AuxK) is the plain composition's (a dense top-M of ReLU(h),
-    the mask scattered back): same losses, outputs, metrics and gradients in float64."""
-    fused, plain = _soft_step_pair(20, rescale, auxk, step)
+    """The soft phase through the blocked ops is the plain LapSum step: same losses, outputs,
+    metrics and gradients (estimator included) in float64. Over every latent: ``lapsum_decode``;
+    over the top ``soft_candidates``: the fused top-M encoder, LapSum over the M, bag decode and
+    sparse AuxK against a dense top-M of ReLU(h) with the mask scattered back."""
+    fused, plain = _soft_step_pair(candidates, rescale, auxk, step)
     (o1, _), (o0, _) = fused, plain
-    assert o1.feature_acts.is_sparse and not o0.feature_acts.is_sparse  # two paths ran
+    assert not o1.feature_acts.requires_grad and o0.feature_acts.requires_grad  # two paths ran
+    assert o1.feature_acts.is_sparse == (candidates < 96) and not o0.feature_acts.is_sparse
+    assert "k_penalty" in o1.losses and set(o1.metrics) == set(o0.metrics)
     assert bool(o1.losses["auxiliary_reconstruction_loss"] > 0) == auxk
-    assert float(o1.metrics["soft_l0"]) <= 20
+    assert float(o1.metrics["soft_l0"]) <= candidates
     for name in ("soft_l0", "mean_k", "std_k"):
         torch.testing.assert_close(o1.metrics[name], o0.metrics[name], rtol=1e-12, atol=0)
     assert_steps_match(fused, plain, required_grads=SOFT_GRADS)
