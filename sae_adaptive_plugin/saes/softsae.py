@@ -33,7 +33,7 @@ from sae_adaptive_plugin.ops.dispatch import accumulation_dtype, autocast_dtype,
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
 from sae_adaptive_plugin.ops.lapsum_decode import lapsum_decode
 from sae_adaptive_plugin.ops.shifted_linear import shifted_linear
-from sae_adaptive_plugin.ops.variable_topk import TopKResult, decode_topk, scatter_topk, topk_encode
+from sae_adaptive_plugin.ops.variable_topk import TopKResult, scatter_topk, topk_encode
 from sae_adaptive_plugin.registration.hookspecs import Architecture
 from sae_adaptive_plugin.saes.input_checks import nan_where_not_finite
 from sae_adaptive_plugin.saes.per_row_topk import PerRowTopK
@@ -236,10 +236,11 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         """The soft phase at ``step``: with ``soft_candidates`` on the blocked path,
         :meth:`candidate_soft_encoding`; else pre-activations and ``k̂`` of the batch
         (:meth:`soft_encode`), then :meth:`soft_decode`."""
-        if self.soft_width() is not None and self.soft_blocked() and self.encodes_fused:
-            return self.candidate_soft_encoding(x, step)
-        x_in = self.run_time_activation_norm_fn_in(self.read_input(x))
+        x_read = self.read_input(x)
+        x_in = self.run_time_activation_norm_fn_in(x_read)
         shift = self.b_dec * self.cfg.apply_b_dec_to_input  # process_sae_in(x) = x_in − shift
+        if self.soft_width() is not None and self.soft_blocked() and self.encodes_fused:
+            return self.candidate_soft_encoding(x_read, x_in, shift, step)
         hidden_pre, k_hat = self.soft_encode(x_in, shift)
         alpha = self.schedule.alpha_at(step)
         sae_out, feature_acts, soft_l0 = self.soft_decode(hidden_pre, k_hat, alpha)
@@ -253,43 +254,36 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             soft_l0=soft_l0,
         )
 
-    def candidate_soft_encoding(self, x: torch.Tensor, step: int) -> CandidateSoftEncoding:
+    def candidate_soft_encoding(
+        self, x_read: torch.Tensor, x_in: torch.Tensor, shift: torch.Tensor, step: int
+    ) -> CandidateSoftEncoding:
         """The soft phase over each row's top ``M = soft_candidates`` latents, sparse
-        throughout: the fused encoder selects the top ``M`` ReLU'd pre-activations ``z`` (its
-        backward touches those ``B·M`` latents only), the LapSum mask ``m`` is solved over them
-        (``Σ m = k̂``), and the code ``z ⊙ m`` is decoded from the ``M`` decoder rows. The same
-        values and gradients as :meth:`soft_decode`'s plain path with ``soft_candidates``."""
-        x_in = self.read_input(x)
+        throughout: the fused encoder selects the top ``M`` ReLU'd pre-activations ``z`` of
+        ``sae_in = x_in − shift`` (its backward touches those ``B·M`` latents only), the LapSum
+        mask ``m`` is solved over them (``Σ m = k̂``), and the code ``z ⊙ m`` is decoded from
+        the ``M`` decoder rows. ``x_read``: the rows as read, before the input normalisation
+        ``x_in``. The same values and gradients as :meth:`soft_decode`'s plain path with
+        ``soft_candidates``."""
         lead = x_in.shape[:-1]
-        normalised = self.run_time_activation_norm_fn_in(x_in)
-        shift = self.b_dec * self.cfg.apply_b_dec_to_input
-        sae_in = normalised - shift
+        sae_in = x_in - shift
         flat = sae_in.reshape(-1, self.cfg.d_in)
         width = self.cfg.soft_candidates
         scale = self.decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
         k_all = torch.full(flat.shape[:1], width, dtype=torch.long, device=flat.device)
         hidden_pre, top = topk_encode(flat, self.W_enc, self.b_enc, k_all, width, scale=scale)
-        hidden = shifted_linear(
-            normalised.reshape(-1, self.cfg.d_in),
-            shift.detach(),
-            self.k_est_W_enc,
-            self.k_est_b_enc,
-        )
-        k_hat = self._k_hat(hidden)
+        k_hat = self.blocked_k_hat(x_in.reshape(-1, self.cfg.d_in), shift)
         alpha = self.schedule.alpha_at(step)
         z = top.values.to(accumulation_dtype(top.values.dtype))  # ReLU'd, sorted descending
         scaled_alpha = alpha * self._alpha_unit(z[:, 0]) if self.cfg.alpha_relative else alpha
         mask = lapsum_topk(z, k_hat, scaled_alpha)
-        rows = x_in.reshape(-1, self.cfg.d_in)  # a row holding NaN/Inf: NaN code and output
+        rows = x_read.reshape(-1, self.cfg.d_in)  # a row holding NaN/Inf: NaN code and output
         code = nan_where_not_finite(z * mask, rows)
         fires = ~(mask.detach() <= 0.5)  # m > ½, or NaN (kept: NaN in is never a clean code)
         acts = nan_where_not_finite(torch.where(fires, code, 0).detach(), rows)
-        chosen = TopKResult(acts, top.indices, fires)
-        selection = TopKResult(*(t.reshape(*lead, width) for t in chosen))
-        coefficients = self.decoder_coefficients(code.to(self.W_dec.dtype), top.indices)
-        out = decode_topk(coefficients, top.indices, self.W_dec)
-        out = self.hook_sae_recons((out + self.b_dec).reshape(*lead, -1))
-        sae_out = self.reshape_fn_out(self.run_time_activation_norm_fn_out(out), self.d_head)
+        selection = TopKResult(*(t.reshape(*lead, width) for t in (acts, top.indices, fires)))
+        sae_out = self.decode_compact(
+            code.to(self.W_dec.dtype).reshape(*lead, width), selection.indices
+        )
         if self.sparse_code_in_step():
             feature_acts = sparse_code(selection, self.cfg.d_sae)
         else:
@@ -298,7 +292,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             hidden_pre=self.hook_sae_acts_pre(hidden_pre.reshape(*lead, -1)),
             feature_acts=self.hook_sae_acts_post(feature_acts),
             k=k_hat.detach().reshape(lead),
-            x_in=x_in,
+            x_in=x_read,
             sae_in=sae_in,
             selection=selection,
             sae_out=sae_out,
@@ -339,8 +333,13 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         lead = x_in.shape[:-1]
         scale = self.decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
         hidden_pre = shifted_linear(flat, shift, self.W_enc, self.b_enc, scale)
-        hidden = shifted_linear(flat, shift.detach(), self.k_est_W_enc, self.k_est_b_enc)
-        return hidden_pre.reshape(*lead, -1), self._k_hat(hidden.reshape(*lead, -1))
+        k_hat = self.blocked_k_hat(flat, shift)
+        return hidden_pre.reshape(*lead, -1), k_hat.reshape(lead)
+
+    def blocked_k_hat(self, flat: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """``k̂`` ``[N]`` of the rows ``flat − shift`` (``flat`` ``[N, d_in]``, after the input
+        normalisation), read through :func:`shifted_linear` with ``shift`` detached."""
+        return self._k_hat(shifted_linear(flat, shift.detach(), self.k_est_W_enc, self.k_est_b_enc))
 
     def soft_decode(
         self, hidden_pre: torch.Tensor, k_hat: torch.Tensor, alpha: float

@@ -346,6 +346,14 @@ class TopKFamilyMixin:
         if not self.fused_encode or self.hook_sae_acts_post._forward_hooks:
             return self.decode(encoding.feature_acts)  # type: ignore[attr-defined]
         values, indices, mask = encoding.selection
+        return self.decode_compact(values, indices, mask)
+
+    def decode_compact(
+        self, values: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """SAELens's ``decode`` of the code that holds ``values`` at ``indices`` (``[..., m]``)
+        and 0 elsewhere, from those decoder rows alone: ``decode_topk``, ``b_dec``,
+        ``hook_sae_recons``, the output normalisation and reshape. ``mask``: the slots in use."""
         out = decode_topk(
             self.decoder_coefficients(values, indices), indices, self.W_dec, mask=mask
         )
