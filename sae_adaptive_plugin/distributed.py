@@ -161,6 +161,18 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(tensor.device)
 
 
+def local_rows(tensor: torch.Tensor, n_local: int) -> torch.Tensor:
+    """This rank's ``n_local`` rows of a :func:`gather_rows` result (every rank gathers the
+    same number of rows)."""
+    start = rank() * n_local if is_distributed() else 0
+    if tensor.shape[0] < start + n_local:
+        raise ValueError(
+            f"local_rows: {tensor.shape[0]} gathered rows hold no rows "
+            f"[{start}, {start + n_local}) for rank {rank()}"
+        )
+    return tensor[start : start + n_local]
+
+
 def global_mean(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of ``tensor``'s elements over the global batch (every rank's tensor has the same
     number of elements); differentiable when ``tensor`` requires grad."""

@@ -169,32 +169,44 @@ def test_block_ends_warmup_loss_is_the_all_prefix_mean_at_block_ends(k_max):
     assert sae.W_dec.grad is not None and torch.isfinite(sae.W_dec.grad).all()
 
 
-def test_block_ends_warmup_labels_come_from_the_block_end_pass(monkeypatch):
-    """A ``block_ends`` labelling step reads every prefix error from the block-end pass (no
-    separate all-prefix pass) and labels its rows with the ``k*`` of those errors."""
+def test_block_ends_warmup_labels_are_found_by_search_after_the_first_batch(monkeypatch):
+    """The first labelled batch chooses ``τ`` from every prefix's error; a later ``block_ends``
+    labelling step runs no all-prefix pass and labels by search (block ends, then one block):
+    the exact ``k*`` on every row whose first crossing lies in the first block whose end reaches
+    ``τ·V``, never earlier elsewhere (float64: no rounding at the threshold)."""
     from sae_adaptive_plugin.saes import topk_family
 
     torch.manual_seed(2)
     codes = torch.rand(256, 48) * (torch.rand(256, 48) < torch.rand(256, 1) * 0.3)
-    x = codes @ torch.randn(48, 16)  # rows of 0 to ~15 true features
-    sae = _training_sae(k_max=20, probe_warmup_steps=8, warmup_loss="block_ends")
+    x = (codes @ torch.randn(48, 16)).double()  # rows of 0 to ~15 true features
+    sae = _training_sae(k_max=20, probe_warmup_steps=8, warmup_loss="block_ends", dtype="float64")
     optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
     for _ in range(150):  # errors that fall with the prefix: labels that vary
         optimizer.zero_grad()
         _step(sae, x, 0).loss.backward()
         optimizer.step()
-    full_errors = sae.prefix_errors_from_selection(x, sae.encode_selection(x).selection).detach()
-    want = sae.kstar_from_errors(full_errors, x)
     seen = []
     monkeypatch.setattr(sae, "collect_warmup_labels", lambda rows, labels: seen.append(labels))
+    _step(sae, x, 4)  # the first labelled batch: τ from every prefix
+    assert sae._kstar_tau is not None
+    full_errors = sae.prefix_errors_from_selection(x, sae.encode_selection(x).selection).detach()
+    want = sae.kstar_from_errors(full_errors, x)
+    assert torch.equal(seen[0], want)
 
     def no_second_pass(*args, **kwargs):
         raise AssertionError("a block_ends labelling step ran a separate all-prefix pass")
 
     monkeypatch.setattr(topk_family, "prefix_errors_and_residual", no_second_pass)
-    _step(sae, x, 4)
-    assert len(seen) == 1 and len(torch.unique(want)) > 3
-    assert torch.equal(seen[0], want)
+    _step(sae, x, 5)
+    # the search is exact where the first crossing's block is the first whose end reaches
+    threshold = sae._kstar_tau * sae._row_variance(x)
+    end_reached = full_errors[:, [7, 15, 19]] <= threshold.unsqueeze(-1)
+    exact_here = end_reached.any(-1) & ((want - 1) // 8 == end_reached.int().argmax(-1))
+    tie = ((full_errors - threshold.unsqueeze(-1)).abs() < 1e-9 * threshold.unsqueeze(-1)).any(-1)
+    exact_here &= ~tie  # the row whose error set τ: rounding decides either way
+    assert len(seen) == 2 and len(torch.unique(want)) > 3 and exact_here.float().mean() > 0.5
+    assert torch.equal(seen[1][exact_here], want[exact_here])
+    assert (seen[1] >= want).all()
 
 
 def test_probe_path_sets_k_from_the_start(tmp_path):

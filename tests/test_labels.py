@@ -99,3 +99,44 @@ def test_text_score_errors():
         next(iter(TextScoreLabels(model, HOOK_NAME, texts, scores=[1.0]).batches()))
     with pytest.raises(ValueError, match="score_column='score' is not a column"):
         TextScoreLabels.from_dataset(model, HOOK_NAME, {"text": texts, "y": [1.0, 2.0]})
+
+
+@pytest.mark.parametrize("K", [1, 7, 8, 20, 64])
+def test_kstar_by_search_is_the_first_crossing_where_errors_fall(K):
+    """``first_block_reaching`` + ``kstar_in_block`` (block ends, then one block) give
+    ``kstar_from_prefix_errors``'s label on falling errors, ``K`` where no prefix reaches, and a
+    later label where an earlier block dips below the threshold and rises again."""
+    from sae_adaptive_plugin.ops.adaptive_k import (
+        first_block_reaching,
+        kstar_from_prefix_errors,
+        kstar_in_block,
+    )
+
+    g = torch.Generator().manual_seed(K)
+    steps = torch.rand(300, K, generator=g, dtype=torch.float64)
+    errors = 1.0 - steps.cumsum(-1) / (steps.sum(-1, keepdim=True) * 1.1)  # falling, > 0
+    variance = 1.0 + torch.rand(300, generator=g, dtype=torch.float64)
+    tau = 0.3
+
+    def search(errors):
+        width = min(8, K)
+        ends = [min(width * (b + 1), K) - 1 for b in range(-(-K // width))]
+        threshold = tau * variance
+        block, reached = first_block_reaching(errors[:, ends], threshold)
+        slot = block.unsqueeze(-1) * width + torch.arange(width)
+        in_block = errors.gather(1, slot.clamp(max=K - 1)).masked_fill(slot >= K, float("inf"))
+        return kstar_in_block(in_block, block, reached, threshold, K)
+
+    want = kstar_from_prefix_errors(errors, variance, tau)
+    assert torch.equal(search(errors), want)
+    assert (want < K).any() or K == 1
+    never = errors + 10.0  # no prefix reaches: K
+    assert torch.equal(search(never), torch.full_like(want, K))
+    if K >= 16:
+        dip = errors.clone()
+        dip[:, 2] = 0.0  # inside the first block, which then ends above the threshold
+        dip[:, : min(8, K)] = dip[:, : min(8, K)].clamp(min=0.0)
+        dip[:, 7] = 10.0
+        exact = kstar_from_prefix_errors(dip, variance, tau)
+        assert (exact == 3).all()
+        assert (search(dip) > 3).all()

@@ -165,18 +165,27 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @pytest.mark.parametrize("block", [1, 3, 5, 64])
-def test_prefix_block_size_does_not_change_errors_or_gradients(block, monkeypatch):
-    """Blocks of prefixes (the residual carried from block to block) give the one-block result."""
+def test_block_end_errors_follow_the_block_size_with_their_gradients(block, monkeypatch):
+    """With blocks of any size (the residual carried from block to block; 1: every prefix, as
+    the all-prefix errors run), the block-end errors and their gradients are the naive
+    reference's at the block ends."""
     import sae_adaptive_plugin.ops.hierarchical as hierarchical
 
-    args = _inputs(9, 11, 20, 7, torch.float64, seed=12)
-    weights = torch.rand(9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    K = 11
+    args = _inputs(9, K, 20, 7, torch.float64, seed=12)
+    ends = [min(block * (b + 1), K) - 1 for b in range(-(-K // min(block, K)))]
+    weights = torch.rand(
+        9, len(ends), dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
 
     def weighted(r, v, w, i):
-        return (prefix_reconstruction_errors(r, v, w, i, chunk_size=4) * weights).sum()
+        return (hierarchical.block_end_errors(r, v, w, i, chunk_size=4) * weights).sum()
 
     ref, ref_grads = _grads(
-        lambda r, v, w, i: (prefix_reconstruction_errors_naive(r, v, w, i) * weights).sum(), *args
+        lambda r, v, w, i: (
+            prefix_reconstruction_errors_naive(r, v, w, i)[:, ends] * weights
+        ).sum(),
+        *args,
     )
     monkeypatch.setattr(hierarchical, "PREFIX_BLOCK", block)
     out, grads = _grads(weighted, *args)
@@ -185,14 +194,12 @@ def test_prefix_block_size_does_not_change_errors_or_gradients(block, monkeypatc
         torch.testing.assert_close(got, want, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("all_prefixes", [False, True])
 @pytest.mark.parametrize("K", [1, 8, 11, 24])
-def test_block_end_errors_are_the_prefix_errors_at_block_ends_with_their_gradients(K, all_prefixes):
+def test_block_end_errors_are_the_prefix_errors_at_block_ends_with_their_gradients(K):
     """Column b of the block-end errors is the prefix error after min(8(b+1), K) latents; the
-    closed-form backward equals autograd through the naive reference (float64). With
-    ``all_prefixes``, ``block_end_pass`` also gives every prefix's error as
-    :func:`prefix_reconstruction_errors` does, and the last residual, without gradients."""
-    from sae_adaptive_plugin.ops.hierarchical import PREFIX_BLOCK, block_end_errors, block_end_pass
+    closed-form backward equals autograd through the naive reference (float64);
+    ``block_end_pass`` also gives the last residual, without gradient."""
+    from sae_adaptive_plugin.ops.hierarchical import PREFIX_BLOCK, block_end_pass
 
     args = _inputs(9, K, 30, 7, torch.float64, seed=20 + K)
     ends = [min(PREFIX_BLOCK * (b + 1), K) - 1 for b in range(-(-K // PREFIX_BLOCK))]
@@ -204,19 +211,11 @@ def test_block_end_errors_are_the_prefix_errors_at_block_ends_with_their_gradien
         return (prefix_reconstruction_errors_naive(r, v, w, i)[:, ends] * weights).sum()
 
     def blocked(r, v, w, i):
-        if not all_prefixes:
-            return (block_end_errors(r, v, w, i, chunk_size=4) * weights).sum()
-        out, prefixes, final = block_end_pass(r, v, w, i, all_prefixes=True, chunk_size=4)
-        assert not prefixes.requires_grad and not final.requires_grad
+        out, final = block_end_pass(r, v, w, i, chunk_size=4)
+        assert not final.requires_grad
         residual0, values, W_dec, indices = args
         want = residual0 - (values.unsqueeze(-1) * W_dec[indices]).sum(1)
         torch.testing.assert_close(final, want, **TOL[torch.float64])
-        torch.testing.assert_close(
-            prefixes, prefix_reconstruction_errors_naive(*args), **TOL[torch.float64]
-        )
-        torch.testing.assert_close(
-            prefixes, prefix_reconstruction_errors(*args, chunk_size=4), rtol=0, atol=0
-        )
         return (out * weights).sum()
 
     ref, ref_grads = _grads(naive, *args)
@@ -224,6 +223,31 @@ def test_block_end_errors_are_the_prefix_errors_at_block_ends_with_their_gradien
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("K", [1, 5, 8, 13, 24])
+def test_errors_in_block_are_the_prefix_errors_of_each_rows_block(K, monkeypatch):
+    """``errors_in_block`` gives, per row, the prefix errors of the block it names (``inf`` past
+    ``K``), the values of the naive reference, in chunks of any size, by the CPU's compact bags
+    and by the masked bags used elsewhere."""
+    from sae_adaptive_plugin.ops import hierarchical
+    from sae_adaptive_plugin.ops.hierarchical import errors_in_block
+
+    residual0, values, W_dec, idx = _inputs(11, K, 20, 15, torch.float64, seed=40 + K)
+    full = prefix_reconstruction_errors_naive(residual0, values, W_dec, idx)
+    width = min(8, K)
+    block = torch.randint(0, -(-K // width), (11,), generator=torch.Generator().manual_seed(K))
+    slot = block.unsqueeze(-1) * width + torch.arange(width)
+    want = full.gather(1, slot.clamp(max=K - 1)).masked_fill(slot >= K, float("inf"))
+    for chunk in (None, 4):
+        got = errors_in_block(residual0, values, W_dec, idx, block, chunk_size=chunk)
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+    with monkeypatch.context() as patch:
+        patch.setattr(hierarchical, "host_check_is_free", lambda t: False)
+        got = errors_in_block(residual0, values, W_dec, idx, block, chunk_size=4)
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+    with pytest.raises(ValueError, match="block must be"):
+        errors_in_block(residual0, values, W_dec, idx, block[:3])
 
 
 def test_block_end_decoder_gradient_is_the_same_by_sparse_product_and_by_index_add(monkeypatch):

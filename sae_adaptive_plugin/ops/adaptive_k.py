@@ -6,6 +6,9 @@
 - :func:`threshold_for_median_kstar`: the ``τ`` that puts the median ``k*`` of a batch at a given k.
 - :func:`kstar_from_prefix_errors`: the label ``k* = min{j : ‖x − x̂_j‖² ≤ τ·‖x − mean‖²}`` of each
   row from its prefix reconstruction errors ``[B, K]`` (``K`` when no prefix reaches ``τ``).
+- :func:`first_block_reaching` and :func:`kstar_in_block`: the same label found by search, from
+  the errors at the block ends and inside one block per row (``k*`` unchanged wherever the errors
+  fall with ``j``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,45 @@ def kstar_from_prefix_errors(
     reached = errors <= target_fvu * total_variance.reshape(-1, 1).to(errors.dtype)
     first = reached.to(torch.int8).argmax(dim=-1) + 1
     return torch.where(reached.any(dim=-1), first, torch.full_like(first, K)).long()
+
+
+def first_block_reaching(
+    block_end_errors: torch.Tensor, threshold: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block, reached)`` per row (long and bool ``[B]``): the first block whose end error
+    (``block_end_errors [B, n_blocks]``) is at most ``threshold [B]``, and whether one is (where
+    none is, ``block`` is the last)."""
+    if block_end_errors.ndim != 2 or block_end_errors.shape[1] < 1:
+        raise ValueError(
+            f"block_end_errors must be [B, n_blocks] with n_blocks >= 1, got shape "
+            f"{tuple(block_end_errors.shape)}"
+        )
+    hit = block_end_errors <= threshold.reshape(-1, 1).to(block_end_errors.dtype)
+    reached = hit.any(dim=-1)
+    last = torch.full_like(reached, block_end_errors.shape[1] - 1, dtype=torch.long)
+    return torch.where(reached, hit.to(torch.int8).argmax(dim=-1), last), reached
+
+
+def kstar_in_block(
+    in_block_errors: torch.Tensor,
+    block: torch.Tensor,
+    reached: torch.Tensor,
+    threshold: torch.Tensor,
+    K: int,
+) -> torch.Tensor:
+    """``k*`` per row (long ``[B]``, in ``[1, K]``) by search: in the first block whose end
+    reaches ``threshold`` (:func:`first_block_reaching`), the first prefix whose error
+    (``in_block_errors [B, width]``, the block's prefixes in order, ``inf`` past ``K``) is at
+    most ``threshold``; ``K`` for rows that no block end reaches. Equal to
+    :func:`kstar_from_prefix_errors` wherever the errors fall with ``j``; elsewhere it can be
+    later (a dip below the threshold inside an earlier block is not seen)."""
+    width = in_block_errors.shape[1]
+    hit = in_block_errors <= threshold.reshape(-1, 1).to(in_block_errors.dtype)
+    start = block.long() * width
+    last = (K - 1 - start).clamp(max=width - 1)  # the block's end: reached by definition
+    hit[torch.arange(hit.shape[0], device=hit.device), last] = True
+    first = start + hit.to(torch.int8).argmax(dim=-1) + 1
+    return torch.where(reached, first, torch.full_like(first, K)).long()
 
 
 def threshold_for_median_kstar(

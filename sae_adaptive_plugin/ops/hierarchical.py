@@ -1,37 +1,39 @@
 """HierarchicalTopK all-prefix reconstruction errors and loss (docs/METHODS.md §1), without a B×K×d tensor.
 
-With ``e₀ = x − b_dec``, values ``a_1 ≥ … ≥ a_K`` and decoder rows ``D_i = W_dec[idx_i]``, prefix ``j``
-has error ``‖e₀‖² − 2 Σ_{i≤j} a_i c_i + Σ_{i,i'≤j} a_i a_i' G_ii'`` with ``c_i = ⟨e₀, D_i⟩`` and
-``G = D Dᵀ``: every term is an entry of the Gram matrix of the extended rows ``[D_1 … D_K, e₀]``
-(``[B, K+1, K+1]``), which one gather and one ``bmm`` per chunk of rows compute in forward and
-backward (peak extra memory ``O(B·K² + chunk·K·d)``; the backward in closed form).
-:func:`prefix_reconstruction_errors` (``[B, K]``) and :func:`hierarchical_loss` (the training loss)
-take 2-D ``residual0 [B, d]`` and ``values [B, K]`` in prefix order; gradients reach ``residual0``,
-``values`` and ``W_dec``, never ``indices``. Everything runs in at least float32 with autocast and
-TF32 off (the Gram form is a difference of large terms; why and how much: docs/METHODS.md,
-"Precision, autocast and devices"). The ``*_naive`` functions are the cumulative-sum references
-(tests only); peak memory of both forms: ``examples/hierarchical_loss_memory.py``.
+With ``e₀ = x − b_dec``, values ``a_1 ≥ … ≥ a_K`` and decoder rows ``D_i = W_dec[idx_i]``, prefix
+``j`` has residual ``P_j = e₀ − Σ_{i≤j} a_i D_i`` and error ``‖P_j‖²``. For a chunk of rows the
+terms ``a_i D_i`` (or their sums over blocks of latents) are bags of one ``embedding_bag`` over the
+decoder, laid out prefix-major, and ``P_j`` follows by one subtraction per prefix on contiguous
+``[chunk, d]`` slices; the backward runs the same pass again (peak extra memory
+``O(chunk·K·d)``) with ``gP_j = Σ_{j' ≥ j} 2 g_j' P_j'``, ``∂/∂a_i = −⟨gP_i, D_i⟩`` (the
+``embedding_bag``'s own per-weight gradient) and ``∂/∂D_i = −a_i gP_i`` (one sparse product on
+the CPU). :func:`prefix_reconstruction_errors` (``[B, K]``, every prefix),
+:func:`block_end_errors` (``[B, ⌈K/8⌉]``, the ends of blocks of 8) and :func:`hierarchical_loss`
+(the training loss) take 2-D ``residual0 [B, d]`` and ``values [B, K]`` in prefix order; gradients
+reach ``residual0``, ``values`` and ``W_dec``, never ``indices``. :func:`errors_in_block` gives the
+errors inside one block per row (no gradient). Everything runs in at least float32 with autocast
+off (docs/METHODS.md, "Precision, autocast and devices"). The ``*_naive`` functions are the
+cumulative-sum references (tests only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from sae_adaptive_plugin.ops.dispatch import (
     accumulation_dtype,
     autocast_off,
     block_rows,
-    exact_float32_matmul,
     full_precision,
     host_check_is_free,
 )
 
-#: Upper bound on the number of elements of one chunk's gathered ``[chunk, K, d]`` decoder rows.
+#: Upper bound on the number of elements of one chunk's residuals ``[K, chunk, d]`` (CPU).
 DEFAULT_GATHER_ELEMENTS = 1 << 22
-#: Latents per block of prefixes (see :class:`_PrefixErrors`).
+#: Latents per block of :func:`block_end_errors` and :func:`errors_in_block`.
 PREFIX_BLOCK = 8
 
 
@@ -41,17 +43,6 @@ def _chunk_rows(n_rows: int, k: int, d: int, chunk_size: int | None, device_type
             raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
         return chunk_size
     return min(max(n_rows, 1), block_rows(n_rows, k * d, device_type, DEFAULT_GATHER_ELEMENTS))
-
-
-def _block_and_chunk(
-    shape: torch.Size, d: int, chunk_size: int | None, device_type: str
-) -> tuple[int, int]:
-    """``(block, chunk)`` of the blocked ops for ``indices`` of ``shape [B, K]``: at most
-    :data:`PREFIX_BLOCK` latents a block, and rows a chunk by the size of their gathered slots."""
-    B, K = shape
-    block = min(PREFIX_BLOCK, K)
-    width = -(-K // block) * (block + 1)
-    return block, _chunk_rows(B, width, d, chunk_size, device_type)
 
 
 def _check_inputs(residual0: torch.Tensor, values: torch.Tensor) -> None:
@@ -119,52 +110,139 @@ def _errors_from_gram(gram: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return gram[:, K, K].unsqueeze(-1) + torch.cumsum(mass, dim=-1)
 
 
-def _blocked(
-    indices: torch.Tensor, values: torch.Tensor, block: int, free: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(slots, coefficients)``: gather slots ``[B, n_blocks, block + free]``, each block's
-    latents (padded with latent 0) then ``free`` slots for the loops to fill, and ``values``
-    zero-padded to ``[B, n_blocks · block]`` (so padding slots add nothing)."""
-    B, K = indices.shape
-    n_blocks = -(-K // block)
-    padded = indices.new_zeros(B, n_blocks * block)
-    padded[:, :K] = indices
-    slots = indices.new_zeros(B, n_blocks, block + free)
-    slots[:, :, :block] = padded.view(B, n_blocks, block)
-    return slots, _padded(values, n_blocks * block)
+def _padded(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t [B, K]`` with zero columns appended up to ``width``."""
+    if t.shape[1] == width:
+        return t
+    return torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1])], dim=1)
 
 
-def _scratch(like: torch.Tensor, count: int, chunk: int, n_blocks: int, d: int) -> torch.Tensor:
-    """``count`` buffers ``[chunk, n_blocks, d]`` that every chunk of a blocked op reuses (slice
-    ``[:n]``): on the CPU a fresh multi-MiB tensor per chunk costs its page faults each time."""
-    return like.new_empty(count, min(chunk, like.shape[0]), n_blocks, d)
+def _block_major(t: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
+    """``t [n, K]`` zero-padded to ``n_blocks · block`` columns and laid out block-major,
+    ``[n_blocks · n, block]``: bag ``b · n + r`` holds row ``r``'s block ``b``."""
+    n = t.shape[0]
+    padded = _padded(t, n_blocks * block).view(n, n_blocks, block)
+    return padded.transpose(0, 1).reshape(n_blocks * n, block)
 
 
-def _residuals_after_blocks(
-    residual0: torch.Tensor, coeffs: torch.Tensor, D: torch.Tensor, scratch: torch.Tensor
+def _residuals_after_bags(
+    residual0: torch.Tensor, sums: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
-    """``P_{b+1} = e₀ − Σ_{i in blocks ≤ b} a_i D_i`` ``[n, n_blocks, d]`` for every block at once,
-    from ``coeffs [n, n_blocks · block]`` and rows ``D [n, n_blocks, block, d]``, written into
-    ``scratch[1, :n]`` (``scratch[0, :n]`` is overwritten too)."""
-    n, n_blocks, block, d = D.shape
-    a = coeffs.reshape(n * n_blocks, 1, block)
-    sums = scratch[0, :n]
-    torch.bmm(a, D.reshape(n * n_blocks, block, d), out=sums.view(n * n_blocks, 1, d))
-    after = _block_sums(sums, later=False, inclusive=True, out=scratch[1, :n])
-    return torch.sub(residual0.unsqueeze(1), after, out=after)
+    """``P_{b+1} = e₀ − Σ_{b' ≤ b} S_{b'}`` ``[n_blocks, n, d]`` into ``out``, from the block
+    sums ``sums [n_blocks, n, d]`` (one contiguous subtraction per block)."""
+    torch.sub(residual0, sums[0], out=out[0])
+    for b in range(1, sums.shape[0]):
+        torch.sub(out[b - 1], sums[b], out=out[b])
+    return out
 
 
-def _block_sums(
-    t: torch.Tensor, *, later: bool, inclusive: bool, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Sums of ``t [n, n_blocks, d]`` along the blocks: over ``b' ≤ b`` (``later=False``) or
-    ``b' ≥ b`` (``later=True``), ``b' = b`` included or not; a product with a triangular matrix
-    (faster on the CPU than ``cumsum`` along a middle dimension), into ``out`` if given."""
-    n_blocks = t.shape[1]
-    ones = torch.ones(n_blocks, n_blocks, dtype=t.dtype, device=t.device)
-    diagonal = 0 if inclusive else (1 if later else -1)
-    mask = ones.triu(diagonal) if later else ones.tril(diagonal)
-    return torch.matmul(mask, t, out=out)
+def _chunk_residuals(
+    residual0: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    block: int,
+    scratch: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(after, bags, coefficients)`` of a chunk of rows: ``P_{b+1}`` ``[n_blocks, n, d]``
+    (:func:`_residuals_after_bags`, in ``scratch``) and the block-major bags it summed."""
+    n, K = indices.shape
+    n_blocks, d = -(-K // block), weight.shape[1]
+    bags = _block_major(indices, block, n_blocks)
+    coefficients = _block_major(values, block, n_blocks)
+    sums = _bag_sums(weight, bags, coefficients).view(n_blocks, n, d)
+    after = _residuals_after_bags(residual0, sums, scratch[: n_blocks * n * d].view(n_blocks, n, d))
+    return after, bags, coefficients
+
+
+def _bag_sums(weight: torch.Tensor, bags: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``Σ_i coefficients[m, i] · weight[bags[m, i]]`` ``[M, d]`` for every bag ``m``, without
+    gathering the rows (``embedding_bag``)."""
+    return F.embedding_bag(bags, weight, per_sample_weights=coefficients, mode="sum")
+
+
+def _bag_dots(g: torch.Tensor, weight: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+    """``⟨g[m], weight[bags[m, i]]⟩`` ``[M, block]`` for every bag slot, without gathering the
+    rows: the gradient of :func:`_bag_sums` with respect to its coefficients, by the op
+    ``embedding_bag``'s own backward uses."""
+    M, block = bags.shape
+    bag_of_slot = torch.arange(M, device=bags.device).repeat_interleave(block)
+    offsets = torch.arange(0, M * block, block, device=bags.device)
+    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        g, weight, bags.reshape(-1), offsets, bag_of_slot, 0, -1
+    )
+    return dots.view(M, block)
+
+
+class _ResidualErrors(torch.autograd.Function):
+    """``‖P_{b+1}‖²`` ``[B, n_blocks]``: the error after each block of ``block`` prefixes (the
+    last block ends at ``K``; ``block = 1``: every prefix), from ``P_{b+1} = e₀ − Σ_{i in blocks
+    ≤ b} a_i D_i`` alone, and the final residual ``P_K`` (no gradient). Each block's sum
+    ``Σ_{i∈b} a_i D_i`` is one bag of an ``embedding_bag`` over the decoder (no ``[B, K, d]``
+    gather), bags laid out block-major so the sums over blocks run along contiguous ``[n, d]``
+    slices.
+
+    Backward with ``gP_b = ∂L/∂P_{b+1} = Σ_{b' ≥ b} 2 g_{b'} P_{b'+1}``: ``∂L/∂D_i = −a_i gP_b``
+    and ``∂L/∂a_i = −⟨gP_b, D_i⟩`` for ``i`` in block ``b`` (:func:`_bag_dots`), ``∂L/∂e₀ =
+    gP_0``.
+    """
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, residual0, values, W_dec, indices, chunk, block):  # type: ignore[override]
+        B, K = indices.shape
+        n_blocks = -(-K // block)
+        weight = W_dec.detach().to(residual0.dtype)
+        errors = residual0.new_empty(B, n_blocks)
+        final = torch.empty_like(residual0)
+        d = residual0.shape[1]
+        scratch = residual0.new_empty(n_blocks * min(chunk, B) * d)
+        for s in range(0, B, chunk):
+            n = min(chunk, B - s)
+            after, _, _ = _chunk_residuals(
+                residual0[s : s + n], values[s : s + n], indices[s : s + n], weight, block, scratch
+            )
+            errors[s : s + n] = after.pow(2).sum(-1).t()
+            final[s : s + n] = after[-1]
+        ctx.save_for_backward(residual0, values, W_dec, indices)
+        ctx.chunk, ctx.block = chunk, block
+        ctx.mark_non_differentiable(final)
+        return errors, final
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx, grad_errors, _grad_final):  # type: ignore[override]
+        residual0, values, W_dec, indices = ctx.saved_tensors
+        block, chunk = ctx.block, ctx.chunk
+        B, K = values.shape
+        d = W_dec.shape[1]
+        n_blocks = -(-K // block)
+        weight = W_dec.detach().to(residual0.dtype)
+        grad_values = torch.empty(B, n_blocks * block, dtype=residual0.dtype, device=values.device)
+        grad_residual = torch.empty_like(residual0)
+        grad_w = torch.zeros(W_dec.shape, dtype=residual0.dtype, device=W_dec.device)
+        scratch = residual0.new_empty(n_blocks * min(chunk, B) * d)
+        # ∂L/∂D_i = −a_i gP_b is rank one per block: on the CPU one sparse-dense product adds a
+        # chunk's Σ a_i gP_b into grad_w rows (no [n, K, d] tensor); elsewhere (a sparse
+        # product's coalesce would make a GPU's host wait) the product, index-added
+        on_cpu = host_check_is_free(residual0)
+        for s in range(0, B, chunk):
+            n = min(chunk, B - s)
+            after, bags, coefficients = _chunk_residuals(
+                residual0[s : s + n], values[s : s + n], indices[s : s + n], weight, block, scratch
+            )
+            gP = after.mul_(2.0 * grad_errors[s : s + n].t().unsqueeze(-1))
+            for b in range(n_blocks - 2, -1, -1):  # Σ_{b' ≥ b}
+                gP[b].add_(gP[b + 1])
+            into_D = _bag_dots(gP.view(n_blocks * n, d), weight, bags)
+            grad_values[s : s + n] = -into_D.view(n_blocks, n, block).transpose(0, 1).reshape(n, -1)
+            if on_cpu:
+                _add_bag_rank_one(grad_w, bags, coefficients, gP.view(n_blocks * n, d))
+            else:
+                grad_D = coefficients.unsqueeze(-1) * gP.view(n_blocks * n, 1, d)
+                grad_w.index_add_(0, bags.reshape(-1), grad_D.view(-1, d), alpha=-1)
+            grad_residual[s : s + n] = gP[0]
+        return _block_gradients(ctx, grad_residual, grad_values, grad_w, K, W_dec)
 
 
 def _block_gradients(
@@ -175,8 +253,8 @@ def _block_gradients(
     K: int,
     W_dec: torch.Tensor,
 ) -> tuple[torch.Tensor | None, ...]:
-    """A blocked Function's backward result: the gradients its inputs need (``grad_values``
-    without its padding, ``grad_w`` in ``W_dec``'s dtype), ``None`` for the rest."""
+    """The backward's result: the gradients its inputs need (``grad_values`` without its
+    padding, ``grad_w`` in ``W_dec``'s dtype), ``None`` for the rest."""
     need = ctx.needs_input_grad
     return (
         grad_residual if need[0] else None,
@@ -188,228 +266,20 @@ def _block_gradients(
     )
 
 
-def _gathered_chunks(
-    W_dec: torch.Tensor, slots: torch.Tensor, chunk: int, dtype: torch.dtype
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(start, rows [n, *slots.shape[1:], d])`` for consecutive chunks of ``chunk`` rows,
-    gathered (in ``dtype``) into one reused buffer (valid until the next chunk)."""
-    B = slots.shape[0]
-    d = W_dec.shape[1]
-    buffer = W_dec.new_empty(min(chunk, B) * slots[0].numel(), d)
-    for s in range(0, B, chunk):
-        ids = slots[s : s + chunk].reshape(-1)
-        rows = buffer[: ids.numel()]
-        torch.index_select(W_dec, 0, ids, out=rows)
-        yield s, rows.to(dtype).view(*slots[s : s + chunk].shape, d)
-
-
-class _PrefixErrors(torch.autograd.Function):
-    """Prefix errors ``[B, K]`` of ``residual0 [B, d]``, ``values [B, K]`` and the decoder rows
-    ``W_dec[indices]``, in ``residual0``'s dtype, and the final residual ``P_K [B, d]`` (no
-    gradient).
-
-    The prefixes are taken in blocks of ``block`` latents. With ``P_b`` the residual before block
-    ``b`` (``P_0 = e₀``, ``P_{b+1} = P_b − Σ_{i∈b} a_i D_i``, all blocks at once by a cumulative
-    sum), the errors inside block ``b`` are those of :func:`_errors_from_gram` on the Gram matrix
-    of ``[D_b, P_b]``: ``O(K·block·d)`` arithmetic per row instead of ``O(K²·d)``, one batched
-    product over every block of a chunk of rows, one gather per chunk each way.
-
-    Backward: inside block ``b``, ``L_b = Σ_j g_j err_j = Σ_mn ã_m ã_n G_mn T_mn`` (``ã = [a_b,
-    −1]``, ``T_mn = Σ_{j ≥ max(rank m, rank n)} g_j``, ``P_b`` of rank 0), so ``∂L_b/∂ã = 2 (G ∘
-    T) ã`` and ``∂L_b/∂[D_b, P_b] = 2 (ã ãᵀ ∘ T) [D_b, P_b]``. ``P_b`` feeds every later block,
-    so ``∂L/∂P_{b+1} = Σ_{b' > b} ∂L_{b'}/∂P_{b'}`` =: ``gP_b``, which adds ``−a_i gP_b`` to
-    ``∂L/∂D_i`` and ``−⟨gP_b, D_i⟩`` to ``∂L/∂a_i`` for ``i`` in block ``b``; ``∂L/∂e₀`` is the
-    sum over all blocks.
-    """
-
-    @staticmethod
-    @autocast_off
-    def forward(ctx, residual0, values, W_dec, indices, chunk, block):  # type: ignore[override]
-        B, K = indices.shape
-        slots, coeffs = _blocked(indices, values, block, free=1)
-        n_blocks = slots.shape[1]
-        errors = residual0.new_empty(B, n_blocks * block)
-        final = torch.empty_like(residual0)
-        scratch = _scratch(residual0, 2, chunk, n_blocks, residual0.shape[1])
-        with exact_float32_matmul(residual0.device.type):
-            for s, rows in _gathered_chunks(W_dec, slots, chunk, residual0.dtype):
-                n = rows.shape[0]
-                a = coeffs[s : s + n]
-                after = _residuals_after_blocks(
-                    residual0[s : s + n], a, rows[:, :, :block], scratch
-                )
-                final[s : s + n] = after[:, -1]
-                errors[s : s + n] = _in_block_errors(rows, residual0[s : s + n], after, a, block)
-        ctx.save_for_backward(residual0, values, W_dec, indices)
-        ctx.chunk, ctx.block = chunk, block
-        ctx.mark_non_differentiable(final)
-        return errors[:, :K], final
-
-    @staticmethod
-    @autocast_off
-    def backward(ctx, grad_errors, _grad_final):  # type: ignore[override]
-        residual0, values, W_dec, indices = ctx.saved_tensors
-        block = ctx.block
-        B, K = values.shape
-        d = W_dec.shape[1]
-        slots, coeffs = _blocked(indices, values, block, free=2)
-        n_blocks, width = slots.shape[1], coeffs.shape[1]
-        later_g = _padded(grad_errors, width).view(B * n_blocks, block)
-        later_g = later_g.flip(-1).cumsum(-1).flip(-1)  # within a block: Σ_{j≥i} g_j
-        rank = _prefix_ranks(block, values.device)
-        pair = (torch.maximum(rank[:, None], rank[None, :]) - 1).clamp_min(0)  # rank 0 = rank 1
-        grad_values = torch.empty_like(coeffs)
-        grad_residual = torch.empty_like(residual0)
-        grad_w = torch.zeros(W_dec.shape, dtype=residual0.dtype, device=W_dec.device)
-        grad_D_buffer = residual0.new_empty(min(ctx.chunk, B) * n_blocks, block, d)
-        scratch = _scratch(residual0, 2, ctx.chunk, n_blocks, d)
-        with exact_float32_matmul(residual0.device.type):
-            for s, rows in _gathered_chunks(W_dec, slots, ctx.chunk, residual0.dtype):
-                n = rows.shape[0]
-                a = coeffs[s : s + n].reshape(n * n_blocks, block)
-                D = rows[:, :, :block]
-                after = _residuals_after_blocks(residual0[s : s + n], coeffs[s : s + n], D, scratch)
-                V = _with_residuals_before(rows, residual0[s : s + n], after, block)
-                ext = rows.view(n * n_blocks, block + 2, d)  # [D_b, P_b, gP_b]
-                signed = _signed(a)  # [n·nb, block+1]
-                T = later_g[s * n_blocks : (s + n) * n_blocks][:, pair]  # [n·nb, b+1, b+1]
-                gram = torch.bmm(V, V.transpose(1, 2))
-                direct = torch.bmm(gram.mul_(T), signed.unsqueeze(-1)).squeeze(-1)
-                Q = T.mul_(signed.unsqueeze(-1) * signed.unsqueeze(-2)).mul_(2.0)
-                # ∂L_b/∂P_b, then ∂L/∂P_{b+1} (`after` is in rows now, its buffer free)
-                own_P = torch.bmm(Q[:, block:], V, out=scratch[0, :n].view(-1, 1, d)).view(n, -1, d)
-                gP = _block_sums(own_P, later=True, inclusive=False, out=scratch[1, :n])
-                rows[:, :, block + 1] = gP
-                into_D = torch.bmm(ext[:, :block], gP.view(-1, d, 1)).view(n, -1)
-                grad_values[s : s + n] = 2.0 * direct[:, :block].reshape(n, -1) - into_D
-                # ∂L/∂D_b = Q_b [D_b, P_b] − a_b gP_b: one product with [D_b, P_b, gP_b]
-                Q_a = torch.cat([Q[:, :block], -a.unsqueeze(-1)], dim=-1)
-                grad_D = torch.bmm(Q_a, ext, out=grad_D_buffer[: n * n_blocks])
-                grad_w.index_add_(0, slots[s : s + n, :, :block].reshape(-1), grad_D.view(-1, d))
-                grad_residual[s : s + n] = gP[:, 0] + own_P[:, 0]
-        return _block_gradients(ctx, grad_residual, grad_values, grad_w, K, W_dec)
-
-
-def _with_residuals_before(
-    rows: torch.Tensor, residual0: torch.Tensor, after: torch.Tensor, block: int
-) -> torch.Tensor:
-    """``[D_b, P_b]`` ``[n · n_blocks, block + 1, d]`` (a view of ``rows``): each block's
-    gathered rows ``rows [n, n_blocks, ≥ block + 1, d]`` with the residual before the block
-    (``residual0``, then ``after [n, n_blocks, d]`` one block later) written into slot ``block``."""
-    n, n_blocks, _, d = rows.shape
-    rows[:, 0, block] = residual0
-    rows[:, 1:, block] = after[:, :-1]
-    return rows[:, :, : block + 1].view(n * n_blocks, block + 1, d)
-
-
-def _in_block_errors(
-    rows: torch.Tensor,
-    residual0: torch.Tensor,
-    after: torch.Tensor,
-    coeffs: torch.Tensor,
-    block: int,
-) -> torch.Tensor:
-    """Every prefix's error ``[n, n_blocks · block]`` of a chunk, from each block's Gram matrix
-    of ``[D_b, P_b]`` (:func:`_with_residuals_before`, :func:`_errors_from_gram`)."""
-    V = _with_residuals_before(rows, residual0, after, block)
-    gram = torch.bmm(V, V.transpose(1, 2))
-    return _errors_from_gram(gram, coeffs.reshape(-1, block)).view(rows.shape[0], -1)
-
-
-class _BlockEndErrors(torch.autograd.Function):
-    """``‖P_{b+1}‖²`` ``[B, n_blocks]``: the error after each block of ``block`` prefixes (the
-    last block ends at ``K``), from ``P_{b+1} = e₀ − Σ_{i in blocks ≤ b} a_i D_i`` alone; then,
-    without gradients, every prefix's error ``[B, K]`` with ``all_prefixes`` (:class:`_PrefixErrors`'s
-    forward on the same gathered rows; else an empty tensor) and the final residual ``P_K``.
-
-    Backward with ``gP_b = ∂L/∂P_{b+1} = Σ_{b' ≥ b} 2 g_{b'} P_{b'+1}``: ``∂L/∂D_i = −a_i gP_b``
-    and ``∂L/∂a_i = −⟨gP_b, D_i⟩`` for ``i`` in block ``b``, ``∂L/∂e₀ = gP_0``.
-    """
-
-    @staticmethod
-    @autocast_off
-    def forward(ctx, residual0, values, W_dec, indices, chunk, block, all_prefixes):  # type: ignore[override]
-        B, K = indices.shape
-        slots, coeffs = _blocked(indices, values, block, free=int(all_prefixes))
-        n_blocks = slots.shape[1]
-        errors = residual0.new_empty(B, n_blocks)
-        prefix = residual0.new_empty((B, n_blocks * block) if all_prefixes else (0, 0))
-        final = torch.empty_like(residual0)
-        scratch = _scratch(residual0, 2, chunk, n_blocks, residual0.shape[1])
-        with exact_float32_matmul(residual0.device.type):
-            for s, rows in _gathered_chunks(W_dec, slots, chunk, residual0.dtype):
-                n = rows.shape[0]
-                a = coeffs[s : s + n]
-                after = _residuals_after_blocks(
-                    residual0[s : s + n], a, rows[:, :, :block], scratch
-                )
-                errors[s : s + n] = after.pow(2).sum(-1)
-                final[s : s + n] = after[:, -1]
-                if all_prefixes:
-                    prefix[s : s + n] = _in_block_errors(
-                        rows, residual0[s : s + n], after, a, block
-                    )
-        ctx.save_for_backward(residual0, values, W_dec, indices)
-        ctx.chunk, ctx.block = chunk, block
-        prefix = prefix[:, :K]
-        ctx.mark_non_differentiable(prefix, final)
-        return errors, prefix, final
-
-    @staticmethod
-    @autocast_off
-    def backward(ctx, grad_errors, _grad_prefix, _grad_final):  # type: ignore[override]
-        residual0, values, W_dec, indices = ctx.saved_tensors
-        block = ctx.block
-        B, K = values.shape
-        d = W_dec.shape[1]
-        slots, coeffs = _blocked(indices, values, block, free=0)
-        n_blocks = slots.shape[1]
-        grad_values = torch.empty_like(coeffs)
-        grad_residual = torch.empty_like(residual0)
-        grad_w = torch.zeros(W_dec.shape, dtype=residual0.dtype, device=W_dec.device)
-        scratch = _scratch(residual0, 2, ctx.chunk, n_blocks, d)
-        # ∂L/∂D_i = −a_i gP_b is rank one per block: on the CPU one sparse-dense product adds a
-        # chunk's Σ a_i gP_b into grad_w rows (no [n, n_blocks, block, d] tensor); elsewhere
-        # (a sparse product's coalesce would make a GPU's host wait) the product, index-added
-        on_cpu = host_check_is_free(residual0)
-        grad_D_buffer = (
-            None if on_cpu else residual0.new_empty(min(ctx.chunk, B), n_blocks, block, d)
-        )
-        with exact_float32_matmul(residual0.device.type):
-            for s, rows in _gathered_chunks(W_dec, slots, ctx.chunk, residual0.dtype):
-                n = rows.shape[0]
-                a = coeffs[s : s + n]
-                after = _residuals_after_blocks(residual0[s : s + n], a, rows, scratch)
-                weighted = after.mul_(2.0 * grad_errors[s : s + n, :, None])
-                gP = _block_sums(weighted, later=True, inclusive=True, out=scratch[0, :n])
-                D = rows.view(-1, block, d)
-                into_D = torch.bmm(D, gP.view(-1, d, 1)).view(n, -1)
-                grad_values[s : s + n] = -into_D
-                if on_cpu:
-                    _add_block_rank_one(grad_w, slots[s : s + n], a, gP)
-                else:
-                    grad_D = torch.mul(
-                        a.view(n, n_blocks, block, 1), gP.unsqueeze(2), out=grad_D_buffer[:n]
-                    )
-                    grad_w.index_add_(0, slots[s : s + n].reshape(-1), grad_D.view(-1, d), alpha=-1)
-                grad_residual[s : s + n] = gP[:, 0]
-        return (*_block_gradients(ctx, grad_residual, grad_values, grad_w, K, W_dec), None)
-
-
-def _add_block_rank_one(
-    grad_w: torch.Tensor, slots: torch.Tensor, coeffs: torch.Tensor, gP: torch.Tensor
+def _add_bag_rank_one(
+    grad_w: torch.Tensor, bags: torch.Tensor, coefficients: torch.Tensor, g: torch.Tensor
 ) -> None:
-    """``grad_w[slots[r, b, i]] −= coeffs[r, b·block + i] · gP[r, b]`` for every slot, as one
-    sparse-dense ``addmm_`` (``slots [n, n_blocks, block]``, ``gP [n, n_blocks, d]``)."""
-    n, n_blocks, block = slots.shape
-    owners = torch.arange(n * n_blocks, device=slots.device).repeat_interleave(block)
+    """``grad_w[bags[m, i]] −= coefficients[m, i] · g[m]`` for every bag slot, as one
+    sparse-dense ``addmm_`` (``bags, coefficients [M, block]``, ``g [M, d]``)."""
+    M, block = bags.shape
+    owners = torch.arange(M, device=bags.device).repeat_interleave(block)
     pairs = torch.sparse_coo_tensor(
-        torch.stack([slots.reshape(-1), owners]),
-        coeffs.reshape(-1),
-        (grad_w.shape[0], n * n_blocks),
+        torch.stack([bags.reshape(-1), owners]),
+        coefficients.reshape(-1),
+        (grad_w.shape[0], M),
         check_invariants=False,
     )
-    grad_w.addmm_(pairs, gP.reshape(n * n_blocks, -1), alpha=-1)
+    grad_w.addmm_(pairs, g, alpha=-1)
 
 
 def block_end_errors(
@@ -434,20 +304,81 @@ def block_end_pass(
     W_dec: torch.Tensor,
     indices: torch.Tensor,
     *,
-    all_prefixes: bool = False,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ends, errors, final)``: :func:`block_end_errors` (with gradients), then from the rows
-    that pass gathers and without gradients every prefix's error ``[B, K]`` (the values of
-    :func:`prefix_reconstruction_errors`) with ``all_prefixes`` (else an empty tensor), and the
-    last prefix's residual ``residual0 − Σ_{i≤K} values_i W_dec[indices_i]`` ``[B, d]``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ends, final)``: :func:`block_end_errors` (with gradients) and the last prefix's
+    residual ``residual0 − Σ_{i≤K} values_i W_dec[indices_i]`` ``[B, d]`` (no gradient)."""
     dtype = _checked_accumulation_dtype(residual0, values, W_dec, indices)
-    device_type = residual0.device.type
-    block, chunk = _block_and_chunk(indices.shape, W_dec.shape[1], chunk_size, device_type)
-    with full_precision(device_type):
-        return _BlockEndErrors.apply(
-            residual0.to(dtype), values.to(dtype), W_dec, indices.long(), chunk, block, all_prefixes
+    B, K = indices.shape
+    block = min(PREFIX_BLOCK, K)
+    n_blocks = -(-K // block)
+    chunk = _chunk_rows(B, n_blocks, W_dec.shape[1], chunk_size, residual0.device.type)
+    with full_precision(residual0.device.type):
+        return _ResidualErrors.apply(
+            residual0.to(dtype), values.to(dtype), W_dec, indices.long(), chunk, block
         )
+
+
+@torch.no_grad()
+def errors_in_block(
+    residual0: torch.Tensor,
+    values: torch.Tensor,
+    W_dec: torch.Tensor,
+    indices: torch.Tensor,
+    block: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The prefix errors inside one block of :data:`PREFIX_BLOCK` latents per row, no gradient:
+    ``[B, width]`` (``width = min(8, K)``), entry ``j`` of row ``r`` the error of prefix
+    ``width · block[r] + j + 1`` (``inf`` past ``K``): the values of
+    :func:`prefix_reconstruction_errors` there. Same arguments as :func:`block_end_errors`, and
+    ``block [B]`` (long, in ``[0, ceil(K / width))``). The residual before the block is one
+    ``embedding_bag`` over the prefixes before it; only the block's own rows are gathered."""
+    dtype = _checked_accumulation_dtype(residual0, values, W_dec, indices)
+    B, K = indices.shape
+    width = min(PREFIX_BLOCK, K)
+    if block.shape != (B,):
+        raise ValueError(f"block must be [B] = [{B}], got shape {tuple(block.shape)}")
+    d = W_dec.shape[1]
+    chunk = _chunk_rows(B, width, d, chunk_size, residual0.device.type)
+    weight = W_dec.to(dtype)
+    values = values.to(dtype)
+    start = block.long().clamp(0, -(-K // width) - 1) * width
+    slot = start.unsqueeze(-1) + torch.arange(width, device=indices.device)  # [B, width]
+    inside = slot < K
+    slot = slot.clamp(max=K - 1)
+    before = torch.arange(K, device=indices.device) < start.unsqueeze(-1)  # [B, K]
+    errors = residual0.new_empty(B, width, dtype=dtype)
+    with full_precision(residual0.device.type):
+        for s in range(0, B, chunk):
+            rows = slice(s, s + chunk)
+            residual = residual0[rows].to(dtype) - _sum_before(
+                weight, indices[rows], values[rows], before[rows]
+            )
+            a = values[rows].gather(1, slot[rows]) * inside[rows]
+            D = weight[indices[rows].gather(1, slot[rows])]  # [n, width, d]
+            residuals = residual.unsqueeze(1) - (a.unsqueeze(-1) * D).cumsum(1)
+            errors[rows] = residuals.pow(2).sum(-1).masked_fill_(~inside[rows], float("inf"))
+    return errors
+
+
+def _sum_before(
+    weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, before: torch.Tensor
+) -> torch.Tensor:
+    """``Σ_{i : before[r, i]} values[r, i] · weight[indices[r, i]]`` ``[n, d]``: on the CPU
+    one bag per row of the slots in ``before`` only; elsewhere (a boolean selection would make
+    the host wait) every slot, the others weighted 0."""
+    if not host_check_is_free(indices):
+        return F.embedding_bag(indices, weight, mode="sum", per_sample_weights=values * before)
+    counts = before.sum(-1)
+    return F.embedding_bag(
+        indices[before],
+        weight,
+        torch.cumsum(counts, 0) - counts,
+        mode="sum",
+        per_sample_weights=values[before],
+    )
 
 
 def _checked_accumulation_dtype(
@@ -457,13 +388,6 @@ def _checked_accumulation_dtype(
     _check_inputs(residual0, values)
     _check_decoder(residual0, values, W_dec, indices)
     return accumulation_dtype(residual0.dtype, values.dtype, W_dec.dtype)
-
-
-def _padded(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``t [B, K]`` with zero columns appended up to ``width``."""
-    if t.shape[1] == width:
-        return t
-    return torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1])], dim=1)
 
 
 def prefix_reconstruction_errors(
@@ -528,10 +452,9 @@ def _prefix_errors(
         rows = torch.cat([gathered, residual0.unsqueeze(1)], dim=1)
         final = (residual0 - torch.einsum("bk,bkd->bd", values, gathered)).detach()
         return _errors_from_gram(torch.bmm(rows, rows.transpose(1, 2)), values), final
-    block, chunk = _block_and_chunk(
-        indices.shape, W_dec.shape[1], chunk_size, residual0.device.type
-    )
-    return _PrefixErrors.apply(residual0, values, W_dec, indices.long(), chunk, block)
+    B, K = indices.shape
+    chunk = _chunk_rows(B, K, W_dec.shape[1], chunk_size, residual0.device.type)
+    return _ResidualErrors.apply(residual0, values, W_dec, indices.long(), chunk, 1)
 
 
 def hierarchical_loss(

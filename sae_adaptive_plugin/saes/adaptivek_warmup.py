@@ -19,9 +19,11 @@ import torch
 from sae_lens.saes.sae import TrainStepInput
 from typing_extensions import override
 
-from sae_adaptive_plugin.distributed import gather_rows
+from sae_adaptive_plugin.distributed import gather_rows, local_rows
 from sae_adaptive_plugin.ops.adaptive_k import (
+    first_block_reaching,
     kstar_from_prefix_errors,
+    kstar_in_block,
     shift_for_mean_k,
     threshold_for_median_kstar,
 )
@@ -53,6 +55,7 @@ class AdaptiveKWarmup:
     set_probe: Any
     prefix_errors_of: Any
     block_end_errors_of: Any
+    errors_in_block_of: Any
     reconstructs_from_prefixes: Any
     reconstruction_from_prefixes: Any
 
@@ -103,11 +106,10 @@ class AdaptiveKWarmup:
         return {PREFIX_EXCESS_LOSS: prefix_excess(self._warmup_errors(step_input, encoding))}
 
     def _warmup_errors(self, step_input: TrainStepInput, encoding: TopKEncoding) -> torch.Tensor:
-        """The warm-up loss's prefix errors (once per step): at the block ends, where a
-        labelling step also reads every prefix error from the same pass, or at every prefix."""
+        """The warm-up loss's prefix errors (once per step): at the block ends or at every
+        prefix."""
         if self.cfg.warmup_loss == "block_ends":
-            labelling = self._is_labelling(step_input.n_training_steps)
-            return self.block_end_errors_of(encoding, all_prefixes=labelling)
+            return self.block_end_errors_of(encoding)
         return self.prefix_errors_of(encoding)
 
     def training_reconstruction(
@@ -130,11 +132,27 @@ class AdaptiveKWarmup:
         if not self._is_labelling(step_input.n_training_steps):
             return
         with torch.no_grad():
-            errors = self.prefix_errors_of(encoding).detach()
             # labels and ridge statistics from the global batch (every rank alike)
-            labels = self.kstar_from_errors(gather_rows(errors), gather_rows(encoding.sae_in))
+            labels = self._warmup_labels(encoding)
             rows = gather_rows(encoding.x_in.reshape(-1, self.cfg.d_in))
         self.collect_warmup_labels(rows, labels)
+
+    @torch.no_grad()
+    def _warmup_labels(self, encoding: TopKEncoding) -> torch.Tensor:
+        """``k*`` of the global batch's rows. From every prefix's error on the first labelled
+        batch (it also chooses ``τ``) or where the step has them anyway; otherwise by search
+        (:func:`~sae_adaptive_plugin.ops.adaptive_k.kstar_in_block`): the block ends' errors,
+        then the prefixes inside the first block whose end reaches ``τ·V``."""
+        sae_in = gather_rows(encoding.sae_in)
+        if self._kstar_tau is None or encoding.prefix_errors is not None:
+            return self.kstar_from_errors(gather_rows(self.prefix_errors_of(encoding)), sae_in)
+        threshold = self._kstar_tau * self._row_variance(sae_in)
+        ends = gather_rows(self.block_end_errors_of(encoding).detach())
+        block, reached = first_block_reaching(ends, threshold)
+        width = encoding.selection.values.shape[-1]
+        n_local = encoding.selection.values.numel() // width
+        in_block = self.errors_in_block_of(encoding, local_rows(block, n_local))
+        return kstar_in_block(gather_rows(in_block), block, reached, threshold, width)
 
     def extra_metrics(self, step_input: TrainStepInput, encoding: StepEncoding) -> dict[str, Any]:
         metrics: dict[str, Any] = {"probe_fitted": self.probe_fitted.detach().clone()}

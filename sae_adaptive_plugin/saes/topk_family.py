@@ -34,6 +34,7 @@ from sae_adaptive_plugin.ops.dispatch import (
 from sae_adaptive_plugin.ops.folding import fold_whitening_into_reader
 from sae_adaptive_plugin.ops.hierarchical import (
     block_end_pass,
+    errors_in_block,
     prefix_errors_and_residual,
     prefix_reconstruction_errors,
 )
@@ -81,8 +82,7 @@ class TopKEncoding(StepEncoding):
     whose values are the code's (after ``hook_sae_acts_post``); ``prefix_errors``,
     ``block_end_errors`` and ``prefix_residual`` (the last prefix's residual, no gradient):
     filled once by :meth:`TopKFamilyTrainingSAE.prefix_errors_of` or
-    :meth:`~TopKFamilyTrainingSAE.block_end_errors_of` (whose ``prefix_errors`` carry no
-    gradient)."""
+    :meth:`~TopKFamilyTrainingSAE.block_end_errors_of`."""
 
     x_in: torch.Tensor
     sae_in: torch.Tensor
@@ -491,29 +491,37 @@ class TopKFamilyTrainingSAE(TopKFamilyMixin, TopKTrainingSAE):
         """Rows gathered at once by :meth:`prefix_errors_of` (memory only; None = automatic)."""
         return None
 
-    def block_end_errors_of(
-        self, encoding: TopKEncoding, *, all_prefixes: bool = False
-    ) -> torch.Tensor:
+    def block_end_errors_of(self, encoding: TopKEncoding) -> torch.Tensor:
         """The prefix errors at the ends of the blocks of 8 latents of the step's sorted
         selection, ``[N, ceil(width / 8)]``, differentiable, computed once per step
         (:func:`~sae_adaptive_plugin.ops.hierarchical.block_end_pass`) with the last residual
-        and, with ``all_prefixes``, every prefix's error (no gradient) into ``encoding``."""
+        into ``encoding``."""
         if encoding.block_end_errors is None:
             residual0, coefficients, indices = self._prefix_operands(
                 encoding.x_in, encoding.selection
             )
-            ends, errors, final = block_end_pass(
+            encoding.block_end_errors, encoding.prefix_residual = block_end_pass(
                 residual0,
                 coefficients,
                 self.W_dec,
                 indices,
-                all_prefixes=all_prefixes,
                 chunk_size=self.prefix_loss_chunk_size,
             )
-            encoding.block_end_errors, encoding.prefix_residual = ends, final
-            if all_prefixes:
-                encoding.prefix_errors = errors
         return encoding.block_end_errors
+
+    def errors_in_block_of(self, encoding: TopKEncoding, block: torch.Tensor) -> torch.Tensor:
+        """The prefix errors inside block ``block[r]`` of 8 latents of each row ``r`` of the
+        step's sorted selection, ``[N, min(8, width)]``, no gradient
+        (:func:`~sae_adaptive_plugin.ops.hierarchical.errors_in_block`)."""
+        residual0, coefficients, indices = self._prefix_operands(encoding.x_in, encoding.selection)
+        return errors_in_block(
+            residual0.detach(),
+            coefficients.detach(),
+            self.W_dec.detach(),
+            indices,
+            block,
+            chunk_size=self.prefix_loss_chunk_size,
+        )
 
     def prefix_errors_of(self, encoding: TopKEncoding) -> torch.Tensor:
         """:meth:`prefix_errors_from_selection` of the step's encoding, computed once per step
