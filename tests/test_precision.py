@@ -526,3 +526,19 @@ def test_autocast_forward_matmuls_read_weights_in_nn_linear_layout() -> None:
         sae.estimate_k_from_sae_in(x)
     assert len(recorder.right_is_linear_layout) == 3
     assert all(recorder.right_is_linear_layout)
+
+
+def test_softsae_k_per_row_is_read_in_float32_under_autocast() -> None:
+    """The hard phase's (and inference's) integer k of each row is the same under CPU bf16
+    autocast as without it: the frozen estimator is read with autocast off."""
+    sae = _softsae(d_in=64, d_sae=512, k=32)
+    with torch.no_grad():
+        sae.k_est_w_out.normal_(0, 0.3)
+    x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(3))
+    want = sae.k_for_rows(x, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sae.k_for_rows(x, x)
+        in_bf16 = sae.estimate_k_from_sae_in(x).floor().long().clamp(1, sae.cfg.k_max)
+    assert len(torch.unique(want)) > 5
+    assert (in_bf16 != want).any()  # what reading it in bf16 would change
+    assert torch.equal(got, want)

@@ -10,7 +10,8 @@ A k-estimator ``k̂(x) = clamp(k_max · σ(v · ReLU(U (x − b_dec) + c) + c₀
   ``k``, from above and below) and ``λ_k = k_penalty_coefficient · mse_loss / K_t`` (the step's
   loss, detached; ``k_penalty_scale="constant"``: the coefficient alone);
 - hard phase (the last three quarters of the run by default): per-row hard top-``⌊k̂⌋`` with the estimator
-  frozen (``k_penalty`` 0) — what the saved inference SAE (:class:`SoftSAE`) computes.
+  frozen (``k_penalty`` 0) — what the saved inference SAE (:class:`SoftSAE`) computes; ``k̂`` is then
+  read with autocast off, so a row's k does not follow the encoder's precision.
 
 Schedules are pure functions of SAELens's step count; unset step fields are fractions of the run
 (``bind_run_length``). Design and measurements: docs/METHODS.md §2, docs/notes_saes.md.
@@ -29,7 +30,12 @@ from sae_lens.saes.sae import TrainStepInput
 from torch import nn
 
 from sae_adaptive_plugin.distributed import gather_rows, global_mean
-from sae_adaptive_plugin.ops.dispatch import accumulation_dtype, autocast_dtype, linear_weight
+from sae_adaptive_plugin.ops.dispatch import (
+    accumulation_dtype,
+    autocast_dtype,
+    full_precision,
+    linear_weight,
+)
 from sae_adaptive_plugin.ops.lapsum import lapsum_topk
 from sae_adaptive_plugin.ops.lapsum_decode import lapsum_decode
 from sae_adaptive_plugin.ops.shifted_linear import shifted_linear
@@ -113,8 +119,11 @@ class _KEstimator(TopKFamilyMixin):
         return (self.cfg.k_max * torch.sigmoid(logit)).clamp(1.0, float(self.cfg.k_max))
 
     def k_for_rows(self, x_in: torch.Tensor, sae_in: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():  # k is an integer: no gradient reaches the estimator here
-            k_hat = self.estimate_k_from_sae_in(sae_in)
+        """``⌊k̂⌋`` per row, no gradient, read in the SAE's dtype with autocast off: each row's
+        integer k does not depend on the precision a caller's autocast runs the encoder in."""
+        # k is an integer: no gradient reaches the estimator here
+        with torch.no_grad(), full_precision(sae_in.device.type):
+            k_hat = self.estimate_k_from_sae_in(sae_in.to(self.k_est_W_enc.dtype))
         return k_hat.nan_to_num(nan=float(self.cfg.k_max)).floor().long().clamp(1, self.cfg.k_max)
 
     def input_reader(self) -> InputReader:
