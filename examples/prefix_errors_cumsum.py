@@ -1,5 +1,6 @@
-"""Time the HierarchicalTopK prefix errors (forward + backward) in the package's Gram form against a
-chunked cumulative-sum form written here (``O(B·K·d)`` work, backward by a reverse cumulative sum),
+"""Time the HierarchicalTopK prefix errors (forward + backward) in the package's form (residuals over
+``embedding_bag`` bags since commit 3be4cf8; a blocked Gram form before) against a chunked
+cumulative-sum form written here (``O(B·K·d)`` work, backward by a reverse cumulative sum),
 and print their largest relative differences. Not used by the package (docs/METHODS.md §1).
 
     python examples/prefix_errors_cumsum.py 1024 64      # B, K (d 768, F 16,384, one thread)
@@ -70,8 +71,8 @@ def run(fn, B, K, d=768, F=16384, reps=2):
 B = int(sys.argv[1])
 K = int(sys.argv[2])
 chunk = max(1, (1 << 22) // (K * 768))
-t_gram, e1, gr1, gv1, gw1 = run(lambda r, v, w, i: prefix_reconstruction_errors(r, v, w, i), B, K)
+t_pkg, e1, gr1, gv1, gw1 = run(lambda r, v, w, i: prefix_reconstruction_errors(r, v, w, i), B, K)
 t_cum, e2, gr2, gv2, gw2 = run(lambda r, v, w, i: _PrefixErrors.apply(r, v, w, i, chunk), B, K)
-print(f"B={B} K={K}: gram {t_gram:.2f}s  cumsum {t_cum:.2f}s  ratio {t_cum / t_gram:.2f}")
+print(f"B={B} K={K}: package {t_pkg:.2f}s  cumsum {t_cum:.2f}s  ratio {t_cum / t_pkg:.2f}")
 for a, b, n in ((e1, e2, "err"), (gr1, gr2, "r0"), (gv1, gv2, "v"), (gw1, gw2, "W")):
     print(n, float((a - b).abs().max() / b.abs().max()))
