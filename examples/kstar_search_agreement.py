@@ -16,7 +16,7 @@ labels by the first crossing over every prefix (patched in), and prints both SAE
 explained variance, dead latents, MCC and Spearman(L0, true L0).
 
 Usage: ``python examples/kstar_search_agreement.py [--seeds 3] [--steps 1000 333]
-[--threads 1] [--quality]``.
+[--threads 1] [--quality] [--json OUT [--overwrite]]``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import tempfile
 from typing import Any
 
 import torch
+
+from sae_adaptive_plugin.outputs import refuse_existing, replacing_file
 
 
 def _recording(sae: Any, tally: dict[str, float]) -> None:
@@ -104,6 +106,13 @@ def _quality(args: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def _write(rows: list[dict[str, Any]], args: Any) -> None:
+    """``rows`` as JSON to ``--json`` (if given), written beside it and renamed into place."""
+    if args.json:
+        with replacing_file(args.json) as tmp:
+            tmp.write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -111,16 +120,17 @@ def main() -> None:
     parser.add_argument("--sources", nargs="+", default=["loguniform", "uniform"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument(
         "--quality", action="store_true", help="held-out metrics of both labellings"
     )
     args = parser.parse_args()
+    if args.json:  # refused before training, not after it
+        refuse_existing(args.json, args.overwrite, "--json")
     torch.set_num_threads(args.threads)
     if args.quality:
         rows = _quality(args)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        _write(rows, args)
         return
 
     from sae_adaptive_plugin.experiments.synthetic import (
@@ -169,9 +179,7 @@ def main() -> None:
                     f"{row['mean_abs_diff_where_differ']:.2f} |",
                     flush=True,
                 )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    _write(rows, args)
 
 
 if __name__ == "__main__":
