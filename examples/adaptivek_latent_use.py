@@ -53,7 +53,8 @@ def main() -> None:
     def reported(step_input):
         out = forward(step_input=step_input)
         if step_input.n_training_steps % args.every == 0:
-            fired = out.feature_acts.detach() != 0
+            acts = out.feature_acts.detach()
+            fired = (acts.to_dense() if acts.is_sparse else acts) != 0  # COO code on the CPU
             l0 = fired.sum(-1).float()
             print(
                 f"step {step_input.n_training_steps:5d}  latents firing in the batch "
