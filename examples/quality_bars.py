@@ -1,0 +1,203 @@
+"""Issue 27's quality bars, read from ``sae-adaptive compare`` results: which are met, with numbers.
+
+Synthetic compares (``sae-adaptive compare --seeds N``, ``results.json``), each given as
+``LABEL=PATH``; for SoftSAE and AdaptiveK against the TopK trained at the baselines' ``k``:
+
+- EV − TopK at the same mean L0 ≥ 0;
+- Spearman(L0, true L0) ≥ 0.9;
+- dead latents ≤ TopK's + 2% of ``d_sae``;
+- MCC ≥ TopK's − 0.02;
+
+and HierarchicalTopK's EV within 0.01 of the TopK trained at each budget ``k'``.
+
+SmolLM2 compares (``sae-adaptive compare --lm --seeds N`` or ``examples/merge_lm_seeds.py``), with
+``--lm LABEL=PATH``; from the per-seed pairs:
+
+- SoftSAE and AdaptiveK: EV and CE score − the TopK at their rounded mean L0 ≥ 0 (mean over
+  seeds), per-token L0 std ≥ 20% of its mean;
+- HierarchicalTopK: EV and CE score within 0.01 of the TopK trained at each budget;
+- every SAE: held-out dead latents ≤ 10% of ``d_sae``, and the adaptive ones ≤ their TopK's.
+
+Prints one Markdown table per kind; a met bar is in bold::
+
+    python examples/quality_bars.py lu1000=runs/accept/make_demo/results.json \\
+        --lm demo=runs/demo_lm/results.json --lm 1m=docs/compare_lm/results_1m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+ADAPTIVE = ("softsae", "adaptivek")
+HIERARCHICAL = "hierarchical_topk@k="
+
+
+def _labelled(text: str) -> tuple[str, dict[str, Any]]:
+    label, sep, path = text.partition("=")
+    if not sep or not label or not path:
+        raise SystemExit(f"error: expected LABEL=PATH, got {text!r}")
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"error: {file} is not a file")
+    return label, json.loads(file.read_text())
+
+
+def _bar(text: str, met: bool) -> str:
+    return f"**{text}**" if met else text
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+
+
+def _rows_by_name(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {row["name"]: row for row in results}
+
+
+def synthetic_rows(label: str, payload: dict[str, Any]) -> list[str]:
+    """Markdown rows of one synthetic compare's bars."""
+    config = payload["config"]
+    d_sae = config["d_sae"] or config["source"]["num_features"]
+    rows = _rows_by_name(payload["results"])
+    topk = rows["topk"]
+    lines = []
+    for name in ADAPTIVE:
+        if name not in rows:
+            continue
+        row = rows[name]
+        gap, gap_std = row["ev_gap_vs_topk"], row.get("ev_gap_vs_topk_std", 0.0)
+        dead, dead_topk = row["dead_latents"], topk["dead_latents"]
+        cells = [
+            _bar(f"{gap:+.3f} ± {gap_std:.3f}", gap >= 0),
+            _bar(f"{row['l0_spearman_vs_true']:.3f}", row["l0_spearman_vs_true"] >= 0.9),
+            _bar(f"{dead:.0f} ({dead_topk:.0f})", dead <= dead_topk + 0.02 * d_sae),
+            _bar(f"{row['mcc']:.3f} ({topk['mcc']:.3f})", row["mcc"] >= topk["mcc"] - 0.02),
+        ]
+        lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    budgets = sorted(
+        (row for name, row in rows.items() if name.startswith(HIERARCHICAL)),
+        key=lambda row: row["k_eval"],
+    )
+    if budgets:
+        cells = ", ".join(
+            _bar(f"{row['k_eval']}: {row['ev_gap_vs_topk']:+.3f}", row["ev_gap_vs_topk"] >= -0.01)
+            for row in budgets
+        )
+        top = budgets[-1]
+        dead_topk = rows.get(f"topk@k={top['k_eval']}", {}).get("dead_latents")
+        dead = f"{top['dead_latents']:.0f} at K ({dead_topk:.0f})" if dead_topk is not None else ""
+        lines.append(f"| {label} | hierarchical_topk: EV − TopK@k' | {cells} | | {dead} | |")
+    return lines
+
+
+def _paired(per_seed: list[dict[str, Any]], name: str, topk_name: Any) -> dict[str, list[float]]:
+    """Per-seed differences of ``name`` minus a TopK (``topk_name(rows, row)`` names it)."""
+    out: dict[str, list[float]] = {"ev": [], "ce": [], "dead": [], "dead_topk": [], "k": []}
+    for seed in per_seed:
+        rows = _rows_by_name(seed["results"])
+        if name not in rows:
+            continue
+        row = rows[name]
+        topk = rows.get(topk_name(row))
+        if topk is None:
+            continue
+        out["ev"].append(row["explained_variance"] - topk["explained_variance"])
+        out["ce"].append(row["ce_loss_score"] - topk["ce_loss_score"])
+        out["dead"].append(row["dead_latents"])
+        out["dead_topk"].append(topk["dead_latents"])
+        out["k"].append(topk["k_eval"])
+    return out
+
+
+def lm_rows(label: str, payload: dict[str, Any]) -> list[str]:
+    """Markdown rows of one SmolLM2 compare's bars (paired within each seed)."""
+    d_sae = payload["config"]["d_sae"]
+    per_seed = payload.get("per_seed") or [{"results": payload["results"]}]
+    names = {row["name"] for seed in per_seed for row in seed["results"]}
+    lines = []
+    for name in ADAPTIVE:
+        if name not in names:
+            continue
+        pairs = _paired(per_seed, name, lambda row: f"topk@k={round(row['l0_mean'])}")
+        spreads = [
+            row["l0_std"] / row["l0_mean"]
+            for seed in per_seed
+            for row in seed["results"]
+            if row["name"] == name
+        ]
+        (ev, ev_s), (ce, ce_s) = _mean_std(pairs["ev"]), _mean_std(pairs["ce"])
+        dead, dead_topk = _mean_std(pairs["dead"])[0], _mean_std(pairs["dead_topk"])[0]
+        cells = [
+            _bar(f"{ev:+.4f} ± {ev_s:.4f}", ev >= 0),
+            _bar(f"{ce:+.4f} ± {ce_s:.4f}", ce >= 0),
+            _bar(f"{min(spreads):.2f}–{max(spreads):.2f}", min(spreads) >= 0.2),
+            _bar(f"{dead:.0f} = {dead / d_sae:.1%} ({dead_topk:.0f})", dead <= 0.1 * d_sae)
+            + " / "
+            + _bar("≤ TopK" if dead <= dead_topk else "> TopK", dead <= dead_topk),
+        ]
+        lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    per_seed_budgets = [
+        {
+            int(row["name"].split("=")[1])
+            for row in seed["results"]
+            if row["name"].startswith(HIERARCHICAL)
+        }
+        for seed in per_seed
+    ]
+    budgets = sorted(set.intersection(*per_seed_budgets))  # evaluated in every seed
+    for k in budgets:
+        pairs = _paired(per_seed, f"{HIERARCHICAL}{k}", lambda row: f"topk@k={row['k_eval']}")
+        if not pairs["ev"]:
+            continue
+        (ev, ev_s), (ce, ce_s) = _mean_std(pairs["ev"]), _mean_std(pairs["ce"])
+        dead = _mean_std(pairs["dead"])[0]
+        cells = [
+            _bar(f"{ev:+.4f} ± {ev_s:.4f}", ev >= -0.01),
+            _bar(f"{ce:+.4f} ± {ce_s:.4f}", ce >= -0.01),
+            "–",
+            # dead latents count at the trained budget K: smaller budgets leave latents unused
+            _bar(f"{dead:.0f} = {dead / d_sae:.1%} at K", dead <= 0.1 * d_sae)
+            if k == budgets[-1]
+            else "–",
+        ]
+        lines.append(f"| {label} | hierarchical_topk at k' = {k} | " + " | ".join(cells) + " |")
+    topk_name = f"topk@k={payload['config']['k']}"  # the TopK at the target k, for reference
+    deads = [
+        row["dead_latents"]
+        for seed in per_seed
+        for row in seed["results"]
+        if row["name"] == topk_name
+    ]
+    if deads:
+        dead = statistics.fmean(deads)
+        cell = _bar(f"{dead:.0f} = {dead / d_sae:.1%}", dead <= 0.1 * d_sae)
+        lines.append(f"| {label} | {topk_name} | | | | {cell} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("synthetic", nargs="*", help="LABEL=results.json of a synthetic compare")
+    parser.add_argument("--lm", action="append", default=[], help="LABEL=results.json of --lm")
+    args = parser.parse_args()
+    if args.synthetic:
+        print("| setting | SAE | EV − TopK | Spearman | dead (TopK) | MCC (TopK) |")
+        print("|---|---|---:|---:|---:|---:|")
+        for text in args.synthetic:
+            print("\n".join(synthetic_rows(*_labelled(text))))
+        print()
+    if args.lm:
+        print(
+            "| run | SAE | EV − TopK | CE score − TopK | L0 std / mean | dead held-out (TopK's) |"
+        )
+        print("|---|---|---:|---:|---:|---:|")
+        for text in args.lm:
+            print("\n".join(lm_rows(*_labelled(text))))
+
+
+if __name__ == "__main__":
+    main()
