@@ -164,7 +164,10 @@ def lm_rows(label: str, payload: dict[str, Any]) -> list[str]:
             if k == budgets[-1]
             else "–",
         ]
-        lines.append(f"| {label} | hierarchical_topk at k' = {k} | " + " | ".join(cells) + " |")
+        seeds = "" if len(pairs["ev"]) == len(per_seed) else f" ({len(pairs['ev'])} seeds)"
+        lines.append(
+            f"| {label} | hierarchical_topk at k' = {k}{seeds} | " + " | ".join(cells) + " |"
+        )
     topk_name = f"topk@k={payload['config']['k']}"  # the TopK at the target k, for reference
     deads = [
         row["dead_latents"]
