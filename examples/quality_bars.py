@@ -89,7 +89,14 @@ def synthetic_rows(label: str, payload: dict[str, Any]) -> list[str]:
         )
         top = budgets[-1]
         dead_topk = rows.get(f"topk@k={top['k_eval']}", {}).get("dead_latents")
-        dead = f"{top['dead_latents']:.0f} at K ({dead_topk:.0f})" if dead_topk is not None else ""
+        dead = (
+            _bar(
+                f"{top['dead_latents']:.0f} at K ({dead_topk:.0f})",
+                top["dead_latents"] <= dead_topk + 0.02 * d_sae,
+            )
+            if dead_topk is not None
+            else ""
+        )
         lines.append(f"| {label} | hierarchical_topk: EV − TopK@k' | {cells} | | {dead} | |")
     return lines
 
