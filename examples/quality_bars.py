@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 from typing import Any
+
+from sae_adaptive_plugin.experiments.lm_report import paired_differences
 
 ADAPTIVE = ("softsae", "adaptivek")
 HIERARCHICAL = "hierarchical_topk@k="
@@ -48,10 +49,6 @@ def _labelled(text: str) -> tuple[str, dict[str, Any]]:
 
 def _bar(text: str, met: bool) -> str:
     return f"**{text}**" if met else text
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
 def _rows_by_name(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -101,50 +98,33 @@ def synthetic_rows(label: str, payload: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _paired(per_seed: list[dict[str, Any]], name: str, topk_name: Any) -> dict[str, list[float]]:
-    """Per-seed differences of ``name`` minus a TopK (``topk_name(rows, row)`` names it)."""
-    out: dict[str, list[float]] = {"ev": [], "ce": [], "dead": [], "dead_topk": [], "k": []}
-    for seed in per_seed:
-        rows = _rows_by_name(seed["results"])
-        if name not in rows:
-            continue
-        row = rows[name]
-        topk = rows.get(topk_name(row))
-        if topk is None:
-            continue
-        out["ev"].append(row["explained_variance"] - topk["explained_variance"])
-        out["ce"].append(row["ce_loss_score"] - topk["ce_loss_score"])
-        out["dead"].append(row["dead_latents"])
-        out["dead_topk"].append(topk["dead_latents"])
-        out["k"].append(topk["k_eval"])
-    return out
-
-
 def lm_rows(label: str, payload: dict[str, Any]) -> list[str]:
-    """Markdown rows of one SmolLM2 compare's bars (paired within each seed)."""
+    """Markdown rows of one SmolLM2 compare's bars: the compare's own per-seed pairs
+    (:func:`~sae_adaptive_plugin.experiments.lm_report.paired_differences`) and its rows' means."""
     d_sae = payload["config"]["d_sae"]
-    per_seed = payload.get("per_seed") or [{"results": payload["results"]}]
-    names = {row["name"] for seed in per_seed for row in seed["results"]}
+    per_seed = payload.get("per_seed") or [payload]
+    pairs = _rows_by_name(paired_differences(per_seed))
+    means = _rows_by_name(payload["results"])
     lines = []
     for name in ADAPTIVE:
-        if name not in names:
+        pair = pairs.get(f"{name} − topk at its L0")
+        if pair is None:
             continue
-        pairs = _paired(per_seed, name, lambda row: f"topk@k={round(row['l0_mean'])}")
+        ev, ce, dead_diff = pair["explained_variance"], pair["ce_loss_score"], pair["dead_latents"]
         spreads = [
             row["l0_std"] / row["l0_mean"]
             for seed in per_seed
             for row in seed["results"]
             if row["name"] == name
         ]
-        (ev, ev_s), (ce, ce_s) = _mean_std(pairs["ev"]), _mean_std(pairs["ce"])
-        dead, dead_topk = _mean_std(pairs["dead"])[0], _mean_std(pairs["dead_topk"])[0]
+        dead = means[name]["dead_latents"]
         cells = [
-            _bar(f"{ev:+.4f} ± {ev_s:.4f}", ev >= 0),
-            _bar(f"{ce:+.4f} ± {ce_s:.4f}", ce >= 0),
+            _bar(f"{ev:+.4f} ± {pair.get('explained_variance_std', 0.0):.4f}", ev >= 0),
+            _bar(f"{ce:+.4f} ± {pair.get('ce_loss_score_std', 0.0):.4f}", ce >= 0),
             _bar(f"{min(spreads):.2f}–{max(spreads):.2f}", min(spreads) >= 0.2),
-            _bar(f"{dead:.0f} = {dead / d_sae:.1%} ({dead_topk:.0f})", dead <= 0.1 * d_sae)
+            _bar(f"{dead:.0f} = {dead / d_sae:.1%} ({dead - dead_diff:.0f})", dead <= 0.1 * d_sae)
             + " / "
-            + _bar("≤ TopK" if dead <= dead_topk else "> TopK", dead <= dead_topk),
+            + _bar("≤ TopK" if dead_diff <= 0 else "> TopK", dead_diff <= 0),
         ]
         lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
     per_seed_budgets = [
@@ -157,33 +137,28 @@ def lm_rows(label: str, payload: dict[str, Any]) -> list[str]:
     ]
     budgets = sorted(set.intersection(*per_seed_budgets))  # evaluated in every seed
     for k in budgets:
-        pairs = _paired(per_seed, f"{HIERARCHICAL}{k}", lambda row: f"topk@k={row['k_eval']}")
-        if not pairs["ev"]:
+        pair = pairs.get(f"{HIERARCHICAL}{k} − topk@k={k}")
+        if pair is None:
             continue
-        (ev, ev_s), (ce, ce_s) = _mean_std(pairs["ev"]), _mean_std(pairs["ce"])
-        dead = _mean_std(pairs["dead"])[0]
+        ev, ce = pair["explained_variance"], pair["ce_loss_score"]
+        dead = means[f"{HIERARCHICAL}{k}"]["dead_latents"]
         cells = [
-            _bar(f"{ev:+.4f} ± {ev_s:.4f}", ev >= -0.01),
-            _bar(f"{ce:+.4f} ± {ce_s:.4f}", ce >= -0.01),
+            _bar(f"{ev:+.4f} ± {pair.get('explained_variance_std', 0.0):.4f}", ev >= -0.01),
+            _bar(f"{ce:+.4f} ± {pair.get('ce_loss_score_std', 0.0):.4f}", ce >= -0.01),
             "–",
             # dead latents count at the trained budget K: smaller budgets leave latents unused
             _bar(f"{dead:.0f} = {dead / d_sae:.1%} at K", dead <= 0.1 * d_sae)
             if k == budgets[-1]
             else "–",
         ]
-        seeds = "" if len(pairs["ev"]) == len(per_seed) else f" ({len(pairs['ev'])} seeds)"
+        n_seeds = pair.get("n_seeds", 1)
+        seeds = "" if n_seeds == len(per_seed) else f" ({n_seeds} seeds)"
         lines.append(
             f"| {label} | hierarchical_topk at k' = {k}{seeds} | " + " | ".join(cells) + " |"
         )
     topk_name = f"topk@k={payload['config']['k']}"  # the TopK at the target k, for reference
-    deads = [
-        row["dead_latents"]
-        for seed in per_seed
-        for row in seed["results"]
-        if row["name"] == topk_name
-    ]
-    if deads:
-        dead = statistics.fmean(deads)
+    if topk_name in means:
+        dead = means[topk_name]["dead_latents"]
         cell = _bar(f"{dead:.0f} = {dead / d_sae:.1%}", dead <= 0.1 * d_sae)
         lines.append(f"| {label} | {topk_name} | | | | {cell} |")
     return lines
