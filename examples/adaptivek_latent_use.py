@@ -31,6 +31,9 @@ def main() -> None:
     SingleRun.add_arguments(parser)
     parser.add_argument("--every", type=int, default=50, help="report every N steps")
     parser.add_argument("--dead-window", type=int, default=None, help="AuxK dead window (steps)")
+    parser.add_argument(
+        "--architecture", default="adaptivek", help="the SAE to follow (default adaptivek)"
+    )
     args = parser.parse_args()
 
     import sae_lens.config
@@ -46,7 +49,7 @@ def main() -> None:
 
         sae_lens.config.SAETrainerConfig.__init__ = with_window
 
-    run = SingleRun.from_args("adaptivek", args)
+    run = SingleRun.from_args(args.architecture, args)
     sae = run.sae
     forward = sae.training_forward_pass
 

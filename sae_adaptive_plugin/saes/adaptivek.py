@@ -55,6 +55,8 @@ _WARMUP_LOSSES = ("hierarchical", "block_ends", "mse")
 KSTAR_SCALES = ("dataset", "row")
 #: Defaults of ``k_min`` and of ``k_max / k`` (``k_max = min(4k, d_sae)``) for a target ``k``.
 DEFAULT_K_MIN, DEFAULT_K_MAX_FACTOR = 1, 4
+#: Default ``resample_below``: latents used inside ``k*`` under a tenth as often as the mean.
+DEFAULT_RESAMPLE_BELOW = 0.1
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int, hi_name: str = "") -> int:
@@ -229,6 +231,11 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
             (default): COO on the CPU, dense elsewhere (SAELens's sums over a COO code make a
             GPU's host wait). COO only where nothing hooks ``hook_sae_acts_pre``/
             ``hook_sae_acts_post``; ``encode`` is unaffected.
+        resample_below: at the switch, every latent that fired inside its rows' first ``k*``
+            slots less than this fraction of the mean latent's count over the labelled
+            warm-up steps starts again along a residual of the switch batch
+            (:mod:`~sae_adaptive_plugin.saes.switch_resample`), in ``[0, 1]``; 0: none. Not
+            used with ``probe_path`` (no warm-up).
         Other fields: as SAELens's ``TrainingSAEConfig``.
     """
 
@@ -249,6 +256,7 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
     b_dec_init_method: str = "mean"
     auxk_rare_tokens: int | None = None
     sparse_training_code: bool | None = None
+    resample_below: float = DEFAULT_RESAMPLE_BELOW
 
     def __post_init__(self) -> None:
         resolve_sizes(self, "d_in", "d_sae", "auxk_rare_tokens")
@@ -300,6 +308,15 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
         if self.warmup_loss not in _WARMUP_LOSSES:
             raise ValueError(
                 f"warmup_loss must be one of {_WARMUP_LOSSES}, got {self.warmup_loss!r}"
+            )
+        if not (
+            isinstance(self.resample_below, (int, float))
+            and not isinstance(self.resample_below, bool)
+            and 0.0 <= self.resample_below <= 1.0
+        ):
+            raise ValueError(
+                f"resample_below must be a number in [0, 1] (0 = no resampling at the switch), "
+                f"got {self.resample_below!r}"
             )
         warn_if_auxk_rare_tokens_too_few(self, NAME)
         super().__post_init__()

@@ -27,7 +27,15 @@ from sae_adaptive_plugin.ops.adaptive_k import (
     shift_for_mean_k,
     threshold_for_median_kstar,
 )
+from sae_adaptive_plugin.ops.variable_topk import decode_topk
 from sae_adaptive_plugin.probe import ComplexityProbe, RidgeAccumulator
+from sae_adaptive_plugin.saes.switch_resample import (
+    fires_within_labels,
+    global_fires,
+    latents_to_resample,
+    residual_directions,
+    restart_latents,
+)
 from sae_adaptive_plugin.saes.topk_family import (
     PREFIX_EXCESS_LOSS,
     StepEncoding,
@@ -40,6 +48,8 @@ from sae_adaptive_plugin.saes.topk_family import (
 ACC_PREFIX = "probe_acc."
 #: State-dict key of the chosen ``k*`` threshold during the warm-up (not in the inference SAE).
 KSTAR_TAU_KEY = "kstar_tau"
+#: State-dict key of the warm-up's firing counts inside ``k*`` (``resample_below``; training only).
+KSTAR_FIRES_KEY = "kstar_fires"
 #: Default warm-up length, as a fraction of the run's training steps.
 WARMUP_FRACTION = 0.25
 
@@ -64,6 +74,8 @@ class AdaptiveKWarmup:
         self._acc: RidgeAccumulator | None = None
         self._pending_report: dict[str, float] | None = None
         self._kstar_tau: float | None = self.cfg.target_fvu
+        #: this rank's firings inside each row's k* over the labelled steps (resample_below)
+        self._kstar_fires: torch.Tensor | None = None
         self.total_training_steps: int | None = None
 
     def bind_run_length(self, total_steps: int) -> None:
@@ -95,7 +107,9 @@ class AdaptiveKWarmup:
         if not self.is_adaptive:  # the warm-up's labels need prefix errors: refuse from step 0
             refuse_deterministic_cuda_cumsum(step_input.sae_in.device, "adaptivek's warm-up")
         if not self.is_adaptive and step_input.n_training_steps >= self.warmup_steps:
-            self.fit_probe_now(gather_rows(self.reshape_fn_in(step_input.sae_in.to(self.dtype))))
+            batch = gather_rows(step_input.sae_in.to(self.dtype))
+            self.fit_probe_now(self.reshape_fn_in(batch))
+            self.resample_at_switch(batch, seed=step_input.n_training_steps)
 
     def extra_losses(
         self, step_input: TrainStepInput, encoding: StepEncoding, mse_loss: torch.Tensor
@@ -135,7 +149,19 @@ class AdaptiveKWarmup:
             # labels and ridge statistics from the global batch (every rank alike)
             labels = self._warmup_labels(encoding)
             rows = gather_rows(encoding.x_in.reshape(-1, self.cfg.d_in))
+            if self.cfg.resample_below > 0:
+                self._count_fires_within(encoding, labels)
         self.collect_warmup_labels(rows, labels)
+
+    def _count_fires_within(self, encoding: TopKEncoding, labels: torch.Tensor) -> None:
+        """Add this rank's firings inside its rows' ``k*`` to :attr:`_kstar_fires`."""
+        width = encoding.selection.values.shape[-1]
+        local = local_rows(labels, encoding.selection.values.numel() // width)
+        fires = fires_within_labels(encoding.selection, local, self.cfg.d_sae)
+        if self._kstar_fires is None:
+            self._kstar_fires = fires
+        else:
+            self._kstar_fires += fires.to(self._kstar_fires.device)
 
     @torch.no_grad()
     def _warmup_labels(self, encoding: TopKEncoding) -> torch.Tensor:
@@ -246,6 +272,31 @@ class AdaptiveKWarmup:
         }
         return probe
 
+    @torch.no_grad()
+    def resample_at_switch(self, batch: torch.Tensor, seed: int) -> int:
+        """Start again the latents that fired inside their rows' ``k*`` less than
+        ``resample_below`` × the mean latent's count over the labelled steps, along the
+        residuals of the global ``batch`` after the adaptive encode
+        (:mod:`~sae_adaptive_plugin.saes.switch_resample`). Returns how many; recorded as
+        ``resampled_latents`` in the probe report."""
+        fires, self._kstar_fires = self._kstar_fires, None
+        if self.cfg.resample_below <= 0 or fires is None:
+            return 0
+        latents = latents_to_resample(global_fires(fires), self.cfg.resample_below)
+        n = int(latents.numel())
+        if n > 0:
+            encoding = self.encode_selection(batch)
+            residual0, coefficients, indices = self._prefix_operands(
+                encoding.x_in, encoding.selection
+            )
+            mask = encoding.selection.mask.reshape(indices.shape)
+            residual = residual0 - decode_topk(coefficients, indices, self.W_dec, mask=mask)
+            restart_latents(self, latents, residual_directions(residual, n, seed))
+        self.cfg.metadata.adaptivek_probe_report["resampled_latents"] = n
+        if self._pending_report is not None:
+            self._pending_report["resampled_latents"] = float(n)
+        return n
+
     def _check_probe(self, probe: ComplexityProbe) -> None:
         """Refuse a probe whose per-row k would not follow the input."""
         assert probe.report is not None
@@ -284,6 +335,8 @@ class AdaptiveKWarmup:
             state_dict.update(self._acc.state_tensors(ACC_PREFIX))
             if self._kstar_tau is not None:
                 state_dict[KSTAR_TAU_KEY] = torch.tensor(self._kstar_tau, dtype=torch.float64)
+            if self._kstar_fires is not None:
+                state_dict[KSTAR_FIRES_KEY] = self._kstar_fires.detach().clone()
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
@@ -291,6 +344,9 @@ class AdaptiveKWarmup:
         tau = state_dict.pop(KSTAR_TAU_KEY, None)
         if tau is not None:
             self._kstar_tau = float(tau)
+        fires = state_dict.pop(KSTAR_FIRES_KEY, None)
+        if fires is not None:
+            self._kstar_fires = fires.float()
         acc_state = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(ACC_PREFIX)}
         if acc_state:
             self._acc = self._new_accumulator()
@@ -300,7 +356,8 @@ class AdaptiveKWarmup:
     @override
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)
-        for key in [k for k in state_dict if k.startswith(ACC_PREFIX) or k == KSTAR_TAU_KEY]:
+        training_only = (KSTAR_TAU_KEY, KSTAR_FIRES_KEY)
+        for key in [k for k in state_dict if k.startswith(ACC_PREFIX) or k in training_only]:
             del state_dict[key]
         if not self.is_adaptive:
             warnings.warn(

@@ -1,0 +1,84 @@
+"""AdaptiveK's resampling at the switch (``resample_below``).
+
+During the warm-up every row keeps ``k_max`` latents; after the switch a row keeps ``k(x)``,
+about its label ``k*``. A latent that the warm-up trained only in the slots past its rows' ``k*``
+is left with (almost) nothing to do after the switch, yet it fires often enough on the tails of
+the densest rows that SAELens's dead-feature window never hands it to AuxK. This module counts,
+over the labelled half of the warm-up, how often each latent fires inside its rows' first ``k*``
+slots; at the switch every latent counted less than ``resample_below`` times the mean latent's
+count is started again on the switch batch's residuals after the adaptive encode: its decoder
+row is the unit residual of a row drawn with probability ∝ its squared residual, scaled to the
+kept latents' mean decoder norm; its encoder column is the same direction at the kept latents'
+mean encoder norm; its encoder bias is 0. Under data parallelism the counts are summed over the
+ranks and the rows drawn from the global batch with a generator seeded by the step, so every
+rank resamples alike. Measured in docs/compare.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sae_adaptive_plugin.distributed import all_reduce_
+from sae_adaptive_plugin.ops.variable_topk import TopKResult
+
+
+@torch.no_grad()
+def fires_within_labels(selection: TopKResult, labels: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """How many rows each latent fired on inside the row's first ``labels`` slots: float32
+    ``[d_sae]`` from a sorted ``selection`` (``[..., width]``) and labels ``[rows]`` of the same
+    rows. No host read."""
+    width = selection.values.shape[-1]
+    values = selection.values.detach().reshape(-1, width)
+    indices = selection.indices.reshape(-1, width)
+    slots = torch.arange(width, device=indices.device)
+    inside = (slots < labels.to(indices.device)[:, None]) & (values > 0)
+    counts = torch.zeros(d_sae, dtype=torch.float32, device=indices.device)
+    return counts.index_add_(0, indices.reshape(-1), inside.reshape(-1).float())
+
+
+def global_fires(counts: torch.Tensor) -> torch.Tensor:
+    """``counts`` summed over the ranks (a copy; unchanged in one process)."""
+    return all_reduce_(counts.clone())
+
+
+def latents_to_resample(fires: torch.Tensor, below: float) -> torch.Tensor:
+    """Ids (long, ascending) of the latents whose count is below ``below`` × the mean count;
+    none when ``below`` is 0 or every count is 0 (one host read)."""
+    if below <= 0.0:
+        return torch.zeros(0, dtype=torch.long, device=fires.device)
+    return (fires < below * fires.mean()).nonzero().squeeze(-1)
+
+
+@torch.no_grad()
+def residual_directions(residual: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` unit rows of ``residual`` ``[N, d]``, drawn with probability ∝ their squared norm
+    (with replacement only if ``n > N``), by a CPU generator seeded with ``seed``. Rows whose
+    residual is 0 (or not finite) are never drawn; if none is left, uniformly."""
+    weight = residual.float().pow(2).sum(-1).cpu()
+    weight = torch.where(torch.isfinite(weight), weight, 0.0)
+    if not bool(weight.sum() > 0):
+        weight = torch.ones_like(weight)
+    generator = torch.Generator().manual_seed(seed)
+    replace = n > int((weight > 0).sum())
+    rows = torch.multinomial(weight, n, replacement=replace, generator=generator)
+    picked = residual[rows.to(residual.device)].float()
+    return picked / picked.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+@torch.no_grad()
+def restart_latents(sae: Any, latents: torch.Tensor, directions: torch.Tensor) -> None:
+    """Start ``latents`` of ``sae`` again along ``directions`` ``[len(latents), d_in]``: decoder
+    rows at the other latents' mean decoder norm, encoder columns at their mean encoder norm,
+    encoder bias 0."""
+    kept = torch.ones(sae.cfg.d_sae, dtype=torch.bool, device=sae.W_dec.device)
+    kept[latents] = False
+    if not bool(kept.any()):
+        kept[:] = True  # every latent restarts: keep the current scale
+    dec_norm = sae.W_dec[kept].float().norm(dim=-1).mean()
+    enc_norm = sae.W_enc[:, kept].float().norm(dim=0).mean()
+    directions = directions.to(sae.W_dec.device)
+    sae.W_dec.data[latents] = (directions * dec_norm).to(sae.W_dec.dtype)
+    sae.W_enc.data[:, latents] = (directions * enc_norm).T.to(sae.W_enc.dtype)
+    sae.b_enc.data[latents] = 0
