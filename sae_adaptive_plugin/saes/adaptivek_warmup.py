@@ -74,7 +74,7 @@ class AdaptiveKWarmup:
         self._acc: RidgeAccumulator | None = None
         self._pending_report: dict[str, float] | None = None
         self._kstar_tau: float | None = self.cfg.target_fvu
-        #: this rank's firings inside each row's k* over the labelled steps (resample_below)
+        #: the global batches' firings inside each row's k* over the labelled steps
         self._kstar_fires: torch.Tensor | None = None
         self.total_training_steps: int | None = None
 
@@ -154,10 +154,11 @@ class AdaptiveKWarmup:
         self.collect_warmup_labels(rows, labels)
 
     def _count_fires_within(self, encoding: TopKEncoding, labels: torch.Tensor) -> None:
-        """Add this rank's firings inside its rows' ``k*`` to :attr:`_kstar_fires`."""
+        """Add the global batch's firings inside its rows' ``k*`` to :attr:`_kstar_fires`
+        (every rank holds the same counts, so any rank's checkpoint has them all)."""
         width = encoding.selection.values.shape[-1]
         local = local_rows(labels, encoding.selection.values.numel() // width)
-        fires = fires_within_labels(encoding.selection, local, self.cfg.d_sae)
+        fires = global_fires(fires_within_labels(encoding.selection, local, self.cfg.d_sae))
         if self._kstar_fires is None:
             self._kstar_fires = fires
         else:
@@ -280,22 +281,25 @@ class AdaptiveKWarmup:
         (:mod:`~sae_adaptive_plugin.saes.switch_resample`). Returns how many; recorded as
         ``resampled_latents`` in the probe report."""
         fires, self._kstar_fires = self._kstar_fires, None
-        if self.cfg.resample_below <= 0 or fires is None:
-            return 0
-        latents = latents_to_resample(global_fires(fires), self.cfg.resample_below)
-        n = int(latents.numel())
-        if n > 0:
-            encoding = self.encode_selection(batch)
-            residual0, coefficients, indices = self._prefix_operands(
-                encoding.x_in, encoding.selection
-            )
-            mask = encoding.selection.mask.reshape(indices.shape)
-            residual = residual0 - decode_topk(coefficients, indices, self.W_dec, mask=mask)
-            restart_latents(self, latents, residual_directions(residual, n, seed))
+        n = 0
+        if self.cfg.resample_below > 0 and fires is not None:
+            latents = latents_to_resample(fires, self.cfg.resample_below)
+            n = int(latents.numel())
+            if n > 0:
+                restart_latents(self, latents, residual_directions(self._residual(batch), n, seed))
         self.cfg.metadata.adaptivek_probe_report["resampled_latents"] = n
         if self._pending_report is not None:
             self._pending_report["resampled_latents"] = float(n)
         return n
+
+    @torch.no_grad()
+    def _residual(self, batch: torch.Tensor) -> torch.Tensor:
+        """``x − x̂`` of ``batch``'s rows after the encode, in the SAE's (normalised) input
+        space, ``[N, d_in]``."""
+        encoding = self.encode_selection(batch)
+        residual0, coefficients, indices = self._prefix_operands(encoding.x_in, encoding.selection)
+        mask = encoding.selection.mask.reshape(indices.shape)
+        return residual0 - decode_topk(coefficients, indices, self.W_dec, mask=mask)
 
     def _check_probe(self, probe: ComplexityProbe) -> None:
         """Refuse a probe whose per-row k would not follow the input."""

@@ -10,8 +10,8 @@ count is started again on the switch batch's residuals after the adaptive encode
 row is the unit residual of a row drawn with probability ∝ its squared residual, scaled to the
 kept latents' mean decoder norm; its encoder column is the same direction at the kept latents'
 mean encoder norm; its encoder bias is 0. Under data parallelism the counts are summed over the
-ranks and the rows drawn from the global batch with a generator seeded by the step, so every
-rank resamples alike. Measured in docs/compare.md.
+ranks at every labelled step and the rows drawn from the global batch with a generator seeded
+by the step, so every rank resamples alike. Measured in docs/compare.md.
 """
 
 from __future__ import annotations
