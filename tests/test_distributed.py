@@ -196,6 +196,11 @@ def test_two_ranks_match_one_process(runs, arch):
     if arch == "adaptivek":  # the probe was fitted from both ranks' labels, switch included
         assert float(ranks["probe_fitted"]) == 1.0
         torch.testing.assert_close(ranks["probe_weight"], single["probe_weight"])
+        # resample_below: both ranks restarted the same latents as the 1-process run (the
+        # weights above agree), from counts summed over the ranks
+        resampled = meta_ranks["adaptivek_probe_report"]["resampled_latents"]
+        assert resampled > 0
+        assert resampled == meta_single["metadata"]["adaptivek_probe_report"]["resampled_latents"]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
