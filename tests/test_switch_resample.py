@@ -16,6 +16,7 @@ from sae_adaptive_plugin.saes.adaptivek import (
 )
 from sae_adaptive_plugin.saes.adaptivek_warmup import KSTAR_FIRES_KEY
 from sae_adaptive_plugin.saes.switch_resample import (
+    encode_residual,
     fires_within_labels,
     latents_to_resample,
     residual_directions,
@@ -80,6 +81,17 @@ def test_restart_latents_sets_only_the_chosen_latents():
     assert torch.equal(sae.W_enc[:, kept], before["W_enc"][:, kept])
     assert torch.equal(sae.b_enc[kept], before["b_enc"][kept])
     assert torch.equal(sae.b_dec, before["b_dec"])
+
+
+def test_encode_residual_is_the_input_minus_the_saes_output():
+    torch.manual_seed(0)
+    sae = _sae()
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.3)
+    x = torch.randn(40, 16)
+    with torch.no_grad():
+        expected = x - sae.decode(sae.encode(x))
+    torch.testing.assert_close(encode_residual(sae, x), expected, atol=1e-5, rtol=1e-5)
 
 
 def _sae(**kw):

@@ -27,14 +27,11 @@ from sae_adaptive_plugin.ops.adaptive_k import (
     shift_for_mean_k,
     threshold_for_median_kstar,
 )
-from sae_adaptive_plugin.ops.variable_topk import decode_topk
 from sae_adaptive_plugin.probe import ComplexityProbe, RidgeAccumulator
 from sae_adaptive_plugin.saes.switch_resample import (
     fires_within_labels,
     global_fires,
-    latents_to_resample,
-    residual_directions,
-    restart_latents,
+    resample_rarely_used,
 )
 from sae_adaptive_plugin.saes.topk_family import (
     PREFIX_EXCESS_LOSS,
@@ -283,23 +280,11 @@ class AdaptiveKWarmup:
         fires, self._kstar_fires = self._kstar_fires, None
         n = 0
         if self.cfg.resample_below > 0 and fires is not None:
-            latents = latents_to_resample(fires, self.cfg.resample_below)
-            n = int(latents.numel())
-            if n > 0:
-                restart_latents(self, latents, residual_directions(self._residual(batch), n, seed))
+            n = resample_rarely_used(self, fires, self.cfg.resample_below, batch, seed)
         self.cfg.metadata.adaptivek_probe_report["resampled_latents"] = n
         if self._pending_report is not None:
             self._pending_report["resampled_latents"] = float(n)
         return n
-
-    @torch.no_grad()
-    def _residual(self, batch: torch.Tensor) -> torch.Tensor:
-        """``x − x̂`` of ``batch``'s rows after the encode, in the SAE's (normalised) input
-        space, ``[N, d_in]``."""
-        encoding = self.encode_selection(batch)
-        residual0, coefficients, indices = self._prefix_operands(encoding.x_in, encoding.selection)
-        mask = encoding.selection.mask.reshape(indices.shape)
-        return residual0 - decode_topk(coefficients, indices, self.W_dec, mask=mask)
 
     def _check_probe(self, probe: ComplexityProbe) -> None:
         """Refuse a probe whose per-row k would not follow the input."""

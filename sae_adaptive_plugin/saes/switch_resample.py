@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from sae_adaptive_plugin.distributed import all_reduce_
-from sae_adaptive_plugin.ops.variable_topk import TopKResult
+from sae_adaptive_plugin.ops.variable_topk import TopKResult, decode_topk
 
 
 @torch.no_grad()
@@ -82,3 +82,27 @@ def restart_latents(sae: Any, latents: torch.Tensor, directions: torch.Tensor) -
     sae.W_dec.data[latents] = (directions * dec_norm).to(sae.W_dec.dtype)
     sae.W_enc.data[:, latents] = (directions * enc_norm).T.to(sae.W_enc.dtype)
     sae.b_enc.data[latents] = 0
+
+
+@torch.no_grad()
+def encode_residual(sae: Any, batch: torch.Tensor) -> torch.Tensor:
+    """``x − x̂`` of ``batch``'s rows after ``sae``'s encode (its current rule for each row's
+    k), in the SAE's (normalised) input space, ``[N, d_in]``."""
+    encoding = sae.encode_selection(batch)
+    residual0, coefficients, indices = sae._prefix_operands(encoding.x_in, encoding.selection)
+    mask = encoding.selection.mask.reshape(indices.shape)
+    return residual0 - decode_topk(coefficients, indices, sae.W_dec, mask=mask)
+
+
+@torch.no_grad()
+def resample_rarely_used(
+    sae: Any, fires: torch.Tensor, below: float, batch: torch.Tensor, seed: int
+) -> int:
+    """Restart every latent of ``sae`` whose count in ``fires`` (the same on every rank) is
+    below ``below`` × the mean count, along residuals of the global ``batch`` after the encode
+    (:func:`residual_directions` with ``seed``). Returns how many."""
+    latents = latents_to_resample(fires, below)
+    n = int(latents.numel())
+    if n > 0:
+        restart_latents(sae, latents, residual_directions(encode_residual(sae, batch), n, seed))
+    return n
