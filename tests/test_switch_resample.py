@@ -45,6 +45,9 @@ def test_latents_to_resample_takes_those_below_the_share_of_the_mean():
     assert latents_to_resample(fires, 0.1).tolist() == [0]
     assert latents_to_resample(fires, 0.0).numel() == 0
     assert latents_to_resample(torch.zeros(4), 0.5).numel() == 0  # no counts: nothing to judge
+    capped = torch.tensor([5.0, 0.0, 3.0, 100.0, 0.0, 2.0])  # mean 18.3: five below 0.5 × mean
+    assert latents_to_resample(capped, 0.5, at_most=3).tolist() == [1, 4, 5]  # lowest counts
+    assert latents_to_resample(capped, 0.5, at_most=10).tolist() == [0, 1, 2, 4, 5]
 
 
 def test_residual_directions_are_unit_seeded_and_skip_zero_residuals():
@@ -57,8 +60,11 @@ def test_residual_directions_are_unit_seeded_and_skip_zero_residuals():
     odd = residual[1::2] / residual[1::2].norm(dim=-1, keepdim=True)
     for row in first:  # each direction is one of the non-zero rows
         assert (odd - row).abs().amax(-1).min() < 1e-6
-    many = residual_directions(residual, 40, seed=1)  # more than the 16 non-zero rows
-    assert many.shape == (40, 6) and torch.isfinite(many).all()
+    every = residual_directions(residual, 16, seed=1)  # all 16 non-zero rows, each once
+    assert torch.allclose(every.sum(0), odd.sum(0), atol=1e-5)
+    assert torch.cdist(every, every).add(torch.eye(16)).min() > 1e-4  # no row drawn twice
+    with pytest.raises(ValueError, match="17 directions asked from 16 rows"):
+        residual_directions(residual, 17, seed=1)
 
 
 def test_restart_latents_sets_only_the_chosen_latents():
@@ -128,6 +134,22 @@ def test_switch_restarts_exactly_the_latents_counted_below_the_share(below):
     changed = (sae.W_dec.detach() != before).any(-1).nonzero().squeeze(-1)
     assert torch.equal(changed, chosen)
     assert torch.equal(sae.b_enc[chosen], torch.zeros(chosen.numel()))
+
+
+def test_switch_restarts_at_most_one_latent_per_row_of_the_batch():
+    batches = _batches()
+    sae = _sae(resample_below=1.0, target_fvu=0.3)
+    _warm_up(sae, batches, 8)
+    fires = sae._kstar_fires.clone()
+    assert int((fires < fires.mean()).sum()) > 5
+    small = batches[8][:5]  # a switch batch of 5 rows
+    before = sae.W_dec.detach().clone()
+    sae.prepare_training_step(_input(small, 8))
+    changed = (sae.W_dec.detach() != before).any(-1).nonzero().squeeze(-1)
+    assert sae.cfg.metadata.adaptivek_probe_report["resampled_latents"] == 5
+    assert torch.equal(changed, latents_to_resample(fires, 1.0, at_most=5))
+    directions = torch.nn.functional.normalize(sae.W_dec[changed].detach(), dim=-1)
+    assert torch.cdist(directions, directions).add(torch.eye(5)).min() > 1e-4  # 5 distinct rows
 
 
 def test_resample_below_zero_leaves_the_weights_at_the_switch():

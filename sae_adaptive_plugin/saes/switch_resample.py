@@ -6,8 +6,9 @@ is left with (almost) nothing to do after the switch, yet it fires often enough 
 the densest rows that SAELens's dead-feature window never hands it to AuxK. This module counts,
 over the labelled half of the warm-up, how often each latent fires inside its rows' first ``k*``
 slots; at the switch every latent counted less than ``resample_below`` times the mean latent's
-count is started again on the switch batch's residuals after the adaptive encode: its decoder
-row is the unit residual of a row drawn with probability ∝ its squared residual, scaled to the
+count is started again on the switch batch's residuals after the adaptive encode (at most one
+latent per row of the batch, the lowest counts first): its decoder row is the unit residual of a
+row drawn without replacement with probability ∝ its squared residual, scaled to the
 kept latents' mean decoder norm; its encoder column is the same direction at the kept latents'
 mean encoder norm; its encoder bias is 0. Under data parallelism the counts are summed over the
 ranks at every labelled step and the rows drawn from the global batch with a generator seeded
@@ -43,26 +44,42 @@ def global_fires(counts: torch.Tensor) -> torch.Tensor:
     return all_reduce_(counts.clone())
 
 
-def latents_to_resample(fires: torch.Tensor, below: float) -> torch.Tensor:
-    """Ids (long, ascending) of the latents whose count is below ``below`` × the mean count;
+def latents_to_resample(
+    fires: torch.Tensor, below: float, at_most: int | None = None
+) -> torch.Tensor:
+    """Ids (long, ascending) of the latents whose count is below ``below`` × the mean count,
+    at most ``at_most`` of them (those with the lowest counts, the lower id first on a tie);
     none when ``below`` is 0 or every count is 0 (one host read)."""
     if below <= 0.0:
         return torch.zeros(0, dtype=torch.long, device=fires.device)
-    return (fires < below * fires.mean()).nonzero().squeeze(-1)
+    ids = (fires < below * fires.mean()).nonzero().squeeze(-1)
+    if at_most is not None and ids.numel() > at_most:
+        order = torch.argsort(fires[ids], stable=True)  # ids ascending: ties keep the lower id
+        ids = ids[order[:at_most]].sort().values
+    return ids
 
 
-@torch.no_grad()
-def residual_directions(residual: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """``n`` unit rows of ``residual`` ``[N, d]``, drawn with probability ∝ their squared norm
-    (with replacement only if ``n > N``), by a CPU generator seeded with ``seed``. Rows whose
-    residual is 0 (or not finite) are never drawn; if none is left, uniformly."""
+def draw_weights(residual: torch.Tensor) -> torch.Tensor:
+    """Each row's chance of being drawn, ∝ its squared residual (float32, CPU); rows whose
+    residual is 0 or not finite get 0; uniform when no row is left."""
     weight = residual.float().pow(2).sum(-1).cpu()
     weight = torch.where(torch.isfinite(weight), weight, 0.0)
     if not bool(weight.sum() > 0):
         weight = torch.ones_like(weight)
+    return weight
+
+
+@torch.no_grad()
+def residual_directions(residual: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` unit rows of ``residual`` ``[N, d]``, distinct rows drawn without replacement with
+    the chances of :func:`draw_weights`, by a CPU generator seeded with ``seed``. ``n`` must not
+    exceed the rows that can be drawn."""
+    weight = draw_weights(residual)
+    drawable = int((weight > 0).sum())
+    if n > drawable:
+        raise ValueError(f"residual_directions: {n} directions asked from {drawable} rows")
     generator = torch.Generator().manual_seed(seed)
-    replace = n > int((weight > 0).sum())
-    rows = torch.multinomial(weight, n, replacement=replace, generator=generator)
+    rows = torch.multinomial(weight, n, replacement=False, generator=generator)
     picked = residual[rows.to(residual.device)].float()
     return picked / picked.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
@@ -98,11 +115,16 @@ def encode_residual(sae: Any, batch: torch.Tensor) -> torch.Tensor:
 def resample_rarely_used(
     sae: Any, fires: torch.Tensor, below: float, batch: torch.Tensor, seed: int
 ) -> int:
-    """Restart every latent of ``sae`` whose count in ``fires`` (the same on every rank) is
-    below ``below`` × the mean count, along residuals of the global ``batch`` after the encode
-    (:func:`residual_directions` with ``seed``). Returns how many."""
-    latents = latents_to_resample(fires, below)
+    """Restart the latents of ``sae`` whose count in ``fires`` (the same on every rank) is
+    below ``below`` × the mean count, each along the residual of its own row of the global
+    ``batch`` after the encode (:func:`residual_directions` with ``seed``): at most one latent
+    per row that can be drawn, the lowest counts first. Returns how many."""
+    if below <= 0.0:
+        return 0
+    residual = encode_residual(sae, batch)
+    drawable = int((draw_weights(residual) > 0).sum())
+    latents = latents_to_resample(fires, below, at_most=drawable)
     n = int(latents.numel())
     if n > 0:
-        restart_latents(sae, latents, residual_directions(encode_residual(sae, batch), n, seed))
+        restart_latents(sae, latents, residual_directions(residual, n, seed))
     return n
