@@ -7,7 +7,10 @@ During the warm-up every row keeps ``k_max`` latents and the loss is a prefix lo
 ``kstar_scale="row"``; ``τ`` chosen on the first labelled batch so the median ``k*`` is the target
 ``k``), and ``(x, k*)`` feeds a streaming ridge fit. At ``probe_warmup_steps`` the probe is fitted,
 checked (label spread, held-out R² ≥ ``probe_min_r2``) and stored; the label range is shifted so
-the switch batch's mean k is ``k``. Checkpoints keep the ridge statistics and ``τ``.
+the switch batch's mean k is ``k``. At the switch the latents that fired inside their rows' ``k*``
+less than ``resample_below`` × the mean count start again along the switch batch's residuals
+(:mod:`~sae_adaptive_plugin.saes.switch_resample`). Checkpoints keep the ridge statistics, ``τ``
+and those counts.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ row drawn without replacement with probability ∝ its squared residual, scaled 
 kept latents' mean decoder norm; its encoder column is the same direction at the kept latents'
 mean encoder norm; its encoder bias is 0. Under data parallelism the counts are summed over the
 ranks at every labelled step and the rows drawn from the global batch with a generator seeded
-by the step, so every rank resamples alike. Measured in docs/compare.md.
+by the step, so every rank resamples alike. The optimizer's moments of the restarted entries are
+left as they are (the SAE does not hold SAELens's optimizer). Measured in docs/compare.md.
 """
 
 from __future__ import annotations
