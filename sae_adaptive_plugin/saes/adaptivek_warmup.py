@@ -22,7 +22,7 @@ import torch
 from sae_lens.saes.sae import TrainStepInput
 from typing_extensions import override
 
-from sae_adaptive_plugin.distributed import gather_rows, local_rows
+from sae_adaptive_plugin.distributed import all_reduce_, gather_rows, local_rows
 from sae_adaptive_plugin.ops.adaptive_k import (
     first_block_reaching,
     kstar_from_prefix_errors,
@@ -31,11 +31,7 @@ from sae_adaptive_plugin.ops.adaptive_k import (
     threshold_for_median_kstar,
 )
 from sae_adaptive_plugin.probe import ComplexityProbe, RidgeAccumulator
-from sae_adaptive_plugin.saes.switch_resample import (
-    fires_within_labels,
-    global_fires,
-    resample_rarely_used,
-)
+from sae_adaptive_plugin.saes.switch_resample import fires_within_labels, resample_rarely_used
 from sae_adaptive_plugin.saes.topk_family import (
     PREFIX_EXCESS_LOSS,
     StepEncoding,
@@ -158,7 +154,7 @@ class AdaptiveKWarmup:
         (every rank holds the same counts, so any rank's checkpoint has them all)."""
         width = encoding.selection.values.shape[-1]
         local = local_rows(labels, encoding.selection.values.numel() // width)
-        fires = global_fires(fires_within_labels(encoding.selection, local, self.cfg.d_sae))
+        fires = all_reduce_(fires_within_labels(encoding.selection, local, self.cfg.d_sae))
         if self._kstar_fires is None:
             self._kstar_fires = fires
         else:
@@ -281,9 +277,8 @@ class AdaptiveKWarmup:
         (:mod:`~sae_adaptive_plugin.saes.switch_resample`). Returns how many; recorded as
         ``resampled_latents`` in the probe report."""
         fires, self._kstar_fires = self._kstar_fires, None
-        n = 0
-        if self.cfg.resample_below > 0 and fires is not None:
-            n = resample_rarely_used(self, fires, self.cfg.resample_below, batch, seed)
+        below = self.cfg.resample_below
+        n = 0 if fires is None else resample_rarely_used(self, fires, below, batch, seed)
         self.cfg.metadata.adaptivek_probe_report["resampled_latents"] = n
         if self._pending_report is not None:
             self._pending_report["resampled_latents"] = float(n)

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from sae_adaptive_plugin.distributed import all_reduce_
 from sae_adaptive_plugin.ops.variable_topk import TopKResult, decode_topk
 
 
@@ -38,11 +37,6 @@ def fires_within_labels(selection: TopKResult, labels: torch.Tensor, d_sae: int)
     inside = (slots < labels.to(indices.device)[:, None]) & (values > 0)
     counts = torch.zeros(d_sae, dtype=torch.float32, device=indices.device)
     return counts.index_add_(0, indices.reshape(-1), inside.reshape(-1).float())
-
-
-def global_fires(counts: torch.Tensor) -> torch.Tensor:
-    """``counts`` summed over the ranks (a copy; unchanged in one process)."""
-    return all_reduce_(counts.clone())
 
 
 def latents_to_resample(
