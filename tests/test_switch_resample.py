@@ -3,12 +3,16 @@ restart, and the switch step of a training SAE."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import sae_lens  # noqa: F401  (first: the plugin registers before our modules import)
 import torch
 from safetensors.torch import load_file
 from step_parity import train_step
 
+from sae_adaptive_plugin.experiments.synthetic import CompareConfig
+from sae_adaptive_plugin.experiments.synthetic_compare import run_compare
 from sae_adaptive_plugin.ops.variable_topk import TopKResult
 from sae_adaptive_plugin.saes.adaptivek import (
     AdaptiveKTrainingSAE,
@@ -216,3 +220,41 @@ def _input(x, step):
         n_training_steps=step,
         is_logging_step=False,
     )
+
+
+@pytest.mark.parametrize(("dtype", "autocast"), [("bfloat16", False), ("float32", True)])
+def test_switch_restarts_in_bf16_and_under_autocast_with_dead_latents(dtype, autocast):
+    batches = _batches()
+    sae = _sae(resample_below=1.0, target_fvu=0.3, dtype=dtype)
+    dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    dead[::3] = True  # AuxK on
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for step in range(11):  # the switch at step 8
+            x = batches[step].to(sae.W_dec.dtype)
+            out = train_step(sae, x, step, dead)
+    assert sae.cfg.metadata.adaptivek_probe_report["resampled_latents"] > 0
+    assert sae.W_dec.dtype == getattr(torch, dtype)
+    for p in (sae.W_dec, sae.W_enc, sae.b_enc):
+        assert torch.isfinite(p).all()
+    assert torch.isfinite(out.loss) and out.losses["auxiliary_reconstruction_loss"] > 0
+
+
+@pytest.mark.slow
+def test_default_restart_keeps_latents_alive_on_the_compare_source(tmp_path):
+    """Only ``k`` set, the compare's log-uniform source and 1000 steps (make demo's protocol,
+    seed 0): the default ``resample_below`` leaves far fewer latents dead and recovers the true
+    features better than the same SAE without it (measured 13 vs 91 dead, MCC 0.607 vs 0.477)."""
+    rows = {}
+    for below in (0.0, None):
+        overrides = {} if below is None else {"resample_below": below}
+        cfg = CompareConfig(
+            architectures=("adaptivek",), topk_sweep=False, overrides={"adaptivek": overrides}
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = run_compare(cfg, tmp_path / str(below), log=lambda _: None)
+        rows[below] = result.rows[0]
+    default, off = rows[None], rows[0.0]
+    assert default["dead_latents"] <= off["dead_latents"] / 2, (default, off)
+    assert default["mcc"] >= off["mcc"] + 0.05, (default, off)
+    assert default["explained_variance"] >= off["explained_variance"] - 0.005, (default, off)
