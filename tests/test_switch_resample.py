@@ -20,7 +20,9 @@ from sae_adaptive_plugin.saes.adaptivek import (
 )
 from sae_adaptive_plugin.saes.adaptivek_warmup import KSTAR_FIRES_KEY
 from sae_adaptive_plugin.saes.switch_resample import (
+    draw_weights,
     encode_residual,
+    fires_in_selection,
     fires_within_labels,
     latents_to_resample,
     residual_directions,
@@ -101,7 +103,27 @@ def test_encode_residual_is_the_input_minus_the_saes_output():
     x = torch.randn(40, 16)
     with torch.no_grad():
         expected = x - sae.decode(sae.encode(x))
-    torch.testing.assert_close(encode_residual(sae, x), expected, atol=1e-5, rtol=1e-5)
+    residual, centred = encode_residual(sae, x)
+    torch.testing.assert_close(residual, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(centred, x - sae.b_dec.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_relative_draw_weights_divide_by_the_centred_input():
+    residual = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 0.0], [float("nan"), 0.0]])
+    centred = torch.tensor([[30.0, 0.0], [1.0, 1.0], [2.0, 0.0], [1.0, 0.0]])
+    torch.testing.assert_close(draw_weights(residual), torch.tensor([9.0, 1.0, 0.0, 0.0]))
+    # the large row's residual is a tenth of it; the small row's is most of it
+    torch.testing.assert_close(draw_weights(residual, centred), torch.tensor([0.01, 0.5, 0.0, 0.0]))
+
+
+def test_fires_in_selection_counts_masked_positive_slots():
+    selection = TopKResult(
+        values=torch.tensor([[2.0, 1.0, 0.5], [3.0, 0.0, 1.0]]),
+        indices=torch.tensor([[4, 1, 2], [1, 3, 0]]),
+        mask=torch.tensor([[True, True, False], [True, True, True]]),
+    )
+    expected = torch.tensor([1.0, 2.0, 0.0, 0.0, 1.0, 0.0])  # latent 3: value 0, not a firing
+    assert torch.equal(fires_in_selection(selection, 6), expected)
 
 
 def _sae(**kw):

@@ -31,6 +31,7 @@ from sae_adaptive_plugin.saes.config_checks import (
     check_b_dec_init_method,
     check_int,
     check_number,
+    check_share,
     check_sparse_training_code,
     missing_k_error,
     resolve_sizes,
@@ -309,15 +310,9 @@ class AdaptiveKTrainingSAEConfig(TrainingSAEConfig):
             raise ValueError(
                 f"warmup_loss must be one of {_WARMUP_LOSSES}, got {self.warmup_loss!r}"
             )
-        if not (
-            isinstance(self.resample_below, (int, float))
-            and not isinstance(self.resample_below, bool)
-            and 0.0 <= self.resample_below <= 1.0
-        ):
-            raise ValueError(
-                f"resample_below must be a number in [0, 1] (0 = no resampling at the switch), "
-                f"got {self.resample_below!r}"
-            )
+        self.resample_below = check_share(
+            "resample_below", self.resample_below, " (0 = no resampling at the switch)"
+        )
         warn_if_auxk_rare_tokens_too_few(self, NAME)
         super().__post_init__()
 

@@ -62,6 +62,15 @@ def check_number(
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}{note}")
 
 
+def check_share(name: str, value: Any, note: str = "") -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``name`` unless it is a real number
+    (not a bool) in ``[0, 1]``; ``note`` ends the message."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1]{note}, got {value!r}")
+    return float(value)
+
+
 def resolve_sizes(cfg: Any, *names: str, lo: int | None = 1) -> None:
     """Replace each named field of ``cfg`` that is set by its int, checked to be ``>= lo``
     (``lo=None``: integrality only, the range is checked later against other fields)."""

@@ -11,7 +11,11 @@ A k-estimator ``k̂(x) = clamp(k_max · σ(v · ReLU(U (x − b_dec) + c) + c₀
   loss, detached; ``k_penalty_scale="constant"``: the coefficient alone);
 - hard phase (the last three quarters of the run by default): per-row hard top-``⌊k̂⌋`` with the estimator
   frozen (``k_penalty`` 0) — what the saved inference SAE (:class:`SoftSAE`) computes; ``k̂`` is then
-  read with autocast off, so a row's k does not follow the encoder's precision.
+  read with autocast off, so a row's k does not follow the encoder's precision;
+- restarts (``resample_below``): at the start of the hard phase and every
+  ``resample_interval_steps`` after it, the latents that fired on fewer than ``resample_below`` ×
+  the mean latent's count of rows since the previous restart start again along the batch's
+  residuals (:mod:`~sae_adaptive_plugin.saes.switch_resample`); the counts ride in checkpoints.
 
 Schedules are pure functions of SAELens's step count; unset step fields are fractions of the run
 (``bind_run_length``). Design and measurements: docs/METHODS.md §2, docs/notes_saes.md.
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from sae_lens.saes.sae import TrainStepInput
 from torch import nn
 
-from sae_adaptive_plugin.distributed import gather_rows, global_mean
+from sae_adaptive_plugin.distributed import all_reduce_, gather_rows, global_mean
 from sae_adaptive_plugin.ops.dispatch import (
     accumulation_dtype,
     autocast_dtype,
@@ -48,6 +52,7 @@ from sae_adaptive_plugin.saes.softsae_config import (
     SoftSAESchedule,
     SoftSAETrainingSAEConfig,
 )
+from sae_adaptive_plugin.saes.switch_resample import fires_in_selection, resample_rarely_used
 from sae_adaptive_plugin.saes.topk_family import (
     InputReader,
     StepEncoding,
@@ -69,6 +74,8 @@ def two_sided_softplus(x: torch.Tensor, beta: float) -> torch.Tensor:
 
 #: Below this std/mean of k̂ at the start of the hard phase the estimator has collapsed (warned).
 MIN_K_SPREAD = 0.1
+#: State-dict key of the firing counts since the last restart (``resample_below``; training only).
+RESAMPLE_FIRES_KEY = "resample_fires"
 
 
 class _KEstimator(TopKFamilyMixin):
@@ -174,6 +181,8 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         super().__init__(cfg, use_error_term)
         self.total_training_steps: int | None = None
         self._schedule: SoftSAESchedule | None = None
+        #: the global batches' firings per latent since the last restart (``resample_below``)
+        self._fires: torch.Tensor | None = None
 
     def bind_run_length(self, total_steps: int) -> None:
         """Resolve the schedules for a run of ``total_steps`` steps (SAELens's trainer calls
@@ -234,6 +243,34 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             with torch.no_grad():
                 k_hat = self.estimate_k_from_sae_in(self.process_sae_in(step_input.sae_in))
             self._check_k_spread(gather_rows(k_hat))
+        if step in self.schedule.resample_steps:
+            self.resample(gather_rows(step_input.sae_in.to(self.dtype)), step)
+
+    @torch.no_grad()
+    def resample(self, batch: torch.Tensor, step: int) -> int:
+        """Start again the latents that fired on fewer than ``resample_below`` × the mean
+        latent's count of rows since the last restart, along the residuals of the global
+        ``batch`` after the hard encode (rows drawn relative to their centred input; seeded by
+        ``step``), then start counting again. Returns how many; appended to
+        ``metadata.softsae_resampled_latents``."""
+        fires, self._fires = self._fires, None
+        below = self.cfg.resample_below
+        n = 0 if fires is None else resample_rarely_used(self, fires, below, batch, step, True)
+        done = getattr(self.cfg.metadata, "softsae_resampled_latents", None) or []
+        self.cfg.metadata.softsae_resampled_latents = [*done, n]
+        return n
+
+    def record_training_step(self, step_input: TrainStepInput, encoding: StepEncoding) -> None:
+        if not self.schedule.counts_fires_at(step_input.n_training_steps):
+            return
+        if isinstance(encoding, TopKEncoding):  # the hard phase, or soft over candidates
+            local = fires_in_selection(encoding.selection, self.cfg.d_sae)
+        else:  # a soft phase over every latent: its code is dense
+            acts = encoding.feature_acts.detach()
+            fired = (acts.to_dense() if acts.is_sparse else acts) != 0
+            local = fired.reshape(-1, self.cfg.d_sae).sum(0).float()
+        fires = all_reduce_(local)
+        self._fires = fires if self._fires is None else self._fires + fires.to(self._fires.device)
 
     def training_encoding(self, step_input: TrainStepInput) -> StepEncoding:
         step = step_input.n_training_steps
@@ -431,6 +468,23 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         if self.cfg.k_penalty_scale == "constant":
             return self.cfg.k_penalty_coefficient
         return self.cfg.k_penalty_coefficient * global_mean(mse_loss.detach().float()) / target
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving(state_dict)
+        if self._fires is not None:
+            state_dict[RESAMPLE_FIRES_KEY] = self._fires.detach().clone()
+
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_loading(state_dict)
+        fires = state_dict.pop(RESAMPLE_FIRES_KEY, None)
+        if fires is not None:
+            self._fires = fires.float()
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)
+        state_dict.pop(RESAMPLE_FIRES_KEY, None)
 
     def extra_metrics(self, step_input: TrainStepInput, encoding: StepEncoding) -> dict[str, Any]:
         if not isinstance(encoding, SoftFields):

@@ -6,6 +6,9 @@ penalty's target ``K_t`` moves linearly from ``k_target_start`` (default ``min(d
 ``hard_topk_start_step`` on, training uses hard top-``⌊k̂⌋`` with the estimator frozen. Step fields
 left ``None`` are fractions of the run (α over the first sixth, the k target over the first 1%,
 the hard phase over the last three quarters), resolved when SAELens's trainer tells the run length.
+With ``resample_below`` above 0, the rarely used latents restart at ``hard_topk_start_step`` and
+every ``resample_interval_steps`` (an eighth of the run) after it, ``resample_rounds`` times (up
+to 4 by default, as many as leave an interval of training after the last).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from sae_adaptive_plugin.saes.config_checks import (
     check_b_dec_init_method,
     check_int,
     check_number,
+    check_share,
     check_sparse_training_code,
     missing_k_error,
     resolve_sizes,
@@ -77,6 +81,11 @@ class SoftSAEConfig(TopKSAEConfig):
 ALPHA_ANNEAL_FRACTION = 1 / 6
 K_ANNEAL_FRACTION = 0.01
 HARD_PHASE_FRACTION = 0.25
+RESAMPLE_INTERVAL_FRACTION = 1 / 8
+#: Default ``resample_below``: latents firing under a tenth as often as the mean latent restart.
+DEFAULT_RESAMPLE_BELOW = 0.1
+#: Restarts when ``resample_rounds`` is unset (fewer where the run leaves no room for them).
+DEFAULT_RESAMPLE_ROUNDS = 4
 #: Allowed ``k_penalty_scale`` values (the penalty weight ``λ_k``).
 K_PENALTY_SCALES = ("mse", "constant")
 #: Default soft-phase candidates per row: this many per unit of ``k_max``, plus 2 (capped at
@@ -97,6 +106,8 @@ class SoftSAESchedule:
     k: float
     k_anneal_steps: int
     hard_topk_start_step: int
+    resample_interval_steps: int = 0
+    resample_steps: tuple[int, ...] = ()
 
     def alpha_at(self, step: int) -> float:
         """LapSum scale α at ``step``."""
@@ -114,8 +125,18 @@ class SoftSAESchedule:
         """Whether ``step`` trains with hard top-``⌊k̂⌋`` and a frozen estimator."""
         return step >= self.hard_topk_start_step
 
+    def counts_fires_at(self, step: int) -> bool:
+        """Whether ``step``'s firings count towards a restart: from one interval before the
+        first restart up to the last."""
+        if not self.resample_steps:
+            return False
+        first = self.resample_steps[0] - self.resample_interval_steps
+        return first <= step < self.resample_steps[-1]
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["resample_steps"] = list(self.resample_steps)
+        return out
 
 
 @dataclass
@@ -165,6 +186,16 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
             ``batch × soft_candidates`` latents, not ``batch × d_sae``. In ``(k_max, d_sae]``;
             default ``min(2·k_max + 2, d_sae)``; ``d_sae``: every latent, the soft phase as the
             method is published.
+        resample_below: at ``hard_topk_start_step`` and every ``resample_interval_steps`` after
+            it, every latent that fired (hard phase: in its row's top-``⌊k̂⌋``; soft phase:
+            ``m > ½``) on fewer than ``resample_below`` × the mean latent's count of rows since
+            the previous restart (the first: over the interval before it) starts again along a
+            residual of that step's batch, rows drawn ∝ their squared residual over their
+            squared centred input. In ``[0, 1]``; 0 = never; default 0.1.
+        resample_rounds: how many restarts (≥ 1); default: up to 4, as many as leave an
+            interval of training after the last; a set value that does not fit is refused.
+        resample_interval_steps: steps between restarts, and the counting window before the
+            first (≥ 1); default an eighth of the run.
         sparse_training_code: training steps hand SAELens's trainer the code as a COO tensor
             built from the selection (``True``), so no dense ``[batch, d_sae]`` code is built
             for its firing counts, or the dense code (``False``, as SAELens's TopK; a soft
@@ -190,10 +221,18 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
     b_dec_init_method: str = "zeros"
     auxk_rare_tokens: int | None = None
     soft_candidates: int | None = None
+    resample_below: float = DEFAULT_RESAMPLE_BELOW
+    resample_rounds: int | None = None
+    resample_interval_steps: int | None = None
     sparse_training_code: bool | None = None
 
     def __post_init__(self) -> None:
-        resolve_sizes(self, "d_in", "d_sae", "auxk_rare_tokens")
+        resolve_sizes(
+            self, "d_in", "d_sae", "auxk_rare_tokens", "resample_rounds", "resample_interval_steps"
+        )
+        self.resample_below = check_share(
+            "resample_below", self.resample_below, " (0 = no restarts of rarely used latents)"
+        )
         check_b_dec_init_method(self.b_dec_init_method)
         check_sparse_training_code(self.sparse_training_code)
         if self.k is None:
@@ -297,7 +336,33 @@ class SoftSAETrainingSAEConfig(TopKTrainingSAEConfig):
         )
         if total_steps is not None:
             _check_schedule_fits(schedule, total_steps)
-        return schedule
+        resample = self._resample_schedule(schedule.hard_topk_start_step, total_steps)
+        return dataclasses.replace(schedule, **resample)
+
+    def _resample_schedule(self, hard: int, total_steps: int | None) -> dict[str, Any]:
+        """``resample_interval_steps`` and ``resample_steps`` of the schedule: restarts from
+        ``hard`` on, each followed by an interval of training; none when ``resample_below`` is
+        0, or when neither the run length nor ``resample_interval_steps`` is known."""
+        interval = self.resample_interval_steps
+        if interval is None and total_steps is not None:
+            interval = max(1, fraction_of_run(RESAMPLE_INTERVAL_FRACTION, total_steps))
+        if self.resample_below <= 0 or interval is None:
+            return {}
+        rounds = self.resample_rounds or DEFAULT_RESAMPLE_ROUNDS
+        restarts = [hard + i * interval for i in range(rounds)]
+        if total_steps is not None:
+            restarts = [step for step in restarts if step + interval <= total_steps]
+            if self.resample_rounds is not None and len(restarts) < self.resample_rounds:
+                raise ValueError(
+                    f"softsae: resample_rounds={self.resample_rounds} restarts every "
+                    f"{interval} steps (resample_interval_steps) from hard_topk_start_step="
+                    f"{hard} do not fit a run of {total_steps} training steps with an interval "
+                    f"of training after the last; set resample_rounds in [1, {len(restarts)}] "
+                    "(at least 1 needs hard_topk_start_step + resample_interval_steps <= the "
+                    "run's steps), leave it unset (as many as fit, up to "
+                    f"{DEFAULT_RESAMPLE_ROUNDS}) or set resample_below=0"
+                )
+        return {"resample_interval_steps": interval, "resample_steps": tuple(restarts)}
 
     def check_run_length(self, total_steps: int) -> None:
         """Raise ``ValueError`` if the schedules do not fit a run of ``total_steps`` steps

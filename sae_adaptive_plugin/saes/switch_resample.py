@@ -1,18 +1,26 @@
-"""AdaptiveK's resampling at the switch (``resample_below``).
+"""Restarting rarely used latents along the batch's residuals (``resample_below``).
 
-During the warm-up every row keeps ``k_max`` latents; after the switch a row keeps ``k(x)``,
-about its label ``k*``. A latent that the warm-up trained only in the slots past its rows' ``k*``
-is left with (almost) nothing to do after the switch, yet it fires often enough on the tails of
-the densest rows that SAELens's dead-feature window never hands it to AuxK. This module counts,
-over the labelled half of the warm-up, how often each latent fires inside its rows' first ``k*``
-slots; at the switch every latent counted less than ``resample_below`` times the mean latent's
-count is started again on the switch batch's residuals after the adaptive encode (at most one
-latent per row of the batch, the lowest counts first): its decoder row is the unit residual of a
-row drawn without replacement with probability ∝ its squared residual, scaled to the
+AdaptiveK, at the switch: during the warm-up every row keeps ``k_max`` latents; after the
+switch a row keeps ``k(x)``, about its label ``k*``. A latent that the warm-up trained only in
+the slots past its rows' ``k*`` is left with (almost) nothing to do after the switch, yet it
+fires often enough on the tails of the densest rows that SAELens's dead-feature window never
+hands it to AuxK. Over the labelled half of the warm-up each latent's firings inside its rows'
+first ``k*`` slots are counted (:func:`fires_within_labels`); at the switch every latent counted
+less than ``resample_below`` times the mean latent's count is started again.
+
+SoftSAE, at the start of its hard phase and a few times after it: the latents counted (rows
+fired on, :func:`fires_in_selection`) less than ``resample_below`` times the mean since the
+previous restart start again; each restart draws rows by their residual relative to the row
+(``relative``).
+
+A restart (:func:`resample_rarely_used`) works on one batch's residuals after the SAE's encode,
+at most one latent per row of the batch, the lowest counts first: a restarted latent's decoder
+row is the unit residual of a row drawn without replacement with probability ∝ its squared
+residual (or, ``relative``, its squared residual over its squared centred input), scaled to the
 kept latents' mean decoder norm; its encoder column is the same direction at the kept latents'
 mean encoder norm; its encoder bias is 0. Under data parallelism the counts are summed over the
-ranks at every labelled step and the rows drawn from the global batch with a generator seeded
-by the step, so every rank resamples alike. The optimizer's moments of the restarted entries are
+ranks at every counted step and the rows drawn from the global batch with a generator seeded by
+the step, so every rank resamples alike. The optimizer's moments of the restarted entries are
 left as they are (the SAE does not hold SAELens's optimizer). Measured in docs/compare.md.
 """
 
@@ -39,6 +47,15 @@ def fires_within_labels(selection: TopKResult, labels: torch.Tensor, d_sae: int)
     return counts.index_add_(0, indices.reshape(-1), inside.reshape(-1).float())
 
 
+@torch.no_grad()
+def fires_in_selection(selection: TopKResult, d_sae: int) -> torch.Tensor:
+    """How many rows each latent fired on in ``selection`` (slots inside each row's mask with a
+    positive value): float32 ``[d_sae]``. No host read."""
+    fired = (selection.values.detach() > 0) & selection.mask
+    counts = torch.zeros(d_sae, dtype=torch.float32, device=selection.indices.device)
+    return counts.index_add_(0, selection.indices.reshape(-1), fired.reshape(-1).float())
+
+
 def latents_to_resample(
     fires: torch.Tensor, below: float, at_most: int | None = None
 ) -> torch.Tensor:
@@ -54,10 +71,13 @@ def latents_to_resample(
     return ids
 
 
-def draw_weights(residual: torch.Tensor) -> torch.Tensor:
-    """Each row's chance of being drawn, ∝ its squared residual (float32, CPU); rows whose
-    residual is 0 or not finite get 0; uniform when no row is left."""
+def draw_weights(residual: torch.Tensor, centred: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's chance of being drawn, ∝ its squared residual, or with ``centred`` (the rows'
+    centred inputs ``x − b_dec``) ∝ its squared residual over its squared centred input
+    (float32, CPU); rows whose weight is 0 or not finite get 0; uniform when no row is left."""
     weight = residual.float().pow(2).sum(-1).cpu()
+    if centred is not None:
+        weight = weight / centred.float().pow(2).sum(-1).cpu()
     weight = torch.where(torch.isfinite(weight), weight, 0.0)
     if not bool(weight.sum() > 0):
         weight = torch.ones_like(weight)
@@ -65,11 +85,14 @@ def draw_weights(residual: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def residual_directions(residual: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+def residual_directions(
+    residual: torch.Tensor, n: int, seed: int, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """``n`` unit rows of ``residual`` ``[N, d]``, distinct rows drawn without replacement with
-    the chances of :func:`draw_weights`, by a CPU generator seeded with ``seed``. ``n`` must not
-    exceed the rows that can be drawn."""
-    weight = draw_weights(residual)
+    chances ``weight`` (default: :func:`draw_weights` of ``residual``), by a CPU generator
+    seeded with ``seed``. ``n`` must not exceed the rows that can be drawn."""
+    if weight is None:
+        weight = draw_weights(residual)
     drawable = int((weight > 0).sum())
     if n > drawable:
         raise ValueError(f"residual_directions: {n} directions asked from {drawable} rows")
@@ -97,29 +120,35 @@ def restart_latents(sae: Any, latents: torch.Tensor, directions: torch.Tensor) -
 
 
 @torch.no_grad()
-def encode_residual(sae: Any, batch: torch.Tensor) -> torch.Tensor:
-    """``x − x̂`` of ``batch``'s rows after ``sae``'s encode (its current rule for each row's
-    k), in the SAE's (normalised) input space, ``[N, d_in]``."""
+def encode_residual(sae: Any, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x − x̂, x − b_dec)`` of ``batch``'s rows after ``sae``'s encode (its current rule for
+    each row's k), in the SAE's (normalised) input space, each ``[N, d_in]``."""
     encoding = sae.encode_selection(batch)
-    residual0, coefficients, indices = sae._prefix_operands(encoding.x_in, encoding.selection)
+    centred, coefficients, indices = sae._prefix_operands(encoding.x_in, encoding.selection)
     mask = encoding.selection.mask.reshape(indices.shape)
-    return residual0 - decode_topk(coefficients, indices, sae.W_dec, mask=mask)
+    return centred - decode_topk(coefficients, indices, sae.W_dec, mask=mask), centred
 
 
 @torch.no_grad()
 def resample_rarely_used(
-    sae: Any, fires: torch.Tensor, below: float, batch: torch.Tensor, seed: int
+    sae: Any,
+    fires: torch.Tensor,
+    below: float,
+    batch: torch.Tensor,
+    seed: int,
+    relative: bool = False,
 ) -> int:
     """Restart the latents of ``sae`` whose count in ``fires`` (the same on every rank) is
     below ``below`` × the mean count, each along the residual of its own row of the global
-    ``batch`` after the encode (:func:`residual_directions` with ``seed``): at most one latent
-    per row that can be drawn, the lowest counts first. Returns how many."""
+    ``batch`` after the encode (:func:`residual_directions` with ``seed``; rows weighted by
+    :func:`draw_weights`, relative to their centred input with ``relative``): at most one
+    latent per row that can be drawn, the lowest counts first. Returns how many."""
     if below <= 0.0:
         return 0
-    residual = encode_residual(sae, batch)
-    drawable = int((draw_weights(residual) > 0).sum())
-    latents = latents_to_resample(fires, below, at_most=drawable)
+    residual, centred = encode_residual(sae, batch)
+    weight = draw_weights(residual, centred if relative else None)
+    latents = latents_to_resample(fires, below, at_most=int((weight > 0).sum()))
     n = int(latents.numel())
     if n > 0:
-        restart_latents(sae, latents, residual_directions(residual, n, seed))
+        restart_latents(sae, latents, residual_directions(residual, n, seed, weight))
     return n
