@@ -201,6 +201,10 @@ def test_two_ranks_match_one_process(runs, arch):
         resampled = meta_ranks["adaptivek_probe_report"]["resampled_latents"]
         assert resampled > 0
         assert resampled == meta_single["metadata"]["adaptivek_probe_report"]["resampled_latents"]
+    if arch == "softsae":  # resample_below: restarts at steps 12 and 14, counts from both ranks
+        restarts = meta_ranks["softsae_resampled_latents"]
+        assert len(restarts) == 2 and sum(restarts) > 0
+        assert restarts == meta_single["metadata"]["softsae_resampled_latents"]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
