@@ -255,7 +255,10 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         ``metadata.softsae_resampled_latents``."""
         fires, self._fires = self._fires, None
         below = self.cfg.resample_below
-        n = 0 if fires is None else resample_rarely_used(self, fires, below, batch, step, True)
+        if fires is None:
+            n = 0
+        else:
+            n = resample_rarely_used(self, fires, below, batch, step, relative=True)
         done = getattr(self.cfg.metadata, "softsae_resampled_latents", None) or []
         self.cfg.metadata.softsae_resampled_latents = [*done, n]
         return n
