@@ -283,6 +283,8 @@ def _build_softsae(cfg: BenchConfig, x: Any) -> list[BenchRow]:
             k_anneal_steps=10,
             alpha_anneal_steps=20,
             hard_topk_start_step=100,
+            # restarts at steps 100, 1100, …: the timed steps count firings, as in training
+            resample_interval_steps=1000,
             **_base_kwargs(cfg),
         )
         sae = sae_cls(sae_cfg)
