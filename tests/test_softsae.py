@@ -206,6 +206,8 @@ def test_hard_phase_exact_zeros_and_frozen_estimator() -> None:
     sae = SoftSAETrainingSAE(_cfg(hard_topk_start_step=3))
     x = torch.randn(64, 16)
     before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    with torch.no_grad():
+        k_hat_frozen = sae.estimate_k_from_sae_in(sae.process_sae_in(x))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for step in (3, 4, 5):
         out = _step(sae, x, step, dead=torch.ones(48, dtype=torch.bool))
@@ -224,9 +226,17 @@ def test_hard_phase_exact_zeros_and_frozen_estimator() -> None:
         opt.step()
         opt.zero_grad()
     for name, p in sae.named_parameters():
-        if name.startswith("k_est_"):
+        if name.startswith("k_est_") and name != "k_est_b_enc":
             assert torch.equal(p, before[name]), name
     assert not torch.equal(sae.W_enc, before["W_enc"])
+    # b_dec trained on; the estimator's bias c followed it, so k̂(x) is what it was when frozen
+    assert not torch.equal(sae.b_dec, before["b_dec"])
+    sae.hold_k_estimator()  # as the next hard step (or a save) does
+    shift = (sae.b_dec - before["b_dec"]).detach() @ before["k_est_W_enc"]
+    torch.testing.assert_close(sae.k_est_b_enc.detach(), before["k_est_b_enc"] + shift)
+    with torch.no_grad():
+        k_hat = sae.estimate_k_from_sae_in(sae.process_sae_in(x))
+    torch.testing.assert_close(k_hat, k_hat_frozen, rtol=1e-5, atol=1e-4)
 
 
 def test_training_forward_matches_inference_in_hard_phase(tmp_path: Path) -> None:

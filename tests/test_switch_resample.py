@@ -262,21 +262,35 @@ def test_switch_restarts_in_bf16_and_under_autocast_with_dead_latents(dtype, aut
 
 
 @pytest.mark.slow
-def test_default_restart_keeps_latents_alive_on_the_compare_source(tmp_path):
+@pytest.mark.parametrize(
+    ("architecture", "dead_share"),
+    [
+        # measured 13 vs 91 dead, MCC 0.607 vs 0.477
+        ("adaptivek", 0.5),
+        # measured 26 vs 64 dead, MCC 0.566 vs 0.443
+        ("softsae", 0.6),
+    ],
+)
+def test_default_restarts_keep_latents_alive_on_the_compare_source(
+    tmp_path, architecture, dead_share
+):
     """Only ``k`` set, the compare's log-uniform source and 1000 steps (make demo's protocol,
     seed 0): the default ``resample_below`` leaves far fewer latents dead and recovers the true
-    features better than the same SAE without it (measured 13 vs 91 dead, MCC 0.607 vs 0.477)."""
+    features better than the same SAE without it, and L0 still follows the true L0."""
     rows = {}
     for below in (0.0, None):
         overrides = {} if below is None else {"resample_below": below}
         cfg = CompareConfig(
-            architectures=("adaptivek",), topk_sweep=False, overrides={"adaptivek": overrides}
+            architectures=(architecture,),
+            topk_sweep=False,
+            overrides={architecture: overrides},
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = run_compare(cfg, tmp_path / str(below), log=lambda _: None)
         rows[below] = result.rows[0]
     default, off = rows[None], rows[0.0]
-    assert default["dead_latents"] <= off["dead_latents"] / 2, (default, off)
+    assert default["dead_latents"] <= dead_share * off["dead_latents"], (default, off)
     assert default["mcc"] >= off["mcc"] + 0.05, (default, off)
     assert default["explained_variance"] >= off["explained_variance"] - 0.005, (default, off)
+    assert default["l0_spearman_vs_true"] >= 0.9, default

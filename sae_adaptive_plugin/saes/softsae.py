@@ -11,7 +11,9 @@ A k-estimator ``k̂(x) = clamp(k_max · σ(v · ReLU(U (x − b_dec) + c) + c₀
   loss, detached; ``k_penalty_scale="constant"``: the coefficient alone);
 - hard phase (the last three quarters of the run by default): per-row hard top-``⌊k̂⌋`` with the estimator
   frozen (``k_penalty`` 0) — what the saved inference SAE (:class:`SoftSAE`) computes; ``k̂`` is then
-  read with autocast off, so a row's k does not follow the encoder's precision;
+  read with autocast off, so a row's k does not follow the encoder's precision. The estimator reads
+  ``x − b_dec``, and ``b_dec`` still trains: before every hard step (and any save) ``c`` moves by
+  ``U·Δb_dec`` so that ``k̂(x)`` stays what it was when the estimator was frozen;
 - restarts (``resample_below``): at the start of the hard phase and every
   ``resample_interval_steps`` after it, the latents that fired on fewer than ``resample_below`` ×
   the mean latent's count of rows since the previous restart start again along the batch's
@@ -76,6 +78,8 @@ def two_sided_softplus(x: torch.Tensor, beta: float) -> torch.Tensor:
 MIN_K_SPREAD = 0.1
 #: State-dict key of the firing counts since the last restart (``resample_below``; training only).
 RESAMPLE_FIRES_KEY = "resample_fires"
+#: State-dict key of the ``b_dec`` the frozen estimator's bias matches (hard phase; training only).
+K_EST_SHIFT_KEY = "k_est_shift"
 
 
 class _KEstimator(TopKFamilyMixin):
@@ -183,6 +187,8 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
         self._schedule: SoftSAESchedule | None = None
         #: the global batches' firings per latent since the last restart (``resample_below``)
         self._fires: torch.Tensor | None = None
+        #: hard phase: the input shift (``b_dec``) the frozen estimator's bias ``c`` matches
+        self._k_est_shift: torch.Tensor | None = None
 
     def bind_run_length(self, total_steps: int) -> None:
         """Resolve the schedules for a run of ``total_steps`` steps (SAELens's trainer calls
@@ -243,8 +249,26 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             with torch.no_grad():
                 k_hat = self.estimate_k_from_sae_in(self.process_sae_in(step_input.sae_in))
             self._check_k_spread(gather_rows(k_hat))
+        if self.schedule.is_hard_phase(step):
+            self.hold_k_estimator()
         if step in self.schedule.resample_steps:
             self.resample(gather_rows(step_input.sae_in.to(self.dtype)), step)
+
+    def _input_shift(self) -> torch.Tensor:
+        """What the estimator subtracts from its input: ``b_dec`` (0 without
+        ``apply_b_dec_to_input``), float32, no gradient."""
+        return (self.b_dec.detach() * self.cfg.apply_b_dec_to_input).float()
+
+    @torch.no_grad()
+    def hold_k_estimator(self) -> None:
+        """Keep the frozen estimator's ``k̂(x)`` as it was at the hard phase's first step: its
+        input ``x − b_dec`` moves with ``b_dec``, so ``c`` moves by ``U·Δb_dec`` (every rank
+        alike, ``b_dec`` being the same on all). The first call only records ``b_dec``."""
+        shift = self._input_shift()
+        if self._k_est_shift is not None:
+            delta = (shift - self._k_est_shift.to(shift.device)) @ self.k_est_W_enc.float()
+            self.k_est_b_enc.add_(delta.to(self.k_est_b_enc.dtype))
+        self._k_est_shift = shift.clone()
 
     @torch.no_grad()
     def resample(self, batch: torch.Tensor, step: int) -> int:
@@ -474,20 +498,58 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
 
     # -- checkpoints -----------------------------------------------------------------------------
 
+    # SAELens's folds keep k̂(x) as it is: bring c up to b_dec first, then match the folded b_dec
+
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        self._fold_holding_k_estimator(super().fold_activation_norm_scaling_factor, scaling_factor)
+
+    def fold_activation_whitening(
+        self,
+        mean: torch.Tensor,
+        whitening_matrix: torch.Tensor,
+        unwhitening_matrix: torch.Tensor,
+    ) -> None:
+        self._fold_holding_k_estimator(
+            super().fold_activation_whitening, mean, whitening_matrix, unwhitening_matrix
+        )
+
+    def _fold_holding_k_estimator(self, fold: Any, *args: Any) -> None:
+        held = self._k_est_shift is not None
+        if held:
+            self.hold_k_estimator()
+        fold(*args)
+        if held:
+            self._k_est_shift = self._input_shift().clone()
+
+    def _held_estimator_bias(self, state_dict: dict[str, Any]) -> None:
+        """In the hard phase, bring ``c`` up to the current ``b_dec`` (:meth:`hold_k_estimator`)
+        before it is saved."""
+        if self._k_est_shift is not None:
+            self.hold_k_estimator()
+            state_dict["k_est_b_enc"] = self.k_est_b_enc.detach().clone()
+
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving(state_dict)
+        self._held_estimator_bias(state_dict)
         if self._fires is not None:
             state_dict[RESAMPLE_FIRES_KEY] = self._fires.detach().clone()
+        if self._k_est_shift is not None:
+            state_dict[K_EST_SHIFT_KEY] = self._k_est_shift.clone()
 
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_loading(state_dict)
         fires = state_dict.pop(RESAMPLE_FIRES_KEY, None)
         if fires is not None:
             self._fires = fires.float()
+        shift = state_dict.pop(K_EST_SHIFT_KEY, None)
+        if shift is not None:
+            self._k_est_shift = shift.float()
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)
+        self._held_estimator_bias(state_dict)
         state_dict.pop(RESAMPLE_FIRES_KEY, None)
+        state_dict.pop(K_EST_SHIFT_KEY, None)
 
     def extra_metrics(self, step_input: TrainStepInput, encoding: StepEncoding) -> dict[str, Any]:
         if not isinstance(encoding, SoftFields):
