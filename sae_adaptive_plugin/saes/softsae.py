@@ -546,8 +546,7 @@ class SoftSAETrainingSAE(_KEstimator, TopKFamilyTrainingSAE):
             self._k_est_shift = shift.float()
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
-        super().process_state_dict_for_saving_inference(state_dict)
-        self._held_estimator_bias(state_dict)
+        super().process_state_dict_for_saving_inference(state_dict)  # holds c (for_saving)
         state_dict.pop(RESAMPLE_FIRES_KEY, None)
         state_dict.pop(K_EST_SHIFT_KEY, None)
 

@@ -39,12 +39,11 @@ def fires_within_labels(selection: TopKResult, labels: torch.Tensor, d_sae: int)
     ``[d_sae]`` from a sorted ``selection`` (``[..., width]``) and labels ``[rows]`` of the same
     rows. No host read."""
     width = selection.values.shape[-1]
-    values = selection.values.detach().reshape(-1, width)
     indices = selection.indices.reshape(-1, width)
     slots = torch.arange(width, device=indices.device)
-    inside = (slots < labels.to(indices.device)[:, None]) & (values > 0)
-    counts = torch.zeros(d_sae, dtype=torch.float32, device=indices.device)
-    return counts.index_add_(0, indices.reshape(-1), inside.reshape(-1).float())
+    inside = slots < labels.to(indices.device)[:, None]
+    rows = TopKResult(selection.values.reshape(-1, width), indices, inside)
+    return fires_in_selection(rows, d_sae)
 
 
 @torch.no_grad()
